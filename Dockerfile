@@ -1,0 +1,12 @@
+# Image of the muse workers and CLI for compose.yaml (server deployment).
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY muse ./muse
+COPY indexer ./indexer
+COPY retriever ./retriever
+COPY ranker ./ranker
+COPY migrations ./migrations
+RUN pip install --no-cache-dir -e .
+ENV MUSE_DATA_DIR=/data
+CMD ["muse", "--help"]

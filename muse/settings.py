@@ -1,0 +1,190 @@
+"""Settings: one frozen object read from ``MUSE_*`` environment variables and an optional TOML file.
+
+Override order, lowest first: built-in defaults < TOML file (``MUSE_CONFIG``) < environment
+variables < explicit keyword arguments to :func:`load_settings`.
+
+The defaults are the *embedded* deployment, needing no server: a SQLite file, a Milvus Lite file
+and kombu's ``filesystem://`` broker, all under ``MUSE_DATA_DIR``. The *server* deployment only
+changes values (PostgreSQL, a Milvus server, Redis or RabbitMQ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import tomllib
+
+from muse.errors import ConfigurationError
+
+#: Index types accepted by ``MUSE_INDEX_TYPE``. GPU ones need a GPU Milvus server and use IP on
+#: L2-normalised vectors (equal to cosine); CPU ones use COSINE.
+CPU_INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX")
+GPU_INDEX_TYPES = ("GPU_BRUTE_FORCE", "GPU_IVF_FLAT", "GPU_CAGRA")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")
+BROKER_SCHEMES = ("filesystem", "redis", "rediss", "amqp", "pyamqp", "memory")
+
+#: Environment variable -> settings field. The single list of ``MUSE_*`` variables.
+ENV_VARS: dict[str, str] = {
+    "MUSE_DATA_DIR": "data_dir",
+    "MUSE_DATABASE_URL": "database_url",
+    "MUSE_MILVUS_URI": "milvus_uri",
+    "MUSE_MILVUS_TOKEN": "milvus_token",
+    "MUSE_MILVUS_PREFIX": "milvus_prefix",
+    "MUSE_BROKER_URL": "broker_url",
+    "MUSE_DEVICE": "device",
+    "MUSE_INDEX_TYPE": "index_type",
+    "MUSE_INDEX_PARAMS": "index_params",
+    "MUSE_SEARCH_PARAMS": "search_params",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. Build with :func:`load_settings`, not directly."""
+
+    data_dir: Path = Path("muse-data")  # root of every embedded file (datasets, checkpoints, dbs)
+    database_url: str = ""  # SQLAlchemy URL; "" -> sqlite file under data_dir
+    milvus_uri: str = ""  # Milvus Lite file path or http://host:19530; "" -> Lite file under data_dir
+    milvus_token: str = ""  # "user:password" or an API token for a Milvus server
+    milvus_prefix: str = "muse"  # collection name prefix, so several deployments share a server
+    broker_url: str = ""  # Celery broker; "" -> filesystem:// queue under data_dir
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
+    index_type: str = "FLAT"  # one of CPU_INDEX_TYPES or GPU_INDEX_TYPES
+    index_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"nlist": 128}
+    search_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"nprobe": 16}
+
+    @property
+    def embedded_milvus(self) -> bool:
+        """True when ``milvus_uri`` is a local Milvus Lite file."""
+        return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "grpc://"))
+
+    @property
+    def gpu_index(self) -> bool:
+        return self.index_type in GPU_INDEX_TYPES
+
+    @property
+    def metric_type(self) -> str:
+        """COSINE on CPU indexes; IP on GPU indexes (vectors are stored L2-normalised)."""
+        return "IP" if self.gpu_index else "COSINE"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the filesystem broker (embedded deployment)."""
+        return self.data_dir / "broker"
+
+    def resolve_device(self) -> str:
+        """The torch device string to use: ``auto`` becomes ``cuda`` when available, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def path(self, *parts: str) -> Path:
+        """A path under ``data_dir``."""
+        return self.data_dir.joinpath(*parts)
+
+
+def _parse_json_dict(name: str, raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ConfigurationError(f"{name} must be a JSON object, got {raw!r}: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{name} must be a JSON object, got {raw!r}")
+    return value
+
+
+def _validate(s: Settings) -> Settings:
+    db_scheme = urlparse(s.database_url).scheme
+    if db_scheme not in DATABASE_SCHEMES:
+        raise ConfigurationError(
+            f"MUSE_DATABASE_URL={s.database_url!r}: unknown scheme {db_scheme!r}; "
+            f"valid: {', '.join(DATABASE_SCHEMES)}"
+        )
+    broker_scheme = urlparse(s.broker_url).scheme
+    if broker_scheme not in BROKER_SCHEMES:
+        raise ConfigurationError(
+            f"MUSE_BROKER_URL={s.broker_url!r}: unknown scheme {broker_scheme!r}; "
+            f"valid: {', '.join(BROKER_SCHEMES)}"
+        )
+    if not s.embedded_milvus:
+        parsed = urlparse(s.milvus_uri)
+        if not parsed.hostname:
+            raise ConfigurationError(f"MUSE_MILVUS_URI={s.milvus_uri!r}: no host in the URI")
+    elif not s.milvus_uri.endswith(".db"):
+        raise ConfigurationError(
+            f"MUSE_MILVUS_URI={s.milvus_uri!r}: a Milvus Lite path must end in '.db' "
+            "(or give http://host:19530 for a server)"
+        )
+    valid_types = CPU_INDEX_TYPES + GPU_INDEX_TYPES
+    if s.index_type not in valid_types:
+        raise ConfigurationError(
+            f"MUSE_INDEX_TYPE={s.index_type!r} is unknown; valid: {', '.join(valid_types)}"
+        )
+    if s.embedded_milvus and s.gpu_index:
+        raise ConfigurationError(
+            f"MUSE_INDEX_TYPE={s.index_type!r} needs a GPU Milvus server, but MUSE_MILVUS_URI is "
+            f"the Milvus Lite file {s.milvus_uri!r}"
+        )
+    dev = s.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigurationError(f"MUSE_DEVICE={dev!r} is invalid; valid: auto, cpu, cuda, cuda:N")
+    return s
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read settings: defaults < ``MUSE_CONFIG`` TOML < environment < ``overrides``.
+
+    Args:
+        env: the environment to read (default ``os.environ``).
+        overrides: field values that win over everything else.
+
+    Raises:
+        ConfigurationError: an unknown key, a malformed value or an unknown scheme, naming it.
+    """
+    env = dict(os.environ if env is None else env)
+    values: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+
+    config_path = env.get("MUSE_CONFIG")
+    if config_path:
+        try:
+            with open(config_path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigurationError(f"MUSE_CONFIG={config_path!r} cannot be read: {e}") from e
+        section = doc.get("muse", doc)
+        unknown = set(section) - fields
+        if unknown:
+            raise ConfigurationError(
+                f"MUSE_CONFIG={config_path!r}: unknown keys {sorted(unknown)}; valid: {sorted(fields)}"
+            )
+        values.update(section)
+
+    for var, name in ENV_VARS.items():
+        if var in env and env[var] != "":
+            raw = env[var]
+            values[name] = _parse_json_dict(var, raw) if name in ("index_params", "search_params") else raw
+
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ConfigurationError(f"unknown settings {sorted(unknown)}; valid: {sorted(fields)}")
+    values.update(overrides)
+
+    data_dir = Path(values.get("data_dir", "muse-data")).expanduser()
+    values["data_dir"] = data_dir
+    if not values.get("database_url"):
+        values["database_url"] = f"sqlite:///{(data_dir / 'muse.sqlite').absolute()}"
+    if not values.get("milvus_uri"):
+        values["milvus_uri"] = str((data_dir / "milvus.db").absolute())
+    if not values.get("broker_url"):
+        values["broker_url"] = "filesystem://"
+    values["index_type"] = str(values.get("index_type", "FLAT")).upper()
+    return _validate(Settings(**values))

@@ -1,0 +1,548 @@
+"""Milvus access: the one module that imports pymilvus.
+
+Per embedding source there are two collections:
+
+* ``<prefix>_<source>_items``: primary key ``item_id``, ``category``, ``vector``;
+* ``<prefix>_<source>_behaviours``: a deterministic int64 primary key per (user, position),
+  ``user_id`` as the **partition key**, ``item_id``, ``position``, ``vector``.
+
+Primary keys are deterministic, so every write is an ``upsert`` and a retried task never
+duplicates rows. Vectors are stored L2-normalised, so COSINE (CPU indexes) and IP (GPU indexes)
+rank identically. Filters are built from typed ints, never from user text.
+
+The same code runs against Milvus Lite (a local ``.db`` file), the Milvus 2.3 server of the
+``milvus`` package and current 2.5/2.6 servers; it therefore avoids features that 2.3 lacks
+(filter templates, the query iterator) and pages through a user's behaviours by position ranges.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
+from muse.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Largest ``limit`` (offset + limit) a Milvus query or search accepts.
+MAX_QUERY_WINDOW = 16384
+#: Rows per upsert request (keeps each gRPC message well under the 64 MB default).
+UPSERT_BATCH = 2000
+#: Behaviours fetched per query when paging through a user's history.
+FETCH_BATCH = 8192
+#: Partition-key buckets of a behaviour collection (Milvus' own default is 16 on 2.3).
+NUM_PARTITIONS = 64
+
+_SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class BehaviourBatch:
+    """Behaviours of one user: ``positions`` int64[n], ``item_ids`` int64[n], ``vectors`` float32[n, d]."""
+
+    positions: np.ndarray
+    item_ids: np.ndarray
+    vectors: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the behaviour's position in the user's history, its item and cosine score."""
+
+    position: int
+    item_id: int
+    score: float
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A bijective 64-bit mixer (SplitMix64 finaliser) on uint64 arrays."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def behaviour_pk(user_ids: np.ndarray | Sequence[int], positions: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Deterministic int64 primary keys for (user, position) pairs.
+
+    A 64-bit mix of the user id, combined with the position and mixed again, then folded to a
+    non-negative int64. The same pair always gives the same key, so re-written behaviours replace
+    themselves instead of adding rows.
+    """
+    users = np.asarray(user_ids, dtype=np.int64).astype(np.uint64)
+    pos = np.asarray(positions, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = _splitmix64(_splitmix64(users) ^ pos)
+    return (mixed >> np.uint64(1)).astype(np.int64)
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation in float32; all-zero rows stay zero."""
+    v = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1.0)
+
+
+def _check_source(source: str) -> str:
+    if not _SOURCE_NAME.match(source):
+        raise ConfigurationError(
+            f"embedding source name {source!r} is invalid: use lower-case letters, digits, '-' or '_'"
+        )
+    return source.replace("-", "_")
+
+
+def _int_list(values: np.ndarray | Sequence[int], what: str) -> list[int]:
+    arr = np.asarray(values)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ConfigurationError(f"{what} must be a 1-D sequence of integers, got dtype {arr.dtype}")
+    return [int(x) for x in arr]
+
+
+class VectorStore:
+    """Typed access to the per-source item and behaviour collections.
+
+    Args:
+        settings: supplies ``milvus_uri``/``milvus_token``, the collection prefix and the index type.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._loaded: set[str] = set()
+        self._server_version: tuple[int, int] | None = None
+
+    # -- connection ---------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        """The pymilvus ``MilvusClient``, connected on first use."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def _connect(self) -> Any:
+        from pymilvus import MilvusClient
+
+        uri = self.settings.milvus_uri
+        if self.settings.embedded_milvus:
+            from pathlib import Path
+
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            kwargs: dict[str, Any] = {"uri": uri}
+            if self.settings.milvus_token:
+                kwargs["token"] = self.settings.milvus_token
+            if not self.settings.embedded_milvus:
+                kwargs["timeout"] = 10
+            return MilvusClient(**kwargs)
+        except Exception as e:  # pymilvus raises several unrelated types on connect failure
+            raise BackendUnavailable(f"MUSE_MILVUS_URI={uri!r}: cannot connect to Milvus: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.close()
+                finally:
+                    self._client = None
+                    self._loaded.clear()
+
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one client call, turning transport failures into :class:`BackendUnavailable`."""
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            return fn(*args, **kwargs)
+        except MilvusException as e:
+            code = getattr(e, "code", None)
+            transient = (
+                code in (1, 2, 65535) or "unavailable" in str(e).lower() or "timeout" in str(e).lower()
+            )
+            if transient and not isinstance(e, (NotFoundError,)):
+                raise BackendUnavailable(f"Milvus {what} failed at {self.settings.milvus_uri!r}: {e}") from e
+            raise
+
+    # -- names and collections ---------------------------------------------------------------
+    def item_collection(self, source: str) -> str:
+        return f"{self.settings.milvus_prefix}_{_check_source(source)}_items"
+
+    def behaviour_collection(self, source: str) -> str:
+        return f"{self.settings.milvus_prefix}_{_check_source(source)}_behaviours"
+
+    def _index_params(self) -> Any:
+        from pymilvus import MilvusClient
+
+        params = MilvusClient.prepare_index_params()
+        params.add_index(
+            field_name="vector",
+            index_type=self.settings.index_type,
+            metric_type=self.settings.metric_type,
+            params=dict(self.settings.index_params),
+        )
+        return params
+
+    def ensure_collections(self, source: str, dim: int) -> None:
+        """Create (if missing) and load the item and behaviour collections of ``source``.
+
+        Raises:
+            ConfigurationError: an existing collection has another vector dimension.
+        """
+        from pymilvus import DataType, MilvusClient
+
+        if dim <= 0:
+            raise ConfigurationError(f"vector dim must be positive, got {dim}")
+        for name, kind in (
+            (self.item_collection(source), "items"),
+            (self.behaviour_collection(source), "bhv"),
+        ):
+            if self._call("has_collection", self.client.has_collection, name):
+                existing = self._vector_dim(name)
+                if existing != dim:
+                    raise ConfigurationError(
+                        f"collection {name!r} holds {existing}-d vectors, source {source!r} gives {dim}-d; "
+                        "drop it first (VectorStore.drop_collections)"
+                    )
+                self._ensure_loaded(name)
+                continue
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            if kind == "items":
+                schema.add_field("item_id", DataType.INT64, is_primary=True)
+                schema.add_field("category", DataType.INT64)
+                extra: dict[str, Any] = {}
+            else:
+                schema.add_field("pk", DataType.INT64, is_primary=True)
+                schema.add_field("user_id", DataType.INT64, is_partition_key=True)
+                schema.add_field("item_id", DataType.INT64)
+                schema.add_field("position", DataType.INT64)
+                extra = {"num_partitions": NUM_PARTITIONS}
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            self._call(
+                "create_collection",
+                self.client.create_collection,
+                name,
+                schema=schema,
+                index_params=self._index_params(),
+                consistency_level="Strong",
+                **extra,
+            )
+            log.info("created collection %s (dim %d, index %s)", name, dim, self.settings.index_type)
+            self._ensure_loaded(name)
+
+    def _ensure_loaded(self, name: str) -> None:
+        if name not in self._loaded:
+            self._call("load_collection", self.client.load_collection, name)
+            self._loaded.add(name)
+
+    def _vector_dim(self, name: str) -> int:
+        desc = self._call("describe_collection", self.client.describe_collection, name)
+        for f in desc["fields"]:
+            if f["name"] == "vector":
+                return int(f["params"]["dim"])
+        raise ConfigurationError(f"collection {name!r} has no 'vector' field")
+
+    def _require(self, name: str) -> None:
+        if not self._call("has_collection", self.client.has_collection, name):
+            raise NotFoundError(
+                f"Milvus collection {name!r} does not exist; run a backfill for its source first"
+            )
+        self._ensure_loaded(name)
+
+    def has_source(self, source: str) -> bool:
+        return bool(self._call("has_collection", self.client.has_collection, self.item_collection(source)))
+
+    def drop_collections(self, source: str) -> None:
+        for name in (self.item_collection(source), self.behaviour_collection(source)):
+            if self._call("has_collection", self.client.has_collection, name):
+                self._call("drop_collection", self.client.drop_collection, name)
+                self._loaded.discard(name)
+
+    def describe(self, source: str) -> dict[str, Any]:
+        """Names, dimension, index and row counts of a source's collections."""
+        out: dict[str, Any] = {"source": source}
+        for key, name in (
+            ("items", self.item_collection(source)),
+            ("behaviours", self.behaviour_collection(source)),
+        ):
+            self._require(name)
+            indexes = self._call("list_indexes", self.client.list_indexes, name)
+            index = (
+                self._call("describe_index", self.client.describe_index, name, indexes[0]) if indexes else {}
+            )
+            count = self.count_items(source) if key == "items" else self.count_behaviours(source)
+            out[key] = {
+                "collection": name,
+                "dim": self._vector_dim(name),
+                "index_type": index.get("index_type"),
+                "metric_type": index.get("metric_type"),
+                "rows": count,
+            }
+        return out
+
+    # -- writes --------------------------------------------------------------------------------
+    def _upsert(self, name: str, rows: list[dict[str, Any]]) -> int:
+        written = 0
+        for start in range(0, len(rows), UPSERT_BATCH):
+            batch = rows[start : start + UPSERT_BATCH]
+            res = self._call("upsert", self.client.upsert, name, batch)
+            written += int(res.get("upsert_count", len(batch)) if isinstance(res, dict) else len(batch))
+        return written
+
+    def upsert_items(
+        self,
+        source: str,
+        item_ids: np.ndarray | Sequence[int],
+        vectors: np.ndarray,
+        categories: np.ndarray | Sequence[int],
+    ) -> int:
+        """Write item vectors (L2-normalised here); duplicate ids keep their last row. Returns rows written."""
+        ids = np.asarray(_int_list(item_ids, "item_ids"), dtype=np.int64)
+        cats = np.asarray(_int_list(categories, "categories"), dtype=np.int64)
+        vecs = l2_normalise(vectors)
+        if not (len(ids) == len(cats) == len(vecs)):
+            raise ConfigurationError(
+                f"upsert_items: {len(ids)} ids, {len(cats)} categories and {len(vecs)} vectors differ in length"
+            )
+        keep = _last_occurrence(ids)
+        name = self.item_collection(source)
+        self._require(name)
+        rows = [{"item_id": int(ids[i]), "category": int(cats[i]), "vector": vecs[i].tolist()} for i in keep]
+        return self._upsert(name, rows)
+
+    def upsert_behaviours(
+        self,
+        source: str,
+        user_ids: np.ndarray | Sequence[int],
+        positions: np.ndarray | Sequence[int],
+        item_ids: np.ndarray | Sequence[int],
+        vectors: np.ndarray,
+    ) -> int:
+        """Write behaviour rows keyed by :func:`behaviour_pk`; a repeated (user, position) keeps its last row."""
+        users = np.asarray(_int_list(user_ids, "user_ids"), dtype=np.int64)
+        pos = np.asarray(_int_list(positions, "positions"), dtype=np.int64)
+        items = np.asarray(_int_list(item_ids, "item_ids"), dtype=np.int64)
+        vecs = l2_normalise(vectors)
+        if not (len(users) == len(pos) == len(items) == len(vecs)):
+            raise ConfigurationError(
+                "upsert_behaviours: user_ids, positions, item_ids and vectors differ in length"
+            )
+        if len(pos) and pos.min() < 0:
+            raise ConfigurationError(f"upsert_behaviours: negative position {int(pos.min())}")
+        pks = behaviour_pk(users, pos)
+        keep = _last_occurrence(pks)
+        name = self.behaviour_collection(source)
+        self._require(name)
+        rows = [
+            {
+                "pk": int(pks[i]),
+                "user_id": int(users[i]),
+                "item_id": int(items[i]),
+                "position": int(pos[i]),
+                "vector": vecs[i].tolist(),
+            }
+            for i in keep
+        ]
+        if self._upsert_misroutes_partition_keys():
+            return self._replace(name, rows)
+        return self._upsert(name, rows)
+
+    def _upsert_misroutes_partition_keys(self) -> bool:
+        """Milvus 2.3 servers route upserted rows to the wrong partition-key bucket, so a filtered
+        read then misses them; there a delete + insert of the same primary keys stands in for upsert."""
+        if self._server_version is None:
+            if self.settings.embedded_milvus:
+                self._server_version = (99, 0)
+            else:
+                raw = str(self._call("get_server_version", self.client.get_server_version))
+                m = re.match(r"v?(\d+)\.(\d+)", raw)
+                self._server_version = (int(m.group(1)), int(m.group(2))) if m else (99, 0)
+                log.debug("Milvus server version %s", raw)
+        return self._server_version < (2, 4)
+
+    def _replace(self, name: str, rows: list[dict[str, Any]]) -> int:
+        """Delete then insert rows by primary key (idempotent when retried as a whole)."""
+        written = 0
+        for start in range(0, len(rows), UPSERT_BATCH):
+            batch = rows[start : start + UPSERT_BATCH]
+            keys = ", ".join(str(r["pk"]) for r in batch)
+            self._call("delete", self.client.delete, name, filter=f"pk in [{keys}]")
+            res = self._call("insert", self.client.insert, name, batch)
+            written += int(res.get("insert_count", len(batch)) if isinstance(res, dict) else len(batch))
+        return written
+
+    def delete_user_behaviours(self, source: str, user_id: int) -> None:
+        name = self.behaviour_collection(source)
+        self._require(name)
+        self._call("delete", self.client.delete, name, filter=f"user_id == {int(user_id)}")
+
+    # -- reads -----------------------------------------------------------------------------------
+    def _count(self, name: str, filter_expr: str) -> int:
+        res = self._call("query", self.client.query, name, filter=filter_expr, output_fields=["count(*)"])
+        return int(res[0]["count(*)"]) if res else 0
+
+    def count_items(self, source: str) -> int:
+        name = self.item_collection(source)
+        self._require(name)
+        return self._count(name, "")
+
+    def count_behaviours(self, source: str, user_id: int | None = None) -> int:
+        name = self.behaviour_collection(source)
+        self._require(name)
+        return self._count(name, "" if user_id is None else f"user_id == {int(user_id)}")
+
+    def get_item_vectors(
+        self, source: str, item_ids: np.ndarray | Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors of the given items that exist: ``(found_ids int64[n], vectors float32[n, d])``,
+        in the order of ``item_ids`` (missing ids are left out)."""
+        ids = _int_list(item_ids, "item_ids")
+        name = self.item_collection(source)
+        self._require(name)
+        dim = self._vector_dim(name)
+        found: dict[int, list[float]] = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), 1000):
+            chunk = unique[start : start + 1000]
+            expr = f"item_id in [{', '.join(str(i) for i in chunk)}]"
+            rows = self._call(
+                "query",
+                self.client.query,
+                name,
+                filter=expr,
+                output_fields=["item_id", "vector"],
+                limit=len(chunk),
+            )
+            for r in rows:
+                found[int(r["item_id"])] = r["vector"]
+        order = [i for i in ids if i in found]
+        vecs = np.asarray([found[i] for i in order], dtype=np.float32).reshape(len(order), dim)
+        return np.asarray(order, dtype=np.int64), vecs
+
+    def iter_user_behaviours(
+        self, source: str, user_id: int, batch_size: int = FETCH_BATCH
+    ) -> Iterator[BehaviourBatch]:
+        """Page through one user's behaviours in position order, ``batch_size`` positions a page.
+
+        Counts the user's rows first and pages by position ranges until all are read, so gaps in
+        positions are handled and no server-side iterator is needed.
+        """
+        if not 0 < batch_size <= MAX_QUERY_WINDOW:
+            raise ConfigurationError(f"batch_size must be in 1..{MAX_QUERY_WINDOW}, got {batch_size}")
+        name = self.behaviour_collection(source)
+        self._require(name)
+        user = int(user_id)
+        total = self._count(name, f"user_id == {user}")
+        seen, low = 0, 0
+        while seen < total:
+            expr = f"user_id == {user} and position >= {low} and position < {low + batch_size}"
+            rows = self._call(
+                "query",
+                self.client.query,
+                name,
+                filter=expr,
+                output_fields=["position", "item_id", "vector"],
+                limit=batch_size,
+            )
+            low += batch_size
+            if not rows:
+                if low > (1 << 40):  # positions never get this large: the count was stale
+                    break
+                continue
+            # sorted() materialises pymilvus' lazy result list; sorting it in place would detach the
+            # vectors from their rows.
+            rows = sorted(rows, key=lambda r: r["position"])
+            seen += len(rows)
+            yield BehaviourBatch(
+                positions=np.fromiter((r["position"] for r in rows), dtype=np.int64, count=len(rows)),
+                item_ids=np.fromiter((r["item_id"] for r in rows), dtype=np.int64, count=len(rows)),
+                vectors=np.asarray([r["vector"] for r in rows], dtype=np.float32),
+            )
+
+    def fetch_user_behaviours(
+        self, source: str, user_id: int, batch_size: int = FETCH_BATCH
+    ) -> BehaviourBatch:
+        """All behaviours of one user, sorted by position (empty arrays for an unknown user)."""
+        batches = list(self.iter_user_behaviours(source, user_id, batch_size))
+        if not batches:
+            dim = self._vector_dim(self.behaviour_collection(source))
+            empty = np.zeros(0, dtype=np.int64)
+            return BehaviourBatch(empty, empty.copy(), np.zeros((0, dim), dtype=np.float32))
+        return BehaviourBatch(
+            positions=np.concatenate([b.positions for b in batches]),
+            item_ids=np.concatenate([b.item_ids for b in batches]),
+            vectors=np.concatenate([b.vectors for b in batches]),
+        )
+
+    def search_behaviours(self, source: str, user_id: int, targets: np.ndarray, k: int) -> list[list[Hit]]:
+        """Cosine top-``k`` of each target over one user's behaviours, all targets in one request.
+
+        Returns one list of hits per target, best first.
+        """
+        if not 0 < k <= MAX_QUERY_WINDOW:
+            raise ValueError(f"k must be in 1..{MAX_QUERY_WINDOW}, got {k}")
+        t = l2_normalise(np.atleast_2d(targets))
+        name = self.behaviour_collection(source)
+        self._require(name)
+        res = self._call(
+            "search",
+            self.client.search,
+            name,
+            data=t.tolist(),
+            filter=f"user_id == {int(user_id)}",
+            limit=k,
+            output_fields=["position", "item_id"],
+            search_params={
+                "metric_type": self.settings.metric_type,
+                "params": dict(self.settings.search_params),
+            },
+        )
+        out: list[list[Hit]] = []
+        for hits in res:
+            out.append(
+                [
+                    Hit(
+                        position=int(h["entity"]["position"]),
+                        item_id=int(h["entity"]["item_id"]),
+                        score=float(h["distance"]),
+                    )
+                    for h in hits
+                ]
+            )
+        return out
+
+    def check(self) -> None:
+        """Connect and list collections; raise :class:`BackendUnavailable` naming ``MUSE_MILVUS_URI``."""
+        try:
+            self._call("list_collections", self.client.list_collections)
+        except BackendUnavailable:
+            raise
+        except Exception as e:
+            raise BackendUnavailable(
+                f"MUSE_MILVUS_URI={self.settings.milvus_uri!r}: Milvus does not answer: {e}"
+            ) from e
+
+
+def _last_occurrence(keys: np.ndarray) -> list[int]:
+    """Indexes of the last occurrence of each key, in first-seen order of the kept rows."""
+    last: dict[int, int] = {}
+    for i, k in enumerate(keys.tolist()):
+        last[k] = i
+    return sorted(last.values())

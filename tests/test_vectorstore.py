@@ -1,0 +1,109 @@
+"""The Milvus access layer, run against Milvus Lite and the real Milvus 2.3 server alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from muse.errors import ConfigurationError, NotFoundError
+from muse.settings import Settings
+from muse.vectorstore import VectorStore, behaviour_pk, l2_normalise
+
+DIM = 16
+
+
+@pytest.fixture
+def store(milvus_settings: Settings):
+    vs = VectorStore(milvus_settings)
+    vs.ensure_collections("scl", DIM)
+    try:
+        yield vs
+    finally:
+        vs.drop_collections("scl")
+        vs.close()
+
+
+def _history(rng: np.random.Generator, users: list[int], length: int):
+    user_ids = np.repeat(np.asarray(users, dtype=np.int64), length)
+    positions = np.tile(np.arange(length, dtype=np.int64), len(users))
+    item_ids = rng.integers(-(2**62), 2**62, size=len(user_ids), dtype=np.int64)
+    vectors = rng.standard_normal((len(user_ids), DIM)).astype(np.float32)
+    return user_ids, positions, item_ids, vectors
+
+
+def test_behaviour_pk_is_deterministic_and_distinct():
+    users = np.array([-5124604129084675105, -5124604129084675105, 7, 7], dtype=np.int64)
+    pos = np.array([0, 1, 0, 1])
+    pk = behaviour_pk(users, pos)
+    assert pk.dtype == np.int64 and (pk >= 0).all()
+    assert len(set(pk.tolist())) == 4
+    np.testing.assert_array_equal(pk, behaviour_pk(users.tolist(), pos.tolist()))
+
+
+def test_items_read_your_writes_and_idempotent_upsert(store: VectorStore):
+    rng = np.random.default_rng(0)
+    ids = np.array([3, -9, 2**62, 11, 3], dtype=np.int64)  # 3 twice: last row wins
+    vecs = rng.standard_normal((5, DIM)).astype(np.float32)
+    cats = np.array([1, 2, 3, 4, 5])
+    assert store.upsert_items("scl", ids, vecs, cats) == 4
+    assert store.count_items("scl") == 4
+    store.upsert_items("scl", ids, vecs, cats)
+    assert store.count_items("scl") == 4  # same rows twice -> same count
+    found, got = store.get_item_vectors("scl", [11, 3, 12345])
+    assert found.tolist() == [11, 3]
+    np.testing.assert_allclose(got, l2_normalise(vecs[[3, 4]]), atol=1e-6)
+
+
+def test_behaviours_partitioned_by_user(store: VectorStore):
+    rng = np.random.default_rng(1)
+    users = [101, -202, 303]
+    u, p, items, vecs = _history(rng, users, 40)
+    assert store.upsert_behaviours("scl", u, p, items, vecs) == 120
+    store.upsert_behaviours("scl", u, p, items, vecs)  # retried task: no duplicates
+    assert store.count_behaviours("scl") == 120
+    assert store.count_behaviours("scl", user_id=-202) == 40
+
+    got = store.fetch_user_behaviours("scl", -202, batch_size=7)  # several pages
+    mask = u == -202
+    assert got.positions.tolist() == list(range(40))
+    assert got.item_ids.tolist() == items[mask].tolist()
+    np.testing.assert_allclose(got.vectors, l2_normalise(vecs[mask]), atol=1e-6)
+
+    targets = rng.standard_normal((3, DIM)).astype(np.float32)
+    hits = store.search_behaviours("scl", 303, targets, k=10)
+    assert len(hits) == 3
+    user_items = set(items[u == 303].tolist())
+    for per_target, t in zip(hits, targets, strict=True):
+        assert len(per_target) == 10
+        assert all(h.item_id in user_items for h in per_target)  # never another user's rows
+        expected = l2_normalise(vecs[u == 303]) @ l2_normalise(t[None])[0]
+        top = np.sort(expected)[::-1][:10]
+        np.testing.assert_allclose([h.score for h in per_target], top, atol=1e-5)
+        assert [h.position for h in per_target] == np.argsort(-expected)[:10].tolist()
+
+
+def test_unknown_user_is_empty(store: VectorStore):
+    got = store.fetch_user_behaviours("scl", 999)
+    assert len(got) == 0 and got.vectors.shape == (0, DIM)
+    assert store.search_behaviours("scl", 999, np.ones((1, DIM), np.float32), k=5) == [[]]
+
+
+def test_bad_inputs(store: VectorStore, milvus_settings: Settings):
+    with pytest.raises(ConfigurationError, match="differ in length"):
+        store.upsert_items("scl", [1, 2], np.zeros((1, DIM)), [1, 2])
+    with pytest.raises(ConfigurationError, match="integers"):
+        store.upsert_items("scl", ["1 or 1==1"], np.zeros((1, DIM)), [1])
+    with pytest.raises(ConfigurationError, match="source name"):
+        store.item_collection("scl; drop")
+    with pytest.raises(ValueError, match="k must be"):
+        store.search_behaviours("scl", 1, np.ones((1, DIM), np.float32), k=0)
+    with pytest.raises(NotFoundError, match="does not exist"):
+        store.count_items("openclip")
+    with pytest.raises(ConfigurationError, match="16-d"):
+        store.ensure_collections("scl", DIM * 2)
+
+
+def test_describe(store: VectorStore):
+    d = store.describe("scl")
+    assert d["items"]["dim"] == DIM and d["behaviours"]["dim"] == DIM
+    assert d["items"]["metric_type"] == "COSINE" and d["items"]["index_type"] == "FLAT"
