@@ -184,6 +184,9 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         values["database_url"] = f"sqlite:///{(data_dir / 'muse.sqlite').absolute()}"
     if not values.get("milvus_uri"):
         values["milvus_uri"] = str((data_dir / "milvus.db").absolute())
+    if str(values["database_url"]).startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; this project ships psycopg2.
+        values["database_url"] = "postgresql+psycopg2://" + str(values["database_url"]).split("://", 1)[1]
     if not values.get("broker_url"):
         values["broker_url"] = "filesystem://"
     values["index_type"] = str(values.get("index_type", "FLAT")).upper()

@@ -123,6 +123,7 @@ class VectorStore:
         self._lock = threading.Lock()
         self._loaded: set[str] = set()
         self._server_version: tuple[int, int] | None = None
+        self._dims: dict[str, int] = {}
 
     # -- connection ---------------------------------------------------------------------------
     @property
@@ -260,11 +261,21 @@ class VectorStore:
         raise ConfigurationError(f"collection {name!r} has no 'vector' field")
 
     def _require(self, name: str) -> None:
+        if name in self._loaded:  # checked and loaded by this store already: no round trip
+            return
         if not self._call("has_collection", self.client.has_collection, name):
             raise NotFoundError(
                 f"Milvus collection {name!r} does not exist; run a backfill for its source first"
             )
         self._ensure_loaded(name)
+
+    def dim(self, source: str) -> int:
+        """Vector dimension of a source's item collection (cached after the first call)."""
+        name = self.item_collection(source)
+        if name not in self._dims:
+            self._require(name)
+            self._dims[name] = self._vector_dim(name)
+        return self._dims[name]
 
     def has_source(self, source: str) -> bool:
         return bool(self._call("has_collection", self.client.has_collection, self.item_collection(source)))
@@ -274,6 +285,7 @@ class VectorStore:
             if self._call("has_collection", self.client.has_collection, name):
                 self._call("drop_collection", self.client.drop_collection, name)
                 self._loaded.discard(name)
+                self._dims.pop(name, None)
 
     def describe(self, source: str) -> dict[str, Any]:
         """Names, dimension, index and row counts of a source's collections."""

@@ -1,0 +1,3 @@
+"""GSU retriever: cosine top-K + SimTier kernels (``kernels``), the device cache with asynchronous
+prefetch (``cache``), the Milvus filtered-search path (``milvus_search``) and the Python client
+(``client.Retriever``). Submodules are imported on demand so that importing the package is cheap."""

@@ -39,6 +39,9 @@ def test_server_deployment_values():
         }
     )
     assert not s.embedded_milvus and s.gpu_index and s.metric_type == "IP"
+    assert load_settings(env={"MUSE_DATABASE_URL": "postgresql://u@db/m"}).database_url == (
+        "postgresql+psycopg2://u@db/m"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,59 @@
-"""``muse demo``: placeholder until its issue lands (registers nothing yet)."""
+"""``muse retrieve``: GSU top-K search over a user's lifelong history from the command line."""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+
+def _item_list(raw: str) -> list[int]:
+    try:
+        ids = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--items must be comma-separated integers, got {raw!r}") from e
+    if not ids:
+        raise argparse.ArgumentTypeError("--items is empty: give at least one target item id")
+    return ids
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser("retrieve", help="GSU retrieval: top-K behaviours of a user for target items")
+    rsub = p.add_subparsers(dest="retrieve_command", metavar="ACTION", required=True)
+    s = rsub.add_parser("search", help="top-K behaviours (and SimTier counts) of a user for target items")
+    s.add_argument("--source", required=True, help="embedding source, e.g. scl, i2i, openclip, id")
+    s.add_argument("--user", type=int, required=True, help="user id")
+    s.add_argument("--items", type=_item_list, required=True, help="target item ids, e.g. 1,2,3")
+    s.add_argument("--k", type=int, default=50, help="behaviours per target (default 50)")
+    s.add_argument(
+        "--path",
+        choices=("cache", "milvus"),
+        default="cache",
+        help="device cache (default) or Milvus filtered search; both give the same results",
+    )
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=_search)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from retriever.client import Retriever
+
+    with Retriever.from_settings(source=args.source, path=args.path) as r:
+        result = r.search(args.user, args.items, k=args.k)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    if not result.found:
+        print(f"user {result.user_id} has no behaviours in source {args.source!r}")
+        return 0
+    length = f", {result.history_length} behaviours" if result.history_length is not None else ""
+    print(f"user {result.user_id} ({result.path} path{length}), top {result.k}:")
+    for hits in result:
+        print(f"target item {hits.item_id}: {len(hits)} behaviours")
+        print(f"  {'rank':>4} {'position':>9} {'item':>12} {'cosine':>8}")
+        for rank, (pos, item, score) in enumerate(
+            zip(hits.positions, hits.behaviour_item_ids, hits.scores, strict=True), 1
+        ):
+            print(f"  {rank:>4} {int(pos):>9} {int(item):>12} {float(score):>8.4f}")
+        tiers = ", ".join(f"{t}:{int(c)}" for t, c in enumerate(hits.simtier) if c)
+        print(f"  simtier (tier:count) {tiers or '-'}")
+    return 0

@@ -1,0 +1,181 @@
+"""Registration of datasets in the metadata database: the ``datasets`` row (name, kind, location,
+statistics) and, for datasets of moderate size, one ``items`` and one ``users`` row each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pyarrow.parquet as pq
+from sqlalchemy import delete, insert, inspect, select
+
+from muse import models
+from muse.data.format import Dataset, datasets_root
+from muse.db import check_database, get_engine, session_scope
+from muse.errors import NotFoundError
+from muse.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Above this many items (or users) no per-row ``items`` (``users``) rows are inserted: the parquet
+#: files stay the source of truth and the stats say ``items_registered: false``.
+MAX_ROWS_REGISTERED = 200_000
+INSERT_CHUNK = 5_000
+
+
+def database_ready(settings: Settings) -> bool:
+    """True when the metadata database is migrated (has the ``datasets`` table).
+
+    Raises:
+        BackendUnavailable: the database cannot be reached (names ``MUSE_DATABASE_URL``).
+    """
+    check_database(settings)
+    return inspect(get_engine(settings)).has_table("datasets")
+
+
+def _image_locations(dataset: Dataset) -> dict[int, str]:
+    """item id -> ``images/part-NNNNN.parquet#row``."""
+    out: dict[int, str] = {}
+    for shard in sorted((dataset.path / "images").glob("part-*.parquet")):
+        ids = pq.read_table(shard, columns=["item_id"]).column("item_id").to_pylist()
+        rel = f"images/{shard.name}"
+        out.update((iid, f"{rel}#{row}") for row, iid in enumerate(ids))
+    return out
+
+
+def _item_rows(dataset: Dataset, dataset_id: int) -> list[dict[str, Any]]:
+    items = dataset.items().to_pylist()
+    locations = _image_locations(dataset) if dataset.meta.get("has_images") else {}
+    return [
+        {
+            "dataset_id": dataset_id,
+            "item_id": r["item_id"],
+            "category": r["category"],
+            "attributes": {"feat_a": r["feat_a"], "feat_b": r["feat_b"]},
+            "title": r["title"],
+            "image_location": locations.get(r["item_id"]),
+        }
+        for r in items
+    ]
+
+
+def _user_rows(dataset: Dataset, dataset_id: int) -> list[dict[str, Any]]:
+    return [
+        {"dataset_id": dataset_id, "user_id": r.pop("user_id"), "features": r}
+        for r in dataset.users().to_pylist()
+    ]
+
+
+def register_dataset(settings: Settings, dataset: Dataset, stats: dict[str, Any] | None = None) -> int:
+    """Insert or replace the ``datasets`` row of ``dataset`` and its ``items``/``users`` rows.
+
+    Per-row items/users are skipped when there are more than :data:`MAX_ROWS_REGISTERED`
+    (recorded as ``items_registered``/``users_registered`` in the stats). Returns the dataset id.
+    """
+    base_stats: dict[str, Any] = {
+        k: dataset.meta[k]
+        for k in ("n_items", "n_users", "n_impressions", "n_behaviours")
+        if k in dataset.meta
+    }
+    base_stats.update(stats or {})
+    n_items, n_users = int(dataset.meta["n_items"]), int(dataset.meta["n_users"])
+    base_stats["items_registered"] = n_items <= MAX_ROWS_REGISTERED
+    base_stats["users_registered"] = n_users <= MAX_ROWS_REGISTERED
+    with session_scope(settings) as session:
+        row = session.scalars(select(models.Dataset).where(models.Dataset.name == dataset.name)).first()
+        if row is None:
+            row = models.Dataset(name=dataset.name, kind=dataset.kind, location=str(dataset.path.resolve()))
+            session.add(row)
+        else:
+            session.execute(delete(models.Item).where(models.Item.dataset_id == row.id))
+            session.execute(delete(models.User).where(models.User.dataset_id == row.id))
+            row.kind = dataset.kind
+            row.location = str(dataset.path.resolve())
+        row.stats = json.loads(json.dumps(base_stats))
+        session.flush()
+        dataset_id = row.id
+        for table, enabled, rows_fn in (
+            (models.Item, base_stats["items_registered"], _item_rows),
+            (models.User, base_stats["users_registered"], _user_rows),
+        ):
+            if not enabled:
+                log.warning(
+                    "dataset %s: too many rows for per-row %s registration; skipped",
+                    dataset.name,
+                    table.__tablename__,
+                )
+                continue
+            rows = rows_fn(dataset, dataset_id)
+            for i in range(0, len(rows), INSERT_CHUNK):
+                session.execute(insert(table), rows[i : i + INSERT_CHUNK])
+    log.info(
+        "dataset %s registered with id %d (%d items, %d users)", dataset.name, dataset_id, n_items, n_users
+    )
+    return dataset_id
+
+
+def update_stats(settings: Settings, name: str, stats: dict[str, Any]) -> None:
+    """Merge ``stats`` into the registered dataset's statistics.
+
+    Raises:
+        NotFoundError: the dataset is not registered.
+    """
+    with session_scope(settings) as session:
+        row = session.scalars(select(models.Dataset).where(models.Dataset.name == name)).first()
+        if row is None:
+            raise NotFoundError(f"dataset {name!r} is not registered in {settings.database_url}")
+        merged = dict(row.stats or {})
+        merged.update(json.loads(json.dumps(stats)))
+        row.stats = merged
+
+
+def list_datasets(settings: Settings) -> list[dict[str, Any]]:
+    """Every dataset folder under ``$MUSE_DATA_DIR/datasets`` and every registered dataset, merged by name:
+    dicts with ``name``, ``kind``, ``location``, ``registered``, ``on_disk`` and the counts.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    root = datasets_root(settings)
+    if root.exists():
+        for path in sorted(root.iterdir()):
+            if (path / "meta.json").exists():
+                ds = Dataset(path)
+                found[ds.name] = {
+                    "name": ds.name,
+                    "kind": ds.kind,
+                    "location": str(path),
+                    "registered": False,
+                    "on_disk": True,
+                    **{k: ds.meta[k] for k in ("n_items", "n_users", "n_impressions", "n_behaviours")},
+                }
+    if database_ready(settings):
+        with session_scope(settings) as session:
+            for row in session.scalars(select(models.Dataset).order_by(models.Dataset.name)):
+                entry = found.setdefault(
+                    row.name,
+                    {
+                        "name": row.name,
+                        "kind": row.kind,
+                        "location": row.location,
+                        "on_disk": False,
+                        **{
+                            k: (row.stats or {}).get(k)
+                            for k in ("n_items", "n_users", "n_impressions", "n_behaviours")
+                        },
+                    },
+                )
+                entry["registered"] = True
+    return [found[k] for k in sorted(found)]
+
+
+def register_if_ready(settings: Settings, dataset: Dataset) -> int | None:
+    """Register ``dataset`` when the database is migrated; otherwise log how to do it and return None."""
+    if not database_ready(settings):
+        log.warning(
+            "database %s is not migrated: dataset %s written but not registered (run `muse db upgrade`)",
+            settings.database_url,
+            dataset.name,
+        )
+        return None
+    return register_dataset(settings, dataset)

@@ -1,0 +1,450 @@
+"""Device cache of user behaviour histories: byte-bounded LRU, asynchronous single-flight prefetch.
+
+A cached history holds the user's behaviour vectors on the cache's device, L2-normalised once at
+load time and stored as float32 or a compressed dtype (bfloat16, float16, or int8 with a per-row
+scale), beside the positions and item ids (on the host) and a mask of behaviours that have a
+vector. A GSU search on a cached history is then one matrix product + ``topk``
+(:func:`retriever.kernels.gsu_topk`).
+
+Histories are loaded through a *loader*: a callable ``user_id -> iterable of batches`` with
+``positions``, ``item_ids`` and ``vectors`` arrays, e.g.
+``lambda u: store.iter_user_behaviours(source, u, batch_size=...)`` (see
+:func:`store_loader`). The cache reflects the store at load time: writes made through
+:meth:`HistoryCache.append_behaviours` are applied to a cached history at once; for writes made
+elsewhere call :meth:`HistoryCache.invalidate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from muse.errors import ConfigurationError
+from retriever.kernels import TopK, gsu_topk, l2_normalise, quantise_int8
+
+log = logging.getLogger(__name__)
+
+#: Storage dtypes by name.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+}
+
+
+class BatchLike(Protocol):
+    positions: np.ndarray
+    item_ids: np.ndarray
+    vectors: np.ndarray
+
+
+Loader = Callable[[int], Iterable[BatchLike]]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Capacity and layout of a :class:`HistoryCache`."""
+
+    capacity_bytes: int = 4 << 30  # bytes of cached histories (vectors + ids + masks) before LRU eviction
+    storage_dtype: str = "float32"  # float32 | bfloat16 | float16 | int8 (per-row scale)
+    device: str = "cpu"  # torch device of the cached vectors (settings.resolve_device())
+    load_batch_size: int = 8192  # behaviours per store query when loading a history
+    prefetch_workers: int = 2  # threads that load histories in the background
+
+    def __post_init__(self) -> None:
+        if self.storage_dtype not in DTYPES:
+            raise ConfigurationError(
+                f"storage_dtype {self.storage_dtype!r} is unknown; valid: {', '.join(DTYPES)}"
+            )
+        if self.capacity_bytes <= 0:
+            raise ConfigurationError(f"capacity_bytes must be positive, got {self.capacity_bytes}")
+        if self.load_batch_size <= 0:
+            raise ConfigurationError(f"load_batch_size must be positive, got {self.load_batch_size}")
+        if self.prefetch_workers <= 0:
+            raise ConfigurationError(f"prefetch_workers must be positive, got {self.prefetch_workers}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CacheConfig:
+        """Build from a mapping, rejecting unknown keys (naming them and the valid ones)."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - valid
+        if unknown:
+            raise ConfigurationError(f"unknown cache options {sorted(unknown)}; valid: {sorted(valid)}")
+        return cls(**values)
+
+
+@dataclass
+class CachedHistory:
+    """One user's history as stored in the cache, sorted by position.
+
+    Only behaviours that have a vector are kept on the device (``n`` of them): the others can never
+    be retrieved ahead of a real one, so they need neither memory nor a mask in the hot path. Their
+    positions are kept on the host so that ``len()`` is the full history length.
+    """
+
+    user_id: int
+    positions: np.ndarray  # int64 [n], host
+    item_ids: np.ndarray  # int64 [n], host
+    vectors: torch.Tensor  # [n, d] storage dtype, device; L2-normalised
+    scale: torch.Tensor | None  # float32 [n] per-row scale for int8 storage, else None
+    missing_positions: np.ndarray  # int64 [m], host: behaviours without a vector
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0] + self.missing_positions.shape[0])
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the tensors on the cache's device (vectors and int8 scales)."""
+        n = self.vectors.element_size() * self.vectors.nelement()
+        if self.scale is not None:
+            n += self.scale.element_size() * self.scale.nelement()
+        return int(n)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the entry holds in all (device tensors + host ids); what the capacity bounds."""
+        return self.device_bytes + int(
+            self.positions.nbytes + self.item_ids.nbytes + self.missing_positions.nbytes
+        )
+
+    def topk(self, targets: torch.Tensor, k: int) -> TopK:
+        """GSU top-``k`` of L2-normalised ``targets [B, d]`` over this history (see :func:`gsu_topk`);
+        indices point into :attr:`positions` / :attr:`item_ids`."""
+        if targets.device != self.vectors.device:
+            targets = targets.to(self.vectors.device)
+        return gsu_topk(targets, self.vectors, k, None, normalized=True, history_scale=self.scale)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters of a :class:`HistoryCache` (``misses`` count lookups that had to load)."""
+
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+    entries: int
+    bytes: int
+    capacity_bytes: int
+
+
+def encode_history(
+    user_id: int,
+    positions: np.ndarray,
+    item_ids: np.ndarray,
+    vectors: np.ndarray,
+    storage_dtype: str = "float32",
+    device: str = "cpu",
+) -> CachedHistory:
+    """Turn host arrays into a :class:`CachedHistory`: sort by position, normalise, compress, move.
+
+    Raises:
+        ConfigurationError: the arrays differ in length or ``vectors`` is not 2-D.
+    """
+    pos = np.asarray(positions, dtype=np.int64)
+    items = np.asarray(item_ids, dtype=np.int64)
+    vecs = np.asarray(vectors, dtype=np.float32)
+    if vecs.ndim != 2 or not (len(pos) == len(items) == len(vecs)):
+        raise ConfigurationError(
+            f"history of user {user_id}: {len(pos)} positions, {len(items)} item ids and vectors of "
+            f"shape {vecs.shape} do not match"
+        )
+    order = np.argsort(pos, kind="stable")
+    pos, items, vecs = pos[order], items[order], vecs[order]
+    has_vector = np.any(vecs != 0, axis=1)  # [L]
+    v = torch.from_numpy(np.ascontiguousarray(vecs[has_vector])).to(device)  # [n, d] float32
+    v = l2_normalise(v)  # [n, d]
+    scale = None
+    dtype = DTYPES[storage_dtype]
+    if dtype == torch.int8:
+        v, scale = quantise_int8(v)  # [n, d] int8, [n]
+    elif dtype != torch.float32:
+        v = v.to(dtype)
+    return CachedHistory(
+        int(user_id), pos[has_vector], items[has_vector], v.contiguous(), scale, pos[~has_vector]
+    )
+
+
+def _concat(a: CachedHistory, b: CachedHistory) -> CachedHistory:
+    pos = np.concatenate([a.positions, b.positions])
+    order = np.argsort(pos, kind="stable")
+    order_t = torch.from_numpy(order).to(a.vectors.device)
+    scale = None
+    if a.scale is not None and b.scale is not None:
+        scale = torch.cat([a.scale, b.scale])[order_t]
+    return CachedHistory(
+        user_id=a.user_id,
+        positions=pos[order],
+        item_ids=np.concatenate([a.item_ids, b.item_ids])[order],
+        vectors=torch.cat([a.vectors, b.vectors])[order_t].contiguous(),
+        scale=scale,
+        missing_positions=np.sort(np.concatenate([a.missing_positions, b.missing_positions])),
+    )
+
+
+def store_loader(store: Any, source: str, batch_size: int) -> Loader:
+    """A loader reading histories through ``VectorStore.iter_user_behaviours``."""
+
+    def load(user_id: int) -> Iterable[BatchLike]:
+        return store.iter_user_behaviours(source, int(user_id), batch_size=batch_size)
+
+    return load
+
+
+def _gather(futures: Sequence[Future]) -> Future:
+    """A future resolving to the list of results of ``futures`` (or the first exception)."""
+    out: Future = Future()
+    if not futures:
+        out.set_result([])
+        return out
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            for f in futures:
+                if f.cancelled():
+                    out.set_exception(CancelledError("prefetch cancelled: the history cache was closed"))
+                    return
+                if f.exception() is not None:
+                    out.set_exception(f.exception())
+                    return
+            out.set_result([f.result() for f in futures])
+
+    for f in futures:
+        f.add_done_callback(done)
+    return out
+
+
+class HistoryCache:
+    """Byte-bounded LRU cache of user histories on a device, with asynchronous single-flight loads.
+
+    Args:
+        loader: ``user_id -> iterable of batches`` (see :func:`store_loader`).
+        dim: vector dimension of the histories (used for empty histories).
+        config: capacity, storage dtype, device; see :class:`CacheConfig`.
+
+    Thread-safe: searches, prefetches and appends may come from any thread. Concurrent requests
+    for a user that is being loaded wait for that one load ("single flight").
+    """
+
+    def __init__(self, loader: Loader, dim: int, config: CacheConfig | None = None) -> None:
+        self.config = config or CacheConfig()
+        self.dim = int(dim)
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[int, CachedHistory] = OrderedDict()
+        self._inflight: dict[int, Future] = {}
+        self._generation: dict[int, int] = {}
+        self._bytes = 0
+        self._hits = self._misses = self._loads = self._evictions = 0
+        self._pool = ThreadPoolExecutor(self.config.prefetch_workers, thread_name_prefix="muse-prefetch")
+        self._closed = False
+
+    # -- lookups -------------------------------------------------------------------------------
+    def get(self, user_id: int) -> CachedHistory:
+        """The user's history, loading it (and counting a miss) when not cached. Unknown users
+        give an empty history, which is not kept."""
+        user = int(user_id)
+        with self._lock:
+            entry = self._entries.get(user)
+            if entry is not None:
+                self._entries.move_to_end(user)
+                self._hits += 1
+                return entry
+            self._misses += 1
+        return self._ensure(user)
+
+    def prefetch(self, user_ids: Iterable[int]) -> Future:
+        """Load the users' histories in the background; cached users are only marked recently used.
+
+        Returns:
+            a Future resolving to ``{user_id: history length}`` once every user is loaded.
+        """
+        if self._closed:
+            raise RuntimeError("the history cache is closed")
+        users = list(dict.fromkeys(int(u) for u in user_ids))
+        futures = [self._pool.submit(self._ensure, u) for u in users]
+        gathered = _gather(futures)
+        result: Future = Future()
+
+        def finish(f: Future) -> None:
+            if f.exception() is not None:
+                result.set_exception(f.exception())
+            else:
+                result.set_result({u: len(h) for u, h in zip(users, f.result(), strict=True)})
+
+        gathered.add_done_callback(finish)
+        return result
+
+    def contains(self, user_id: int) -> bool:
+        with self._lock:
+            return int(user_id) in self._entries
+
+    def _ensure(self, user: int) -> CachedHistory:
+        """Return the cached history or load it once, however many threads ask at the same time."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(user)
+                if entry is not None:
+                    self._entries.move_to_end(user)
+                    return entry
+                flight = self._inflight.get(user)
+                owner = flight is None
+                if owner:
+                    flight = Future()
+                    self._inflight[user] = flight
+                    generation = self._generation.get(user, 0)
+            if not owner:
+                entry = flight.result()
+                if entry is not None:
+                    return entry
+                continue  # the load was invalidated by an append meanwhile: load again
+            try:
+                entry = self._load(user)
+            except BaseException as e:
+                with self._lock:
+                    self._inflight.pop(user, None)
+                flight.set_exception(e)
+                raise
+            with self._lock:
+                self._inflight.pop(user, None)
+                stale = self._generation.get(user, 0) != generation
+                if not stale:
+                    self._insert(entry)
+            flight.set_result(None if stale else entry)
+            if not stale:
+                return entry
+
+    def _load(self, user: int) -> CachedHistory:
+        positions, items, vectors = [], [], []
+        for batch in self._loader(user):
+            positions.append(np.asarray(batch.positions, dtype=np.int64))
+            items.append(np.asarray(batch.item_ids, dtype=np.int64))
+            vectors.append(np.asarray(batch.vectors, dtype=np.float32).reshape(len(batch.positions), -1))
+        with self._lock:
+            self._loads += 1
+        if not positions:
+            positions, items = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+            vectors = [np.zeros((0, self.dim), np.float32)]
+        entry = encode_history(
+            user,
+            np.concatenate(positions),
+            np.concatenate(items),
+            np.concatenate(vectors),
+            self.config.storage_dtype,
+            self.config.device,
+        )
+        log.debug("loaded user %d: %d behaviours, %d bytes", user, len(entry), entry.nbytes)
+        return entry
+
+    def _insert(self, entry: CachedHistory) -> None:
+        """Add under the lock, then evict least recently used entries beyond the capacity."""
+        if len(entry) == 0:
+            return  # unknown users are not cached: the indexer may write them later
+        if entry.nbytes > self.config.capacity_bytes:
+            log.warning(
+                "history of user %d (%d bytes) exceeds the cache capacity %d: served uncached",
+                entry.user_id,
+                entry.nbytes,
+                self.config.capacity_bytes,
+            )
+            return
+        old = self._entries.pop(entry.user_id, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+        self._entries[entry.user_id] = entry
+        self._bytes += entry.nbytes
+        while self._bytes > self.config.capacity_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+            self._evictions += 1
+
+    # -- writes --------------------------------------------------------------------------------
+    def append_behaviours(
+        self, user_id: int, positions: np.ndarray, item_ids: np.ndarray, vectors: np.ndarray
+    ) -> None:
+        """Apply behaviours just written to the store: extend a cached history in place (or drop it
+        when a position is rewritten), and make any load in flight reload."""
+        user = int(user_id)
+        new = encode_history(
+            user, positions, item_ids, vectors, self.config.storage_dtype, self.config.device
+        )
+        with self._lock:
+            self._generation[user] = self._generation.get(user, 0) + 1
+            old = self._entries.pop(user, None)
+            if old is None:
+                return
+            self._bytes -= old.nbytes
+            old_all = np.concatenate([old.positions, old.missing_positions])
+            new_all = np.concatenate([new.positions, new.missing_positions])
+            if np.isin(new_all, old_all).any() or len(np.unique(new_all)) < len(new):
+                log.debug("user %d: rewritten positions, history dropped from the cache", user)
+                return
+            self._insert(_concat(old, new))
+
+    def put(
+        self, user_id: int, positions: np.ndarray, item_ids: np.ndarray, vectors: np.ndarray
+    ) -> CachedHistory:
+        """Insert a whole history directly (e.g. warmed from another copy), replacing any cached one."""
+        entry = encode_history(
+            user_id, positions, item_ids, vectors, self.config.storage_dtype, self.config.device
+        )
+        with self._lock:
+            self._generation[entry.user_id] = self._generation.get(entry.user_id, 0) + 1
+            self._insert(entry)
+        return entry
+
+    def invalidate(self, user_id: int) -> None:
+        """Forget a user's cached history (the next lookup reloads it)."""
+        user = int(user_id)
+        with self._lock:
+            self._generation[user] = self._generation.get(user, 0) + 1
+            old = self._entries.pop(user, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            for user in self._entries:
+                self._generation[user] = self._generation.get(user, 0) + 1
+            self._entries.clear()
+            self._bytes = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                hits=self._hits,
+                misses=self._misses,
+                loads=self._loads,
+                evictions=self._evictions,
+                entries=len(self._entries),
+                bytes=self._bytes,
+                capacity_bytes=self.config.capacity_bytes,
+            )
+
+    def close(self) -> None:
+        """Stop the prefetch threads (waiting for running loads) and drop every entry."""
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.clear()
+
+    def __enter__(self) -> HistoryCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,163 @@
+"""The Taobao-MM reader on the ten-row demo files: exact values read back, and malformed input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from muse.data.format import Dataset
+from muse.data.taobao_mm import decode_labels, import_taobao_mm
+from muse.errors import DataError, NotFoundError
+from tests.conftest import TAOBAO_DEMO_DIR
+
+pytestmark = pytest.mark.skipif(not TAOBAO_DEMO_DIR.is_dir(), reason=f"demo files not at {TAOBAO_DEMO_DIR}")
+
+USER_351 = -1001154915799468782  # the one test user whose history has 351 entries
+FIRST_TRAIN_USER = -1000233199594900771
+SCL_ITEM = -100135754869043717
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    from muse.settings import load_settings
+
+    settings = load_settings(env={}, data_dir=tmp_path_factory.mktemp("tb") / "muse-data", device="cpu")
+    return import_taobao_mm(settings, TAOBAO_DEMO_DIR, name="tb-demo")
+
+
+def _histories(ds: Dataset) -> dict[int, dict]:
+    return {r["user_id"]: r for r in ds.histories_table().to_pylist()}
+
+
+def test_counts_and_missing_users(demo: Dataset) -> None:
+    m = demo.meta
+    assert (m["kind"], m["n_items"], m["n_impressions"]) == ("taobao-mm", 10, 20)
+    # 20 users with features + 3 sample users that have no feature row in the demo files
+    assert m["n_users"] == 23 and m["n_users_without_features"] == 3
+    assert m["n_impressions_without_history"] == 20
+    assert m["n_behaviours"] == 19 * 1000 + 351
+    assert m["has_images"] is False and m["has_search_sessions"] is False
+
+
+def test_history_values(demo: Dataset) -> None:
+    hist = _histories(demo)
+    first = hist[FIRST_TRAIN_USER]
+    assert len(first["item_ids"]) == 1000
+    assert first["item_ids"][:2] == [-3158540113177114857, 4382780109111517843]
+    assert first["item_ids"][-1] == 2252854114667230267
+    assert first["categories"][0] == -4316783378234398615
+    assert first["times"] == list(range(1000))
+    short = hist[USER_351]
+    assert len(short["item_ids"]) == len(short["categories"]) == 351
+    assert short["item_ids"][:2] == [8374074985177435509, 8063578943926079331]
+    assert short["item_ids"][-1] == -789854766039803454 and short["categories"][-1] == -2840833756837532271
+    for uid in (-587594303343277051, -5124604129084675105, -5343151251631757820):  # sample-only users
+        assert hist[uid]["item_ids"] == [] and hist[uid]["times"] == []
+    # canonical order: train feature rows, then test feature rows, then sample-only users
+    assert demo.histories_table().column("user_id")[0].as_py() == FIRST_TRAIN_USER
+
+
+def test_user_and_item_features(demo: Dataset) -> None:
+    users = {r["user_id"]: r for r in demo.users().to_pylist()}
+    assert users[FIRST_TRAIN_USER]["f1"] == -7446916648201533712 and users[FIRST_TRAIN_USER]["f5"] == 0
+    items = demo.items().to_pylist()
+    assert items[0] == {
+        "item_id": -1000138449024228098,
+        "category": 910958624523185984,
+        "feat_a": -8811435593520713968,
+        "feat_b": -464595281521813246,
+        "title": None,
+    }
+    assert demo.item_ids().dtype == np.int64
+
+
+def test_label_decoding_and_splits(demo: Dataset) -> None:
+    test = pa.Table.from_batches(list(demo.iter_impressions(split="test"))).to_pylist()
+    assert [r["label"] for r in test] == [0, 0, 1] + [0] * 7
+    assert test[2]["item_id"] == -3283098639475878228 and test[2]["user_id"] == -5343151251631757820
+    train = pa.Table.from_batches(list(demo.iter_impressions(split="train"))).to_pylist()
+    assert len(train) == 10 and sum(r["label"] for r in train) == 0
+    assert {r["user_id"] for r in train} == {-587594303343277051, -5124604129084675105}
+    assert all(r["hist_len"] == 0 for r in train + test)  # those users have no feature row
+
+
+def test_scl_vectors_dequantised(demo: Dataset) -> None:
+    path = demo.embeddings_path("scl-taobao")
+    assert path is not None and demo.embeddings_path("openclip") is None
+    table = pq.read_table(path)
+    assert table.num_rows == 10 and table.schema.field("vector").type == pa.list_(pa.float32())
+    row = {r["item_id"]: r["vector"] for r in table.to_pylist()}[SCL_ITEM]
+    assert len(row) == 128
+    assert row[:4] == pytest.approx([12 / 127, 12 / 127, 2 / 127, 21 / 127], abs=1e-7)
+    assert row[-1] == pytest.approx(-26 / 127, abs=1e-7)
+
+
+def test_decode_labels_rejects_non_one_hot() -> None:
+    ok = decode_labels(pa.array([[1, 0], [0, 1]], type=pa.list_(pa.int8())), "x")
+    assert ok.tolist() == [0, 1]
+    with pytest.raises(DataError, match=r"\[1, 1\]"):
+        decode_labels(pa.array([[1, 0], [1, 1]], type=pa.list_(pa.int8())), "x")
+    with pytest.raises(DataError, match="one-hot"):
+        decode_labels(pa.array([[1, 0, 0]], type=pa.list_(pa.int8())), "x")
+
+
+def _copy_demo(dst: Path) -> Path:
+    shutil.copytree(TAOBAO_DEMO_DIR, dst)
+    return dst
+
+
+def test_sharded_layout_reads_the_same(tmp_path: Path, settings, demo: Dataset) -> None:  # noqa: ANN001
+    raw = _copy_demo(tmp_path / "raw")
+    table = pq.read_table(raw / "train_user_features.parquet")
+    (raw / "train_user_features.parquet").unlink()
+    (raw / "train_user_features").mkdir()
+    pq.write_table(table.slice(0, 4), raw / "train_user_features" / "part-0.parquet")
+    pq.write_table(table.slice(4), raw / "train_user_features" / "part-1.parquet")
+    ds = import_taobao_mm(settings, raw, name="tb-sharded")
+    assert ds.histories_table().equals(demo.histories_table())
+
+
+def test_malformed_inputs(tmp_path: Path, settings) -> None:  # noqa: ANN001
+    with pytest.raises(NotFoundError, match="does not exist"):
+        import_taobao_mm(settings, tmp_path / "nowhere")
+    raw = _copy_demo(tmp_path / "raw")
+    bad = pq.read_table(raw / "train_samples.parquet")
+    pq.write_table(bad.drop(["205"]), raw / "train_samples.parquet")
+    with pytest.raises(DataError, match=r"missing Taobao-MM columns \['205'\]"):
+        import_taobao_mm(settings, raw, name="bad")
+    labels = pa.array([[1, 1]] + [[1, 0]] * (bad.num_rows - 1), type=pa.list_(pa.int8()))
+    pq.write_table(bad.set_column(0, "label_0", labels), raw / "train_samples.parquet")
+    with pytest.raises(DataError, match="label_0 row 0"):
+        import_taobao_mm(settings, raw, name="bad")
+    (raw / "item_features.parquet").unlink()
+    with pytest.raises(NotFoundError, match="item_features"):
+        import_taobao_mm(settings, raw, name="bad")
+
+
+def test_small_batches_and_duplicate_users(
+    tmp_path: Path,
+    settings,
+    demo: Dataset,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """Tiny batches exercise the streaming paths; a user in both feature files keeps its first row."""
+    import muse.data.taobao_mm as tb
+
+    monkeypatch.setattr(tb, "USER_BATCH", 3)
+    monkeypatch.setattr(tb, "ROW_BATCH", 4)
+    raw = _copy_demo(tmp_path / "raw")
+    train = pq.read_table(raw / "train_user_features.parquet")
+    test = pq.read_table(raw / "test_user_features.parquet")
+    pq.write_table(pa.concat_tables([test, train.slice(0, 1)]), raw / "test_user_features.parquet")
+    ds = import_taobao_mm(settings, raw, name="tb-batches")
+    assert ds.meta["n_duplicate_user_rows"] == 1
+    assert ds.histories_table().equals(demo.histories_table())
+    assert pq.read_table(ds.path / "impressions").equals(pq.read_table(demo.path / "impressions"))
+    assert pq.read_table(ds.embeddings_path("scl-taobao")).equals(
+        pq.read_table(demo.embeddings_path("scl-taobao"))
+    )

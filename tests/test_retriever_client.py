@@ -1,0 +1,162 @@
+"""Retriever client against real Milvus (Lite and the 2.3 server): the Milvus path and the cache
+path return the same behaviours for tiny generated users, appends, single-flight, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from muse.errors import ConfigurationError, NotFoundError
+from muse.settings import Settings
+from muse.vectorstore import VectorStore
+from retriever.client import Retriever
+from retriever.kernels import N_TIERS
+
+DIM = 16
+SOURCE = "scl"
+LENGTHS = {11: 80, 12: 6}  # user 12 is shorter than k
+MISSING = {11: [5, 40, 41]}  # behaviours stored without a vector
+ITEMS = np.arange(1000, 1010, dtype=np.int64)  # 1009 is stored without a vector
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def populated(milvus_settings: Settings):
+    rng = np.random.default_rng(7)
+    store = VectorStore(milvus_settings)
+    store.ensure_collections(SOURCE, DIM)
+    item_vecs = _unit(rng, len(ITEMS))
+    item_vecs[-1] = 0.0
+    store.upsert_items(SOURCE, ITEMS, item_vecs, np.zeros(len(ITEMS), dtype=np.int64))
+    histories = {}
+    for user, n in LENGTHS.items():
+        vecs = _unit(rng, n)
+        vecs[MISSING.get(user, [])] = 0.0
+        pos = np.arange(n, dtype=np.int64)
+        items = rng.integers(1, 10**9, n)
+        store.upsert_behaviours(SOURCE, np.full(n, user), pos, items, vecs)
+        histories[user] = (pos, items, vecs)
+    try:
+        yield milvus_settings, store, item_vecs, histories
+    finally:
+        store.drop_collections(SOURCE)
+        store.close()
+
+
+def _reference(target: np.ndarray, vecs: np.ndarray, k: int) -> np.ndarray:
+    s = vecs.astype(np.float64) @ target.astype(np.float64)
+    s[~np.any(vecs, axis=1)] = -np.inf
+    order = np.argsort(-s, kind="stable")
+    return order[np.isfinite(s[order])][:k]
+
+
+def test_cache_and_milvus_paths_agree(populated) -> None:
+    settings, _, item_vecs, histories = populated
+    targets = [int(i) for i in ITEMS[:5]]
+    with (
+        Retriever.from_settings(SOURCE, settings, path="milvus") as rm,
+        Retriever.from_settings(SOURCE, settings, path="cache") as rc,
+    ):
+        for user, k in ((11, 10), (11, 50), (12, 50)):
+            a, b = rm.search(user, targets, k=k), rc.search(user, targets, k=k)
+            assert a.found and b.found and b.history_length == LENGTHS[user]
+            pos, items, vecs = histories[user]
+            for j, (ha, hb) in enumerate(zip(a, b, strict=True)):
+                ref = _reference(item_vecs[j], vecs, k)
+                assert ha.item_id == hb.item_id == targets[j]
+                np.testing.assert_array_equal(hb.positions, pos[ref])
+                np.testing.assert_array_equal(ha.positions, hb.positions)
+                np.testing.assert_array_equal(ha.behaviour_item_ids, items[ref])
+                np.testing.assert_array_equal(hb.behaviour_item_ids, items[ref])
+                np.testing.assert_allclose(ha.scores, hb.scores, atol=1e-5)
+                np.testing.assert_array_equal(ha.simtier, hb.simtier)
+                assert ha.simtier.shape == (N_TIERS,) and ha.simtier.sum() == len(ref)
+                assert not set(ha.positions.tolist()) & set(MISSING.get(user, []))
+        stats = rc.stats()
+        assert stats.misses == 2 and stats.hits == 1 and stats.loads == 2 and stats.entries == 2
+        # Target vectors are read from Milvus once, then served from the client's item LRU.
+        assert (rc.item_lookups, rc.item_fetches) == (15, 5)
+
+
+def test_unknown_user_gives_an_empty_result(populated) -> None:
+    settings = populated[0]
+    for path in ("cache", "milvus"):
+        with Retriever.from_settings(SOURCE, settings, path=path) as r:
+            res = r.search(999, [int(ITEMS[0])], k=5)
+            assert not res.found and len(res) == 1 and len(res[0]) == 0
+            assert res.to_dict()["found"] is False
+
+
+def test_bad_inputs_raise_clear_errors(populated) -> None:
+    settings = populated[0]
+    with Retriever.from_settings(SOURCE, settings, path="cache") as r:
+        with pytest.raises(NotFoundError, match=r"\[4242\] not found"):
+            r.search(11, [int(ITEMS[0]), 4242], k=5)
+        with pytest.raises(NotFoundError, match=r"\[1009\] have no 'scl' vector"):
+            r.search(11, [1009], k=5)
+        for bad_k in (0, -1, 2.0, 100_000, True):
+            with pytest.raises(ValueError, match="k must be an integer"):
+                r.search(11, [int(ITEMS[0])], k=bad_k)
+        with pytest.raises(ConfigurationError, match="user_id must be an integer"):
+            r.search("11 or user_id > 0", [int(ITEMS[0])])
+        with pytest.raises(ConfigurationError, match="empty"):
+            r.search(11, [])
+    with pytest.raises(ConfigurationError, match="path 'gpu' is unknown"):
+        Retriever.from_settings(SOURCE, settings, path="gpu")
+    with pytest.raises(ConfigurationError, match="unknown cache options"):
+        Retriever.from_settings(SOURCE, settings, cache={"size": 1})
+    with pytest.raises(NotFoundError, match="does not exist"):
+        Retriever.from_settings("nosuchsource", settings)
+
+
+def test_appended_behaviours_visible_in_next_search(populated) -> None:
+    settings, _, item_vecs, _ = populated
+    target = int(ITEMS[2])
+    with (
+        Retriever.from_settings(SOURCE, settings, path="cache") as rc,
+        Retriever.from_settings(SOURCE, settings, path="milvus") as rm,
+    ):
+        assert rc.search(12, [target], k=3)[0].behaviour_item_ids[0] != 77
+        rc.append_behaviours(12, [6], [77], item_vecs[2:3] * 2.0)  # the exact target direction
+        for r in (rc, rm):
+            hit = r.search(12, [target], k=3)[0]
+            assert hit.behaviour_item_ids[0] == 77 and hit.positions[0] == 6
+            assert hit.scores[0] == pytest.approx(1.0, abs=1e-5)
+        assert rc.stats().loads == 1  # extended in place, not reloaded
+        assert rc.search(12, [target], k=50).history_length == 7
+
+
+def test_concurrent_prefetch_loads_a_user_once(populated) -> None:
+    settings = populated[0]
+    with Retriever.from_settings(SOURCE, settings, path="cache", cache={"prefetch_workers": 4}) as r:
+        futures = [r.prefetch([11]) for _ in range(4)] + [r.prefetch([11, 12, 999])]
+        assert [f.result(timeout=60) for f in futures][-1] == {11: 80, 12: 6, 999: 0}
+        r.search(11, [int(ITEMS[0])], k=5)
+        st = r.stats()
+        assert st.loads == 3 and st.hits == 1 and st.misses == 0 and st.entries == 2
+
+
+def test_cli_search_prints_json_and_table(populated, monkeypatch, capsys) -> None:
+    import json
+
+    from muse.cli.main import main
+
+    settings = populated[0]
+    monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("MUSE_MILVUS_URI", settings.milvus_uri)
+    monkeypatch.setenv("MUSE_MILVUS_PREFIX", settings.milvus_prefix)
+    args = ["retrieve", "search", "--source", SOURCE, "--user", "12", "--items", f"{ITEMS[0]},{ITEMS[1]}"]
+    assert main([*args, "--k", "4", "--path", "milvus", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["found"] and [len(t["positions"]) for t in out["targets"]] == [4, 4]
+    assert main([*args, "--k", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "cache path, 6 behaviours" in text and "simtier" in text
+    assert main([*args[:-1], "4242", "--k", "4"]) == 2
+    assert "[4242] not found" in capsys.readouterr().err
+    assert main([*args, "--k", "0"]) == 2
+    assert "k must be an integer in 1..16384, got 0" in capsys.readouterr().err
