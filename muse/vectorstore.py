@@ -142,6 +142,9 @@ class VectorStore:
             from pathlib import Path
 
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            # Milvus Lite serves gRPC in-process and answers pymilvus' timestamp probe with "Method
+            # not implemented", which grpc logs as an error with a traceback on every session.
+            logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         try:
             kwargs: dict[str, Any] = {"uri": uri}
             if self.settings.milvus_token:

@@ -295,6 +295,8 @@ def simtier_counts(scores: torch.Tensor, valid: torch.Tensor, n_tiers: int = N_T
     """SimTier histogram of retrieved cosine scores.
 
     Tier id = ``ceil(cos * 10) + 10`` clamped to ``0..n_tiers-1``; only ``valid`` scores count.
+    Scores are first clamped to [-1, 1], so a self-match that rounds to ``1 + eps`` on one path
+    and ``1 - eps`` on another lands in the same tier (20) on both.
 
     Args:
         scores: ``[..., K]`` cosine scores (e.g. :attr:`TopK.scores`).
@@ -308,6 +310,7 @@ def simtier_counts(scores: torch.Tensor, valid: torch.Tensor, n_tiers: int = N_T
         raise ValueError(f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} differ in shape")
     if n_tiers < 1:
         raise ValueError(f"n_tiers must be positive, got {n_tiers}")
-    tiers = (torch.ceil(scores.float() * 10.0) + 10.0).clamp_(0, n_tiers - 1).long()  # [..., K]
+    cos = scores.float().clamp(-1.0, 1.0)  # [..., K]
+    tiers = (torch.ceil(cos * 10.0) + 10.0).clamp_(0, n_tiers - 1).long()  # [..., K]
     counts = torch.zeros(*scores.shape[:-1], n_tiers, dtype=torch.float32, device=scores.device)
     return counts.scatter_add_(-1, tiers, valid.to(torch.float32))  # [..., n_tiers]

@@ -216,3 +216,10 @@ def test_batched_normalized_input_skips_normalisation_and_agrees() -> None:
     for i in range(n):
         scores, order, ok = ref_topk(targets[i : i + 1], history[i], 12, valid[i])
         np.testing.assert_array_equal(fast.indices[i].numpy()[ok[0]], order[0][ok[0]])
+
+
+def test_simtier_self_match_rounding_lands_in_one_tier():
+    """A cosine of 1 +/- one rounding step (self-match on different paths) counts in tier 20."""
+    scores = torch.tensor([[1.0 + 1e-6, 1.0 - 1e-7, 1.0]])
+    counts = simtier_counts(scores, torch.ones_like(scores, dtype=torch.bool))
+    assert counts[0, 20].item() == 3 and counts[0, 21].item() == 0

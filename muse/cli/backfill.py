@@ -1,9 +1,219 @@
-"""``muse demo``: placeholder until its issue lands (registers nothing yet)."""
+"""``muse backfill``: fill Milvus with a source's item and behaviour vectors through the worker queues.
+
+``muse backfill --source NAME --dataset NAME`` creates a job (or continues the unfinished one for
+the same source and dataset), enqueues its chunks, shows a progress bar read from the database and
+ends with a summary. With the embedded filesystem broker it runs its own worker subprocess (the
+only process that opens the Milvus Lite file) and stops it at the end.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+POLL_S = 0.5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser(
+        "backfill",
+        help="backfill item and behaviour embeddings into Milvus (status, resume, cancel)",
+        description="Without an action: create (or continue) a backfill job of --source for --dataset, "
+        "enqueue it and follow it. Actions: status, resume, cancel, list.",
+    )
+    p.add_argument("--source", help="embedding source (scl, i2i, openclip, id, scl-taobao)")
+    p.add_argument("--dataset", help="dataset name (see `muse data list`)")
+    p.add_argument("--chunk-size", type=int, default=512, help="items per chunk (default: 512)")
+    p.add_argument("--user-chunk-size", type=int, default=64, help="users per behaviour chunk (default: 64)")
+    p.add_argument("--items-only", action="store_true", help="skip the behaviour collection")
+    p.add_argument("--new", action="store_true", help="start a new job even if one exists for this source+dataset")
+    p.add_argument("--detach", action="store_true", help="enqueue and return at once (the job continues)")
+    p.set_defaults(func=_run)
+    actions = p.add_subparsers(dest="backfill_command", metavar="ACTION")
+    st = actions.add_parser("status", help="progress of a job")
+    st.add_argument("job", type=int)
+    st.add_argument("--json", action="store_true", help="print the progress as JSON")
+    st.set_defaults(func=_status)
+    rs = actions.add_parser("resume", help="re-enqueue the chunks of a job that are not done")
+    rs.add_argument("job", type=int)
+    rs.add_argument("--detach", action="store_true", help="enqueue and return at once")
+    rs.set_defaults(func=_resume)
+    cn = actions.add_parser("cancel", help="cancel a job (resume continues it)")
+    cn.add_argument("job", type=int)
+    cn.set_defaults(func=_cancel)
+    ls = actions.add_parser("list", help="the newest jobs")
+    ls.add_argument("--limit", type=int, default=20)
+    ls.set_defaults(func=_list)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from indexer import jobs
+    from muse.errors import ConfigurationError
+    from muse.settings import load_settings
+
+    if not args.source or not args.dataset:
+        raise ConfigurationError("muse backfill needs --source NAME and --dataset NAME (or an ACTION)")
+    settings = load_settings()
+    job_id = None if args.new else jobs.find_job(settings, args.source, args.dataset)
+    if job_id is not None:
+        progress = jobs.job_progress(settings, job_id)
+        if progress.status == "done":
+            print(f"job {job_id} ({args.source} on {args.dataset}) is already done; nothing to do (--new to rerun)")
+            _print_summary(progress)
+            return 0
+        print(f"continuing job {job_id} ({progress.status})")
+    else:
+        job_id = jobs.create_job(
+            settings, args.source, args.dataset, chunk_size=args.chunk_size,
+            user_chunk_size=args.user_chunk_size, behaviours=not args.items_only,
+        )
+        print(f"created job {job_id}: {args.source} on {args.dataset}")
+    return _drive(settings, job_id, args.detach)
+
+
+def _drive(settings: Any, job_id: int, detach: bool) -> int:
+    """Enqueue a job's pending chunks and follow it; the embedded deployment runs its own worker."""
+    from indexer import jobs
+    from indexer.celery_app import WorkerProcess, is_embedded_broker
+
+    if not is_embedded_broker(settings):
+        sent = jobs.enqueue_job(settings, job_id)
+        print(f"enqueued {sent} chunk(s) on {settings.broker_url}; workers: `muse worker --queues gpu,cpu`")
+        if detach:
+            print(f"detached; follow with `muse backfill status {job_id}`")
+            return 0
+        return _follow(settings, job_id, None)
+    if detach:
+        return _detach_embedded(settings, job_id)
+    worker = WorkerProcess(settings, pool="solo", log_path=settings.path("logs", f"backfill-{job_id}-worker.log"))
+    worker.start()
+    try:
+        jobs.enqueue_job(settings, job_id)
+        return _follow(settings, job_id, worker)
+    finally:
+        worker.stop()
+
+
+def _detach_embedded(settings: Any, job_id: int) -> int:
+    """Run ``muse backfill resume JOB`` in the background: it owns the worker and stops it at the end."""
+    import os
+    import subprocess
+    import sys
+
+    from indexer.celery_app import settings_env
+
+    log_path = settings.path("logs", f"backfill-{job_id}.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "muse.cli.main", "backfill", "resume", str(job_id)],
+            env={**os.environ, **settings_env(settings)}, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    print(f"job {job_id} runs in the background (pid {proc.pid}, log {log_path}); "
+          f"follow with `muse backfill status {job_id}`")
+    return 0
+
+
+def _follow(settings: Any, job_id: int, worker: Any) -> int:
+    """Show a progress bar from the job table until the job finishes; print the summary."""
+    import time
+
+    from tqdm import tqdm
+
+    from indexer import jobs
+    from muse.errors import BackendUnavailable
+
+    progress = jobs.job_progress(settings, job_id)
+    with tqdm(total=progress.units_total, unit="row", desc=f"job {job_id}", dynamic_ncols=True) as bar:
+        while True:
+            progress = jobs.job_progress(settings, job_id)
+            bar.n = progress.units_done
+            bar.set_postfix(
+                items=progress.items_written, failed=progress.items_failed,
+                behaviours=progress.behaviours_written, refresh=False,
+            )
+            bar.refresh()
+            if progress.finished:
+                break
+            if worker is not None and not worker.alive():
+                raise BackendUnavailable(
+                    f"the backfill worker exited with code {worker.proc.returncode} before job {job_id} "
+                    f"finished; see {worker.log_path}; continue with `muse backfill resume {job_id}`"
+                )
+            time.sleep(POLL_S)
+    _print_summary(progress)
+    return 0 if progress.status == "done" else 1
+
+
+def _fmt_rate(rate: float | None) -> str:
+    return f"{rate:,.1f}/s" if rate else "-"
+
+
+def _print_summary(p: Any) -> None:
+    print(f"job {p.job_id} {p.status}: source {p.source} on dataset {p.dataset}")
+    print(f"  items:      {p.items_written:>10,} written  {p.items_failed:>6,} failed   {_fmt_rate(p.items_per_s)}")
+    print(
+        f"  behaviours: {p.behaviours_written:>10,} written  {p.behaviours_skipped:>6,} skipped  "
+        f"{_fmt_rate(p.behaviours_per_s)}  (skipped: item has no vector)"
+    )
+    if p.elapsed_s is not None:
+        print(f"  elapsed:    {p.elapsed_s:.1f} s; chunks: {p.chunks}")
+    if p.failed_items:
+        print(f"  failed items ({p.items_failed}):")
+        for item_id, reason in p.failed_items[:20]:
+            print(f"    {item_id}: {reason}")
+        if p.items_failed > 20:
+            print(f"    ... {p.items_failed - 20} more (`muse backfill status {p.job_id} --json`)")
+    for err in p.errors[:10]:
+        print(f"  error: {err}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from indexer import jobs
+    from muse.settings import load_settings
+
+    progress = jobs.job_progress(load_settings(), args.job)
+    if args.json:
+        print(json.dumps(progress.to_dict(), indent=2))
+    else:
+        done = f"{progress.units_done}/{progress.units_total} rows"
+        print(f"{done}")
+        _print_summary(progress)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from indexer import jobs
+    from muse.settings import load_settings
+
+    settings = load_settings()
+    progress = jobs.job_progress(settings, args.job)
+    if progress.status == "done":
+        print(f"job {args.job} is already done; nothing to do")
+        _print_summary(progress)
+        return 0
+    return _drive(settings, args.job, args.detach)
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from indexer import jobs
+    from muse.settings import load_settings
+
+    jobs.cancel_job(load_settings(), args.job)
+    print(f"job {args.job} cancelled (`muse backfill resume {args.job}` continues it)")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from indexer import jobs
+    from muse.settings import load_settings
+
+    rows = jobs.list_jobs(load_settings(), args.limit)
+    if not rows:
+        print("no backfill jobs")
+    for r in rows:
+        print(f"{r['job_id']:>5}  {r['status']:<10} {r['source']:<12} {r['dataset']:<24} {r['created_at']}")
+    return 0

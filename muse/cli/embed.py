@@ -1,9 +1,165 @@
-"""``muse demo``: placeholder until its issue lands (registers nothing yet)."""
+"""``muse embed``: train, list, import and evaluate embedding sources."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
+
+TRAINABLE = ("scl", "i2i", "openclip", "id")
+ALL_SOURCES = ("scl", "i2i", "openclip", "id", "scl-taobao")
+METRIC_COLUMNS = (
+    "q2p_recall@10", "q2p_recall@10_tail", "q2p_recall@50", "q2p_recall@50_tail",
+    "i2i_recall@10", "i2i_recall@10_tail", "coverage",
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    p = sub.add_parser("embed", help="item embedding sources: train, list, import, evaluate")
+    esub = p.add_subparsers(dest="embed_command", metavar="ACTION", required=True)
+
+    tr = esub.add_parser("train", help="train a source on a dataset and register a new version")
+    tr.add_argument("--source", required=True, choices=TRAINABLE)
+    tr.add_argument("--dataset", required=True, help="dataset name (see `muse data list`)")
+    tr.add_argument("--epochs", type=int, help="passes over the training pairs (default 2)")
+    tr.add_argument("--model", help="open_clip architecture (default muse-tiny; see `muse embed models`)")
+    tr.add_argument("--pretrained", help="local open_clip weights file to start from (never downloaded)")
+    tr.add_argument("--batch-size", type=int, help="pairs per step (default 128)")
+    tr.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    tr.add_argument("--temperature", type=float, help="contrastive softmax temperature (default 0.07)")
+    tr.add_argument("--queue-size", type=int, help="negative queue length for scl/i2i/id (default 4096)")
+    tr.add_argument("--hard-weight", type=float, help="scl: weight of the clicked-not-purchased term (default 1)")
+    tr.add_argument("--max-pairs", type=int, help="co-occurrence pairs sampled for i2i/id (default 10000)")
+    tr.add_argument("--max-steps", type=int, help="stop after this many steps")
+    tr.add_argument("--seed", type=int, help="random seed (default 0)")
+    tr.add_argument("--eval", action="store_true", help="run the intrinsic evaluation after training")
+    tr.set_defaults(func=_train)
+
+    ls = esub.add_parser("list", help="list registered source versions")
+    ls.add_argument("--source", choices=ALL_SOURCES)
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(func=_list)
+
+    im = esub.add_parser("import", help="register the vectors a dataset ships (embeddings/scl-taobao.parquet)")
+    im.add_argument("--dataset", required=True)
+    im.add_argument("--source", default="scl-taobao", choices=("scl-taobao",))
+    im.set_defaults(func=_import)
+
+    ev = esub.add_parser("eval", help="intrinsic evaluation (recall@K) of sources on held-out users")
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--sources", nargs="+", choices=ALL_SOURCES,
+                    help="sources to evaluate, latest versions (default: every registered one)")
+    ev.add_argument("--max-queries", type=int, default=2000, help="held-out search sessions scored")
+    ev.add_argument("--max-pairs", type=int, default=2000, help="held-out co-occurrence pairs scored")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.set_defaults(func=_eval)
+
+    mo = esub.add_parser("models", help="list the open_clip architectures --model accepts")
+    mo.set_defaults(func=_models)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from indexer.training import TrainConfig, train_source
+    from muse.settings import load_settings
+
+    settings = load_settings()
+    options = {
+        "epochs": args.epochs, "model": args.model, "pretrained": args.pretrained,
+        "batch_size": args.batch_size, "lr": args.lr, "temperature": args.temperature,
+        "queue_size": args.queue_size, "hard_weight": args.hard_weight, "max_pairs": args.max_pairs, "max_steps": args.max_steps,
+        "seed": args.seed,
+    }
+    cfg = TrainConfig.from_dict({k: v for k, v in options.items() if v is not None})
+    result = train_source(settings, args.source, args.dataset, cfg, progress=True)
+    row = result.source
+    train = row.metrics["train"]
+    print(
+        f"{row.name} v{row.version}: {train['steps']} steps on {result.n_pairs} pairs in {train['seconds']:.1f}s, "
+        f"loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}\ncheckpoint: {row.checkpoint_path}"
+    )
+    if args.eval:
+        from indexer.evaluation import evaluate_source
+
+        _print_table([evaluate_source(settings, args.source, args.dataset, version=row.version)])
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from indexer.sources import check_registry, list_versions
+    from muse.settings import load_settings
+
+    settings = load_settings()
+    check_registry(settings)
+    versions = list_versions(settings, args.source)
+    if args.json:
+        print(json.dumps([v.__dict__ for v in versions], indent=2, default=str))
+        return 0
+    if not versions:
+        print("no embedding sources yet: `muse embed train --source scl --dataset NAME`")
+        return 0
+    print(f"{'source':<11} {'ver':>3} {'kind':<8} {'dim':>4} {'model':<12} {'steps':>6} {'seconds':>8}  evaluated on")
+    for v in versions:
+        train = v.metrics.get("train", {})
+        print(
+            f"{v.name:<11} {v.version:>3} {v.kind:<8} {v.dim:>4} {(v.config.get('model', '-') if v.kind == 'trained' else '-'):<12} "
+            f"{str(train.get('steps', '-')):>6} {str(train.get('seconds', '-')):>8}  "
+            f"{', '.join(v.metrics.get('eval', {})) or '-'}"
+        )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from indexer.sources import check_registry, ensure_imported
+    from muse.settings import load_settings
+
+    settings = load_settings()
+    check_registry(settings)
+    row = ensure_imported(settings, args.source, args.dataset)
+    print(f"{row.name} v{row.version}: {row.metrics.get('n_items_with_vector')} item vectors from {row.checkpoint_path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from indexer.evaluation import evaluate_source, load_eval_data, random_baseline
+    from indexer.sources import check_registry, list_versions, open_dataset
+    from muse.settings import load_settings
+
+    settings = load_settings()
+    check_registry(settings)
+    dataset = open_dataset(settings, args.dataset)
+    sources = args.sources
+    if not sources:
+        registered = {v.name for v in list_versions(settings)}
+        sources = [s for s in ALL_SOURCES if s in registered and s != "scl-taobao"]
+        if dataset.embeddings_path("scl-taobao") is not None:
+            sources.append("scl-taobao")
+    data = load_eval_data(dataset, max_queries=args.max_queries, max_pairs=args.max_pairs)
+    rows: list[dict[str, Any]] = []
+    for name in tqdm(sources, desc="evaluating", unit="source", disable=args.json):
+        rows.append(evaluate_source(settings, name, dataset, data=data))
+    rows.append({"source": "random", "version": None, **random_baseline(dataset, data)})
+    if args.json:
+        print(json.dumps({"dataset": dataset.name, "results": rows}, indent=2))
+    else:
+        _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    header = f"{'source':<11} {'ver':>3} " + " ".join(f"{c:>19}" for c in METRIC_COLUMNS)
+    print(header)
+    for r in rows:
+        cells = " ".join(f"{'-' if r.get(c) is None else format(r[c], '.4f'):>19}" for c in METRIC_COLUMNS)
+        print(f"{r['source']:<11} {'-' if r['version'] is None else r['version']:>3} {cells}")
+    print("q2p = query -> purchased item; i2i = item -> co-occurring item; _tail = long-tail (seen < 5 times)")
+
+
+def _models(args: argparse.Namespace) -> int:
+    from indexer.encoders import available_models, register_model_configs
+
+    ours = register_model_configs()
+    print("project configs: " + ", ".join(ours))
+    print("open_clip configs: " + ", ".join(m for m in available_models() if m not in ours))
+    return 0

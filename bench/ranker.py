@@ -1,0 +1,169 @@
+"""Ranker benchmark: training samples/s and scoring latency (100 candidates) per model, on one
+synthetic dataset with fixed-length histories (default 1,000 behaviours, K = 50, batch 100).
+
+    python -m bench.ranker                       # every model, 2 torch threads (run from the repo root)
+    python -m bench.ranker --models muse --history 1000 --threads 2
+
+Training runs the real pipeline (history join + in-batch GSU with the retriever's kernel + forward +
+backward + sparse/dense optimiser steps). Scoring goes through :class:`ranker.scoring.Ranker`; for
+``muse`` with a :class:`retriever.client.Retriever` on a Milvus Lite file (device-cache path,
+histories prefetched, as in serving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from muse.settings import Settings, load_settings
+from ranker.data import BatchBuilder, FeatureSpace, HistoryStore, VectorTable, iter_impression_batches
+from ranker.models import FeatureSpec, build_model, list_models, make_config, model_class
+from ranker.runs import LoadedRun
+from ranker.scoring import Ranker
+from ranker.train import TrainConfig, train_steps
+
+SOURCE = "scl-taobao"  # shipped-vector source: the bench writes the vectors itself
+
+
+def make_dataset(settings: Settings, n_users: int, n_items: int, history: int, n_impressions: int, dim: int,
+                 seed: int = 0) -> str:
+    """Write a dataset whose every user has exactly ``history`` behaviours, with ``dim``-d vectors."""
+    from muse.data.format import DatasetWriter
+
+    rng = np.random.default_rng(seed)
+    name = f"bench-{n_users}x{history}"
+    n_cats = 200
+    cat = rng.integers(0, n_cats, n_items)
+    item_ids = np.arange(1, n_items + 1, dtype=np.int64) * 7  # ids that are not row numbers
+    w = DatasetWriter(settings.path("datasets", name), name, "simworld")
+    w.write_items(pa.table({"item_id": item_ids, "category": cat, "feat_a": rng.integers(0, 50, n_items),
+                            "feat_b": rng.integers(0, 20, n_items), "title": pa.nulls(n_items, pa.string())}))
+    users = np.arange(n_users, dtype=np.int64)
+    w.write_users(pa.table({"user_id": users, **{f"f{i}": rng.integers(0, 10, n_users) for i in range(1, 6)}}))
+    hist_items = rng.integers(0, n_items, (n_users, history))
+    w.write_histories(pa.table({
+        "user_id": users,
+        "item_ids": pa.array(list(item_ids[hist_items]), type=pa.list_(pa.int64())),
+        "categories": pa.array(list(cat[hist_items]), type=pa.list_(pa.int64())),
+        "times": pa.array([np.arange(history, dtype=np.int64)] * n_users, type=pa.list_(pa.int64())),
+    }))
+    imp_user = rng.integers(0, n_users, n_impressions)
+    imp_item = rng.integers(0, n_items, n_impressions)
+    w.write_impressions(pa.table({
+        "user_id": imp_user, "item_id": item_ids[imp_item], "label": rng.integers(0, 2, n_impressions).astype(np.int8),
+        "split": pa.array(["train"] * n_impressions), "time": np.zeros(n_impressions, np.int64),
+        "hist_len": np.full(n_impressions, history, np.int32)}))
+    centres = rng.normal(size=(n_cats, dim))
+    vectors = (centres[cat] + rng.normal(size=(n_items, dim))).astype(np.float32)
+    ds = w.finish(n_behaviours=n_users * history)
+    (ds.path / "embeddings").mkdir(exist_ok=True)
+    pq.write_table(pa.table({"item_id": item_ids, "vector": pa.array(list(vectors), type=pa.list_(pa.float32()))}),
+                   ds.path / "embeddings" / f"{SOURCE}.parquet")
+    return name
+
+
+def bench_model(settings: Settings, dataset: str, name: str, args: argparse.Namespace, parts: dict) -> dict:
+    """Training samples/s and scoring latency of one model."""
+    from muse.data.format import Dataset
+
+    ds = Dataset.open(settings, dataset)
+    config = make_config(name, k=args.k, max_history=args.history)
+    space, histories, vectors = parts["space"], parts["histories"], parts["vectors"]
+    retrieval = model_class(name).retrieval
+    builder = BatchBuilder(space, histories, retrieval, config.k, config.recent_len, config.max_history,
+                           vectors if retrieval == "multimodal" else None)
+    torch.manual_seed(0)
+    model = build_model(name, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
+    cfg = TrainConfig(batch_size=args.batch)
+    batches = list(iter_impression_batches(ds, "train", args.batch, shuffle=True, limit=args.batch * (args.steps + 5)))
+    train_steps(model, builder, batches[:5], cfg)  # warm-up
+    _, n, seconds = train_steps(model, builder, batches[5:], cfg)
+
+    ranker = Ranker(LoadedRun(model, space, SOURCE, dataset, {}), histories,
+                    parts["retriever"] if retrieval == "multimodal" else None)
+    rng = np.random.default_rng(1)
+    users = parts["score_users"]
+    times = []
+    for i in range(args.score_calls + 3):
+        candidates = rng.choice(space.items.values, args.candidates, replace=False)
+        t0 = time.perf_counter()
+        ranker.score(int(users[i % len(users)]), candidates)
+        if i >= 3:  # the first calls warm up
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"model": name, "train_samples_per_s": n / seconds, "score_ms_p50": 1000 * statistics.median(times),
+            "score_ms_p95": 1000 * times[int(0.95 * (len(times) - 1))]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(list_models()))
+    p.add_argument("--users", type=int, default=300)
+    p.add_argument("--items", type=int, default=20_000)
+    p.add_argument("--history", type=int, default=1000)
+    p.add_argument("--impressions", type=int, default=8000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--steps", type=int, default=40, help="timed training steps per model")
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--score-calls", type=int, default=30)
+    p.add_argument("--score-users", type=int, default=5, help="users backfilled into Milvus Lite for muse")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from muse import db
+    from muse.data.format import Dataset
+    from muse.vectorstore import VectorStore
+    from retriever.client import Retriever
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(env={}, data_dir=Path(tmp) / "muse-data", device="cpu")
+        db.upgrade(settings)
+        t0 = time.perf_counter()
+        dataset = make_dataset(settings, args.users, args.items, args.history, args.impressions, args.dim)
+        ds = Dataset.open(settings, dataset)
+        space = FeatureSpace.from_dataset(ds)
+        histories = HistoryStore.from_dataset(ds, space)
+        from indexer.sources import item_vector_table
+
+        table = item_vector_table(settings, SOURCE, ds)  # the vectors the bench shipped with its dataset
+        ids, vecs = table.item_ids[table.present], table.vectors[table.present]
+        vectors = VectorTable(space, table)
+        # backfill a few users into Milvus Lite for the retriever's serving path
+        store = VectorStore(settings)
+        store.ensure_collections(SOURCE, args.dim)
+        store.upsert_items(SOURCE, ids, vecs, space.item_features[space.items.lookup(ids), 0])
+        score_users = histories.user_ids[: args.score_users]
+        for u in score_users:
+            start, length = (int(v[0]) for v in histories.rows(np.array([u])))
+            idx = histories.items[start:start + length]
+            store.upsert_behaviours(SOURCE, np.full(length, u), np.arange(length), space.items.values[idx - 1],
+                                    vectors.vectors[idx].numpy())
+        store.close()
+        retriever = Retriever.from_settings(source=SOURCE, settings=settings)
+        retriever.prefetch([int(u) for u in score_users]).result()
+        print(f"setup {time.perf_counter() - t0:.1f}s: {args.users} users x {args.history} behaviours, "
+              f"{args.items} items, {args.dim}-d vectors; K={args.k}, batch {args.batch}, {args.threads} threads")
+        parts = {"space": space, "histories": histories, "vectors": vectors, "retriever": retriever,
+                 "score_users": score_users}
+        print(f"{'model':<10} {'train samples/s':>16} {'score p50 ms':>13} {'score p95 ms':>13}   "
+              f"({args.candidates} candidates)")
+        for name in args.models.split(","):
+            r = bench_model(settings, dataset, name, args, parts)
+            print(f"{name:<10} {r['train_samples_per_s']:>16.0f} {r['score_ms_p50']:>13.1f} {r['score_ms_p95']:>13.1f}",
+                  flush=True)
+        retriever.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""The work of one backfill chunk, as plain functions (the Celery tasks only call these).
+
+Three kinds of chunk, each a row range in the dataset's canonical order:
+
+* ``items``: encode the images of items ``[start, stop)`` with the job's source and upsert the
+  vectors into the source's item collection. An unreadable (or missing) image fails that item only;
+  it is recorded with its reason and the rest of the chunk is written.
+* ``import``: upsert precomputed vectors, rows ``[start, stop)`` of ``embeddings/<source>.parquet``.
+* ``behaviours``: for users ``[start, stop)`` copy each history entry's item vector into the
+  behaviour collection (primary key = ``behaviour_pk(user, position)``); entries whose item has
+  no vector are skipped and counted in ``n_failed``.
+
+Every write is an upsert with a deterministic primary key, so re-running a chunk (a retry, a
+redelivery after a worker died, a ``resume``) never duplicates rows. Each function records its
+chunk row: status, attempts, ``n_written``, failed items with reasons, timings.
+
+Per-process caches hold the encoder (loaded once per worker process, after the fork), the Milvus
+client and the dataset's item table; :func:`reset_process_caches` clears them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from sqlalchemy import update
+
+from muse import models
+from muse.db import session_scope
+from muse.errors import DataError, NotFoundError
+from muse.models import utcnow
+from muse.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Chunk kinds.
+ITEMS, IMPORT, BEHAVIOURS = "items", "import", "behaviours"
+CHUNK_KINDS = (ITEMS, IMPORT, BEHAVIOURS)
+#: Chunk statuses; the last two are terminal.
+PENDING, QUEUED, RUNNING, DONE, FAILED = "pending", "queued", "running", "done", "failed"
+#: Users read from the history shards per batch inside a behaviour chunk.
+HISTORY_BATCH = 256
+#: Behaviour rows per upsert call inside a behaviour chunk.
+BEHAVIOUR_UPSERT_ROWS = 8192
+#: Items encoded per encoder call inside an items chunk (bounds memory for large chunks).
+ENCODE_BATCH = 256
+#: Longest reason text kept per failed item.
+MAX_REASON_CHARS = 300
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What a worker needs to run one chunk (read from the database)."""
+
+    chunk_id: int
+    job_id: int
+    kind: str
+    start: int
+    stop: int
+    source: str
+    source_version: int
+    source_kind: str
+    dim: int
+    dataset_location: str
+
+
+@dataclass
+class ChunkResult:
+    """Outcome of one chunk run."""
+
+    n_written: int = 0
+    n_failed: int = 0
+    failed_items: list[list[Any]] = field(default_factory=list)  # [[item_id, reason], ...]
+    duration_s: float = 0.0
+
+
+# -- per-process caches ---------------------------------------------------------------------------
+_encoders: dict[tuple[str, str, int], Any] = {}
+_stores: dict[tuple[str, str], Any] = {}
+_ensured: set[tuple[str, str, str]] = set()
+_item_tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+_image_indexes: dict[str, ImageIndex] = {}
+
+
+def reset_process_caches() -> None:
+    """Forget cached encoders, Milvus clients and item tables (called in each new worker process)."""
+    _encoders.clear()
+    _stores.clear()
+    _ensured.clear()
+    _item_tables.clear()
+    _image_indexes.clear()
+
+
+def get_encoder(settings: Settings, source: str, version: int | None = None) -> Any:
+    """The source's encoder, loaded once per process (``indexer.sources.load_encoder``)."""
+    key = (str(settings.data_dir), source, -1 if version is None else int(version))
+    if key not in _encoders:
+        from indexer.sources import load_encoder
+
+        t0 = time.perf_counter()
+        _encoders[key] = load_encoder(settings, source, version)
+        log.info("loaded encoder %s v%s in %.1fs", source, version, time.perf_counter() - t0)
+    return _encoders[key]
+
+
+def get_store(settings: Settings) -> Any:
+    """A :class:`muse.vectorstore.VectorStore` per (Milvus URI, prefix), kept for the process."""
+    from muse.vectorstore import VectorStore
+
+    key = (settings.milvus_uri, settings.milvus_prefix)
+    if key not in _stores:
+        _stores[key] = VectorStore(settings)
+    return _stores[key]
+
+
+def close_stores() -> None:
+    """Close the cached Milvus clients (a Milvus Lite file is released only when closed)."""
+    for store in list(_stores.values()):
+        try:
+            store.close()
+        except Exception as e:  # closing is best effort at shutdown
+            log.warning("closing Milvus client failed: %s", e)
+    _stores.clear()
+    _ensured.clear()
+
+
+def _ensure_collections(settings: Settings, source: str, dim: int) -> Any:
+    store = get_store(settings)
+    key = (settings.milvus_uri, settings.milvus_prefix, source)
+    if key not in _ensured:
+        store.ensure_collections(source, dim)
+        _ensured.add(key)
+    return store
+
+
+def _item_table(location: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(item_ids int64[n], categories int64[n])`` of a dataset in canonical order, cached."""
+    if location not in _item_tables:
+        table = pq.read_table(Path(location) / "items.parquet", columns=["item_id", "category"])
+        _item_tables[location] = (
+            table.column("item_id").to_numpy().astype(np.int64),
+            table.column("category").to_numpy().astype(np.int64),
+        )
+    return _item_tables[location]
+
+
+class ImageIndex:
+    """Where each item's image is in a dataset's ``images/part-*.parquet`` shards, so a chunk reads
+    only the row groups holding its items instead of scanning every shard (built once per process).
+    """
+
+    def __init__(self, dataset_path: Path) -> None:
+        self.shards = sorted((dataset_path / "images").glob("part-*.parquet"))
+        ids, shard_of, row_of, group_starts = [], [], [], []
+        for k, shard in enumerate(self.shards):
+            pf = pq.ParquetFile(shard)
+            col = pf.read(columns=["item_id"]).column("item_id").to_numpy().astype(np.int64)
+            ids.append(col)
+            shard_of.append(np.full(len(col), k, dtype=np.int64))
+            row_of.append(np.arange(len(col), dtype=np.int64))
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            group_starts.append(np.cumsum([0, *sizes]))
+        self.item_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)  # [n_images]
+        self.shard_of = np.concatenate(shard_of) if ids else np.zeros(0, np.int64)  # [n_images]
+        self.row_of = np.concatenate(row_of) if ids else np.zeros(0, np.int64)  # [n_images]
+        self.group_starts = group_starts  # per shard: first row of each row group, then the row count
+        self.order = np.argsort(self.item_ids, kind="stable")
+
+    def load(self, item_ids: np.ndarray) -> dict[int, bytes]:
+        """Image bytes of ``item_ids`` (items without an image are absent)."""
+        out: dict[int, bytes] = {}
+        if len(self.item_ids) == 0 or len(item_ids) == 0:
+            return out
+        sorted_ids = self.item_ids[self.order]
+        pos = np.clip(np.searchsorted(sorted_ids, item_ids), 0, len(sorted_ids) - 1)
+        hit = sorted_ids[pos] == item_ids
+        where = self.order[pos[hit]]  # [n_hit] index into the flat image table
+        shards, rows = self.shard_of[where], self.row_of[where]
+        for k in np.unique(shards).tolist():
+            shard_rows = rows[shards == k]
+            starts = self.group_starts[k]
+            groups = np.unique(np.searchsorted(starts, shard_rows, side="right") - 1).tolist()
+            table = pq.ParquetFile(self.shards[k]).read_row_groups(groups)
+            wanted = set(item_ids[hit][shards == k].tolist())
+            for iid, img in zip(table.column("item_id").to_pylist(), table.column("image").to_pylist(), strict=True):
+                if iid in wanted:
+                    out[int(iid)] = img
+        return out
+
+
+def _images(location: str, item_ids: np.ndarray) -> dict[int, bytes]:
+    if location not in _image_indexes:
+        _image_indexes[location] = ImageIndex(Path(location))
+    return _image_indexes[location].load(item_ids)
+
+
+# -- chunk bookkeeping ------------------------------------------------------------------------------
+def begin_chunk(settings: Settings, chunk_id: int) -> ChunkSpec | None:
+    """Mark a chunk running (attempts + 1) and return what is needed to run it.
+
+    Returns None when there is nothing to do: the chunk is already done (a duplicate delivery)
+    or its job was cancelled.
+
+    Raises:
+        NotFoundError: no chunk with this id.
+    """
+    with session_scope(settings) as session:
+        chunk = session.get(models.BackfillChunk, int(chunk_id))
+        if chunk is None:
+            raise NotFoundError(f"backfill chunk {chunk_id} does not exist")
+        job = chunk.job
+        if chunk.status == DONE:
+            log.info("chunk %d of job %d is already done; skipping", chunk.id, job.id)
+            return None
+        if job.status == "cancelled":
+            log.info("job %d is cancelled; skipping chunk %d", job.id, chunk.id)
+            return None
+        source = session.get(models.EmbeddingSource, job.source_id)
+        dataset = session.get(models.Dataset, job.dataset_id)
+        if source is None or dataset is None:
+            raise NotFoundError(f"job {job.id}: its embedding source or dataset row was deleted")
+        chunk.status = RUNNING
+        chunk.attempts += 1
+        chunk.started_at = utcnow()
+        chunk.error = None
+        if job.status == "pending":
+            job.status = "running"
+            job.started_at = job.started_at or utcnow()
+        return ChunkSpec(
+            chunk_id=chunk.id,
+            job_id=job.id,
+            kind=chunk.kind,
+            start=int(chunk.start),
+            stop=int(chunk.stop),
+            source=source.name,
+            source_version=int(source.version),
+            source_kind=source.kind,
+            dim=int(source.dim),
+            dataset_location=dataset.location,
+        )
+
+
+def finish_chunk(settings: Settings, chunk_id: int, result: ChunkResult) -> None:
+    """Record a chunk as done with its counts, failed items and duration."""
+    with session_scope(settings) as session:
+        session.execute(
+            update(models.BackfillChunk)
+            .where(models.BackfillChunk.id == int(chunk_id))
+            .values(
+                status=DONE,
+                n_written=int(result.n_written),
+                n_failed=int(result.n_failed),
+                failed_items=result.failed_items,
+                error=None,
+                finished_at=utcnow(),
+                duration_s=float(result.duration_s),
+            )
+        )
+
+
+def mark_chunk(settings: Settings, chunk_id: int, status: str, error: str | None = None) -> None:
+    """Set a chunk's status (``queued`` before a retry, ``failed`` when retries are exhausted)."""
+    values: dict[str, Any] = {"status": status, "error": error[:2000] if error else error}
+    if status == FAILED:
+        values["finished_at"] = utcnow()
+    with session_scope(settings) as session:
+        session.execute(
+            update(models.BackfillChunk)
+            .where(models.BackfillChunk.id == int(chunk_id), models.BackfillChunk.status != DONE)
+            .values(**values)
+        )
+
+
+# -- the work ------------------------------------------------------------------------------------
+def run_chunk(settings: Settings, chunk_id: int) -> ChunkResult | None:
+    """Run one chunk end to end: begin, do the work of its kind, record the result.
+
+    Returns the result, or None when the chunk was skipped (already done, job cancelled).
+    Exceptions propagate (the caller decides on retries) and leave the chunk ``running``.
+    """
+    spec = begin_chunk(settings, chunk_id)
+    if spec is None:
+        return None
+    t0 = time.perf_counter()
+    if spec.kind == ITEMS:
+        result = encode_items_chunk(settings, spec)
+    elif spec.kind == IMPORT:
+        result = import_vectors_chunk(settings, spec)
+    elif spec.kind == BEHAVIOURS:
+        result = copy_behaviours_chunk(settings, spec)
+    else:
+        raise DataError(f"chunk {chunk_id} has unknown kind {spec.kind!r}; valid: {', '.join(CHUNK_KINDS)}")
+    result.duration_s = time.perf_counter() - t0
+    finish_chunk(settings, chunk_id, result)
+    log.info(
+        "job %d chunk %d (%s %d:%d): %d written, %d failed in %.2fs",
+        spec.job_id, spec.chunk_id, spec.kind, spec.start, spec.stop,
+        result.n_written, result.n_failed, result.duration_s,
+    )
+    return result
+
+
+def encode_items_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
+    """Encode items ``[spec.start, spec.stop)`` with the job's source and upsert their vectors.
+
+    Trained sources encode the item images with the encoder cached in this process; lookup
+    sources (``id``) go through ``indexer.sources.encode_items``. Items without an image, or whose
+    image cannot be decoded, or without a vector, are reported in ``failed_items`` with the reason.
+    """
+    from muse.data.format import Dataset
+
+    ids_all, cats_all = _item_table(spec.dataset_location)
+    ids = ids_all[spec.start : spec.stop]  # int64[n]
+    cats = cats_all[spec.start : spec.stop]  # int64[n]
+    dataset = Dataset(Path(spec.dataset_location))
+    result = ChunkResult()
+    if spec.source_kind == "trained":
+        encoder = get_encoder(settings, spec.source, spec.source_version)
+        store = _ensure_collections(settings, spec.source, int(encoder.dim))
+        images = _images(spec.dataset_location, ids)
+        encode = encoder.encode_images
+        inputs: Any = None
+    else:
+        from indexer.sources import encode_items
+
+        store = _ensure_collections(settings, spec.source, spec.dim)
+
+        def encode(batch_ids: Any) -> Any:
+            return encode_items(settings, spec.source, dataset, batch_ids)
+
+    for lo in range(0, len(ids), ENCODE_BATCH):
+        batch_ids, batch_cats = ids[lo : lo + ENCODE_BATCH], cats[lo : lo + ENCODE_BATCH]
+        if spec.source_kind == "trained":
+            inputs = [images.get(int(i)) for i in batch_ids.tolist()]
+        else:
+            inputs = batch_ids
+        encoded = encode(inputs)
+        for local, reason in sorted(encoded.failed.items()):
+            result.failed_items.append([int(batch_ids[local]), str(reason)[:MAX_REASON_CHARS]])
+        ok = np.asarray(encoded.ok_index, dtype=np.int64)  # [n_ok] positions within the batch
+        if len(ok):
+            vectors = np.asarray(encoded.vectors, dtype=np.float32)  # [n_ok, d]
+            result.n_written += store.upsert_items(spec.source, batch_ids[ok], vectors, batch_cats[ok])
+    result.n_failed = len(result.failed_items)
+    return result
+
+
+def import_vectors_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
+    """Upsert rows ``[spec.start, spec.stop)`` of the dataset's ``embeddings/<source>.parquet``.
+
+    Items not in the dataset's item table get category -1.
+    """
+    path = Path(spec.dataset_location) / "embeddings" / f"{spec.source}.parquet"
+    if not path.exists():
+        raise NotFoundError(f"source {spec.source!r} has no precomputed vectors at {path}")
+    table = _read_rows(path, spec.start, spec.stop)
+    ids = table.column("item_id").to_numpy().astype(np.int64)  # [n]
+    flat = pc.list_flatten(table.column("vector")).to_numpy().astype(np.float32)
+    if len(ids) and flat.size != len(ids) * spec.dim:
+        raise DataError(f"{path}: rows {spec.start}:{spec.stop} are not all {spec.dim}-d vectors")
+    vectors = flat.reshape(len(ids), spec.dim)  # [n, d]
+    cats = categories_of(spec.dataset_location, ids)  # int64[n]
+    store = _ensure_collections(settings, spec.source, spec.dim)
+    written = store.upsert_items(spec.source, ids, vectors, cats) if len(ids) else 0
+    return ChunkResult(n_written=written)
+
+
+def categories_of(location: str, item_ids: np.ndarray) -> np.ndarray:
+    """Categories of ``item_ids`` from the dataset's item table; -1 for ids it does not hold."""
+    ids_all, cats_all = _item_table(location)
+    out = np.full(len(item_ids), -1, dtype=np.int64)
+    if len(ids_all) == 0 or len(item_ids) == 0:
+        return out
+    order = np.argsort(ids_all, kind="stable")
+    sorted_ids = ids_all[order]
+    pos = np.clip(np.searchsorted(sorted_ids, item_ids), 0, len(sorted_ids) - 1)
+    hit = sorted_ids[pos] == item_ids
+    out[hit] = cats_all[order[pos[hit]]]
+    return out
+
+
+def _read_rows(path: Path, start: int, stop: int) -> pa.Table:
+    """Rows ``[start, stop)`` of a parquet file, reading only the row groups that overlap."""
+    pf = pq.ParquetFile(path)
+    parts, offset = [], 0
+    for rg in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            parts.append(pf.read_row_group(rg).slice(lo - offset, hi - lo))
+        offset += n
+        if offset >= stop:
+            break
+    return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table()
+
+
+def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
+    """Copy item vectors into the behaviour collection for users ``[spec.start, spec.stop)``."""
+    from muse.data.format import Dataset
+
+    dataset = Dataset(Path(spec.dataset_location))
+    store = _ensure_collections(settings, spec.source, spec.dim)
+    result = ChunkResult()
+    buffer: list[tuple[np.ndarray, ...]] = []
+    buffered = 0
+    batches = dataset.iter_histories(HISTORY_BATCH, spec.start, spec.stop, columns=["user_id", "item_ids"])
+    for batch in batches:
+        lists = batch.column("item_ids")
+        items = pc.list_flatten(lists).to_numpy().astype(np.int64)  # [m] all entries of the batch
+        if len(items) == 0:
+            continue
+        parents = pc.list_parent_indices(lists).to_numpy()  # [m] row of each entry
+        offsets = lists.offsets.to_numpy()[:-1] - lists.offsets[0].as_py()  # [rows] first entry of each row
+        positions = np.arange(len(items), dtype=np.int64) - offsets[parents]  # [m] index within the history
+        users = batch.column("user_id").to_numpy().astype(np.int64)[parents]  # [m]
+        unique = np.unique(items)
+        found, vectors = store.get_item_vectors(spec.source, unique)  # int64[k], float32[k, d]
+        if len(found) == 0:
+            result.n_failed += len(items)
+            continue
+        order = np.argsort(found)
+        idx = np.clip(np.searchsorted(found, items, sorter=order), 0, len(found) - 1)
+        has = found[order[idx]] == items  # [m] entry's item has a vector
+        result.n_failed += int((~has).sum())
+        buffer.append((users[has], positions[has], items[has], vectors[order[idx[has]]]))
+        buffered += int(has.sum())
+        if buffered >= BEHAVIOUR_UPSERT_ROWS:
+            result.n_written += _flush_behaviours(store, spec.source, buffer)
+            buffer, buffered = [], 0
+    result.n_written += _flush_behaviours(store, spec.source, buffer)
+    return result
+
+
+def _flush_behaviours(store: Any, source: str, buffer: list[tuple[np.ndarray, ...]]) -> int:
+    if not buffer:
+        return 0
+    users, positions, items, vectors = (np.concatenate(parts) for parts in zip(*buffer, strict=True))
+    return int(store.upsert_behaviours(source, users, positions, items, vectors))

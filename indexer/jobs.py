@@ -1,0 +1,398 @@
+"""Backfill jobs: create a job and its chunk rows, enqueue chunks, follow progress, resume, cancel.
+
+A job backfills one embedding source for one dataset. Its chunks are row ranges: ``items`` (or
+``import`` for a source shipped with the data) over the dataset's items, then ``behaviours`` over
+its users. Behaviour chunks read the item vectors back from Milvus, so they are enqueued only once
+every item chunk has finished (:func:`advance_job`, called after each chunk). Enqueueing is
+claimed with a conditional ``UPDATE ... WHERE status = 'pending'``, so two workers finishing the
+last item chunks at once never enqueue a behaviour chunk twice.
+
+Job statuses: ``pending`` -> ``running`` -> ``done`` | ``failed`` (a chunk exhausted its retries)
+| ``cancelled``. Re-running or resuming a ``done`` job is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from indexer.backfill import BEHAVIOURS, DONE, FAILED, IMPORT, ITEMS, PENDING, QUEUED, RUNNING
+from muse import models
+from muse.db import session_scope
+from muse.errors import ConfigurationError, NotFoundError
+from muse.models import utcnow
+from muse.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 512
+DEFAULT_USER_CHUNK_SIZE = 64
+JOB_TERMINAL = ("done", "failed", "cancelled")
+#: Most failed items listed by :func:`job_progress` (the counts are always complete).
+MAX_FAILED_LISTED = 1000
+
+
+@dataclass
+class JobProgress:
+    """A job's state as read from the database (``to_dict`` for ``--json``)."""
+
+    job_id: int
+    status: str
+    source: str
+    dataset: str
+    chunks: dict[str, int]  # status -> number of chunks
+    items_total: int  # item rows to process
+    items_processed: int  # item rows in finished chunks
+    items_written: int
+    items_failed: int
+    users_total: int
+    users_processed: int
+    behaviours_written: int
+    behaviours_skipped: int  # history entries whose item has no vector
+    items_per_s: float | None
+    behaviours_per_s: float | None
+    elapsed_s: float | None
+    failed_items: list[list[Any]] = field(default_factory=list)  # [[item_id, reason], ...]
+    errors: list[str] = field(default_factory=list)  # errors of failed chunks
+
+    @property
+    def finished(self) -> bool:
+        return self.status in JOB_TERMINAL
+
+    @property
+    def units_total(self) -> int:
+        """Items plus users: the length of a progress bar."""
+        return self.items_total + self.users_total
+
+    @property
+    def units_done(self) -> int:
+        return self.items_processed + self.users_processed
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- app and enqueueing ------------------------------------------------------------------------------
+_apps: dict[tuple[Any, ...], Any] = {}
+
+
+def get_app(settings: Settings) -> Any:
+    """A producer Celery app for ``settings`` (cached per broker, database and queue prefix)."""
+    import os
+
+    from indexer.celery_app import QUEUE_PREFIX_ENV, create_app
+
+    key = (settings.broker_url, str(settings.broker_dir), settings.database_url, os.environ.get(QUEUE_PREFIX_ENV, ""))
+    if key not in _apps:
+        _apps[key] = create_app(settings)
+    return _apps[key]
+
+
+def _send(app: Any, chunk_id: int, kind: str) -> None:
+    from indexer.celery_app import BEHAVIOURS_TASK, ENCODE_TASK, IMPORT_TASK
+
+    name = {ITEMS: ENCODE_TASK, IMPORT: IMPORT_TASK, BEHAVIOURS: BEHAVIOURS_TASK}[kind]
+    app.send_task(name, args=[int(chunk_id)])
+
+
+def _claim_and_send(settings: Settings, app: Any, chunks: list[tuple[int, str]], from_status: tuple[str, ...]) -> int:
+    """Move each chunk from one of ``from_status`` to ``queued`` and send it if this call won the update."""
+    sent = 0
+    for chunk_id, kind in chunks:
+        with session_scope(settings) as session:
+            res = session.execute(
+                update(models.BackfillChunk)
+                .where(models.BackfillChunk.id == chunk_id, models.BackfillChunk.status.in_(from_status))
+                .values(status=QUEUED, error=None)
+            )
+            won = res.rowcount == 1
+        if won:
+            _send(app, chunk_id, kind)
+            sent += 1
+    return sent
+
+
+# -- sources and datasets ---------------------------------------------------------------------------
+def resolve_source(settings: Settings, name: str, dataset: Any) -> int:
+    """The ``embedding_sources`` row id of the newest version of ``name``.
+
+    An imported source (``scl-taobao``) is registered on first use from the dataset's
+    ``embeddings/<name>.parquet`` (``indexer.sources.ensure_imported``).
+
+    Raises:
+        ConfigurationError: an unknown source name (the message lists the valid ones).
+        NotFoundError: the source has no version yet (the message says how to make one).
+    """
+    from indexer import sources
+
+    sources.check_source(name)
+    if name in sources.IMPORTED_SOURCES:
+        return sources.ensure_imported(settings, name, dataset).id
+    return sources.get_version(settings, name).id
+
+
+def _dataset_row(settings: Settings, name: str) -> tuple[Any, int]:
+    """The dataset reader and its ``datasets`` row id (registering the dataset when needed)."""
+    from muse.data.format import Dataset
+    from muse.data.registry import register_dataset
+
+    dataset = Dataset.open(settings, name)
+    with session_scope(settings) as session:
+        row = session.scalars(select(models.Dataset).where(models.Dataset.name == dataset.name)).first()
+        if row is not None:
+            return dataset, row.id
+    return dataset, register_dataset(settings, dataset)
+
+
+# -- jobs ---------------------------------------------------------------------------------------------
+def _ranges(n: int, size: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def create_job(
+    settings: Settings,
+    source: str,
+    dataset: str,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    user_chunk_size: int = DEFAULT_USER_CHUNK_SIZE,
+    behaviours: bool = True,
+) -> int:
+    """Create a job and its chunk rows (all ``pending``; nothing is enqueued). Returns the job id.
+
+    Raises:
+        ConfigurationError: a chunk size below 1.
+        NotFoundError: unknown dataset or source.
+    """
+    if chunk_size < 1 or user_chunk_size < 1:
+        raise ConfigurationError(f"chunk sizes must be >= 1, got {chunk_size} and {user_chunk_size}")
+    ds, dataset_id = _dataset_row(settings, dataset)
+    source_id = resolve_source(settings, source, ds)
+    with session_scope(settings) as session:
+        src = session.get(models.EmbeddingSource, source_id)
+        job = models.BackfillJob(
+            source_id=src.id, dataset_id=dataset_id, status="pending", chunk_size=int(chunk_size),
+            options={"user_chunk_size": int(user_chunk_size), "behaviours": bool(behaviours),
+                     "source": src.name, "source_version": src.version, "dataset": ds.name},
+        )
+        session.add(job)
+        session.flush()
+        if src.kind == "imported":
+            import pyarrow.parquet as pq
+
+            path = ds.embeddings_path(src.name)
+            if path is None:
+                raise NotFoundError(f"imported source {src.name!r}: dataset {ds.name!r} ships no vectors for it")
+            item_kind, n_rows = IMPORT, pq.ParquetFile(path).metadata.num_rows
+        else:
+            item_kind, n_rows = ITEMS, ds.n_items
+        chunks = [(item_kind, lo, hi) for lo, hi in _ranges(n_rows, chunk_size)]
+        if behaviours:
+            chunks += [(BEHAVIOURS, lo, hi) for lo, hi in _ranges(ds.n_users, user_chunk_size)]
+        counters: dict[str, int] = {}
+        for kind, lo, hi in chunks:
+            index = counters.get(kind, 0)
+            counters[kind] = index + 1
+            session.add(models.BackfillChunk(job_id=job.id, kind=kind, index=index, start=lo, stop=hi))
+        job_id = job.id
+    log.info("created backfill job %d: %s on %s, %d chunks", job_id, source, dataset, len(chunks))
+    return job_id
+
+
+def find_job(settings: Settings, source: str, dataset: str) -> int | None:
+    """The newest job for (source name, dataset name), or None."""
+    with session_scope(settings) as session:
+        return session.scalars(
+            select(models.BackfillJob.id)
+            .join(models.EmbeddingSource, models.EmbeddingSource.id == models.BackfillJob.source_id)
+            .join(models.Dataset, models.Dataset.id == models.BackfillJob.dataset_id)
+            .where(models.EmbeddingSource.name == source, models.Dataset.name == dataset)
+            .order_by(models.BackfillJob.id.desc())
+        ).first()
+
+
+def _job(session: Any, job_id: int) -> models.BackfillJob:
+    job = session.get(models.BackfillJob, int(job_id))
+    if job is None:
+        raise NotFoundError(f"backfill job {job_id} does not exist")
+    return job
+
+
+def enqueue_job(settings: Settings, job_id: int, app: Any = None) -> int:
+    """Start (or resume) a job: every chunk not done is (re-)enqueued, behaviour chunks once the
+    item chunks are finished. A ``done`` job is left alone. Returns the number of chunks sent.
+    """
+    app = get_app(settings) if app is None else app
+    with session_scope(settings) as session:
+        job = _job(session, job_id)
+        if job.status == "done":
+            log.info("job %d is already done; nothing to do", job_id)
+            return 0
+        job.status = "running"
+        job.error = None
+        job.finished_at = None
+        job.started_at = job.started_at or utcnow()
+        item_chunks = [(c.id, c.kind) for c in job.chunks if c.kind != BEHAVIOURS and c.status != DONE]
+        if item_chunks:
+            # Behaviour chunks run again after the items: the vectors they copy may change.
+            for c in job.chunks:
+                if c.kind == BEHAVIOURS and (c.status != DONE or c.n_failed):
+                    c.status = PENDING
+    # Chunks left queued/running by a dead worker are sent again; a duplicate delivery is skipped
+    # (done) or rewrites the same rows (idempotent upserts).
+    sent = _claim_and_send(settings, app, item_chunks, (PENDING, QUEUED, RUNNING, FAILED))
+    if not item_chunks:
+        sent += _enqueue_behaviours(settings, job_id, app, (PENDING, QUEUED, RUNNING, FAILED))
+    _update_job_status(settings, job_id)
+    return sent
+
+
+def _enqueue_behaviours(settings: Settings, job_id: int, app: Any, from_status: tuple[str, ...]) -> int:
+    with session_scope(settings) as session:
+        chunks = [(c.id, c.kind) for c in _job(session, job_id).chunks if c.kind == BEHAVIOURS and c.status != DONE]
+    return _claim_and_send(settings, app, chunks, from_status)
+
+
+def advance_job(settings: Settings, job_id: int, app: Any = None) -> None:
+    """After a chunk finished: enqueue the behaviour chunks once all item chunks are finished, and
+    close the job when every chunk is."""
+    with session_scope(settings) as session:
+        job = _job(session, job_id)
+        if job.status in JOB_TERMINAL:
+            return
+        items_finished = all(c.status in (DONE, FAILED) for c in job.chunks if c.kind != BEHAVIOURS)
+    if items_finished:
+        _enqueue_behaviours(settings, job_id, get_app(settings) if app is None else app, (PENDING,))
+    _update_job_status(settings, job_id)
+
+
+def _update_job_status(settings: Settings, job_id: int) -> None:
+    with session_scope(settings) as session:
+        job = _job(session, job_id)
+        if job.status != "running":
+            return
+        statuses = [c.status for c in job.chunks]
+        if not all(s in (DONE, FAILED) for s in statuses):
+            return
+        failed = [c for c in job.chunks if c.status == FAILED]
+        final = "failed" if failed else "done"
+        session.execute(
+            update(models.BackfillJob)
+            .where(models.BackfillJob.id == job.id, models.BackfillJob.status == "running")
+            .values(
+                status=final,
+                finished_at=utcnow(),
+                error=f"{len(failed)} chunk(s) failed: {failed[0].error}" if failed else None,
+            )
+        )
+    log.info("job %d finished: %s", job_id, final)
+
+
+def resume_job(settings: Settings, job_id: int, app: Any = None) -> int:
+    """Re-enqueue the chunks of a job that are not done (a no-op on a ``done`` job)."""
+    return enqueue_job(settings, job_id, app)
+
+
+def cancel_job(settings: Settings, job_id: int) -> None:
+    """Cancel a job: queued chunks go back to ``pending`` and workers skip their messages.
+    A chunk already running finishes. ``resume`` continues a cancelled job."""
+    with session_scope(settings) as session:
+        job = _job(session, job_id)
+        if job.status == "done":
+            log.info("job %d is done; nothing to cancel", job_id)
+            return
+        job.status = "cancelled"
+        job.finished_at = utcnow()
+        session.execute(
+            update(models.BackfillChunk)
+            .where(models.BackfillChunk.job_id == job.id, models.BackfillChunk.status == QUEUED)
+            .values(status=PENDING)
+        )
+
+
+def _rate(n: int, start: dt.datetime | None, stop: dt.datetime | None) -> float | None:
+    if not n or start is None or stop is None:
+        return None
+    seconds = (_aware(stop) - _aware(start)).total_seconds()
+    return n / seconds if seconds > 0 else None
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
+
+
+def job_progress(settings: Settings, job_id: int) -> JobProgress:
+    """Read a job's progress from the database (no broker, no Milvus).
+
+    Rates are rows written per second of wall time, from the first chunk's start to the last
+    chunk's end of each phase.
+
+    Raises:
+        NotFoundError: no such job.
+    """
+    with session_scope(settings) as session:
+        job = _job(session, job_id)
+        source = session.get(models.EmbeddingSource, job.source_id)
+        dataset = session.get(models.Dataset, job.dataset_id)
+        counts = dict(
+            session.execute(
+                select(models.BackfillChunk.status, func.count())
+                .where(models.BackfillChunk.job_id == job.id)
+                .group_by(models.BackfillChunk.status)
+            ).all()
+        )
+        item_chunks = [c for c in job.chunks if c.kind != BEHAVIOURS]
+        user_chunks = [c for c in job.chunks if c.kind == BEHAVIOURS]
+
+        def finished(cs: list[models.BackfillChunk]) -> list[models.BackfillChunk]:
+            return [c for c in cs if c.status == DONE]
+
+        def span(cs: list[models.BackfillChunk]) -> tuple[dt.datetime | None, dt.datetime | None]:
+            starts = [_aware(c.started_at) for c in cs if c.started_at is not None]
+            stops = [_aware(c.finished_at) for c in cs if c.finished_at is not None]
+            return (min(starts) if starts else None, max(stops) if stops else None)
+
+        items_written = sum(c.n_written for c in finished(item_chunks))
+        behaviours_written = sum(c.n_written for c in finished(user_chunks))
+        failed_items = [fi for c in finished(item_chunks) for fi in (c.failed_items or [])]
+        start = _aware(job.started_at) if job.started_at else None
+        end = _aware(job.finished_at) if job.finished_at else (utcnow() if start else None)
+        return JobProgress(
+            job_id=job.id,
+            status=job.status,
+            source=source.name if source else "?",
+            dataset=dataset.name if dataset else "?",
+            chunks={str(k): int(v) for k, v in counts.items()},
+            items_total=sum(int(c.stop - c.start) for c in item_chunks),
+            items_processed=sum(int(c.stop - c.start) for c in finished(item_chunks)),
+            items_written=items_written,
+            items_failed=sum(c.n_failed for c in finished(item_chunks)),
+            users_total=sum(int(c.stop - c.start) for c in user_chunks),
+            users_processed=sum(int(c.stop - c.start) for c in finished(user_chunks)),
+            behaviours_written=behaviours_written,
+            behaviours_skipped=sum(c.n_failed for c in finished(user_chunks)),
+            items_per_s=_rate(items_written, *span(item_chunks)),
+            behaviours_per_s=_rate(behaviours_written, *span(user_chunks)),
+            elapsed_s=(end - start).total_seconds() if start and end else None,
+            failed_items=failed_items[:MAX_FAILED_LISTED],
+            errors=[f"chunk {c.kind}#{c.index}: {c.error}" for c in job.chunks if c.status == FAILED and c.error],
+        )
+
+
+def list_jobs(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest jobs with their source, dataset and status."""
+    with session_scope(settings) as session:
+        rows = session.execute(
+            select(models.BackfillJob, models.EmbeddingSource.name, models.Dataset.name)
+            .join(models.EmbeddingSource, models.EmbeddingSource.id == models.BackfillJob.source_id)
+            .join(models.Dataset, models.Dataset.id == models.BackfillJob.dataset_id)
+            .order_by(models.BackfillJob.id.desc())
+            .limit(limit)
+        ).all()
+        return [
+            {"job_id": j.id, "source": s, "dataset": d, "status": j.status, "created_at": j.created_at.isoformat()}
+            for j, s, d in rows
+        ]

@@ -1,0 +1,374 @@
+"""Training of the embedding sources: one loop, three kinds of pairs (plus learned ID vectors).
+
+``train_source(settings, source, dataset, config)`` builds the pairs (``indexer.pairs``), trains
+with the source's loss (``indexer.losses``), saves the checkpoint under
+``settings.path("embeddings", source, f"v{version}")`` and registers the new version in the
+``embedding_sources`` table. A second training of a source creates version + 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexer import pairs as pairs_mod
+from indexer.encoders import (
+    DEFAULT_MODEL,
+    OUTPUT_DIM,
+    ClipEncoder,
+    EncoderConfig,
+    ImagePreprocessor,
+    build_clip_encoder,
+    get_tokenizer,
+)
+from indexer.losses import ClipLoss, QueueInfoNCE, hard_negative_triplet
+from indexer.sources import (
+    CHECKPOINT_FILE,
+    ID_SOURCE,
+    TRAINED_SOURCES,
+    IdEmbedding,
+    SourceVersion,
+    check_registry,
+    next_version,
+    open_dataset,
+    register_version,
+    save_checkpoint,
+    source_dir,
+)
+from muse.errors import ConfigurationError, DataError
+from muse.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_SOURCES = TRAINED_SOURCES + (ID_SOURCE,)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one training run (defaults sized so ``small`` trains in minutes on 2 CPUs)."""
+
+    epochs: int = 2  # passes over the (sampled) pairs
+    batch_size: int = 128  # pairs per step; also the number of in-batch negatives
+    lr: float = 1e-3  # AdamW learning rate (cosine-decayed to lr/10)
+    weight_decay: float = 0.01
+    temperature: float = 0.07  # softmax temperature of the contrastive losses
+    queue_size: int = 4096  # negative queue of QueueInfoNCE (i2i, id, scl); 0 = in-batch only
+    hard_weight: float = 1.0  # scl: weight of the clicked-not-purchased triplet term
+    margin: float = 0.2  # scl: triplet margin (cosine units)
+    max_hard: int = 2  # scl: hard negatives per session
+    window: int = 3  # i2i/id: co-occurrence window in history positions
+    max_pairs: int = 10_000  # training pairs sampled per run (all sources)
+    max_steps: int | None = None  # stop after this many steps (tests, quick runs)
+    model: str = DEFAULT_MODEL  # open_clip architecture (ignored by id)
+    pretrained: str | None = None  # local open_clip weights file to start from
+    dim: int = OUTPUT_DIM
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, rejecting unknown keys and bad values."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ConfigurationError(f"TrainConfig: unknown keys {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_hard", "window", "max_pairs", "dim"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size < 2:
+            raise ConfigurationError(f"batch_size={self.batch_size} must be >= 2 (in-batch negatives)")
+        if not self.lr > 0:
+            raise ConfigurationError(f"lr={self.lr} must be > 0")
+        if not self.temperature > 0:
+            raise ConfigurationError(f"temperature={self.temperature} must be > 0")
+        if self.queue_size < 0:
+            raise ConfigurationError(f"queue_size={self.queue_size} must be >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigurationError(f"max_steps={self.max_steps} must be >= 1")
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(model=self.model, dim=self.dim, pretrained=self.pretrained)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    source: SourceVersion  # the registered row
+    model: torch.nn.Module  # the trained model (CPU, eval mode), as saved in the checkpoint
+    losses: list[float]  # loss of every step
+    seconds: float
+    n_pairs: int
+
+
+class ImageBank:
+    """Decoded images of the items a run needs, as ``uint8 [n, 3, S, S]`` rows keyed by item id."""
+
+    def __init__(self, dataset: Any, item_ids: np.ndarray, preprocessor: ImagePreprocessor) -> None:
+        wanted = np.unique(np.asarray(item_ids, dtype=np.int64))
+        raw = dataset.load_images(wanted)
+        rows: list[np.ndarray] = []
+        self.index: dict[int, int] = {}
+        self.failed: dict[int, str] = {}
+        for iid in wanted.tolist():
+            data = raw.get(iid)
+            if data is None:
+                self.failed[iid] = "no image"
+                continue
+            try:
+                rows.append(preprocessor.decode(data))
+            except DataError as e:
+                self.failed[iid] = str(e)
+                continue
+            self.index[iid] = len(rows) - 1
+        if self.failed:
+            log.warning("%d of %d training images are missing or unreadable; their pairs are skipped",
+                        len(self.failed), len(wanted))
+        size = preprocessor.image_size
+        self.pixels = np.stack(rows) if rows else np.zeros((0, 3, size, size), np.uint8)  # [n, 3, S, S]
+        self.preprocessor = preprocessor
+
+    def has(self, item_ids: np.ndarray) -> np.ndarray:
+        """bool mask of the items whose image decoded."""
+        return np.fromiter((int(i) in self.index for i in np.asarray(item_ids).ravel()), bool,
+                           count=np.asarray(item_ids).size).reshape(np.shape(item_ids))
+
+    def batch(self, item_ids: np.ndarray, device: str) -> torch.Tensor:
+        """item ids ``[B]`` -> normalised images ``[B, 3, S, S]`` on ``device``."""
+        rows = [self.index[int(i)] for i in item_ids]
+        return self.preprocessor.to_tensor(self.pixels[rows], device)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Shuffled index batches; a last batch smaller than 2 is dropped (no negatives)."""
+    order = rng.permutation(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) >= 2:
+            yield idx
+
+
+class _Task:
+    """The pairs and the loss of one source: ``n`` pairs, ``loss(idx)`` for a batch of pair indexes."""
+
+    n: int
+    model: torch.nn.Module
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _ClipTask(_Task):
+    """OpenCLIP: item image <-> title, symmetric CLIP loss."""
+
+    def __init__(self, model: ClipEncoder, dataset: Any, cfg: TrainConfig, device: str, tokenizer: Any) -> None:
+        tp = pairs_mod.title_pairs(dataset)
+        keep_n = _sample(len(tp.item_ids), cfg.max_pairs, cfg.seed)
+        tp = pairs_mod.TitlePairs(tp.item_ids[keep_n], [tp.titles[i] for i in keep_n])
+        self.bank = ImageBank(dataset, tp.item_ids, ImagePreprocessor.for_model(model.clip))
+        keep = self.bank.has(tp.item_ids)
+        self.item_ids = tp.item_ids[keep]
+        self.titles = [t for t, k in zip(tp.titles, keep) if k]
+        self.n, self.model, self.device, self.tokenizer = len(self.item_ids), model, device, tokenizer
+        self.criterion = ClipLoss(cfg.temperature)
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
+        img = self.model.encode_image(self.bank.batch(self.item_ids[idx], self.device))  # [B, d]
+        tokens = self.tokenizer([self.titles[i] for i in idx]).to(self.device)  # [B, ctx]
+        return self.criterion(img, self.model.encode_text(tokens))
+
+
+def _sample(n: int, max_n: int, seed: int) -> np.ndarray:
+    """Sorted indexes of at most ``max_n`` of ``n`` rows (all when ``n <= max_n``)."""
+    if n <= max_n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_n, replace=False))
+
+
+def _flip_half(pairs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Swap a random half of (a, b) pairs so that both directions are learned."""
+    flip = rng.random(len(pairs)) < 0.5
+    out = pairs.copy()
+    out[flip] = pairs[flip][:, ::-1]
+    return out
+
+
+class _I2ITask(_Task):
+    """I2I: image of an item <-> image of a co-occurring item, InfoNCE with a negative queue."""
+
+    def __init__(self, model: ClipEncoder, dataset: Any, cfg: TrainConfig, device: str) -> None:
+        raw = pairs_mod.cooccurrence_pairs(dataset, "train", cfg.window, cfg.max_pairs, cfg.seed)
+        self.bank = ImageBank(dataset, raw.ravel(), ImagePreprocessor.for_model(model.clip))
+        pairs = raw[self.bank.has(raw).all(axis=1)]
+        self.pairs = _flip_half(pairs, np.random.default_rng(cfg.seed))  # [n, 2]
+        self.n, self.model, self.device = len(self.pairs), model, device
+        self.criterion = QueueInfoNCE(cfg.dim, cfg.queue_size, cfg.temperature).to(device)
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
+        a, b = self.pairs[idx, 0], self.pairs[idx, 1]
+        q = self.model.encode_image(self.bank.batch(a, self.device))  # [B, d]
+        k = self.model.encode_image(self.bank.batch(b, self.device))  # [B, d]
+        return self.criterion(q, k, torch.as_tensor(b, device=self.device), torch.as_tensor(a, device=self.device))
+
+
+class _IdTask(_Task):
+    """ID: learned vector of an item <-> vector of a co-occurring item (same pairs as I2I, no content)."""
+
+    def __init__(self, model: IdEmbedding, dataset: Any, cfg: TrainConfig, device: str) -> None:
+        raw = pairs_mod.cooccurrence_pairs(dataset, "train", cfg.window, cfg.max_pairs, cfg.seed)
+        _, known = model.rows(raw.ravel())
+        keep = known.reshape(-1, 2).all(axis=1)
+        self.pairs = _flip_half(raw[keep], np.random.default_rng(cfg.seed))
+        self.rows = model.rows(self.pairs.ravel())[0].reshape(-1, 2)  # [n, 2] table rows
+        self.n, self.model, self.device = len(self.pairs), model, device
+        self.criterion = QueueInfoNCE(cfg.dim, cfg.queue_size, cfg.temperature).to(device)
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
+        rows = torch.as_tensor(self.rows[idx], device=self.device)  # [B, 2]
+        q, k = self.model(rows[:, 0]), self.model(rows[:, 1])  # [B, d] each
+        return self.criterion(q, k, rows[:, 1], rows[:, 0])
+
+
+class _SclTask(_Task):
+    """SCL: query text <-> image of the purchased item (InfoNCE + queue), plus a triplet term that
+    pushes the query away from items clicked but not purchased in the same session."""
+
+    def __init__(self, model: ClipEncoder, dataset: Any, cfg: TrainConfig, device: str, tokenizer: Any) -> None:
+        sp = pairs_mod.search_pairs(dataset, "train", cfg.max_hard)
+        keep_n = _sample(len(sp.purchased), cfg.max_pairs, cfg.seed)
+        sp = pairs_mod.SearchPairs([sp.queries[i] for i in keep_n], sp.purchased[keep_n], sp.hard_negatives[keep_n])
+        needed = np.concatenate([sp.purchased, sp.hard_negatives[sp.hard_negatives >= 0]])
+        self.bank = ImageBank(dataset, needed, ImagePreprocessor.for_model(model.clip))
+        keep = self.bank.has(sp.purchased)
+        self.queries = [q for q, k in zip(sp.queries, keep) if k]
+        self.purchased = sp.purchased[keep]
+        hard = sp.hard_negatives[keep]
+        hard[(hard >= 0) & ~self.bank.has(np.maximum(hard, 0))] = -1  # drop negatives without an image
+        self.hard = hard  # [n, H]
+        self.n, self.model, self.device, self.tokenizer = len(self.purchased), model, device, tokenizer
+        self.criterion = QueueInfoNCE(cfg.dim, cfg.queue_size, cfg.temperature).to(device)
+        self.hard_weight, self.margin = cfg.hard_weight, cfg.margin
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
+        tokens = self.tokenizer([self.queries[i] for i in idx]).to(self.device)  # [B, ctx]
+        q = self.model.encode_text(tokens)  # [B, d]
+        pos_ids = self.purchased[idx]
+        pos = self.model.encode_image(self.bank.batch(pos_ids, self.device))  # [B, d]
+        loss = self.criterion(q, pos, torch.as_tensor(pos_ids, device=self.device))
+        hard = self.hard[idx]  # [B, H]
+        mask = hard >= 0
+        if self.hard_weight > 0 and mask.any():
+            neg_flat = self.model.encode_image(self.bank.batch(hard[mask], self.device))  # [m, d]
+            neg = torch.zeros(*hard.shape, q.shape[1], device=self.device)  # [B, H, d]
+            neg[torch.as_tensor(mask, device=self.device)] = neg_flat
+            mask_t = torch.as_tensor(mask, device=self.device, dtype=q.dtype)
+            loss = loss + self.hard_weight * hard_negative_triplet(q, pos, neg, mask_t, self.margin)
+        return loss
+
+
+def _build_task(source: str, dataset: Any, cfg: TrainConfig, device: str) -> _Task:
+    if source == ID_SOURCE:
+        model: torch.nn.Module = IdEmbedding(np.sort(dataset.item_ids()), cfg.dim).to(device)
+        return _IdTask(model, dataset, cfg, device)  # type: ignore[arg-type]
+    clip = build_clip_encoder(cfg.encoder_config()).to(device)
+    if source == "openclip":
+        return _ClipTask(clip, dataset, cfg, device, get_tokenizer(cfg.model))
+    if source == "i2i":
+        return _I2ITask(clip, dataset, cfg, device)
+    return _SclTask(clip, dataset, cfg, device, get_tokenizer(cfg.model))
+
+
+def train_source(
+    settings: Settings, source: str, dataset: Any, config: TrainConfig | None = None, progress: bool = False
+) -> TrainResult:
+    """Train ``source`` on ``dataset`` (a Dataset or its name), save and register a new version.
+
+    Args:
+        progress: show a tqdm progress bar with the running loss (the CLI turns it on).
+    Raises:
+        ConfigurationError: unknown source or bad option. DataError: the dataset lacks the pairs.
+    """
+    if source not in TRAINABLE_SOURCES:
+        raise ConfigurationError(f"cannot train source {source!r}; trainable: {', '.join(TRAINABLE_SOURCES)}")
+    cfg = config or TrainConfig()
+    check_registry(settings)  # fail now, not after minutes of training
+    dataset = open_dataset(settings, dataset)
+    device = settings.resolve_device()
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    task = _build_task(source, dataset, cfg, device)
+    if task.n < 2:
+        raise DataError(f"dataset {dataset.name!r} yields {task.n} training pairs for {source}; need >= 2")
+    steps_per_epoch = math.ceil(task.n / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, total=total))
+    log.info("training %s on %s: %d pairs, %d steps", source, dataset.name, task.n, total)
+    losses = _run_steps(task, optimizer, schedule, cfg, total, progress, f"{source} on {dataset.name}")
+    seconds = time.perf_counter() - t0
+
+    version = next_version(settings, source)
+    ckpt = source_dir(settings, source, version) / CHECKPOINT_FILE
+    task.model.eval()
+    save_checkpoint(ckpt, source=source, model=task.model.cpu(),
+                    encoder=None if source == ID_SOURCE else cfg.encoder_config())
+    train_metrics = {
+        "steps": len(losses), "n_pairs": task.n, "seconds": round(seconds, 2), "device": device,
+        "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
+    }
+    row = register_version(
+        settings, source, version, kind="id" if source == ID_SOURCE else "trained", dim=cfg.dim,
+        dataset_name=dataset.name, checkpoint_path=ckpt, config=dataclasses.asdict(cfg),
+        metrics={"train": train_metrics},
+    )
+    log.info("%s v%d trained in %.1fs, loss %.3f -> %.3f", source, version, seconds,
+             train_metrics["loss_first"], train_metrics["loss_last"])
+    return TrainResult(row, task.model, losses, seconds, task.n)
+
+
+def _lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over the first 5% of steps (at most 100), then cosine decay to 1/10."""
+    warmup = max(1, min(100, total // 20))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(step - warmup, total) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _run_steps(
+    task: _Task, optimizer: torch.optim.Optimizer, schedule: Any, cfg: TrainConfig, total: int,
+    progress: bool, desc: str,
+) -> list[float]:
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(cfg.seed)
+    losses: list[float] = []
+    task.model.train()
+    with tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        while len(losses) < total:
+            for idx in _batches(task.n, cfg.batch_size, rng):
+                loss = task.loss(idx)
+                if not torch.isfinite(loss):
+                    raise DataError(f"{desc}: loss became {loss.item()} at step {len(losses)}; lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.item()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if len(losses) % 50 == 0:
+                    log.info("%s step %d/%d loss %.4f", desc, len(losses), total, losses[-1])
+                if len(losses) >= total:
+                    break
+    return losses

@@ -1,0 +1,391 @@
+"""The ranker's data pipeline: impressions joined with histories, item and user features, and the
+long-sequence search each model needs, turned into batches of tensors (see :mod:`ranker.models.base`).
+
+Everything categorical is mapped to dense indices (0 = padding / unknown) by a :class:`FeatureSpace`
+built once from the dataset and saved with each checkpoint, so scoring maps ids exactly as training
+did. The multimodal GSU runs in the batch with the retriever's kernels
+(:func:`retriever.kernels.gsu_topk`), on an item-vector table loaded once from an embedding source,
+so training, evaluation and serving compute the same top K.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from muse.errors import DataError, NotFoundError
+from retriever.kernels import gsu_topk, l2_normalise
+
+log = logging.getLogger(__name__)
+
+#: Item feature columns of ``items.parquet`` besides ``item_id`` (order of ``batch["target"]`` after the id).
+ITEM_FEATURES = ("category", "feat_a", "feat_b")
+#: How many impressions the shuffle buffer holds.
+SHUFFLE_BUFFER = 65_536
+
+
+class ItemVectorsLike(Protocol):
+    """What :func:`indexer.sources.item_vector_table` returns: one vector per item of the dataset."""
+
+    item_ids: np.ndarray  # int64 [n]
+    vectors: np.ndarray  # float32 [n, d]
+    present: np.ndarray  # bool [n]; False = the item has no vector (ranks last in the GSU)
+
+
+@dataclass(frozen=True)
+class ItemVectors:
+    """A plain item-vector table (same fields as the indexer's)."""
+
+    item_ids: np.ndarray
+    vectors: np.ndarray
+    present: np.ndarray
+
+
+class Vocab:
+    """Raw int64 values -> dense indices ``1..n`` (0 = padding / unknown value)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = np.unique(np.asarray(values, dtype=np.int64))  # sorted
+
+    @property
+    def size(self) -> int:
+        """Rows an embedding table needs (values + padding)."""
+        return len(self.values) + 1
+
+    def lookup(self, raw: np.ndarray) -> np.ndarray:
+        """Indices of ``raw`` (any shape); unknown values map to 0."""
+        raw = np.asarray(raw, dtype=np.int64)
+        if len(self.values) == 0:
+            return np.zeros(raw.shape, dtype=np.int64)
+        pos = np.searchsorted(self.values, raw)
+        pos_c = np.minimum(pos, len(self.values) - 1)
+        hit = self.values[pos_c] == raw
+        return np.where(hit, pos_c + 1, 0).astype(np.int64)
+
+
+class FeatureSpace:
+    """Vocabularies of every field, item features by item index and user features by user index."""
+
+    def __init__(self, items: dict[str, np.ndarray], users: dict[str, np.ndarray], user_fields: tuple[str, ...]) -> None:
+        self.user_fields = tuple(user_fields)
+        self.items = Vocab(items["item_id"])
+        self.vocabs: dict[str, Vocab] = {f: Vocab(items[f]) for f in ITEM_FEATURES}
+        self.vocabs.update({f: Vocab(users[f]) for f in self.user_fields})
+        # item index -> feature indices [n_items + 1, 3] (row 0: padding)
+        order = np.searchsorted(self.items.values, np.asarray(items["item_id"], dtype=np.int64))
+        self.item_features = np.zeros((self.items.size, len(ITEM_FEATURES)), dtype=np.int64)
+        for j, f in enumerate(ITEM_FEATURES):
+            self.item_features[order + 1, j] = self.vocabs[f].lookup(items[f])
+        self.users = Vocab(users["user_id"])
+        uorder = np.searchsorted(self.users.values, np.asarray(users["user_id"], dtype=np.int64))
+        self.user_features = np.zeros((self.users.size, len(self.user_fields)), dtype=np.int64)
+        for j, f in enumerate(self.user_fields):
+            self.user_features[uorder + 1, j] = self.vocabs[f].lookup(users[f])
+        self._raw = {"items": items, "users": users}
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> FeatureSpace:
+        """Build from ``items.parquet`` and ``users.parquet`` of a :class:`muse.data.format.Dataset`."""
+        items_t = dataset.items()
+        users_t = dataset.users()
+        user_fields = tuple(dataset.meta.get("user_feature_names") or [c for c in users_t.column_names if c != "user_id"])
+        items = {c: items_t.column(c).to_numpy() for c in ("item_id", *ITEM_FEATURES)}
+        users = {c: users_t.column(c).to_numpy() for c in ("user_id", *user_fields)}
+        return cls(items, users, user_fields)
+
+    def vocab_sizes(self) -> dict[str, int]:
+        """Embedding table sizes: ``item`` and every feature field."""
+        return {"item": self.items.size, **{f: v.size for f, v in self.vocabs.items()}}
+
+    def state(self) -> dict[str, Any]:
+        """Raw columns to rebuild this space (saved in checkpoints)."""
+        return {"items": self._raw["items"], "users": self._raw["users"], "user_fields": list(self.user_fields)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> FeatureSpace:
+        return cls(state["items"], state["users"], tuple(state["user_fields"]))
+
+
+class HistoryStore:
+    """Every user's history as flat arrays of (item index, category index) with per-user offsets."""
+
+    def __init__(self, user_ids: np.ndarray, offsets: np.ndarray, items: np.ndarray, categories: np.ndarray) -> None:
+        order = np.argsort(user_ids, kind="stable")
+        self.user_ids = np.asarray(user_ids, dtype=np.int64)[order]  # sorted
+        self.starts = np.asarray(offsets[:-1], dtype=np.int64)[order]
+        self.lengths = np.diff(np.asarray(offsets, dtype=np.int64))[order]
+        self.items = items  # int64 [n_behaviours] item indices
+        self.categories = categories  # int64 [n_behaviours] category indices
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, space: FeatureSpace, batch_size: int = 4096) -> HistoryStore:
+        """Read ``histories/`` once (streamed), mapping ids through ``space``."""
+        uids, lens, items, cats = [], [], [], []
+        cat_vocab = space.vocabs["category"]
+        for batch in dataset.iter_histories(batch_size=batch_size, columns=["user_id", "item_ids", "categories"]):
+            iid = batch.column("item_ids")
+            uids.append(batch.column("user_id").to_numpy())
+            lens.append(np.diff(iid.offsets.to_numpy()))
+            items.append(space.items.lookup(iid.flatten().to_numpy()))
+            cats.append(cat_vocab.lookup(batch.column("categories").flatten().to_numpy()))
+        if not uids:
+            raise DataError(f"dataset {dataset.name!r} has no histories")
+        lengths = np.concatenate(lens)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        return cls(np.concatenate(uids), offsets, np.concatenate(items), np.concatenate(cats))
+
+    def rows(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(start, length)`` of each user's history in the flat arrays; NotFoundError on unknown users."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.user_ids, user_ids), len(self.user_ids) - 1)
+        bad = self.user_ids[pos] != user_ids
+        if bad.any():
+            raise NotFoundError(f"user {int(user_ids[bad][0])} has no history in the dataset")
+        return self.starts[pos], self.lengths[pos]
+
+
+class VectorTable:
+    """An item-vector table indexed by the item indices of a :class:`FeatureSpace` (row 0 = padding)."""
+
+    def __init__(self, space: FeatureSpace, source: ItemVectorsLike) -> None:
+        vectors = np.asarray(source.vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(source.item_ids) or len(source.present) != len(source.item_ids):
+            raise DataError(
+                f"item vector table is inconsistent: {len(source.item_ids)} ids, vectors {vectors.shape}, "
+                f"{len(source.present)} present flags"
+            )
+        idx = space.items.lookup(source.item_ids)
+        self.dim = vectors.shape[1]
+        self.vectors = torch.zeros(space.items.size, self.dim)  # [n_items + 1, d]
+        self.present = torch.zeros(space.items.size, dtype=torch.bool)  # [n_items + 1]
+        self._scratch = threading.local()
+        keep = idx > 0
+        present = np.asarray(source.present, dtype=bool) & (np.abs(vectors).sum(axis=1) > 0)  # zero rows: missing
+        self.vectors[idx[keep]] = l2_normalise(torch.from_numpy(vectors[keep]))  # once, not per batch
+        self.present[idx[keep]] = torch.from_numpy(present[keep])
+        log.info("vector table: %d of %d items have a %d-d vector", int(self.present.sum()), len(idx), self.dim)
+
+    def gather(self, idx: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+        """Vectors ``[..., d]`` of item indices ``idx [...]``.
+
+        With ``scratch`` the result lands in a buffer reused by the next ``scratch`` call of the same
+        thread (valid until then): a fresh 50 MB tensor per batch costs more in page faults than
+        the gather itself.
+        """
+        flat = idx.reshape(-1)
+        if not scratch:
+            return self.vectors.index_select(0, flat).view(*idx.shape, self.dim)
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.numel() < flat.numel() * self.dim:
+            buf = self._scratch.buf = torch.empty(flat.numel() * self.dim)
+        out = buf[: flat.numel() * self.dim].view(flat.numel(), self.dim)
+        torch.index_select(self.vectors, 0, flat, out=out)
+        return out.view(*idx.shape, self.dim)
+
+
+def _window(starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions ``[B, width]`` of the newest ``min(length, width)`` entries (oldest first,
+    left-aligned) and their validity mask."""
+    n = np.minimum(lengths, width)  # [B]
+    first = starts + lengths - n  # [B]
+    cols = np.arange(width)[None, :]  # [1, W]
+    valid = cols < n[:, None]  # [B, W]
+    pos = np.where(valid, first[:, None] + cols, 0)  # [B, W]
+    return pos, valid
+
+
+class BatchBuilder:
+    """Turns ``(user_ids, item_ids, hist_lens)`` into a model batch (see :mod:`ranker.models.base`).
+
+    Args:
+        space: the feature vocabularies.
+        histories: every user's history.
+        retrieval: the model's ``retrieval`` (``none``, ``category``, ``multimodal``, ``history``).
+        k: GSU top K; recent_len: short-sequence length; max_history: newest entries kept.
+        vectors: the item-vector table (needed by ``multimodal``).
+    """
+
+    def __init__(self, space: FeatureSpace, histories: HistoryStore, retrieval: str, k: int, recent_len: int,
+                 max_history: int, vectors: VectorTable | None = None) -> None:
+        if retrieval == "multimodal" and vectors is None:
+            raise DataError("the multimodal GSU needs an item-vector table (give an embedding source)")
+        self.space, self.histories, self.retrieval = space, histories, retrieval
+        self.k, self.recent_len, self.max_history = k, recent_len, max_history
+        self.vectors = vectors
+
+    def build(self, user_ids: np.ndarray, item_ids: np.ndarray, hist_lens: np.ndarray | None = None,
+              labels: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """One batch; ``hist_lens`` (default: whole history) is how many leading entries each impression sees."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        starts, lengths = self.histories.rows(user_ids)
+        if hist_lens is not None:
+            lengths = np.minimum(lengths, np.asarray(hist_lens, dtype=np.int64))
+        item_idx = self.space.items.lookup(item_ids)  # [B]
+        target = np.concatenate([item_idx[:, None], self.space.item_features[item_idx]], axis=1)  # [B, 4]
+        user = self.space.user_features[self.space.users.lookup(user_ids)]  # [B, n_user]
+        batch: dict[str, torch.Tensor] = {
+            "user_id": torch.from_numpy(user_ids),
+            "user": torch.from_numpy(user),
+            "target": torch.from_numpy(target),
+        }
+        pos, valid = _window(starts, lengths, self.recent_len)
+        batch["recent"] = self._ids(pos)  # [B, R, 2]
+        batch["recent_mask"] = torch.from_numpy(valid)  # [B, R]
+        if self.retrieval != "none":
+            width = max(self.k, int(min(lengths.max(initial=0), self.max_history)))
+            hpos, hvalid = _window(starts, lengths, width)
+            history, history_mask = self._ids(hpos), torch.from_numpy(hvalid)  # [B, L, 2], [B, L]
+            if self.retrieval == "history":
+                batch["history"], batch["history_mask"] = history, history_mask
+            elif self.retrieval == "category":
+                batch["long"], batch["long_mask"] = self._same_category(history, history_mask, batch["target"])
+            else:
+                batch.update(self._multimodal(history, history_mask, batch))
+        if labels is not None:
+            batch["label"] = torch.from_numpy(np.asarray(labels, dtype=np.float32))
+        return batch
+
+    def _ids(self, pos: np.ndarray) -> torch.Tensor:
+        """(item, category) indices at flat positions ``pos`` -> int64 ``[..., 2]`` (padding where pos masked
+        is harmless: the mask hides it)."""
+        h = self.histories
+        return torch.from_numpy(np.stack([h.items[pos], h.categories[pos]], axis=-1))
+
+    def _same_category(self, history: torch.Tensor, mask: torch.Tensor,
+                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SIM hard search: the K most recent behaviours whose category equals the target's."""
+        same = mask & (history[..., 1] == target[:, 1:2])  # [B, L]
+        position = torch.arange(history.shape[1]).expand_as(same)  # [B, L]
+        key = torch.where(same, position, torch.full_like(position, -1))  # newest = largest
+        top, idx = key.topk(self.k, dim=1)  # [B, K]
+        return torch.gather(history, 1, idx.unsqueeze(-1).expand(-1, -1, 2)), top >= 0
+
+    def _multimodal(self, history: torch.Tensor, mask: torch.Tensor,
+                    batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """MUSE's GSU: cosine top K of the target's vector over the history's vectors."""
+        table = self.vectors
+        target_vec = table.gather(batch["target"][:, 0])  # [B, d]
+        target_ok = table.present[batch["target"][:, 0]].unsqueeze(1)  # [B, 1]: no vector -> no search
+        hist_idx = history[..., 0]  # [B, L]
+        valid = mask & table.present[hist_idx] & target_ok  # [B, L]
+        hist_vec = table.gather(hist_idx, scratch=True)  # [B, L, d], only read by the kernel
+        top = gsu_topk(target_vec, hist_vec, self.k, valid=valid, normalized=True)
+        long = torch.gather(history, 1, top.indices.unsqueeze(-1).expand(-1, -1, 2))  # [B, K, 2]
+        return {"long": long, "long_mask": top.valid, "long_sim": top.scores,
+                **self._recent_sim(target_vec, batch)}
+
+    def _recent_sim(self, target_vec: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Multimodal cosine of every recent behaviour, in the recent sequence's order (same kernel)."""
+        table = self.vectors
+        rec_idx = batch["recent"][..., 0]  # [B, R]
+        target_ok = table.present[batch["target"][:, 0]].unsqueeze(1)  # [B, 1]
+        rmask = batch["recent_mask"] & table.present[rec_idx] & target_ok  # [B, R]
+        top = gsu_topk(target_vec, table.gather(rec_idx), rec_idx.shape[1], valid=rmask, normalized=True)  # sorted
+        sim = torch.empty_like(top.scores).scatter_(1, top.indices, top.scores)  # back to sequence order
+        return {"recent_sim": sim, "recent_sim_mask": rmask}
+
+
+def iter_impression_batches(dataset: Any, split: str | None, batch_size: int, shuffle: bool = False,
+                            seed: int = 0, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Stream impressions of ``split`` in batches of ``batch_size`` (the last may be smaller).
+
+    With ``shuffle`` the rows are shuffled within a buffer of ``SHUFFLE_BUFFER`` rows (seeded).
+    ``limit`` stops after that many impressions.
+    """
+    rng = np.random.default_rng(seed)
+    columns = ("user_id", "item_id", "label", "hist_len")
+    pending: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    n_pending = 0
+    seen = 0
+
+    def flush(final: bool) -> Iterator[dict[str, np.ndarray]]:
+        nonlocal pending, n_pending
+        if n_pending == 0:
+            return
+        arrays = {c: np.concatenate(v) for c, v in pending.items()}
+        if shuffle:
+            perm = rng.permutation(n_pending)
+            arrays = {c: a[perm] for c, a in arrays.items()}
+        n_full = n_pending if final else (n_pending // batch_size) * batch_size
+        for lo in range(0, n_full, batch_size):
+            yield {c: a[lo:min(lo + batch_size, n_full)] for c, a in arrays.items()}
+        pending = {c: [a[n_full:]] for c, a in arrays.items()}
+        n_pending -= n_full
+
+    for rb in dataset.iter_impressions(split=split, batch_size=SHUFFLE_BUFFER):
+        table = pa.Table.from_batches([rb])
+        if limit is not None:
+            table = table.slice(0, max(0, limit - seen))
+        seen += table.num_rows
+        for c in columns:
+            pending[c].append(table.column(c).to_numpy())
+        n_pending += table.num_rows
+        if n_pending >= SHUFFLE_BUFFER:
+            yield from flush(final=False)
+        if limit is not None and seen >= limit:
+            break
+    yield from flush(final=True)
+
+
+def open_builder(settings: Any, dataset: Any, retrieval: str, config: Any, source: str | None,
+                 space: FeatureSpace | None = None) -> BatchBuilder:
+    """The batch builder of one model on one dataset: feature space (built, or the checkpoint's),
+    histories, and for the multimodal GSU the item-vector table of ``source`` (loaded once)."""
+    space = space or FeatureSpace.from_dataset(dataset)
+    histories = HistoryStore.from_dataset(dataset, space)
+    vectors = None
+    if retrieval == "multimodal":
+        if source is None:
+            raise DataError("the multimodal GSU needs an embedding source (e.g. --source scl)")
+        from indexer.sources import item_vector_table
+
+        vectors = VectorTable(space, item_vector_table(settings, source, dataset))
+    return BatchBuilder(space, histories, retrieval, config.k, config.recent_len, config.max_history, vectors)
+
+
+_DONE = object()
+
+
+def background(items: Iterable[Any], fn: Callable[[Any], Any], depth: int = 2) -> Iterator[Any]:
+    """``fn(item)`` for each item, computed ``depth`` items ahead in a background thread, so that
+    building the next batch (memory-bound gathers, the GSU) overlaps the training step. Errors in
+    the thread are re-raised in the caller."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, fn(item)))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put((_DONE, e))
+            return
+        q.put((_DONE, None))
+
+    thread = threading.Thread(target=work, name="ranker-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, value = q.get()
+            if item is _DONE:
+                if value is not None:
+                    raise value
+                return
+            yield item, value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

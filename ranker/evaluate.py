@@ -1,0 +1,92 @@
+"""Offline evaluation: predictions of a model over a split and the metrics of :mod:`ranker.metrics`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from muse.settings import Settings
+from ranker.data import BatchBuilder, iter_impression_batches, open_builder
+from ranker.metrics import evaluate_predictions
+from ranker.models import CTRModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One row per evaluated impression."""
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray
+    hist_lens: np.ndarray
+
+
+@torch.no_grad()
+def predict(model: CTRModel, builder: BatchBuilder, batches: Iterable[dict[str, np.ndarray]]) -> Predictions:
+    """Click probabilities of ``model`` (switched to eval mode) over raw impression ``batches``."""
+    model.eval()
+    cols: dict[str, list[np.ndarray]] = {"user_id": [], "item_id": [], "label": [], "prob": [], "hist_len": []}
+    for raw in batches:
+        batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"])
+        cols["prob"].append(model(batch)["prob"].numpy().astype(np.float64))
+        for c in ("user_id", "item_id", "label", "hist_len"):
+            cols[c].append(raw[c])
+    arrays = {c: np.concatenate(v) if v else np.zeros(0) for c, v in cols.items()}
+    return Predictions(arrays["user_id"].astype(np.int64), arrays["item_id"].astype(np.int64),
+                       arrays["label"].astype(np.float64), arrays["prob"], arrays["hist_len"].astype(np.int64))
+
+
+def train_item_counts(dataset: Any, limit: int | None = None) -> dict[int, int]:
+    """How often each item was an impression target in the train split (for the long-tail slice)."""
+    counts: dict[int, int] = {}
+    seen = 0
+    for rb in dataset.iter_impressions(split="train"):
+        ids = rb.column("item_id").to_numpy()
+        if limit is not None:
+            ids = ids[: max(0, limit - seen)]
+        seen += len(ids)
+        uniq, n = np.unique(ids, return_counts=True)
+        for i, c in zip(uniq.tolist(), n.tolist(), strict=True):
+            counts[i] = counts.get(i, 0) + c
+        if limit is not None and seen >= limit:
+            break
+    return counts
+
+
+def evaluate(model: CTRModel, builder: BatchBuilder, dataset: Any, split: str = "test", batch_size: int = 1024,
+             limit: int | None = None, item_counts: dict[int, int] | None = None) -> dict[str, Any]:
+    """Metrics (overall and slices) of ``model`` on ``split`` of ``dataset``."""
+    preds = predict(model, builder, iter_impression_batches(dataset, split, batch_size, limit=limit))
+    metrics = evaluate_predictions(preds.user_ids, preds.item_ids, preds.labels, preds.probs, preds.hist_lens,
+                                   item_counts)
+    metrics["split"] = split
+    log.info("%s on %s/%s: %s", model.name, dataset.name, split, metrics["overall"])
+    return metrics
+
+
+def evaluate_run(settings: Settings, run_id: int, split: str = "test", limit: int | None = None,
+                 batch_size: int = 1024) -> dict[str, Any]:
+    """Reload run ``run_id``'s checkpoint, evaluate it on ``split`` and store the metrics in its row."""
+    from muse.data.format import Dataset
+    from muse.errors import NotFoundError
+    from ranker.runs import finish_run, get_run, load_checkpoint
+
+    info = get_run(settings, run_id)
+    if not info.checkpoint_path:
+        raise NotFoundError(f"ranker run {run_id} has no checkpoint (status {info.status})")
+    loaded = load_checkpoint(info.checkpoint_path)
+    dataset = Dataset.open(settings, loaded.dataset)
+    builder = open_builder(settings, dataset, loaded.model.retrieval, loaded.model.config, loaded.source,
+                           loaded.space)
+    counts = train_item_counts(dataset, loaded.train_config.get("max_train"))
+    metrics = evaluate(loaded.model, builder, dataset, split, batch_size, limit, counts)
+    finish_run(settings, run_id, status=info.status, metrics={**info.metrics, **metrics})
+    return metrics

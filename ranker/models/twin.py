@@ -1,0 +1,23 @@
+"""TWIN: the GSU scores the whole history with the ESU's own attention projections (scaled
+dot product), keeps the top K, and the ESU attends over them with the same projections."""
+
+from __future__ import annotations
+
+import torch
+
+from ranker.layers.attention import MASK_LOGIT
+from ranker.models.base import RetrievedTargetAttention, gather_retrieved
+
+
+class TWIN(RetrievedTargetAttention):
+    name = "twin"
+    retrieval = "history"
+
+    def retrieve(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = batch["history"], batch["history_mask"]  # [B, L, 2], [B, L]
+        k = min(self.config.k, ids.shape[1])
+        with torch.no_grad():  # consistent scoring: the ESU's logits, but no gradient through the search
+            logits = self.long_attention.logits(target, self.embeddings.seq(ids))  # [B, L]
+            logits = logits.masked_fill(~mask, MASK_LOGIT)
+            _, indices = logits.topk(k, dim=1)  # [B, K]
+        return gather_retrieved(ids, indices), torch.gather(mask, 1, indices)

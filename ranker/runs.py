@@ -1,0 +1,177 @@
+"""Ranker runs: the ``ranker_runs`` rows and the checkpoint files they point to.
+
+A checkpoint (``$MUSE_DATA_DIR/ranker/run-<id>.pt``) holds everything needed to score again:
+the model name, its config, the feature spec and vocabularies, the source name and the weights.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from muse import models
+from muse.db import session_scope
+from muse.errors import NotFoundError
+from muse.settings import Settings
+from ranker.data import FeatureSpace
+from ranker.models import CTRModel, FeatureSpec, build_model, make_config
+
+log = logging.getLogger(__name__)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """Plain JSON values; NaN (e.g. the AUC of a one-class slice) becomes null, which PostgreSQL's
+    JSON type accepts."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.loads(json.dumps(clean(d), default=str))
+
+
+def dataset_id(settings: Settings, name: str) -> int:
+    """The registered id of dataset ``name``; NotFoundError when it is not registered."""
+    with session_scope(settings) as session:
+        row = session.scalars(select(models.Dataset).where(models.Dataset.name == name)).first()
+        if row is None:
+            raise NotFoundError(f"dataset {name!r} is not registered in {settings.database_url} (run `muse data ...`)")
+        return row.id
+
+
+def source_id(settings: Settings, name: str | None) -> int | None:
+    """Id of the newest version of embedding source ``name`` (None when absent or not given)."""
+    if name is None:
+        return None
+    with session_scope(settings) as session:
+        row = session.scalars(
+            select(models.EmbeddingSource).where(models.EmbeddingSource.name == name)
+            .order_by(models.EmbeddingSource.version.desc())
+        ).first()
+        return None if row is None else row.id
+
+
+def create_run(settings: Settings, *, model: str, esu: str | None, source: str | None, dataset: str,
+               seed: int, config: dict[str, Any]) -> int:
+    """Insert a ``running`` row and return its id."""
+    with session_scope(settings) as session:
+        row = models.RankerRun(model=model, esu=esu, source_name=source, source_id=source_id(settings, source),
+                               dataset_id=dataset_id(settings, dataset), seed=seed, status="running",
+                               config=_jsonable(config))
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def finish_run(settings: Settings, run_id: int, *, status: str, metrics: dict[str, Any] | None = None,
+               checkpoint: Path | None = None) -> None:
+    """Set a run's status (``done``/``failed``), metrics and checkpoint path."""
+    with session_scope(settings) as session:
+        row = session.get(models.RankerRun, run_id)
+        if row is None:
+            raise NotFoundError(f"ranker run {run_id} does not exist")
+        row.status = status
+        if metrics is not None:
+            row.metrics = _jsonable(metrics)
+        if checkpoint is not None:
+            row.checkpoint_path = str(checkpoint)
+        row.finished_at = dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A ``ranker_runs`` row as plain values."""
+
+    id: int
+    model: str
+    esu: str | None
+    source: str | None
+    dataset: str
+    seed: int
+    status: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    created_at: dt.datetime
+
+
+def _info(row: models.RankerRun, dataset_name: str) -> RunInfo:
+    return RunInfo(row.id, row.model, row.esu, row.source_name, dataset_name, row.seed, row.status,
+                   dict(row.config or {}), dict(row.metrics or {}), row.checkpoint_path, row.created_at)
+
+
+def get_run(settings: Settings, run_id: int) -> RunInfo:
+    """The run ``run_id``; NotFoundError naming it when absent."""
+    with session_scope(settings) as session:
+        row = session.get(models.RankerRun, int(run_id))
+        if row is None:
+            raise NotFoundError(f"ranker run {run_id} does not exist (see `muse rank list`)")
+        return _info(row, session.get(models.Dataset, row.dataset_id).name)
+
+
+def list_runs(settings: Settings) -> list[RunInfo]:
+    """Every run, oldest first."""
+    with session_scope(settings) as session:
+        names = {d.id: d.name for d in session.scalars(select(models.Dataset))}
+        rows = session.scalars(select(models.RankerRun).order_by(models.RankerRun.id))
+        return [_info(r, names.get(r.dataset_id, "?")) for r in rows]
+
+
+def checkpoint_path(settings: Settings, run_id: int) -> Path:
+    """Where run ``run_id`` keeps its checkpoint."""
+    return settings.path("ranker", f"run-{run_id}.pt")
+
+
+def save_checkpoint(path: Path, model: CTRModel, space: FeatureSpace, *, source: str | None,
+                    dataset: str, train_config: dict[str, Any]) -> Path:
+    """Write the weights and everything needed to rebuild the model and its feature mapping."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "model": model.name,
+        "config": model.config.to_dict(),
+        "spec": model.spec.to_dict(),
+        "space": space.state(),
+        "source": source,
+        "dataset": dataset,
+        "train_config": train_config,
+        "state_dict": model.state_dict(),
+    }, path)
+    return path
+
+
+@dataclass
+class LoadedRun:
+    """A checkpoint turned back into a model (eval mode) and its feature space."""
+
+    model: CTRModel
+    space: FeatureSpace
+    source: str | None
+    dataset: str
+    train_config: dict[str, Any]
+
+
+def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedRun:
+    """Rebuild the model and feature space saved by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    config = make_config(ckpt["model"], **ckpt["config"])
+    model = build_model(ckpt["model"], FeatureSpec.from_dict(ckpt["spec"]), config)
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    return LoadedRun(model, FeatureSpace.from_state(ckpt["space"]), ckpt["source"], ckpt["dataset"],
+                     ckpt["train_config"])

@@ -1,0 +1,151 @@
+"""Online scoring: ``Ranker.load(settings, run_id).score(user_id, candidate_item_ids)`` -> click
+probabilities of the candidates, batched, with the same numbers as offline evaluation on the same
+input (the user's whole history, up to the model's ``max_history``).
+
+For MUSE the long-sequence search runs on the retriever's serving path
+(:class:`retriever.client.Retriever`, device cache by default): the top K of each candidate over the
+user's behaviour vectors in Milvus, and the recent behaviours' similarities from the item vectors
+with the same kernel (:func:`retriever.kernels.gsu_topk`). Other models need only the histories.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from muse.errors import ConfigurationError, NotFoundError
+from muse.settings import Settings
+from ranker.data import BatchBuilder, HistoryStore
+from ranker.runs import LoadedRun, get_run, load_checkpoint
+from retriever.kernels import MISSING_SCORE, gsu_topk, l2_normalise
+
+log = logging.getLogger(__name__)
+
+#: Candidates scored per forward pass.
+SCORE_BATCH = 256
+
+
+class Ranker:
+    """A trained run ready to score candidates for a user.
+
+    Args:
+        loaded: the checkpoint (model in eval mode and its feature space).
+        histories: every user's history (ids), from the run's dataset.
+        retriever: the GSU client for the run's source (multimodal models only).
+    """
+
+    def __init__(self, loaded: LoadedRun, histories: HistoryStore, retriever: Any = None) -> None:
+        self.model = loaded.model.eval()
+        self.space = loaded.space
+        self.source = loaded.source
+        self.histories = histories
+        self.retriever = retriever
+        cfg = self.model.config
+        multimodal = self.model.retrieval == "multimodal"
+        if multimodal and retriever is None:
+            raise ConfigurationError(f"model {self.model.name!r} needs a retriever for source {self.source!r}")
+        # the multimodal search comes from the retriever, so the builder makes only the rest
+        self.builder = BatchBuilder(self.space, histories, "none" if multimodal else self.model.retrieval,
+                                    cfg.k, cfg.recent_len, cfg.max_history)
+
+    @classmethod
+    def load(cls, settings: Settings, run_id: int, retriever: Any = None, path: str = "cache") -> Ranker:
+        """Load run ``run_id``. For MUSE a :class:`~retriever.client.Retriever` on the run's source is
+        opened (``path`` ``cache`` or ``milvus``) unless one is given.
+
+        Raises:
+            NotFoundError: the run, its checkpoint or its dataset does not exist.
+        """
+        from muse.data.format import Dataset
+
+        info = get_run(settings, run_id)
+        if not info.checkpoint_path:
+            raise NotFoundError(f"ranker run {run_id} has no checkpoint (status {info.status})")
+        loaded = load_checkpoint(info.checkpoint_path)
+        histories = HistoryStore.from_dataset(Dataset.open(settings, loaded.dataset), loaded.space)
+        if loaded.model.retrieval == "multimodal" and retriever is None:
+            from retriever.client import Retriever
+
+            retriever = Retriever.from_settings(source=loaded.source, settings=settings, path=path)
+        return cls(loaded, histories, retriever)
+
+    @torch.no_grad()
+    def score(self, user_id: int, candidate_item_ids: Sequence[int] | np.ndarray,
+              batch_size: int = SCORE_BATCH) -> np.ndarray:
+        """Click probabilities ``float64 [n]`` of ``candidate_item_ids`` for ``user_id``.
+
+        Raises:
+            NotFoundError: the user has no history in the run's dataset.
+            ConfigurationError: no candidates.
+        """
+        items = np.asarray(candidate_item_ids, dtype=np.int64).reshape(-1)
+        if len(items) == 0:
+            raise ConfigurationError("candidate_item_ids is empty: give at least one item")
+        out = []
+        for lo in range(0, len(items), batch_size):
+            chunk = items[lo:lo + batch_size]
+            users = np.full(len(chunk), int(user_id), dtype=np.int64)
+            batch = self.builder.build(users, chunk)
+            if self.model.retrieval == "multimodal":
+                batch.update(self._multimodal(int(user_id), chunk, batch))
+            out.append(self.model(batch)["prob"].numpy().astype(np.float64))
+        return np.concatenate(out)
+
+    def _multimodal(self, user_id: int, items: np.ndarray, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``long``/``long_mask``/``long_sim`` from the retriever and ``recent_sim`` from item vectors."""
+        k, n = self.model.config.k, len(items)
+        start, length = (int(v[0]) for v in self.histories.rows(np.array([user_id])))
+        oldest = length - min(length, self.model.config.max_history)  # same window as offline
+        long = torch.zeros(n, k, 2, dtype=torch.int64)
+        long_mask = torch.zeros(n, k, dtype=torch.bool)
+        long_sim = torch.full((n, k), MISSING_SCORE, dtype=torch.float32)
+        found, vecs = self.retriever.store.get_item_vectors(self.source, items.tolist())
+        by_id = {int(i): v for i, v in zip(found.tolist(), vecs, strict=True) if np.any(v)}
+        has = [b for b, i in enumerate(items.tolist()) if i in by_id]
+        target_vec = torch.zeros(n, self.retriever.dim)  # [B, d]; zero = no vector
+        if has:
+            target_vec[has] = torch.from_numpy(np.stack([by_id[int(items[b])] for b in has])).float()
+            res = self.retriever.search_vectors(user_id, target_vec[has].numpy(), k=k + oldest if oldest else k)
+            for b, hits in zip(has, res, strict=True):
+                keep = hits.positions >= oldest
+                pos, scores = hits.positions[keep][:k], hits.scores[keep][:k]
+                m = len(pos)
+                long[b, :m, 0] = torch.from_numpy(self.histories.items[start + pos])
+                long[b, :m, 1] = torch.from_numpy(self.histories.categories[start + pos])
+                long_mask[b, :m] = True
+                long_sim[b, :m] = torch.from_numpy(scores.astype(np.float32))
+        return {"long": long, "long_mask": long_mask, "long_sim": long_sim,
+                **self._recent_sim(target_vec, batch)}
+
+    def _recent_sim(self, target_vec: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cosines of the recent behaviours (one row, shared by all candidates) with each target."""
+        rec_idx = batch["recent"][0, :, 0]  # [R] item indices (the same user on every row)
+        rmask = batch["recent_mask"][0]  # [R]
+        raw_ids = self.space.items.values[np.maximum(rec_idx.numpy() - 1, 0)]
+        found, vecs = self.retriever.store.get_item_vectors(self.source, raw_ids[rmask.numpy()].tolist())
+        by_id = {int(i): v for i, v in zip(found.tolist(), vecs, strict=True)}
+        rec_vec = torch.zeros(len(raw_ids), self.retriever.dim)  # [R, d]
+        for r in np.flatnonzero(rmask.numpy()):
+            if int(raw_ids[r]) in by_id:
+                rec_vec[r] = torch.from_numpy(np.asarray(by_id[int(raw_ids[r])], dtype=np.float32))
+        rec_vec = l2_normalise(rec_vec)
+        n, r = target_vec.shape[0], len(raw_ids)
+        present = (rmask & rec_vec.any(dim=-1)).expand(n, r) & target_vec.any(dim=-1, keepdim=True)  # [B, R]
+        top = gsu_topk(target_vec, rec_vec.expand(n, r, -1), r, valid=present, normalized=True)
+        sim = torch.empty_like(top.scores).scatter_(1, top.indices, top.scores)  # [B, R] in sequence order
+        return {"recent_sim": sim, "recent_sim_mask": present.clone()}
+
+    def close(self) -> None:
+        """Close the retriever (if this ranker opened one)."""
+        if self.retriever is not None:
+            self.retriever.close()
+
+    def __enter__(self) -> Ranker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

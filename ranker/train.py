@@ -1,0 +1,190 @@
+"""Training of the CTR models: one loop for every model, with the sparse/dense optimiser split of
+the paper (embeddings at 2e-3, dense weights at 2e-4), NaN checks, a checkpoint and a
+``ranker_runs`` row per run."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from muse.errors import ConfigurationError, DataError
+from muse.settings import Settings
+from ranker.data import BatchBuilder, background, iter_impression_batches, open_builder
+from ranker.models import CTRModel, FeatureSpec, build_model, make_config, model_class
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (the model's own settings live in its model config)."""
+
+    epochs: int = 1  # passes over the train split (the paper: one)
+    batch_size: int = 256  # impressions per step
+    lr_embedding: float = 2e-3  # learning rate of the embedding tables
+    lr_dense: float = 2e-4  # learning rate of every other weight
+    seed: int = 0  # seeds the weights and the shuffle
+    max_train: int | None = None  # stop each epoch after this many train impressions
+    max_eval: int | None = None  # evaluate on at most this many test impressions
+    eval_batch_size: int = 1024  # impressions per evaluation batch
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigurationError(f"{name}={getattr(self, name)!r} must be >= 1")
+        for name in ("lr_embedding", "lr_dense"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigurationError(f"{name}={getattr(self, name)!r} must be > 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - valid
+        if unknown:
+            raise ConfigurationError(f"unknown TrainConfig keys {sorted(unknown)}; valid: {sorted(valid)}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_id: int | None
+    metrics: dict[str, Any]
+    checkpoint: Path | None
+    losses: list[float]
+    samples_per_s: float
+
+
+def make_optimisers(model: CTRModel, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """The embedding tables at ``lr_embedding`` (SparseAdam for sparse-gradient tables, Adam for the
+    rest) and every other weight with Adam at ``lr_dense``."""
+    tables = [m for m in model.embeddings.tables.values()]
+    sparse = [t.weight for t in tables if t.sparse]
+    dense_tables = [t.weight for t in tables if not t.sparse]
+    optimisers: list[torch.optim.Optimizer] = [torch.optim.Adam(model.dense_parameters(), lr=cfg.lr_dense)]
+    if dense_tables:
+        optimisers.append(torch.optim.Adam(dense_tables, lr=cfg.lr_embedding))
+    if sparse:
+        optimisers.append(torch.optim.SparseAdam(sparse, lr=cfg.lr_embedding))
+    return optimisers
+
+
+def train_steps(model: CTRModel, builder: BatchBuilder, batches: Any, cfg: TrainConfig,
+                progress: Any = None) -> tuple[list[float], int, float]:
+    """Train on raw impression ``batches``; return (losses per step, samples, seconds).
+
+    Raises:
+        DataError: the loss or a gradient became NaN/inf (names the step).
+    """
+    model.train()
+    optimisers = make_optimisers(model, cfg)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    losses: list[float] = []
+    n_samples, started = 0, time.perf_counter()
+    usable = (raw for raw in batches if len(raw["label"]) >= 2)  # BatchNorm in Dice needs two rows
+    build = lambda raw: builder.build(raw["user_id"], raw["item_id"], raw["hist_len"], raw["label"])  # noqa: E731
+    for step, (raw, batch) in enumerate(background(usable, build)):
+        loss = loss_fn(model(batch)["logit"], batch["label"])
+        if not torch.isfinite(loss):
+            raise DataError(f"training loss is {loss.item()} at step {step}: lower the learning rates or check the data")
+        for opt in optimisers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimisers:
+            opt.step()
+        losses.append(loss.item())
+        n_samples += len(raw["label"])
+        if progress is not None:
+            progress.update(len(raw["label"]))
+            progress.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+    return losses, n_samples, time.perf_counter() - started
+
+
+def train(settings: Settings, model: str, dataset: str, source: str | None = None, esu: str | None = None,
+          train_config: TrainConfig | None = None, model_overrides: dict[str, Any] | None = None,
+          progress: bool = False, record: bool = True) -> TrainResult:
+    """Train ``model`` on ``dataset`` (GSU source ``source`` for muse), evaluate it on the test split,
+    save a checkpoint and record the run.
+
+    Args:
+        esu: ESU variant of muse (see :data:`ranker.models.ESU_VARIANTS`).
+        model_overrides: model config keys (e.g. ``{"k": 20}``); unknown keys are rejected.
+        progress: show a tqdm progress bar (CLI).
+        record: write a ``ranker_runs`` row and a checkpoint (needs a migrated database).
+
+    Raises:
+        ConfigurationError: unknown model/ESU/keys, or muse without a source.
+        NotFoundError: the dataset or source does not exist.
+        DataError: NaN loss.
+    """
+    from muse.data.format import Dataset
+    from ranker.evaluate import evaluate, train_item_counts
+    from ranker.runs import checkpoint_path, create_run, finish_run, save_checkpoint
+
+    cfg = train_config or TrainConfig()
+    cls = model_class(model)
+    overrides = dict(model_overrides or {})
+    if esu is not None:
+        if model != "muse":
+            raise ConfigurationError(f"--esu {esu!r} applies to the muse model only, not {model!r}")
+        overrides["esu"] = esu
+    config = make_config(model, **overrides)
+    if cls.needs_vectors and source is None:
+        raise ConfigurationError(f"model {model!r} needs an embedding source (e.g. source='scl')")
+    used_source = source if cls.needs_vectors else None
+    ds = Dataset.open(settings, dataset)
+    torch.manual_seed(cfg.seed)
+    builder = open_builder(settings, ds, cls.retrieval, config, used_source)
+    space = builder.space
+    net = build_model(model, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
+    run_id = None
+    if record:
+        run_id = create_run(settings, model=model, esu=getattr(config, "esu", None), source=used_source,
+                            dataset=dataset, seed=cfg.seed, config={"model": config.to_dict(),
+                                                                     "train": dataclasses.asdict(cfg)})
+    try:
+        losses: list[float] = []
+        n_samples, seconds = 0, 0.0
+        bar = _progress_bar(ds, cfg) if progress else None
+        for epoch in range(cfg.epochs):
+            batches = iter_impression_batches(ds, "train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
+                                              limit=cfg.max_train)
+            ep_losses, n, s = train_steps(net, builder, batches, cfg, bar)
+            losses += ep_losses
+            n_samples, seconds = n_samples + n, seconds + s
+            log.info("epoch %d: %d samples, mean loss %.4f", epoch, n, float(np.mean(ep_losses or [np.nan])))
+        if bar is not None:
+            bar.close()
+        metrics = evaluate(net, builder, ds, "test", cfg.eval_batch_size, cfg.max_eval,
+                           train_item_counts(ds, cfg.max_train))
+        metrics["train"] = {"samples": n_samples, "seconds": seconds, "samples_per_s": n_samples / max(seconds, 1e-9),
+                            "first_loss": losses[0] if losses else None,
+                            "last_loss": float(np.mean(losses[-20:])) if losses else None}
+        ckpt = None
+        if record:
+            ckpt = save_checkpoint(checkpoint_path(settings, run_id), net, space, source=used_source,
+                                   dataset=dataset, train_config=dataclasses.asdict(cfg))
+            finish_run(settings, run_id, status="done", metrics=metrics, checkpoint=ckpt)
+    except BaseException as e:
+        if run_id is not None:
+            finish_run(settings, run_id, status="failed", metrics={"error": f"{type(e).__name__}: {e}"})
+        raise
+    return TrainResult(run_id, metrics, ckpt, losses, n_samples / max(seconds, 1e-9))
+
+
+def _progress_bar(ds: Any, cfg: TrainConfig) -> Any:
+    from tqdm import tqdm
+
+    total = sum(rb.num_rows for rb in ds.iter_impressions(split="train"))  # one cheap pass
+    if cfg.max_train is not None:
+        total = min(total, cfg.max_train)
+    total *= cfg.epochs
+    return tqdm(total=total, unit="imp", desc="train")

@@ -1,0 +1,228 @@
+"""Embedding sources end to end on the ``tiny`` simworld: real open_clip models, real rendered images.
+
+One module-scoped world trains every source for a few steps (memorising a handful of pairs, so the
+loss must fall within seconds); the tests then check the public API on those versions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from indexer import sources
+from indexer.encoders import EncoderConfig, ItemEncoder, build_clip_encoder
+from indexer.evaluation import evaluate_source, load_eval_data, random_baseline
+from indexer.training import TrainConfig, TrainResult, train_source
+from muse.errors import ConfigurationError, NotFoundError
+from muse.settings import Settings, load_settings
+
+TRAINED = ("openclip", "i2i", "scl", "id")
+#: Few pairs, many passes: each source memorises its pairs, so the loss falls within a few steps.
+QUICK = dict(epochs=50, batch_size=16, max_pairs=16, queue_size=16, max_steps=10)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, object, dict[str, TrainResult]]:
+    from muse import db
+    from muse.data.simworld import generate_simworld
+
+    settings = load_settings(env={}, data_dir=tmp_path_factory.mktemp("embed") / "muse-data", device="cpu")
+    db.upgrade(settings)
+    dataset = generate_simworld(settings, size="tiny", seed=0)
+    results = {src: train_source(settings, src, dataset, TrainConfig(**QUICK)) for src in TRAINED}
+    return settings, dataset, results
+
+
+def _some_images(dataset: object, n: int = 6) -> tuple[np.ndarray, list[bytes]]:
+    ids = dataset.item_ids()[:n]
+    images = dataset.load_images(ids)
+    return ids, [images[int(i)] for i in ids]
+
+
+@pytest.mark.parametrize("source", TRAINED)
+def test_training_loss_falls_and_version_is_registered(world, source: str) -> None:
+    settings, dataset, results = world
+    result = results[source]
+    losses = result.losses
+    assert len(losses) == QUICK["max_steps"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    row = sources.get_version(settings, source)
+    assert row.version == result.source.version and row.dim == 128
+    assert Path(row.checkpoint_path) == sources.source_dir(settings, source, row.version) / "encoder.pt"
+    assert row.metrics["train"]["steps"] == QUICK["max_steps"]
+    assert row.config["batch_size"] == QUICK["batch_size"]
+
+
+@pytest.mark.parametrize("source", ("openclip", "i2i", "scl"))
+def test_checkpoint_reloads_to_identical_unit_vectors(world, source: str) -> None:
+    settings, dataset, results = world
+    _, images = _some_images(dataset)
+    reloaded = sources.load_encoder(settings, source)
+    res = reloaded.encode_images(images)
+    assert res.failed == {} and res.vectors.shape == (len(images), 128) and res.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-5)
+    in_memory = ItemEncoder(results[source].model, "muse-tiny")
+    np.testing.assert_array_equal(in_memory.encode_images(images).vectors, res.vectors)
+    np.testing.assert_array_equal(reloaded.encode_images(images).vectors, res.vectors)  # deterministic
+    texts = reloaded.encode_texts(["red tote", "navy denim jeans"])
+    assert texts.shape == (2, 128)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+
+
+def test_corrupt_and_missing_images_are_reported(world) -> None:
+    settings, dataset, _ = world
+    _, images = _some_images(dataset, 2)
+    encoder = sources.load_encoder(settings, "openclip")
+    res = encoder.encode_images([images[0], b"not an image at all", images[1][:40], None, b""])
+    assert res.ok_index.tolist() == [0]
+    assert set(res.failed) == {1, 2, 3, 4}
+    assert "unreadable image" in res.failed[1] and "unreadable image" in res.failed[2]
+    assert res.failed[3] == "no image" and res.failed[4] == "empty image bytes"
+    # Through encode_items: an id with no image row is reported, the others encode.
+    ids = np.concatenate([dataset.item_ids()[:3], [987_654_321]])
+    res = sources.encode_items(settings, "scl", dataset, ids)
+    assert res.ok_index.tolist() == [0, 1, 2] and res.failed == {3: "no image"}
+
+
+def test_id_source_lookup_and_new_version(world) -> None:
+    settings, dataset, results = world
+    ids = np.concatenate([dataset.item_ids()[:4], [987_654_321]])
+    res = sources.encode_items(settings, "id", dataset, ids)
+    assert res.ok_index.tolist() == [0, 1, 2, 3] and 4 in res.failed
+    np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-5)
+    first = results["id"].source.version
+    second = train_source(settings, "id", dataset, TrainConfig(**{**QUICK, "seed": 1})).source
+    assert second.version == first + 1
+    old = sources.item_vector_table(settings, "id", dataset, version=first)
+    new = sources.item_vector_table(settings, "id", dataset)
+    assert old.present.all() and new.present.all()
+    assert not np.allclose(old.vectors, new.vectors)  # the older version stays usable and distinct
+    with pytest.raises(ConfigurationError, match="has no encoder"):
+        sources.load_encoder(settings, "id")
+    with pytest.raises(NotFoundError, match="no version 99"):
+        sources.get_version(settings, "id", 99)
+
+
+def test_item_vector_table_is_cached_per_version(world) -> None:
+    settings, dataset, _ = world
+    table = sources.item_vector_table(settings, "i2i", dataset)
+    assert table.vectors.shape == (dataset.n_items, 128) and table.present.all()
+    np.testing.assert_array_equal(table.item_ids, dataset.item_ids())
+    version = sources.get_version(settings, "i2i").version
+    cache = sources.source_dir(settings, "i2i", version) / f"items-{dataset.name}.npz"
+    assert cache.exists()
+    again = sources.item_vector_table(settings, "i2i", dataset)
+    np.testing.assert_array_equal(again.vectors, table.vectors)
+
+
+def test_scl_taobao_import_marks_missing_items(world) -> None:
+    settings, dataset, _ = world
+    ids = dataset.item_ids()
+    shipped = ids[::2]
+    rng = np.random.default_rng(0)
+    vecs = rng.integers(-127, 128, size=(len(shipped), 128)).astype(np.float32) / 127
+    (dataset.path / "embeddings").mkdir(exist_ok=True)
+    pq.write_table(
+        pa.table({"item_id": shipped, "vector": pa.array(vecs.tolist(), pa.list_(pa.float32()))}),
+        dataset.path / "embeddings" / "scl-taobao.parquet",
+    )
+    table = sources.item_vector_table(settings, "scl-taobao", dataset)
+    np.testing.assert_array_equal(table.present, np.isin(ids, shipped))
+    np.testing.assert_allclose(table.vectors[0], vecs[0] / np.linalg.norm(vecs[0]), rtol=1e-5)
+    res = sources.encode_items(settings, "scl-taobao", dataset, ids[:2])
+    assert res.ok_index.tolist() == [0] and "no scl-taobao vector" in res.failed[1]
+    assert sources.get_version(settings, "scl-taobao").kind == "imported"
+
+
+def test_eval_runs_stores_metrics_and_beats_nothing_silently(world) -> None:
+    settings, dataset, _ = world
+    data = load_eval_data(dataset)
+    assert len(data.queries) > 0 and len(data.pairs) > 0
+    base = random_baseline(dataset, data)
+    for source in TRAINED:
+        m = evaluate_source(settings, source, dataset, data=data)
+        assert 0.0 <= m["i2i_recall@10"] <= 1.0
+        if source in ("scl", "openclip"):
+            assert 0.0 <= m["q2p_recall@10"] <= m["q2p_recall@50"] <= 1.0
+        else:
+            assert m["q2p_recall@10"] is None  # no text tower trained on text
+        stored = sources.get_version(settings, source).metrics["eval"][dataset.name]
+        assert stored["i2i_recall@10"] == m["i2i_recall@10"]
+    assert base["q2p_recall@50"] is not None and base["coverage"] == 1.0
+
+
+def test_pretrained_weights_load_from_a_local_file_only(world, tmp_path: Path) -> None:
+    _, dataset, results = world
+    trained = results["openclip"].model
+    weights = tmp_path / "open_clip_weights.pt"
+    torch.save(trained.clip.state_dict(), weights)  # an open_clip state dict, as users would have
+    loaded = build_clip_encoder(EncoderConfig(model="muse-tiny", pretrained=str(weights)))
+    _, images = _some_images(dataset, 3)
+    a = ItemEncoder(trained, "muse-tiny").encode_images(images).vectors
+    b = ItemEncoder(loaded, "muse-tiny").encode_images(images).vectors
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigurationError, match="is not a file"):
+        build_clip_encoder(EncoderConfig(pretrained=str(tmp_path / "missing.pt")))
+    with pytest.raises(ConfigurationError, match="downloaded"):
+        build_clip_encoder(EncoderConfig(model="hf-hub:someone/model"))
+    with pytest.raises(ConfigurationError, match="Available:.*muse-tiny"):
+        build_clip_encoder(EncoderConfig(model="no-such-net"))
+
+
+def test_output_width_other_than_embed_dim_gets_a_linear_head() -> None:
+    # When the requested width differs from the architecture's embed_dim, a linear head maps to it.
+    import open_clip
+
+    from indexer.encoders import register_model_configs
+
+    register_model_configs()
+    cfg = EncoderConfig(model="muse-tiny", dim=32)
+    enc = build_clip_encoder(cfg)
+    assert isinstance(enc.image_head, torch.nn.Linear) and enc.dim == 32
+    img = Image.new("RGB", (80, 50), (200, 10, 10))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    out = ItemEncoder(enc, "muse-tiny").encode_images([buf.getvalue()])  # resized to 64x64
+    assert out.vectors.shape == (1, 32)
+    assert "muse-tiny" in open_clip.list_models()
+
+
+def test_bad_options_are_rejected(world) -> None:
+    settings, dataset, _ = world
+    with pytest.raises(ConfigurationError, match="unknown keys.*bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+    with pytest.raises(ConfigurationError, match="batch_size=1"):
+        TrainConfig(batch_size=1)
+    with pytest.raises(ConfigurationError, match="cannot train source 'scl-taobao'"):
+        train_source(settings, "scl-taobao", dataset)
+    with pytest.raises(ConfigurationError, match="unknown; valid"):
+        sources.encode_items(settings, "clip", dataset, [1])
+
+
+def test_cli_train_list_eval(world, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from muse.cli.main import main
+
+    settings, dataset, _ = world
+    monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
+    assert main(["embed", "train", "--source", "id", "--dataset", dataset.name, "--max-steps", "3",
+                 "--batch-size", "16", "--lr", "0.002", "--queue-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "id v" in out and "3 steps" in out
+    assert main(["embed", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(s in listing for s in TRAINED)
+    assert main(["embed", "eval", "--dataset", dataset.name, "--sources", "id", "scl", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["source"] for r in doc["results"]] == ["id", "scl", "random"]
+    assert main(["embed", "eval", "--dataset", dataset.name, "--sources", "openclip"]) == 0
+    assert "q2p_recall@10" in capsys.readouterr().out
+    assert main(["embed", "train", "--source", "scl", "--dataset", "nope"]) == 2  # clear error, no trace
+    assert "dataset 'nope' not found" in capsys.readouterr().err

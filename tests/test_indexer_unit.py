@@ -1,0 +1,271 @@
+"""Indexer without servers: the Celery configuration, job and chunk bookkeeping, and the chunk
+functions run in-process against SQLite and Milvus Lite (the embedded deployment)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from test_indexer_helpers import SOURCE, corrupt_image, expected_behaviours, make_tiny_world
+
+from indexer import backfill, jobs
+from indexer.celery_app import (
+    BEHAVIOURS_TASK,
+    ENCODE_TASK,
+    QUEUE_PREFIX_ENV,
+    celery_config,
+    queue_name,
+    settings_env,
+)
+from muse import models
+from muse.db import session_scope
+from muse.errors import ConfigurationError, NotFoundError
+from muse.settings import load_settings
+
+
+def test_celery_config_is_reliable_and_embedded(settings, monkeypatch):
+    monkeypatch.delenv(QUEUE_PREFIX_ENV, raising=False)
+    conf = celery_config(settings)
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["result_backend"] is None
+    assert conf["task_routes"][ENCODE_TASK]["queue"] == "gpu"
+    assert conf["task_routes"][BEHAVIOURS_TASK]["queue"] == "cpu"
+    opts = conf["broker_transport_options"]
+    assert conf["broker_url"] == "filesystem://"
+    for key in ("data_folder_in", "data_folder_out", "processed_folder"):
+        assert opts[key].startswith(str(settings.broker_dir.absolute()))
+    monkeypatch.setenv(QUEUE_PREFIX_ENV, "t1-")
+    assert celery_config(settings)["task_routes"][ENCODE_TASK]["queue"] == "t1-gpu"
+    with pytest.raises(ConfigurationError, match="'tpu'"):
+        queue_name("tpu")
+
+
+def test_settings_env_round_trips(settings):
+    assert load_settings(env=settings_env(settings)) == settings
+
+
+@pytest.fixture
+def world(settings):
+    dataset = make_tiny_world(settings)
+    try:
+        yield settings, dataset
+    finally:
+        backfill.close_stores()  # release the Milvus Lite file
+        backfill.reset_process_caches()
+
+
+def _chunks(settings, job_id):
+    with session_scope(settings) as session:
+        rows = session.get(models.BackfillJob, job_id).chunks
+        return [(c.id, c.kind, c.start, c.stop, c.status, c.attempts) for c in rows]
+
+
+def test_create_job_chunks_cover_the_dataset(world):
+    settings, dataset = world
+    job_id = jobs.create_job(settings, SOURCE, dataset.name, chunk_size=128, user_chunk_size=25)
+    chunks = _chunks(settings, job_id)
+    items = [(lo, hi) for _, kind, lo, hi, _, _ in chunks if kind == "items"]
+    users = [(lo, hi) for _, kind, lo, hi, _, _ in chunks if kind == "behaviours"]
+    assert items[0][0] == 0 and items[-1][1] == dataset.n_items
+    assert all(a[1] == b[0] for a, b in zip(items, items[1:], strict=False))
+    assert max(hi - lo for lo, hi in items) == 128
+    assert users == [(0, 25), (25, 50), (50, dataset.n_users)]
+    assert {c[4] for c in chunks} == {"pending"}
+    with pytest.raises(ConfigurationError, match="'nope'"):
+        jobs.create_job(settings, "nope", dataset.name)
+    with pytest.raises(NotFoundError, match="'scl'"):
+        jobs.create_job(settings, "scl", dataset.name)
+    with pytest.raises(ConfigurationError, match="chunk sizes"):
+        jobs.create_job(settings, SOURCE, dataset.name, chunk_size=0)
+
+
+def test_chunks_in_process_are_idempotent_and_fail_only_the_corrupt_item(world):
+    settings, dataset = world
+    bad_item = int(dataset.item_ids()[7])
+    corrupt_image(dataset, bad_item)
+    job_id = jobs.create_job(settings, SOURCE, dataset.name, chunk_size=200, user_chunk_size=30)
+    chunks = _chunks(settings, job_id)
+    for chunk_id, *_ in chunks:  # items first, then behaviours: the canonical order
+        assert backfill.run_chunk(settings, chunk_id) is not None
+    jobs.advance_job(settings, job_id)  # nothing left to enqueue: closes the job
+
+    progress = jobs.job_progress(settings, job_id)
+    assert progress.status == "done"
+    assert progress.items_written == dataset.n_items - 1
+    assert [fi[0] for fi in progress.failed_items] == [bad_item]
+    assert "decode" in progress.failed_items[0][1].lower() or "image" in progress.failed_items[0][1].lower()
+    n_bhv = expected_behaviours(dataset, {bad_item})
+    assert progress.behaviours_written == n_bhv
+    assert progress.behaviours_skipped == expected_behaviours(dataset) - n_bhv
+
+    store = backfill.get_store(settings)
+    assert store.count_items(SOURCE) == dataset.n_items - 1
+    assert store.count_behaviours(SOURCE) == n_bhv
+
+    # A duplicate delivery of a done chunk is skipped; a chunk left "running" by a dead worker
+    # runs again and rewrites the same rows.
+    first_items = chunks[0][0]
+    assert backfill.run_chunk(settings, first_items) is None
+    behaviour_chunk = next(c[0] for c in chunks if c[1] == "behaviours")
+    with session_scope(settings) as session:
+        for chunk_id in (first_items, behaviour_chunk):
+            session.get(models.BackfillChunk, chunk_id).status = backfill.RUNNING
+    assert backfill.run_chunk(settings, first_items).n_written == 199
+    backfill.run_chunk(settings, behaviour_chunk)
+    assert store.count_items(SOURCE) == dataset.n_items - 1
+    assert store.count_behaviours(SOURCE) == n_bhv
+    attempts = {c[0]: c[5] for c in _chunks(settings, job_id)}
+    assert attempts[first_items] == 2
+
+    # The stored vector is the encoder's output for that item.
+    from indexer.sources import encode_items
+
+    ids = dataset.item_ids()[:3]
+    found, stored = store.get_item_vectors(SOURCE, ids)
+    direct = encode_items(settings, SOURCE, dataset, ids)
+    assert found.tolist() == ids.tolist()
+    np.testing.assert_allclose(stored, direct.vectors, atol=1e-5)
+
+    # A finished job is a no-op to re-run.
+    assert jobs.enqueue_job(settings, job_id) == 0
+    assert queued_messages(settings) == []
+
+
+def queued_messages(settings, consume: bool = False) -> list[tuple[str, int]]:
+    """(task name, chunk id) of the messages waiting in the filesystem broker's queue folder."""
+    folder = settings.broker_dir / "queue"
+    out = []
+    for path in sorted(folder.glob("*.msg")) if folder.exists() else []:
+        message = json.loads(path.read_text())
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        out.append((message["headers"]["task"], int(args[0])))
+        if consume:
+            path.unlink()
+    return out
+
+
+def test_enqueue_cancel_resume_bookkeeping(world):
+    settings, dataset = world
+    job_id = jobs.create_job(settings, SOURCE, dataset.name, chunk_size=300, user_chunk_size=30)
+    assert jobs.enqueue_job(settings, job_id) == 2  # item chunks only: behaviours wait for them
+    sent = queued_messages(settings, consume=True)
+    assert [name for name, _ in sent] == [ENCODE_TASK, ENCODE_TASK]
+    assert jobs.job_progress(settings, job_id).chunks == {"queued": 2, "pending": 2}
+
+    jobs.cancel_job(settings, job_id)
+    assert jobs.job_progress(settings, job_id).status == "cancelled"
+    assert backfill.run_chunk(settings, sent[0][1]) is None  # workers skip a cancelled job
+
+    assert jobs.resume_job(settings, job_id) == 2
+    for _, chunk_id in queued_messages(settings, consume=True):
+        backfill.run_chunk(settings, chunk_id)
+        jobs.advance_job(settings, job_id)
+    behaviour_messages = queued_messages(settings, consume=True)
+    assert [name for name, _ in behaviour_messages] == [BEHAVIOURS_TASK, BEHAVIOURS_TASK]
+    jobs.advance_job(settings, job_id)  # a second advance never enqueues them twice
+    assert queued_messages(settings) == []
+    for _, chunk_id in behaviour_messages:
+        backfill.run_chunk(settings, chunk_id)
+        jobs.advance_job(settings, job_id)
+    progress = jobs.job_progress(settings, job_id)
+    assert progress.status == "done"
+    assert progress.items_written == dataset.n_items
+    assert progress.behaviours_written == expected_behaviours(dataset)
+    assert jobs.resume_job(settings, job_id) == 0
+    assert queued_messages(settings) == []
+
+
+def test_worker_cli_rejects_bad_options(settings, capsys, monkeypatch):
+    from muse.cli.main import main
+
+    assert main(["worker", "--queues", "gpu,tpu"]) == 2
+    assert "'tpu'" in capsys.readouterr().err
+    assert main(["worker", "--concurrency", "0"]) == 2
+    assert "--concurrency" in capsys.readouterr().err
+    monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.delenv("MUSE_MILVUS_URI", raising=False)
+    assert main(["worker", "--concurrency", "2"]) == 2  # Milvus Lite: one process only
+    assert "Milvus Lite" in capsys.readouterr().err
+
+
+def test_retry_policy():
+    from sqlalchemy.exc import OperationalError
+
+    from indexer.tasks import BACKOFF_MAX_S, backoff_s, is_retriable
+    from muse.errors import BackendUnavailable, DataError
+
+    assert is_retriable(BackendUnavailable("milvus down"))
+    assert not is_retriable(BackendUnavailable("bad token", retriable=False))
+    assert is_retriable(OperationalError("SELECT 1", {}, Exception("connection refused")))
+    assert is_retriable(ConnectionResetError())
+    assert not is_retriable(DataError("corrupt shard"))
+    assert not is_retriable(FileNotFoundError("items.parquet"))
+    assert 1.5 <= backoff_s(0) <= 2.5 and 6.0 <= backoff_s(2) <= 10.0
+    assert backoff_s(20) <= BACKOFF_MAX_S * 1.25
+
+
+def test_failing_chunk_fails_the_job_and_resume_finishes_it(world):
+    """The real task (run eagerly by Celery) records a non-retriable error on the chunk and the
+    job; after the cause is fixed, resume finishes the job."""
+    from indexer.celery_app import create_app
+
+    settings, dataset = world
+    job_id = jobs.create_job(settings, SOURCE, dataset.name, chunk_size=1000, behaviours=False)
+    items = dataset.path / "items.parquet"
+    hidden = items.rename(dataset.path / "items.parquet.hidden")
+    app = create_app(settings)
+    app.loader.import_default_modules()
+    (chunk_id, *_), = _chunks(settings, job_id)
+    result = app.tasks[ENCODE_TASK].apply(args=[chunk_id])
+    assert result.failed()
+    progress = jobs.job_progress(settings, job_id)
+    assert progress.status == "failed"
+    assert "items.parquet" in progress.errors[0] and "FileNotFoundError" in progress.errors[0]
+    assert _chunks(settings, job_id)[0][4] == "failed"
+
+    hidden.rename(items)
+    assert jobs.resume_job(settings, job_id) == 1
+    (_, chunk_id), = queued_messages(settings, consume=True)
+    assert app.tasks[ENCODE_TASK].apply(args=[chunk_id]).successful()
+    progress = jobs.job_progress(settings, job_id)
+    assert progress.status == "done" and progress.items_written == dataset.n_items
+    assert _chunks(settings, job_id)[0][5] == 2  # attempts
+
+
+def test_import_source_scl_taobao(world):
+    """Precomputed vectors shipped with a dataset are imported as their own source; items without
+    a shipped vector have none, and their behaviours are skipped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from muse.data.format import EMBEDDINGS_SCHEMA
+
+    settings, dataset = world
+    ids = dataset.item_ids()[::2]  # every other item has a vector
+    rng = np.random.default_rng(0)
+    vectors = (np.trunc(rng.uniform(-1, 1, (len(ids), 128)) * 127) / 127).astype(np.float32)
+    (dataset.path / "embeddings").mkdir(exist_ok=True)
+    table = pa.table({"item_id": ids, "vector": list(vectors)}, schema=EMBEDDINGS_SCHEMA)
+    pq.write_table(table, dataset.path / "embeddings" / "scl-taobao.parquet", row_group_size=70)
+
+    job_id = jobs.create_job(settings, "scl-taobao", dataset.name, chunk_size=100, user_chunk_size=30)
+    chunks = _chunks(settings, job_id)
+    assert [c[1] for c in chunks].count("import") == 3
+    for chunk_id, *_ in chunks:
+        backfill.run_chunk(settings, chunk_id)
+    jobs.advance_job(settings, job_id)
+    progress = jobs.job_progress(settings, job_id)
+    assert progress.status == "done" and progress.items_written == len(ids)
+    n_bhv = expected_behaviours(dataset, set(dataset.item_ids()[1::2].tolist()))
+    assert progress.behaviours_written == n_bhv
+
+    store = backfill.get_store(settings)
+    assert store.count_items("scl-taobao") == len(ids)
+    assert store.count_behaviours("scl-taobao") == n_bhv
+    found, stored = store.get_item_vectors("scl-taobao", ids[[0, 150]])
+    expected = vectors[[0, 150]] / np.linalg.norm(vectors[[0, 150]], axis=1, keepdims=True)
+    np.testing.assert_allclose(stored, expected, atol=1e-6)

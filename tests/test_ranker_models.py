@@ -1,0 +1,346 @@
+"""Ranker models and pipeline on the ``tiny`` simworld: every model trains (loss falls), evaluates,
+is recorded, and scores through the API exactly as offline evaluation does."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from muse.errors import ConfigurationError, DataError
+from muse.settings import Settings, load_settings
+from ranker.data import iter_impression_batches, open_builder
+from ranker.models import ESU_VARIANTS, FeatureSpec, build_model, list_models, make_config, model_class
+from ranker.train import TrainConfig, train_steps
+
+SOURCE = "scl-taobao"  # vectors shipped with the dataset (written by the fixture)
+DIM = 16
+FAST = {"tower": (32, 16), "k": 20, "recent_len": 10}  # small model so the file stays fast
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tests share 2 CPUs with others: one intra-op thread avoids spin-waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, str]:
+    """A migrated embedded deployment with the tiny simworld and category-shaped item vectors
+    (10% of items without a vector) shipped as ``embeddings/scl-taobao.parquet``."""
+    from muse import db
+    from muse.data.simworld import generate_simworld
+
+    settings = load_settings(env={}, data_dir=tmp_path_factory.mktemp("ranker") / "muse-data", device="cpu")
+    db.upgrade(settings)
+    ds = generate_simworld(settings, size="tiny", seed=0)
+    items = ds.items()
+    rng = np.random.default_rng(0)
+    cat = items.column("category").to_numpy()
+    centres = rng.normal(size=(cat.max() + 1, DIM))
+    vectors = (centres[cat] + 0.5 * rng.normal(size=(len(cat), DIM))).astype(np.float32)
+    keep = rng.random(len(cat)) > 0.1
+    (ds.path / "embeddings").mkdir(exist_ok=True)
+    pq.write_table(
+        pa.table({"item_id": items.column("item_id").to_numpy()[keep],
+                  "vector": pa.array(list(vectors[keep]), type=pa.list_(pa.float32()))}),
+        ds.path / "embeddings" / f"{SOURCE}.parquet",
+    )
+    return settings, ds.name
+
+
+def _builder(world: tuple[Settings, str], name: str, **overrides):
+    from muse.data.format import Dataset
+
+    settings, dataset = world
+    ds = Dataset.open(settings, dataset)
+    config = make_config(name, **{**FAST, **overrides})
+    return ds, config, open_builder(settings, ds, model_class(name).retrieval, config, SOURCE)
+
+
+def test_unknown_names_and_keys_are_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="din, sim-hard, sim-soft, twin, muse"):
+        make_config("dien")
+    with pytest.raises(ConfigurationError, match="heads"):
+        make_config("din", heads=2)
+    with pytest.raises(ConfigurationError, match="sa-ta\\+simtier"):
+        make_config("muse", esu="gru")
+    assert list_models() == ["din", "sim-hard", "sim-soft", "twin", "muse"]
+
+
+MODEL_CASES = [(m, {}) for m in list_models() if m != "muse"] + [("muse", {"esu": e}) for e in ESU_VARIANTS]
+MODEL_CASES.append(("muse", {"sparse_min_rows": 1}))  # every table sparse: SparseAdam path
+
+
+@pytest.mark.parametrize(("name", "overrides"), MODEL_CASES)
+def test_model_learns_and_gradients_reach_every_parameter(world, name: str, overrides: dict) -> None:
+    ds, config, builder = _builder(world, name, **overrides)
+    torch.manual_seed(0)
+    model = build_model(name, FeatureSpec(builder.space.vocab_sizes(), builder.space.user_fields), config)
+    raw = next(iter_impression_batches(ds, "train", 128, shuffle=True))
+    losses, n, _ = train_steps(model, builder, [raw] * 30, TrainConfig(lr_dense=5e-3, lr_embedding=5e-3))
+    assert n == 30 * 128
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
+    # one more step to look at the gradients of every parameter
+    model.train()
+    batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"], raw["label"])
+    model.zero_grad()
+    torch.nn.functional.binary_cross_entropy_with_logits(model(batch)["logit"], batch["label"]).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert p.grad.is_sparse == ("tables" in pname and config.sparse_min_rows == 1), pname
+        grad = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+        assert grad.abs().sum() > 0, pname
+
+
+def test_tower_width_comes_from_the_parts(world) -> None:
+    _, config, builder = _builder(world, "muse", emb_dim=8)
+    model = build_model("muse", FeatureSpec(builder.space.vocab_sizes(), builder.space.user_fields), config)
+    d, n_user = 8, len(builder.space.user_fields)
+    # short TA (2D) + recent mean (2D) + target (4D) + user + long mean (2D) + SA-TA (2D) + 2 SimTiers
+    assert model.tower.in_dim == 2 * d + 2 * d + 4 * d + n_user * d + 2 * d + 2 * d + 2 * 22
+
+
+def test_sim_hard_keeps_the_most_recent_same_category_behaviours(world) -> None:
+    ds, config, builder = _builder(world, "sim-hard", k=5)
+    raw = next(iter_impression_batches(ds, "train", 32))
+    batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"])
+    h = builder.histories
+    starts, lengths = h.rows(raw["user_id"])
+    for b in range(32):
+        n = min(int(raw["hist_len"][b]), lengths[b])
+        cats = h.categories[starts[b]:starts[b] + n]
+        items = h.items[starts[b]:starts[b] + n]
+        same = np.flatnonzero(cats == batch["target"][b, 1].item())[::-1][:5]  # newest first
+        got = batch["long"][b][batch["long_mask"][b]].numpy()
+        np.testing.assert_array_equal(got[:, 0], items[same])
+        assert (got[:, 1] == batch["target"][b, 1].item()).all()
+
+
+def test_multimodal_gsu_equals_brute_force_cosine(world) -> None:
+    ds, config, builder = _builder(world, "muse", k=8)
+    raw = next(iter_impression_batches(ds, "test", 16))
+    batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"])
+    table, h = builder.vectors, builder.histories
+    starts, lengths = h.rows(raw["user_id"])
+    for b in range(16):
+        n = min(int(raw["hist_len"][b]), lengths[b])
+        items = h.items[starts[b]:starts[b] + n]
+        t = int(batch["target"][b, 0])
+        ok = table.present[items].numpy() & bool(table.present[t])
+        cos = table.vectors[items].numpy() @ table.vectors[t].numpy()
+        expected = np.sort(cos[ok])[::-1][:8]
+        got = batch["long_sim"][b][batch["long_mask"][b]].numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        # the retrieved ids are the behaviours with those similarities
+        got_items = batch["long"][b, :len(got), 0].numpy()
+        np.testing.assert_allclose(table.vectors[got_items].numpy() @ table.vectors[t].numpy(), got, atol=1e-5)
+        # recent similarities are in sequence order and only where both sides have a vector
+        rec = batch["recent"][b, :, 0]
+        rmask = batch["recent_sim_mask"][b]
+        np.testing.assert_allclose(batch["recent_sim"][b][rmask].numpy(),
+                                   (table.vectors[rec] @ table.vectors[t])[rmask].numpy(), atol=1e-5)
+
+
+def test_nan_loss_stops_training_with_the_step(world) -> None:
+    ds, config, builder = _builder(world, "din")
+    model = build_model("din", FeatureSpec(builder.space.vocab_sizes(), builder.space.user_fields), config)
+    with torch.no_grad():
+        model.tower.net[-1].bias.fill_(float("nan"))
+    raw = next(iter_impression_batches(ds, "train", 16))
+    with pytest.raises(DataError, match="step 0"):
+        train_steps(model, builder, [raw], TrainConfig())
+
+
+def test_muse_needs_a_source(world) -> None:
+    from ranker.train import train
+
+    settings, dataset = world
+    with pytest.raises(ConfigurationError, match="embedding source"):
+        train(settings, "muse", dataset, record=False)
+    with pytest.raises(ConfigurationError, match="muse model only"):
+        train(settings, "din", dataset, esu="ta", record=False)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_train_eval_record_and_score(world, name: str) -> None:
+    """Full run: train on tiny, evaluate, record, re-evaluate from the checkpoint, score via the API."""
+    from ranker.evaluate import evaluate_run, predict
+    from ranker.runs import get_run, list_runs, load_checkpoint
+    from ranker.scoring import Ranker
+    from ranker.train import train
+
+    settings, dataset = world
+    res = train(settings, name, dataset, source=SOURCE, model_overrides=dict(FAST),
+                train_config=TrainConfig(batch_size=64, lr_dense=2e-3))
+    info = get_run(settings, res.run_id)
+    assert info.status == "done" and info.model == name and Path(info.checkpoint_path).exists()
+    assert info.source == (SOURCE if name == "muse" else None)
+    assert res.run_id in [r.id for r in list_runs(settings)]
+    overall = res.metrics["overall"]
+    assert overall["n"] > 100 and 0 < overall["auc"] < 1 and 0 < overall["gauc"] < 1
+    assert math.isfinite(overall["logloss"]) and "long_tail" in res.metrics and "long_history" in res.metrics
+    assert len(res.losses) >= 15 and np.isfinite(res.losses).all()  # (loss falling: test above)
+    again = evaluate_run(settings, res.run_id)
+    assert again["overall"]["gauc"] == pytest.approx(overall["gauc"], abs=1e-9)
+
+    if name == "muse":
+        return  # scored through the retriever in test_muse_scoring_through_the_retriever
+    ranker = Ranker.load(settings, res.run_id)
+    loaded = load_checkpoint(info.checkpoint_path)
+    user = int(ranker.histories.user_ids[3])
+    candidates = np.unique(ranker.space.items.values[::7])[:40]
+    from muse.data.format import Dataset
+
+    builder = open_builder(settings, Dataset.open(settings, dataset), loaded.model.retrieval,
+                           loaded.model.config, None, loaded.space)
+    offline = predict(loaded.model, builder, [{"user_id": np.full(len(candidates), user), "item_id": candidates,
+                                               "label": np.zeros(len(candidates)),
+                                               "hist_len": np.full(len(candidates), 10**9)}])
+    online = ranker.score(user, candidates, batch_size=16)
+    np.testing.assert_allclose(online, offline.probs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.milvus_server
+@pytest.mark.parametrize("path", ["cache", "milvus"])
+def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, unique_prefix: str, path: str) -> None:
+    """Item and behaviour vectors backfilled into the real Milvus server; the API's scores (GSU on
+    the retriever's cache or Milvus path) equal offline evaluation on the same user and candidates."""
+    from muse.data.format import Dataset
+    from muse.vectorstore import VectorStore
+    from ranker.evaluate import predict
+    from ranker.runs import get_run, load_checkpoint
+    from ranker.scoring import Ranker
+    from ranker.train import train
+
+    base, dataset = world
+    settings = load_settings(env={}, data_dir=base.data_dir, device="cpu", milvus_uri=milvus_server_uri,
+                             milvus_prefix=unique_prefix)
+    res = train(settings, "muse", dataset, source=SOURCE, model_overrides=dict(FAST),
+                train_config=TrainConfig(batch_size=64, lr_dense=2e-3, max_train=256, max_eval=64))
+    loaded = load_checkpoint(get_run(settings, res.run_id).checkpoint_path)
+    ds = Dataset.open(settings, dataset)
+    builder = open_builder(settings, ds, "multimodal", loaded.model.config, SOURCE, loaded.space)
+    table = builder.vectors
+    users = builder.histories.user_ids[:3]
+    store = VectorStore(settings)
+    try:
+        store.ensure_collections(SOURCE, DIM)
+        items = loaded.space.items.values  # raw ids; index i + 1 in the table
+        ok = table.present[1:].numpy()
+        store.upsert_items(SOURCE, items[ok], table.vectors[1:][ok].numpy(), loaded.space.item_features[1:, 0][ok])
+        for u in users:
+            start, length = (int(v[0]) for v in builder.histories.rows(np.array([u])))
+            idx = builder.histories.items[start:start + length]
+            has = table.present[idx].numpy()
+            store.upsert_behaviours(SOURCE, np.full(has.sum(), u), np.flatnonzero(has), items[idx[has] - 1],
+                                    table.vectors[idx[has]].numpy())
+        candidates = items[::9][:30]
+        with Ranker.load(settings, res.run_id, path=path) as ranker:
+            for u in users:
+                online = ranker.score(int(u), candidates, batch_size=16)
+                offline = predict(loaded.model, builder, [{
+                    "user_id": np.full(len(candidates), u), "item_id": candidates,
+                    "label": np.zeros(len(candidates)), "hist_len": np.full(len(candidates), 10**9)}])
+                np.testing.assert_allclose(online, offline.probs, rtol=1e-5, atol=1e-6)
+    finally:
+        store.drop_collections(SOURCE)
+        store.close()
+
+
+def test_cli_train_list_eval_and_compare(world, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:
+    from muse.cli.main import main
+
+    settings, dataset = world
+    monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("MUSE_DEVICE", "cpu")
+    common = ["--dataset", dataset, "--max-train", "300", "--max-eval", "200", "--batch-size", "64", "--k", "20"]
+    assert main(["rank", "train", "--model", "muse", "--source", SOURCE, "--esu", "ta", *common, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    run = out["run"]
+    assert out["overall"]["n"] == 200
+    assert main(["rank", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"{run:>4} muse" in listed and "ta" in listed
+    assert main(["rank", "eval", str(run), "--limit", "200", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"]["gauc"] == pytest.approx(out["overall"]["gauc"])
+    assert main(["rank", "eval", "99999"]) == 2
+    assert "99999" in capsys.readouterr().err
+    assert main(["rank", "train", "--model", "muse", "--dataset", dataset]) == 2  # no source
+    assert "embedding source" in capsys.readouterr().err
+
+    assert main(["compare", "--models", "din,muse", "--sources", SOURCE, "--esu", "ta,sa-ta+simtier",
+                 "--out", str(tmp_path), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "| din |" in printed and "| muse (sa-ta+simtier) |" in printed and "| muse (ta) |" in printed
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert [(r["model"], r["esu"], r["source"]) for r in rows] == [
+        ("din", None, None), ("muse", "ta", SOURCE), ("muse", "sa-ta+simtier", SOURCE)]
+    din_run = rows[0]["run_id"]
+    from ranker.runs import get_run, load_checkpoint
+    from ranker.scoring import Ranker
+
+    with Ranker.load(settings, din_run) as ranker:
+        user = int(ranker.histories.user_ids[0])
+        items = [int(i) for i in ranker.space.items.values[:3]]
+        expected = ranker.score(user, items)
+    assert get_run(settings, din_run).checkpoint_path and load_checkpoint(get_run(settings, din_run).checkpoint_path)
+    assert main(["rank", "score", str(din_run), "--user", str(user), "--items", ",".join(map(str, items)),
+                 "--json"]) == 0
+    np.testing.assert_allclose(json.loads(capsys.readouterr().out)["probs"], expected)
+
+
+def test_taobao_mm_demo_trains_with_shipped_scl_vectors(tmp_path: Path) -> None:
+    """The Taobao-MM reader's output (int64 ids, int8 SCL vectors, users without histories) runs
+    through the same pipeline: training, evaluation and the GSU on ``scl-taobao``."""
+    from muse import db
+    from muse.data.taobao_mm import import_taobao_mm
+    from ranker.train import train
+
+    # as tests/conftest.py's TAOBAO_DEMO_DIR (not imported: tests/ is not a package)
+    demo = Path(os.environ.get("MUSE_TAOBAO_DEMO", Path(__file__).resolve().parents[2] / "shared" / "taobao_mm_demo"))
+    if not demo.exists():
+        pytest.skip(f"no Taobao-MM demo files at {demo}")
+    settings = load_settings(env={}, data_dir=tmp_path / "muse-data", device="cpu")
+    db.upgrade(settings)
+    ds = import_taobao_mm(settings, demo)
+    for name in ("din", "muse"):
+        res = train(settings, name, ds.name, source="scl-taobao", train_config=TrainConfig(batch_size=4))
+        assert res.losses and np.isfinite(res.losses).all()
+        assert res.metrics["overall"]["n"] > 0 and math.isfinite(res.metrics["overall"]["logloss"])
+
+
+@pytest.mark.postgres
+def test_runs_are_recorded_in_postgresql_with_nan_metrics(postgres_url: str, tmp_path: Path) -> None:
+    """The server deployment's database: a run row with a NaN metric (one-class slice) and a tuple config."""
+    from muse import db
+    from muse.data.format import DatasetWriter
+    from muse.data.registry import register_dataset
+    from ranker.runs import create_run, finish_run, get_run, list_runs
+
+    settings = load_settings(env={}, data_dir=tmp_path / "muse-data", device="cpu", database_url=postgres_url)
+    db.upgrade(settings)
+    w = DatasetWriter(settings.path("datasets", "one"), "one", "simworld")
+    w.write_items(pa.table({"item_id": [1], "category": [1], "feat_a": [0], "feat_b": [0],
+                            "title": pa.nulls(1, pa.string())}))
+    w.write_users(pa.table({"user_id": [1], **{f"f{i}": [0] for i in range(1, 6)}}))
+    register_dataset(settings, w.finish())
+    run = create_run(settings, model="din", esu=None, source=None, dataset="one", seed=3,
+                     config={"model": {"tower": (8, 4)}})
+    finish_run(settings, run, status="done", metrics={"overall": {"auc": float("nan"), "gauc": 0.61}})
+    info = get_run(settings, run)
+    assert info.status == "done" and info.seed == 3 and info.config["model"]["tower"] == [8, 4]
+    assert info.metrics["overall"] == {"auc": None, "gauc": 0.61}
+    assert [r.id for r in list_runs(settings)] == [run]
