@@ -61,7 +61,11 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW learning rate (cosine-decayed to lr/10)
     weight_decay: float = 0.01
     temperature: float = 0.07  # softmax temperature of the contrastive losses
-    queue_size: int = 4096  # negative queue of QueueInfoNCE (i2i, id, scl); 0 = in-batch only
+    # Negative queue of QueueInfoNCE (i2i, id, scl); 0 = in-batch negatives only (the default: without a
+    # momentum encoder, queued keys are stale and the encoder learns to move every current vector away
+    # from them, which collapses all items onto one drifting point; see docs/embeddings.md).
+    # A positive value is capped at a quarter of the run's pairs (with a warning).
+    queue_size: int = 0
     hard_weight: float = 1.0  # scl: weight of the clicked-not-purchased triplet term
     margin: float = 0.2  # scl: triplet margin (cosine units)
     max_hard: int = 2  # scl: hard negatives per session
@@ -162,6 +166,7 @@ class _Task:
 
     n: int
     model: torch.nn.Module
+    queue_size: int = 0  # negative queue length actually used (after the cap)
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -194,6 +199,26 @@ def _sample(n: int, max_n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_n, replace=False))
 
 
+#: The queue may hold at most this share of the run's training pairs (stale copies of current positives).
+QUEUE_MAX_SHARE = 0.25
+
+
+def effective_queue_size(requested: int, n_pairs: int, source: str = "") -> int:
+    """``requested`` capped at :data:`QUEUE_MAX_SHARE` of ``n_pairs`` (logging a warning when capped).
+
+    A queue as long as the training set holds a stale copy of every item, so most of its negatives are
+    out-of-date vectors of the current positives' neighbours.
+    """
+    if requested < 0:
+        raise ConfigurationError(f"queue_size={requested} must be >= 0")
+    cap = int(n_pairs * QUEUE_MAX_SHARE)
+    if requested > cap:
+        log.warning("%squeue_size=%d is more than %d%% of the %d training pairs; using %d",
+                    f"{source}: " if source else "", requested, int(QUEUE_MAX_SHARE * 100), n_pairs, cap)
+        return cap
+    return requested
+
+
 def _flip_half(pairs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Swap a random half of (a, b) pairs so that both directions are learned."""
     flip = rng.random(len(pairs)) < 0.5
@@ -211,7 +236,8 @@ class _I2ITask(_Task):
         pairs = raw[self.bank.has(raw).all(axis=1)]
         self.pairs = _flip_half(pairs, np.random.default_rng(cfg.seed))  # [n, 2]
         self.n, self.model, self.device = len(self.pairs), model, device
-        self.criterion = QueueInfoNCE(cfg.dim, cfg.queue_size, cfg.temperature).to(device)
+        self.queue_size = effective_queue_size(cfg.queue_size, self.n, "i2i")
+        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, cfg.temperature).to(device)
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
         a, b = self.pairs[idx, 0], self.pairs[idx, 1]
@@ -230,7 +256,8 @@ class _IdTask(_Task):
         self.pairs = _flip_half(raw[keep], np.random.default_rng(cfg.seed))
         self.rows = model.rows(self.pairs.ravel())[0].reshape(-1, 2)  # [n, 2] table rows
         self.n, self.model, self.device = len(self.pairs), model, device
-        self.criterion = QueueInfoNCE(cfg.dim, cfg.queue_size, cfg.temperature).to(device)
+        self.queue_size = effective_queue_size(cfg.queue_size, self.n, "id")
+        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, cfg.temperature).to(device)
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
         rows = torch.as_tensor(self.rows[idx], device=self.device)  # [B, 2]
@@ -255,7 +282,8 @@ class _SclTask(_Task):
         hard[(hard >= 0) & ~self.bank.has(np.maximum(hard, 0))] = -1  # drop negatives without an image
         self.hard = hard  # [n, H]
         self.n, self.model, self.device, self.tokenizer = len(self.purchased), model, device, tokenizer
-        self.criterion = QueueInfoNCE(cfg.dim, cfg.queue_size, cfg.temperature).to(device)
+        self.queue_size = effective_queue_size(cfg.queue_size, self.n, "scl")
+        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, cfg.temperature).to(device)
         self.hard_weight, self.margin = cfg.hard_weight, cfg.margin
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
@@ -324,7 +352,8 @@ def train_source(
                     encoder=None if source == ID_SOURCE else cfg.encoder_config())
     train_metrics = {
         "steps": len(losses), "n_pairs": task.n, "seconds": round(seconds, 2), "device": device,
-        "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
+        "queue_size": task.queue_size, "loss_first": losses[0],
+        "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
     }
     row = register_version(
         settings, source, version, kind="id" if source == ID_SOURCE else "trained", dim=cfg.dim,

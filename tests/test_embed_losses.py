@@ -87,3 +87,33 @@ def test_rank_hits_against_brute_force() -> None:
     # Excluding the query's own row moves the target out of the top 1.
     assert not rank_hits(queries, corpus, valid, targets, k=1, exclude=np.arange(10)).any()
     assert not rank_hits(queries, corpus, valid, np.full(10, -1), k=50).any()  # absent targets miss
+
+
+def test_queued_stale_copies_of_the_positive_are_masked() -> None:
+    crit = QueueInfoNCE(dim=16, queue_size=3, temperature=0.1)
+    q, k = _unit(2, 16, seed=6), _unit(2, 16, seed=7)
+    stale = _unit(1, 16, seed=8)
+    for _ in range(3):  # the queue now holds three out-of-date vectors of item 5
+        crit(stale, stale, key_ids=torch.tensor([5]))
+    assert crit.queue_ids.tolist() == [5, 5, 5]
+    per_row = F.cross_entropy(
+        torch.cat([q @ k.T, q @ crit.queue.T], dim=1) / 0.1, torch.arange(2), reduction="none"
+    )
+    loss = crit(q, k, key_ids=torch.tensor([5, 9]))  # row 0's positive is item 5, row 1's is item 9
+    in_batch_row0 = F.cross_entropy(q[:1] @ k.T / 0.1, torch.tensor([0]))
+    # Row 0 sees only in-batch negatives; row 1 keeps the queued item-5 keys as negatives.
+    assert torch.allclose(loss, (in_batch_row0 + per_row[1]) / 2)
+
+
+def test_queue_size_is_capped_below_the_number_of_pairs(caplog: pytest.LogCaptureFixture) -> None:
+    from indexer.training import QUEUE_MAX_SHARE, TrainConfig, effective_queue_size
+
+    assert TrainConfig().queue_size == 0  # in-batch negatives by default
+    with caplog.at_level("WARNING", logger="indexer.training"):
+        assert effective_queue_size(4096, 3316, "scl") == int(3316 * QUEUE_MAX_SHARE) < 3316
+    assert "queue_size=4096" in caplog.text and "3316 training pairs" in caplog.text
+    caplog.clear()
+    assert effective_queue_size(256, 3316) == 256
+    assert caplog.text == ""
+    with pytest.raises(ConfigurationError, match="queue_size=-2"):
+        effective_queue_size(-2, 100)

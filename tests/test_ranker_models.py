@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -308,9 +307,7 @@ def test_taobao_mm_demo_trains_with_shipped_scl_vectors(tmp_path: Path) -> None:
     from muse import db
     from muse.data.taobao_mm import import_taobao_mm
     from ranker.train import train
-
-    # as tests/conftest.py's TAOBAO_DEMO_DIR (not imported: tests/ is not a package)
-    demo = Path(os.environ.get("MUSE_TAOBAO_DEMO", Path(__file__).resolve().parents[2] / "shared" / "taobao_mm_demo"))
+    from tests.conftest import TAOBAO_DEMO_DIR as demo
     if not demo.exists():
         pytest.skip(f"no Taobao-MM demo files at {demo}")
     settings = load_settings(env={}, data_dir=tmp_path / "muse-data", device="cpu")
