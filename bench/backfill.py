@@ -32,29 +32,10 @@ UPSERT_SOURCE = "benchupsert"
 def ensure_encoder(settings) -> None:  # noqa: ANN001
     """Register a seeded, untrained ``openclip`` encoder unless the source has a version
     (throughput does not depend on the weights)."""
-    import torch
+    from indexer.sources import list_versions, register_untrained_encoder
 
-    from indexer.encoders import EncoderConfig, build_clip_encoder, register_model_configs
-    from indexer.sources import (
-        CHECKPOINT_FILE,
-        list_versions,
-        next_version,
-        register_version,
-        save_checkpoint,
-        source_dir,
-    )
-
-    if list_versions(settings, SOURCE):
-        return
-    register_model_configs()
-    config = EncoderConfig()
-    torch.manual_seed(0)
-    model = build_clip_encoder(config)
-    version = next_version(settings, SOURCE)
-    path = source_dir(settings, SOURCE, version) / CHECKPOINT_FILE
-    save_checkpoint(path, source=SOURCE, model=model, encoder=config)
-    register_version(settings, SOURCE, version, kind="trained", dim=model.dim, dataset_name=None,
-                     checkpoint_path=path, config=config.to_dict(), metrics={"note": "bench: random init"})
+    if not list_versions(settings, SOURCE):
+        register_untrained_encoder(settings, SOURCE, seed=0, metrics={"note": "bench: random init"})
 
 
 def encoder_only(encoder, images: list[bytes], chunk_size: int) -> tuple[int, float]:  # noqa: ANN001

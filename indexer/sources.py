@@ -223,6 +223,27 @@ def save_checkpoint(path: Path, *, source: str, model: torch.nn.Module, encoder:
     tmp.replace(path)  # atomic: a reader never sees half a checkpoint
 
 
+def register_untrained_encoder(
+    settings: Settings, name: str, *, seed: int = 0, metrics: dict[str, Any] | None = None
+) -> SourceVersion:
+    """Save a seeded, randomly initialised default encoder as the next version of source ``name``.
+
+    A baseline for evaluation and a stand-in where the weights do not matter (queue throughput,
+    tests of the backfill mechanics).
+    """
+    register_model_configs()
+    config = EncoderConfig()
+    torch.manual_seed(seed)
+    model = build_clip_encoder(config)
+    version = next_version(settings, name)
+    path = source_dir(settings, name, version) / CHECKPOINT_FILE
+    save_checkpoint(path, source=name, model=model, encoder=config)
+    return register_version(
+        settings, name, version, kind="trained", dim=model.dim, dataset_name=None,
+        checkpoint_path=path, config=config.to_dict(), metrics=metrics or {"note": "random init"},
+    )
+
+
 def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from muse.configs import config_from_dict
 from muse.errors import ConfigurationError, DataError
 from muse.settings import Settings
 from ranker.data import BatchBuilder, background, iter_impression_batches, open_builder
@@ -45,11 +46,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - valid
-        if unknown:
-            raise ConfigurationError(f"unknown TrainConfig keys {sorted(unknown)}; valid: {sorted(valid)}")
-        return cls(**{k: v for k, v in values.items() if v is not None})
+        return config_from_dict(cls, {k: v for k, v in values.items() if v is not None})
 
 
 @dataclass

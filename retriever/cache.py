@@ -16,7 +16,6 @@ elsewhere call :meth:`HistoryCache.invalidate`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -28,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from muse.configs import config_from_dict
 from muse.errors import ConfigurationError
 from retriever.kernels import TopK, gsu_topk, l2_normalise, quantise_int8
 
@@ -76,11 +76,7 @@ class CacheConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CacheConfig:
         """Build from a mapping, rejecting unknown keys (naming them and the valid ones)."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - valid
-        if unknown:
-            raise ConfigurationError(f"unknown cache options {sorted(unknown)}; valid: {sorted(valid)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "cache options")
 
 
 @dataclass

@@ -31,22 +31,9 @@ def make_tiny_world(settings: Settings):  # noqa: ANN201 - muse.data.format.Data
 
 def register_random_encoder(settings: Settings, name: str = SOURCE) -> None:
     """Save a seeded, untrained muse-tiny encoder as the next version of source ``name``."""
-    import torch
+    from indexer.sources import register_untrained_encoder
 
-    from indexer.encoders import EncoderConfig, build_clip_encoder, register_model_configs
-    from indexer.sources import CHECKPOINT_FILE, next_version, register_version, save_checkpoint, source_dir
-
-    register_model_configs()
-    config = EncoderConfig()
-    torch.manual_seed(0)
-    model = build_clip_encoder(config)
-    version = next_version(settings, name)
-    path = source_dir(settings, name, version) / CHECKPOINT_FILE
-    save_checkpoint(path, source=name, model=model, encoder=config)
-    register_version(
-        settings, name, version, kind="trained", dim=model.dim, dataset_name=None,
-        checkpoint_path=path, config=config.to_dict(), metrics={},
-    )
+    register_untrained_encoder(settings, name, seed=0)
 
 
 def corrupt_image(dataset, item_id: int) -> None:  # noqa: ANN001

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from muse.configs import config_from_dict
 from muse.errors import ConfigurationError
 
 DAY = 86_400  # seconds; world times are int64 seconds since the world's start
@@ -62,11 +63,7 @@ class WorldConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> WorldConfig:
         """Build from a dict, rejecting unknown keys (naming them and the valid ones)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigurationError(f"unknown world config keys {unknown}; valid: {sorted(names)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "world config keys")
 
 
 SIZES: dict[str, WorldConfig] = {
