@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--batch-size", type=int, help="pairs per step (default 128)")
     tr.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     tr.add_argument("--temperature", type=float, help="contrastive softmax temperature (default 0.07)")
-    tr.add_argument("--queue-size", type=int, help="negative queue length for scl/i2i/id (default 4096)")
+    tr.add_argument("--queue-size", type=int, help="negative queue length for scl/i2i/id (default 0 = in-batch negatives only; capped at 25%% of the pairs)")
     tr.add_argument("--hard-weight", type=float, help="scl: weight of the clicked-not-purchased term (default 1)")
     tr.add_argument("--max-pairs", type=int, help="co-occurrence pairs sampled for i2i/id (default 10000)")
     tr.add_argument("--max-steps", type=int, help="stop after this many steps")
