@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muse.configs import config_from_dict
 from muse.errors import ConfigurationError, DataError
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,6 @@ def available_models() -> list[str]:
     return list(open_clip.list_models())
 
 
-def _reject_unknown(cls: type, values: dict[str, Any]) -> None:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ConfigurationError(f"{cls.__name__}: unknown keys {sorted(unknown)}; valid: {sorted(names)}")
-
-
 @dataclass(frozen=True)
 class EncoderConfig:
     """Which open_clip model to build and how."""
@@ -97,8 +91,7 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:
         """Build from a dict, rejecting unknown keys."""
-        _reject_unknown(cls, values)
-        return cls(**values)
+        return config_from_dict(cls, values, "keys of EncoderConfig")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

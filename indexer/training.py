@@ -44,6 +44,7 @@ from indexer.sources import (
     save_checkpoint,
     source_dir,
 )
+from muse.configs import config_from_dict
 from muse.errors import ConfigurationError, DataError
 from muse.settings import Settings
 
@@ -80,11 +81,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a dict, rejecting unknown keys and bad values."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ConfigurationError(f"TrainConfig: unknown keys {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "keys of TrainConfig")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_hard", "window", "max_pairs", "dim"):
