@@ -111,11 +111,11 @@ def test_batched_matches_per_row_reference(with_targets_axis: bool) -> None:
     assert got.valid[2].sum() == 0  # an empty history returns nothing valid
 
 
-@pytest.mark.parametrize("n_targets", [8, 40])  # rerank path on CPU up to 16 targets, chunked above
+@pytest.mark.parametrize("n_targets", [8, 40])  # rerank on CPU up to 16 targets; above, AMX decides
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8])
 def test_compressed_storage_close_to_float32(dtype: torch.dtype, n_targets: int) -> None:
     rng = np.random.default_rng(3)
-    history = rng.normal(size=(3000, 32)).astype(np.float32)
+    history = rng.normal(size=(5000, 32)).astype(np.float32)  # >= RERANK_MIN_ROWS_CPU
     history /= np.linalg.norm(history, axis=1, keepdims=True)
     targets = rng.normal(size=(n_targets, 32)).astype(np.float32)
     targets /= np.linalg.norm(targets, axis=1, keepdims=True)  # normalized=True covers both sides

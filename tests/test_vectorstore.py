@@ -80,6 +80,8 @@ def test_behaviours_partitioned_by_user(store: VectorStore):
         top = np.sort(expected)[::-1][:10]
         np.testing.assert_allclose([h.score for h in per_target], top, atol=1e-5)
         assert [h.position for h in per_target] == np.argsort(-expected)[:10].tolist()
+    # Once the writes are visible (the Strong search above), a Bounded search returns the same hits.
+    assert store.search_behaviours("scl", 303, targets, k=10, consistency_level="Bounded") == hits
 
 
 def test_unknown_user_is_empty(store: VectorStore):
@@ -97,6 +99,8 @@ def test_bad_inputs(store: VectorStore, milvus_settings: Settings):
         store.item_collection("scl; drop")
     with pytest.raises(ValueError, match="k must be"):
         store.search_behaviours("scl", 1, np.ones((1, DIM), np.float32), k=0)
+    with pytest.raises(ValueError, match="consistency_level 'Weak' is unknown"):
+        store.search_behaviours("scl", 1, np.ones((1, DIM), np.float32), k=1, consistency_level="Weak")
     with pytest.raises(NotFoundError, match="does not exist"):
         store.count_items("openclip")
     with pytest.raises(ConfigurationError, match="16-d"):
