@@ -99,6 +99,8 @@ def _scores_2d(
     n_rows = history.shape[0]
     if history.dtype == torch.float32:
         scores = scores_into_buffer(targets, history)  # [B, L]
+    elif history.device.type == "cpu" and chunk_rows is None and n_rows <= 2 * CPU_CHUNK_ROWS:
+        scores = scores_into_buffer(targets, history.float())  # [B, L]; one up-cast beats a loop here
     else:
         if chunk_rows is None:
             chunk_rows = CPU_CHUNK_ROWS if history.device.type == "cpu" else n_rows
