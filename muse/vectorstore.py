@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,8 @@ CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 UPSERT_BATCH = 2000
 #: Behaviours fetched per query when paging through a user's history.
 FETCH_BATCH = 8192
+#: Pages of one history fetched concurrently.
+FETCH_PARALLEL = 4
 #: Partition-key buckets of a behaviour collection (Milvus' own default is 16 on 2.3).
 NUM_PARTITIONS = 64
 
@@ -459,7 +463,10 @@ class VectorStore:
         """Page through one user's behaviours in position order, ``batch_size`` positions a page.
 
         Counts the user's rows first and pages by position ranges until all are read, so gaps in
-        positions are handled and no server-side iterator is needed.
+        positions are handled and no server-side iterator is needed. Up to :data:`FETCH_PARALLEL`
+        pages are in flight at once (each query on a server waits for its time tick first, so
+        one page at a time would spend most of a long history's load waiting); pages are yielded
+        in position order.
         """
         if not 0 < batch_size <= MAX_QUERY_WINDOW:
             raise ConfigurationError(f"batch_size must be in 1..{MAX_QUERY_WINDOW}, got {batch_size}")
@@ -467,31 +474,45 @@ class VectorStore:
         self._require(name)
         user = int(user_id)
         total = self._count(name, f"user_id == {user}")
-        seen, low = 0, 0
-        while seen < total:
-            expr = f"user_id == {user} and position >= {low} and position < {low + batch_size}"
-            rows = self._call(
-                "query",
-                self.client.query,
-                name,
-                filter=expr,
-                output_fields=["position", "item_id", "vector"],
-                limit=batch_size,
-            )
-            low += batch_size
-            if not rows:
-                if low > (1 << 40):  # positions never get this large: the count was stale
-                    break
-                continue
-            # sorted() materialises pymilvus' lazy result list; sorting it in place would detach the
-            # vectors from their rows.
-            rows = sorted(rows, key=lambda r: r["position"])
-            seen += len(rows)
-            yield BehaviourBatch(
-                positions=np.fromiter((r["position"] for r in rows), dtype=np.int64, count=len(rows)),
-                item_ids=np.fromiter((r["item_id"] for r in rows), dtype=np.int64, count=len(rows)),
-                vectors=np.asarray([r["vector"] for r in rows], dtype=np.float32),
-            )
+        if total == 0:
+            return
+        seen, next_low = 0, 0
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(FETCH_PARALLEL, thread_name_prefix="muse-fetch") as pool:
+            while seen < total:
+                # Pages still needed if the positions are dense; never more in flight than that.
+                wanted = min(FETCH_PARALLEL, max(1, -(-(total - seen) // batch_size)))
+                while len(pending) < wanted:
+                    pending.append(pool.submit(self._behaviour_page, name, user, next_low, batch_size))
+                    next_low += batch_size
+                rows = pending.popleft().result()
+                if not rows:
+                    if next_low > (1 << 40):  # positions never get this large: the count was stale
+                        break
+                    continue
+                seen += len(rows)
+                yield BehaviourBatch(
+                    positions=np.fromiter((r["position"] for r in rows), dtype=np.int64, count=len(rows)),
+                    item_ids=np.fromiter((r["item_id"] for r in rows), dtype=np.int64, count=len(rows)),
+                    vectors=np.asarray([r["vector"] for r in rows], dtype=np.float32),
+                )
+            for f in pending:  # pages beyond the last row (positions were sparse at the end)
+                f.cancel()
+
+    def _behaviour_page(self, name: str, user: int, low: int, batch_size: int) -> list[dict[str, Any]]:
+        """The user's rows with ``low <= position < low + batch_size``, sorted by position."""
+        expr = f"user_id == {user} and position >= {low} and position < {low + batch_size}"
+        rows = self._call(
+            "query",
+            self.client.query,
+            name,
+            filter=expr,
+            output_fields=["position", "item_id", "vector"],
+            limit=batch_size,
+        )
+        # sorted() materialises pymilvus' lazy result list; sorting it in place would detach the
+        # vectors from their rows.
+        return sorted(rows, key=lambda r: r["position"])
 
     def fetch_user_behaviours(
         self, source: str, user_id: int, batch_size: int = FETCH_BATCH
