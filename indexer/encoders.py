@@ -1,8 +1,9 @@
 """The encoder family: open_clip models with 128-d L2-normalised image and text towers.
 
 One factory (:func:`build_clip_encoder`) turns an :class:`EncoderConfig` into a
-:class:`ClipEncoder`. The default architecture, ``muse-tiny``, is a small ViT + text transformer
-described by a JSON file in ``indexer/model_configs/`` and registered with open_clip at import,
+:class:`ClipEncoder`. The default architecture, ``muse-tiny-rn``, is a small ResNet (open_clip's
+ModifiedResNet) + text transformer; ``muse-tiny`` is the same with a 2-layer ViT image tower. Both are
+described by JSON files in ``indexer/model_configs/`` and registered with open_clip at import,
 so CPU training of a ``small`` dataset takes minutes. Any other open_clip model name works; its
 pretrained weights load from a local file only (nothing is downloaded at run time).
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: Folder of the project's own open_clip model configs (one JSON file per architecture).
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-DEFAULT_MODEL = "muse-tiny"
+DEFAULT_MODEL = "muse-tiny-rn"
 #: Width of every item vector the project stores (the released Taobao-MM vectors are 128-d too).
 OUTPUT_DIM = 128
 #: open_clip model-name schemas that would fetch files from the network.
@@ -84,7 +85,7 @@ def available_models() -> list[str]:
 class EncoderConfig:
     """Which open_clip model to build and how."""
 
-    model: str = DEFAULT_MODEL  # open_clip architecture name (``muse-tiny`` = project default)
+    model: str = DEFAULT_MODEL  # open_clip architecture name (``muse-tiny-rn`` = project default)
     dim: int = OUTPUT_DIM  # output width; a linear head maps open_clip's embed_dim to it if they differ
     pretrained: str | None = None  # local weights file (open_clip state dict) to start from, or None
 
@@ -107,7 +108,7 @@ class ClipEncoder(nn.Module):
         super().__init__()
         self.clip = clip
         self.dim = dim
-        # Identity when the architecture already has the requested width (muse-tiny: 128).
+        # Identity when the architecture already has the requested width (muse-tiny, muse-tiny-rn: 128).
         self.image_head: nn.Module = nn.Identity() if embed_dim == dim else nn.Linear(embed_dim, dim)
         self.text_head: nn.Module = nn.Identity() if embed_dim == dim else nn.Linear(embed_dim, dim)
 
@@ -235,9 +236,17 @@ class ImagePreprocessor:
 
     def to_tensor(self, batch: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
         """``uint8 [B, 3, S, S]`` -> normalised ``float32 [B, 3, S, S]`` on ``device``."""
-        x = torch.as_tensor(batch).to(device=device, dtype=torch.float32) / 255.0
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        return self.normalize(self.to_unit(batch, device))
+
+    @staticmethod
+    def to_unit(batch: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+        """``uint8 [B, 3, S, S]`` -> ``float32 [B, 3, S, S]`` in [0, 1] on ``device``."""
+        return torch.as_tensor(batch).to(device=device, dtype=torch.float32) / 255.0
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``float32 [B, 3, S, S]`` in [0, 1] -> the model's normalised input (per-channel mean/std)."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
 

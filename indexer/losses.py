@@ -2,8 +2,9 @@
 
 - :class:`ClipLoss`: symmetric in-batch softmax over image <-> text (OpenCLIP).
 - :class:`QueueInfoNCE`: InfoNCE whose negatives are the other keys of the batch plus a FIFO queue
-  of keys from earlier batches (I2I, ID, SCL). The queue holds detached keys of the same encoder
-  (a memory bank); the MoCo momentum encoder is left out to keep the model a single network.
+  of keys from earlier batches (I2I, ID, SCL). The queue holds the detached keys it was given: from
+  the online encoder (a memory bank), or for i2i with ``momentum`` from MoCo's momentum key encoder
+  (``indexer.training.MomentumKeyEncoder``).
 - :func:`hard_negative_triplet`: SCL's extra term for items clicked but not purchased in the session.
 
 All inputs are L2-normalised ``[B, d]`` vectors, so dot products are cosines.
@@ -52,7 +53,8 @@ class QueueInfoNCE(nn.Module):
     Caution: without a momentum encoder the queued keys are stale. With lr 1e-3 even a queue of four
     batches (512 keys) lets the encoder lower the loss by moving *all* current vectors away from the
     queue, which collapses items onto one drifting point (measured on simworld ``small``: cosines
-    between different items 0.97+ after 20 steps). Training therefore defaults to ``queue_size=0``.
+    between different items 0.97+ after 20 steps). Training therefore defaults to ``queue_size=0``;
+    i2i can fill the queue from a momentum key encoder instead (``TrainConfig.momentum``).
     """
 
     def __init__(self, dim: int, queue_size: int = 4096, temperature: float = 0.07) -> None:

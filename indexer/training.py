@@ -8,6 +8,8 @@ with the source's loss (``indexer.losses``), saves the checkpoint under
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -57,16 +59,29 @@ TRAINABLE_SOURCES = TRAINED_SOURCES + (ID_SOURCE,)
 class TrainConfig:
     """Options of one training run (defaults sized so ``small`` trains in minutes on 2 CPUs)."""
 
-    epochs: int = 2  # passes over the (sampled) pairs
+    epochs: int | None = None  # passes over the (sampled) pairs; None = the source's default (8 scl, 10 id, else 2)
     batch_size: int = 128  # pairs per step; also the number of in-batch negatives
     lr: float = 1e-3  # AdamW learning rate (cosine-decayed to lr/10)
     weight_decay: float = 0.01
-    temperature: float = 0.07  # softmax temperature of the contrastive losses
+    # Softmax temperature of the contrastive losses; None = the source's default (:data:`SOURCE_DEFAULTS`:
+    # 0.2 for i2i, whose co-occurrence positives are noisy, 0.07 otherwise).
+    temperature: float | None = None
     # Negative queue of QueueInfoNCE (i2i, id, scl); 0 = in-batch negatives only (the default: without a
     # momentum encoder, queued keys are stale and the encoder learns to move every current vector away
     # from them, which collapses all items onto one drifting point; see docs/embeddings.md).
     # A positive value is capped at a quarter of the run's pairs (with a warning).
     queue_size: int = 0
+    # MoCo-style momentum key encoder (i2i only): keys come from an EMA copy of the image tower,
+    # updated as ``key = m * key + (1 - m) * online`` after every step, so queued keys stay consistent
+    # with the current encoder. 0 = no key encoder (keys from the online tower, with gradient).
+    momentum: float = 0.0
+    # Random geometric augmentation of training images (zoom/crop, small rotation, flip, brightness);
+    # colours are kept (colour is half of an interest key). None = the source's default (on for i2i).
+    augment: bool | None = None
+    # Weight of the same-item term (scl, i2i, openclip): two augmented views of the same item image are
+    # a positive pair, the other items of the batch negatives (SimCLR). 0 = off; needs ``augment``.
+    # None = the source's default (0.1 for i2i: it keeps different items apart, so i2i cannot collapse).
+    view_weight: float | None = None
     hard_weight: float = 1.0  # scl: weight of the clicked-not-purchased triplet term
     margin: float = 0.2  # scl: triplet margin (cosine units)
     max_hard: int = 2  # scl: hard negatives per session
@@ -85,21 +100,50 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_hard", "window", "max_pairs", "dim"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigurationError(f"{name}={getattr(self, name)} must be >= 1")
         if self.batch_size < 2:
             raise ConfigurationError(f"batch_size={self.batch_size} must be >= 2 (in-batch negatives)")
         if not self.lr > 0:
             raise ConfigurationError(f"lr={self.lr} must be > 0")
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise ConfigurationError(f"temperature={self.temperature} must be > 0")
         if self.queue_size < 0:
             raise ConfigurationError(f"queue_size={self.queue_size} must be >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigurationError(f"max_steps={self.max_steps} must be >= 1")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigurationError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.view_weight is not None and self.view_weight < 0:
+            raise ConfigurationError(f"view_weight={self.view_weight} must be >= 0")
+        if self.view_weight and self.augment is False:
+            raise ConfigurationError("view_weight > 0 needs augment=True (two views of one image are identical)")
+
+    def for_source(self, source: str) -> TrainConfig:
+        """This config with every option left at None set to ``source``'s default (:data:`SOURCE_DEFAULTS`)."""
+        defaults = {**GENERIC_DEFAULTS, **SOURCE_DEFAULTS.get(source, {})}
+        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.view_weight and self.augment is None:
+            filled["augment"] = True  # asking for the view term implies augmentation
+        return dataclasses.replace(self, **filled)
 
     def encoder_config(self) -> EncoderConfig:
         return EncoderConfig(model=self.model, dim=self.dim, pretrained=self.pretrained)
+
+
+#: Values of the options a :class:`TrainConfig` leaves at None, for every source ...
+GENERIC_DEFAULTS: dict[str, Any] = {"epochs": 2, "temperature": 0.07, "augment": False, "view_weight": 0.0}
+#: ... and where a source differs. i2i positives (co-occurring items) share the colour only a third
+#: of the time: at temperature 0.07 the best the loss can do with such noisy positives is a near
+#: collapse (all cosines within ~0.1), so i2i uses 0.2 plus augmented views of each item as extra
+#: positives, which keep different items apart (measured in docs/embeddings.md).
+#: scl has few pairs (one per search session that ends in a purchase: 3,316 on ``small``), so it
+#: makes more passes over them; id steps cost milliseconds, so it makes more too.
+SOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "i2i": {"temperature": 0.2, "augment": True, "view_weight": 0.1},
+    "scl": {"epochs": 8},
+    "id": {"epochs": 10},
+}
 
 
 @dataclass(frozen=True)
@@ -143,10 +187,68 @@ class ImageBank:
         return np.fromiter((int(i) in self.index for i in np.asarray(item_ids).ravel()), bool,
                            count=np.asarray(item_ids).size).reshape(np.shape(item_ids))
 
-    def batch(self, item_ids: np.ndarray, device: str) -> torch.Tensor:
-        """item ids ``[B]`` -> normalised images ``[B, 3, S, S]`` on ``device``."""
+    def batch(self, item_ids: np.ndarray, device: str, augment: torch.Generator | None = None) -> torch.Tensor:
+        """item ids ``[B]`` -> normalised images ``[B, 3, S, S]`` on ``device``.
+
+        With ``augment`` (a seeded generator) every image gets a random view (:func:`augment_images`).
+        """
         rows = [self.index[int(i)] for i in item_ids]
-        return self.preprocessor.to_tensor(self.pixels[rows], device)
+        x = self.preprocessor.to_unit(self.pixels[rows], device)  # [B, 3, S, S] in [0, 1]
+        if augment is not None:
+            x = augment_images(x, augment)
+        return self.preprocessor.normalize(x)
+
+
+def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random view of each image of ``x`` (``float32 [B, 3, S, S]`` in [0, 1]), same shape and range.
+
+    Per image: zoom 0.8-1.15 (a crop when > 1), rotation up to 0.3 rad, shift up to 10% of the side, a
+    horizontal flip half of the time (reflection fills the border), and brightness x0.85-1.15. Hue
+    and saturation are kept: an item's colour is half of its interest key.
+    """
+    b = len(x)
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator)  # [B] on CPU (the generator's device)
+
+    scale = 1.0 / uniform(0.8, 1.15)  # sampling-grid scale: < 1 zooms in
+    angle = uniform(-0.3, 0.3)
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, uniform(-0.1, 0.1)], dim=1),
+        torch.stack([sin * flip, cos, uniform(-0.1, 0.1)], dim=1),
+    ], dim=1).to(x.device)  # [B, 2, 3]
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    brightness = uniform(0.85, 1.15).to(x.device).view(b, 1, 1, 1)
+    return (out * brightness).clamp(0.0, 1.0)
+
+
+class MomentumKeyEncoder:
+    """A frozen copy of a model whose weights follow the online model's as an exponential moving average.
+
+    MoCo's key encoder: keys computed by it (no gradient) change slowly, so keys queued a few steps
+    ago are still comparable with the current ones. :meth:`update` after every optimiser step sets
+    ``key = momentum * key + (1 - momentum) * online`` for every parameter, and copies the buffers
+    (BatchNorm running statistics).
+    """
+
+    def __init__(self, model: torch.nn.Module, momentum: float) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigurationError(f"momentum={momentum} must be in [0, 1)")
+        self.momentum = momentum
+        self.online = model
+        self.model = copy.deepcopy(model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for k, q in zip(self.model.parameters(), self.online.parameters()):
+            k.mul_(self.momentum).add_(q.detach(), alpha=1.0 - self.momentum)
+        for k, q in zip(self.model.buffers(), self.online.buffers()):
+            k.copy_(q)
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -168,6 +270,38 @@ class _Task:
     def loss(self, idx: np.ndarray) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def after_step(self) -> None:
+        """Called after every optimiser step (the momentum key encoder's update)."""
+
+
+def _temperature(cfg: TrainConfig) -> float:
+    """The run's temperature (``cfg`` comes from :meth:`TrainConfig.for_source`, so it is set)."""
+    return GENERIC_DEFAULTS["temperature"] if cfg.temperature is None else cfg.temperature
+
+
+class _Views:
+    """Augmentation and the same-item term of a run: two random views of an item image are positives.
+
+    ``rng`` is None when augmentation is off (``ImageBank.batch`` then returns the plain images).
+    """
+
+    def __init__(self, cfg: TrainConfig, device: str) -> None:
+        self.rng = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
+        self.weight = cfg.view_weight or 0.0
+        self.criterion = QueueInfoNCE(cfg.dim, 0, _temperature(cfg)).to(device) if self.weight > 0 else None
+        self.device = device
+
+    def loss(self, encoder: Any, bank: ImageBank, item_ids: np.ndarray, first: torch.Tensor) -> torch.Tensor | float:
+        """``weight`` x InfoNCE(first view, second view) over the batch; ``first`` ``[B, d]`` is already
+        encoded (with gradient); ``encoder`` (the online model or the key encoder) encodes the second."""
+        if self.criterion is None:
+            return 0.0
+        frozen = not any(p.requires_grad for p in encoder.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            second = encoder.encode_image(bank.batch(item_ids, self.device, self.rng))  # [B, d]
+        ids = torch.as_tensor(item_ids, device=self.device)
+        return self.weight * self.criterion(first, second, ids)  # other copies of the same item are masked
+
 
 class _ClipTask(_Task):
     """OpenCLIP: item image <-> title, symmetric CLIP loss."""
@@ -181,12 +315,15 @@ class _ClipTask(_Task):
         self.item_ids = tp.item_ids[keep]
         self.titles = [t for t, k in zip(tp.titles, keep) if k]
         self.n, self.model, self.device, self.tokenizer = len(self.item_ids), model, device, tokenizer
-        self.criterion = ClipLoss(cfg.temperature)
+        self.criterion = ClipLoss(_temperature(cfg))
+        self.views = _Views(cfg, device)
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
-        img = self.model.encode_image(self.bank.batch(self.item_ids[idx], self.device))  # [B, d]
+        ids = self.item_ids[idx]
+        img = self.model.encode_image(self.bank.batch(ids, self.device, self.views.rng))  # [B, d]
         tokens = self.tokenizer([self.titles[i] for i in idx]).to(self.device)  # [B, ctx]
-        return self.criterion(img, self.model.encode_text(tokens))
+        loss = self.criterion(img, self.model.encode_text(tokens))
+        return loss + self.views.loss(self.model, self.bank, ids, img)
 
 
 def _sample(n: int, max_n: int, seed: int) -> np.ndarray:
@@ -234,13 +371,26 @@ class _I2ITask(_Task):
         self.pairs = _flip_half(pairs, np.random.default_rng(cfg.seed))  # [n, 2]
         self.n, self.model, self.device = len(self.pairs), model, device
         self.queue_size = effective_queue_size(cfg.queue_size, self.n, "i2i")
-        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, cfg.temperature).to(device)
+        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, _temperature(cfg)).to(device)
+        self.views = _Views(cfg, device)
+        self.keys = MomentumKeyEncoder(model, cfg.momentum) if cfg.momentum > 0 else None
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
         a, b = self.pairs[idx, 0], self.pairs[idx, 1]
-        q = self.model.encode_image(self.bank.batch(a, self.device))  # [B, d]
-        k = self.model.encode_image(self.bank.batch(b, self.device))  # [B, d]
-        return self.criterion(q, k, torch.as_tensor(b, device=self.device), torch.as_tensor(a, device=self.device))
+        q = self.model.encode_image(self.bank.batch(a, self.device, self.views.rng))  # [B, d]
+        if self.keys is None:
+            key_model: Any = self.model
+            k = self.model.encode_image(self.bank.batch(b, self.device, self.views.rng))  # [B, d]
+        else:
+            key_model = self.keys.model
+            with torch.no_grad():
+                k = key_model.encode_image(self.bank.batch(b, self.device, self.views.rng))  # [B, d]
+        loss = self.criterion(q, k, torch.as_tensor(b, device=self.device), torch.as_tensor(a, device=self.device))
+        return loss + self.views.loss(key_model, self.bank, a, q)  # MoCo: the second view from the key encoder
+
+    def after_step(self) -> None:
+        if self.keys is not None:
+            self.keys.update()
 
 
 class _IdTask(_Task):
@@ -254,7 +404,7 @@ class _IdTask(_Task):
         self.rows = model.rows(self.pairs.ravel())[0].reshape(-1, 2)  # [n, 2] table rows
         self.n, self.model, self.device = len(self.pairs), model, device
         self.queue_size = effective_queue_size(cfg.queue_size, self.n, "id")
-        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, cfg.temperature).to(device)
+        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, _temperature(cfg)).to(device)
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
         rows = torch.as_tensor(self.rows[idx], device=self.device)  # [B, 2]
@@ -280,19 +430,21 @@ class _SclTask(_Task):
         self.hard = hard  # [n, H]
         self.n, self.model, self.device, self.tokenizer = len(self.purchased), model, device, tokenizer
         self.queue_size = effective_queue_size(cfg.queue_size, self.n, "scl")
-        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, cfg.temperature).to(device)
+        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, _temperature(cfg)).to(device)
         self.hard_weight, self.margin = cfg.hard_weight, cfg.margin
+        self.views = _Views(cfg, device)
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
         tokens = self.tokenizer([self.queries[i] for i in idx]).to(self.device)  # [B, ctx]
         q = self.model.encode_text(tokens)  # [B, d]
         pos_ids = self.purchased[idx]
-        pos = self.model.encode_image(self.bank.batch(pos_ids, self.device))  # [B, d]
+        pos = self.model.encode_image(self.bank.batch(pos_ids, self.device, self.views.rng))  # [B, d]
         loss = self.criterion(q, pos, torch.as_tensor(pos_ids, device=self.device))
+        loss = loss + self.views.loss(self.model, self.bank, pos_ids, pos)
         hard = self.hard[idx]  # [B, H]
         mask = hard >= 0
         if self.hard_weight > 0 and mask.any():
-            neg_flat = self.model.encode_image(self.bank.batch(hard[mask], self.device))  # [m, d]
+            neg_flat = self.model.encode_image(self.bank.batch(hard[mask], self.device, self.views.rng))  # [m, d]
             neg = torch.zeros(*hard.shape, q.shape[1], device=self.device)  # [B, H, d]
             neg[torch.as_tensor(mask, device=self.device)] = neg_flat
             mask_t = torch.as_tensor(mask, device=self.device, dtype=q.dtype)
@@ -324,7 +476,9 @@ def train_source(
     """
     if source not in TRAINABLE_SOURCES:
         raise ConfigurationError(f"cannot train source {source!r}; trainable: {', '.join(TRAINABLE_SOURCES)}")
-    cfg = config or TrainConfig()
+    cfg = (config or TrainConfig()).for_source(source)
+    if cfg.momentum > 0 and source != "i2i":
+        log.warning("momentum=%s is used by i2i only; %s trains without a key encoder", cfg.momentum, source)
     check_registry(settings)  # fail now, not after minutes of training
     dataset = open_dataset(settings, dataset)
     device = settings.resolve_device()
@@ -334,7 +488,8 @@ def train_source(
     if task.n < 2:
         raise DataError(f"dataset {dataset.name!r} yields {task.n} training pairs for {source}; need >= 2")
     steps_per_epoch = math.ceil(task.n / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    epochs = int(cfg.epochs or GENERIC_DEFAULTS["epochs"])
+    total = steps_per_epoch * epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * epochs)
     params = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, total=total))
@@ -389,6 +544,7 @@ def _run_steps(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                task.after_step()
                 schedule.step()
                 losses.append(float(loss.item()))
                 bar.update(1)

@@ -117,3 +117,58 @@ def test_queue_size_is_capped_below_the_number_of_pairs(caplog: pytest.LogCaptur
     assert caplog.text == ""
     with pytest.raises(ConfigurationError, match="queue_size=-2"):
         effective_queue_size(-2, 100)
+
+
+def test_augment_images_keeps_shape_range_and_hue_and_is_seeded() -> None:
+    from indexer.training import augment_images
+
+    x = torch.zeros(4, 3, 16, 16)
+    x[:, 0, 4:12, 4:12] = 0.8  # a red square on black
+    x[:, 1, 4:12, 4:12] = 0.2
+    a = augment_images(x, torch.Generator().manual_seed(0))
+    b = augment_images(x, torch.Generator().manual_seed(0))
+    c = augment_images(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.min() >= 0.0 and a.max() <= 1.0
+    torch.testing.assert_close(a, b)  # same seed, same views
+    assert not torch.allclose(a, c) and not torch.allclose(a, x)  # other seed, other views; not a no-op
+    ratio = a[:, 1].sum(dim=(1, 2)) / a[:, 0].sum(dim=(1, 2))  # bilinear mixing with black keeps the hue
+    torch.testing.assert_close(ratio, torch.full((4,), 0.25), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(a[0], a[1])  # each image of the batch gets its own view
+
+
+def test_momentum_key_encoder_is_an_ema_of_the_online_weights() -> None:
+    from indexer.training import MomentumKeyEncoder
+
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    keys = MomentumKeyEncoder(online, momentum=0.9)
+    assert all(not p.requires_grad for p in keys.model.parameters())
+    before = [p.detach().clone() for p in keys.model.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    online.train()
+    online(torch.randn(8, 4))  # moves the BatchNorm running statistics
+    keys.update()
+    for k, old, q in zip(keys.model.parameters(), before, online.parameters()):
+        torch.testing.assert_close(k, 0.9 * old + 0.1 * q.detach())
+    torch.testing.assert_close(keys.model[1].running_mean, online[1].running_mean)  # buffers copied
+    with pytest.raises(ConfigurationError, match="momentum=1.0"):
+        MomentumKeyEncoder(online, momentum=1.0)
+
+
+def test_train_config_fills_source_defaults() -> None:
+    from indexer.training import TrainConfig
+
+    i2i = TrainConfig().for_source("i2i")
+    assert (i2i.temperature, i2i.augment, i2i.view_weight) == (0.2, True, 0.1)
+    scl = TrainConfig().for_source("scl")
+    assert (scl.temperature, scl.augment, scl.view_weight, scl.epochs) == (0.07, False, 0.0, 8)
+    assert TrainConfig().for_source("openclip").epochs == 2 and TrainConfig(epochs=3).for_source("scl").epochs == 3
+    mine = TrainConfig(temperature=0.5, augment=False, view_weight=0.0).for_source("i2i")
+    assert (mine.temperature, mine.augment, mine.view_weight) == (0.5, False, 0.0)  # explicit values win
+    assert TrainConfig(view_weight=0.3).for_source("openclip").augment is True  # the view term needs views
+    with pytest.raises(ConfigurationError, match="needs augment"):
+        TrainConfig(view_weight=0.3, augment=False)
+    with pytest.raises(ConfigurationError, match="momentum=-0.1"):
+        TrainConfig(momentum=-0.1)

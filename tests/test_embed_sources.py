@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from indexer import sources
-from indexer.encoders import EncoderConfig, ItemEncoder, build_clip_encoder
+from indexer.encoders import DEFAULT_MODEL, EncoderConfig, ItemEncoder, build_clip_encoder
 from indexer.evaluation import evaluate_source, load_eval_data, random_baseline
 from indexer.training import TrainConfig, TrainResult, train_source
 from muse.errors import ConfigurationError, NotFoundError
@@ -69,7 +69,7 @@ def test_checkpoint_reloads_to_identical_unit_vectors(world, source: str) -> Non
     res = reloaded.encode_images(images)
     assert res.failed == {} and res.vectors.shape == (len(images), 128) and res.vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-5)
-    in_memory = ItemEncoder(results[source].model, "muse-tiny")
+    in_memory = ItemEncoder(results[source].model, DEFAULT_MODEL)
     np.testing.assert_array_equal(in_memory.encode_images(images).vectors, res.vectors)
     np.testing.assert_array_equal(reloaded.encode_images(images).vectors, res.vectors)  # deterministic
     texts = reloaded.encode_texts(["red tote", "navy denim jeans"])
@@ -164,10 +164,10 @@ def test_pretrained_weights_load_from_a_local_file_only(world, tmp_path: Path) -
     trained = results["openclip"].model
     weights = tmp_path / "open_clip_weights.pt"
     torch.save(trained.clip.state_dict(), weights)  # an open_clip state dict, as users would have
-    loaded = build_clip_encoder(EncoderConfig(model="muse-tiny", pretrained=str(weights)))
+    loaded = build_clip_encoder(EncoderConfig(model=DEFAULT_MODEL, pretrained=str(weights)))
     _, images = _some_images(dataset, 3)
-    a = ItemEncoder(trained, "muse-tiny").encode_images(images).vectors
-    b = ItemEncoder(loaded, "muse-tiny").encode_images(images).vectors
+    a = ItemEncoder(trained, DEFAULT_MODEL).encode_images(images).vectors
+    b = ItemEncoder(loaded, DEFAULT_MODEL).encode_images(images).vectors
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigurationError, match="is not a file"):
         build_clip_encoder(EncoderConfig(pretrained=str(tmp_path / "missing.pt")))
@@ -175,6 +175,36 @@ def test_pretrained_weights_load_from_a_local_file_only(world, tmp_path: Path) -
         build_clip_encoder(EncoderConfig(model="hf-hub:someone/model"))
     with pytest.raises(ConfigurationError, match="Available:.*muse-tiny"):
         build_clip_encoder(EncoderConfig(model="no-such-net"))
+
+
+def test_default_is_the_resnet_config_with_batchnorm_and_unit_outputs(world) -> None:
+    settings, _, results = world
+    assert DEFAULT_MODEL == "muse-tiny-rn"
+    model = results["scl"].model
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.clip.visual.modules())  # a CNN tower
+    assert results["i2i"].source.config["model"] == "muse-tiny-rn"
+    # Eval mode uses the running BatchNorm statistics: an item's vector does not depend on its batch.
+    x = torch.rand(5, 3, 64, 64)
+    with torch.no_grad():
+        alone = model.encode_image(x[:1])
+        batched = model.encode_image(x)
+    torch.testing.assert_close(alone[0], batched[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched.norm(dim=1), torch.ones(5))
+
+
+def test_i2i_with_momentum_queue_on_the_vit_config_trains_and_reloads(world) -> None:
+    # muse-tiny (ViT) stays usable; the MoCo key encoder and its queue train end to end.
+    settings, dataset, _ = world
+    cfg = TrainConfig(**{**QUICK, "model": "muse-tiny", "momentum": 0.9, "view_weight": 0.5})
+    result = train_source(settings, "i2i", dataset, cfg)
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3]), result.losses
+    row = sources.get_version(settings, "i2i")
+    assert row.config["momentum"] == 0.9 and row.config["augment"] is True and row.config["temperature"] == 0.2
+    assert row.metrics["train"]["queue_size"] == int(result.n_pairs * 0.25)  # capped at 25% of the pairs
+    _, images = _some_images(dataset)
+    res = sources.load_encoder(settings, "i2i", row.version).encode_images(images)
+    np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(ItemEncoder(result.model, "muse-tiny").encode_images(images).vectors, res.vectors)
 
 
 def test_output_width_other_than_embed_dim_gets_a_linear_head() -> None:

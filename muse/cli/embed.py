@@ -21,13 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr = esub.add_parser("train", help="train a source on a dataset and register a new version")
     tr.add_argument("--source", required=True, choices=TRAINABLE)
     tr.add_argument("--dataset", required=True, help="dataset name (see `muse data list`)")
-    tr.add_argument("--epochs", type=int, help="passes over the training pairs (default 2)")
-    tr.add_argument("--model", help="open_clip architecture (default muse-tiny; see `muse embed models`)")
+    tr.add_argument("--epochs", type=int, help="passes over the training pairs (default 8 for scl, 10 for id, else 2)")
+    tr.add_argument("--model", help="open_clip architecture (default muse-tiny-rn; see `muse embed models`)")
     tr.add_argument("--pretrained", help="local open_clip weights file to start from (never downloaded)")
     tr.add_argument("--batch-size", type=int, help="pairs per step (default 128)")
     tr.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    tr.add_argument("--temperature", type=float, help="contrastive softmax temperature (default 0.07)")
+    tr.add_argument("--temperature", type=float, help="contrastive softmax temperature (default 0.2 for i2i, else 0.07)")
     tr.add_argument("--queue-size", type=int, help="negative queue length for scl/i2i/id (default 0 = in-batch negatives only; capped at 25%% of the pairs)")
+    tr.add_argument("--momentum", type=float, help="i2i: MoCo momentum key encoder, e.g. 0.99 (default 0 = none)")
+    tr.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                    help="random crop/rotation/flip/brightness of training images (default: on for i2i only)")
+    tr.add_argument("--view-weight", type=float,
+                    help="weight of the same-item two-view term, needs --augment (default 0.1 for i2i, else 0)")
     tr.add_argument("--hard-weight", type=float, help="scl: weight of the clicked-not-purchased term (default 1)")
     tr.add_argument("--max-pairs", type=int, help="co-occurrence pairs sampled for i2i/id (default 10000)")
     tr.add_argument("--max-steps", type=int, help="stop after this many steps")
@@ -66,7 +71,8 @@ def _train(args: argparse.Namespace) -> int:
     options = {
         "epochs": args.epochs, "model": args.model, "pretrained": args.pretrained,
         "batch_size": args.batch_size, "lr": args.lr, "temperature": args.temperature,
-        "queue_size": args.queue_size, "hard_weight": args.hard_weight, "max_pairs": args.max_pairs, "max_steps": args.max_steps,
+        "queue_size": args.queue_size, "momentum": args.momentum, "augment": args.augment,
+        "view_weight": args.view_weight, "hard_weight": args.hard_weight, "max_pairs": args.max_pairs, "max_steps": args.max_steps,
         "seed": args.seed,
     }
     cfg = TrainConfig.from_dict({k: v for k, v in options.items() if v is not None})
