@@ -415,6 +415,10 @@ class VectorStore:
         self._call("delete", self.client.delete, name, filter=f"user_id == {int(user_id)}")
 
     # -- reads -----------------------------------------------------------------------------------
+    def _query(self, name: str, filter_expr: str, fields: list[str], limit: int) -> Any:
+        """Rows of ``name`` matching ``filter_expr`` (at most ``limit``), with ``fields``."""
+        return self._call("query", self.client.query, name, filter=filter_expr, output_fields=fields, limit=limit)
+
     def _count(self, name: str, filter_expr: str) -> int:
         res = self._call("query", self.client.query, name, filter=filter_expr, output_fields=["count(*)"])
         return int(res[0]["count(*)"]) if res else 0
@@ -443,14 +447,7 @@ class VectorStore:
         for start in range(0, len(unique), 1000):
             chunk = unique[start : start + 1000]
             expr = f"item_id in [{', '.join(str(i) for i in chunk)}]"
-            rows = self._call(
-                "query",
-                self.client.query,
-                name,
-                filter=expr,
-                output_fields=["item_id", "vector"],
-                limit=len(chunk),
-            )
+            rows = self._query(name, expr, ["item_id", "vector"], len(chunk))
             for r in rows:
                 found[int(r["item_id"])] = r["vector"]
         order = [i for i in ids if i in found]
@@ -502,14 +499,7 @@ class VectorStore:
     def _behaviour_page(self, name: str, user: int, low: int, batch_size: int) -> list[dict[str, Any]]:
         """The user's rows with ``low <= position < low + batch_size``, sorted by position."""
         expr = f"user_id == {user} and position >= {low} and position < {low + batch_size}"
-        rows = self._call(
-            "query",
-            self.client.query,
-            name,
-            filter=expr,
-            output_fields=["position", "item_id", "vector"],
-            limit=batch_size,
-        )
+        rows = self._query(name, expr, ["position", "item_id", "vector"], batch_size)
         # sorted() materialises pymilvus' lazy result list; sorting it in place would detach the
         # vectors from their rows.
         return sorted(rows, key=lambda r: r["position"])
