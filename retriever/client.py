@@ -122,6 +122,10 @@ class Retriever:
         path: ``"cache"`` (device cache, the serving hot path) or ``"milvus"`` (filtered search).
         cache_config: the cache's capacity, storage dtype and device (cache path only).
         item_cache_items: target item vectors kept (LRU) between requests; 0 reads them every time.
+        consistency_level: Milvus path only: None = the collections' ``Strong`` (every finished
+            write is visible; on a server each search first waits 200-400 ms for the time tick);
+            ``Bounded`` or ``Eventually`` for serving without that wait (writes of the last few
+            seconds may be missed).
     """
 
     def __init__(
@@ -131,9 +135,17 @@ class Retriever:
         path: str = "cache",
         cache_config: CacheConfig | None = None,
         item_cache_items: int = 100_000,
+        consistency_level: str | None = None,
     ) -> None:
+        from muse.vectorstore import CONSISTENCY_LEVELS
+
         if path not in PATHS:
             raise ConfigurationError(f"retriever path {path!r} is unknown; valid: {', '.join(PATHS)}")
+        if consistency_level is not None and consistency_level not in CONSISTENCY_LEVELS:
+            raise ConfigurationError(
+                f"consistency_level {consistency_level!r} is unknown; valid: {', '.join(CONSISTENCY_LEVELS)}"
+            )
+        self.consistency_level = consistency_level
         if item_cache_items < 0:
             raise ConfigurationError(f"item_cache_items must be >= 0, got {item_cache_items}")
         self.store = store
@@ -160,6 +172,7 @@ class Retriever:
         path: str = "cache",
         cache: CacheConfig | dict[str, Any] | None = None,
         item_cache_items: int = 100_000,
+        consistency_level: str | None = None,
     ) -> Retriever:
         """Connect to the settings' Milvus; the cache lives on ``settings.resolve_device()``.
 
@@ -170,6 +183,7 @@ class Retriever:
             cache: cache options (a :class:`CacheConfig` or a dict of its fields; unknown keys rejected).
                 The device defaults to the settings' device.
             item_cache_items: target item vectors kept in memory between requests (0: none).
+            consistency_level: Milvus path: None (``Strong``), ``Bounded``, ``Session`` or ``Eventually``.
 
         Raises:
             ConfigurationError: unknown path or cache option. NotFoundError: the source has no collections.
@@ -183,7 +197,14 @@ class Retriever:
             cache = CacheConfig(device=settings.resolve_device())
         store = VectorStore(settings)
         try:
-            return cls(store, source, path=path, cache_config=cache, item_cache_items=item_cache_items)
+            return cls(
+                store,
+                source,
+                path=path,
+                cache_config=cache,
+                item_cache_items=item_cache_items,
+                consistency_level=consistency_level,
+            )
         except BaseException:
             store.close()
             raise
@@ -280,7 +301,7 @@ class Retriever:
     def _search_milvus(
         self, user: int, targets: np.ndarray, k: int, ids: Sequence[int | None]
     ) -> SearchResult:
-        res = milvus_topk(self.store, self.source, user, targets, k)
+        res = milvus_topk(self.store, self.source, user, targets, k, self.consistency_level)
         hits = []
         for b, item_id in enumerate(ids):
             scores = res.scores[b]

@@ -33,7 +33,9 @@ def _real(hits: list[Any]) -> list[Any]:
     return [h for h in hits if h.score != 0.0 and not math.isnan(h.score)]
 
 
-def milvus_topk(store: Any, source: str, user_id: int, targets: np.ndarray, k: int) -> MilvusTopK:
+def milvus_topk(
+    store: Any, source: str, user_id: int, targets: np.ndarray, k: int, consistency_level: str | None = None
+) -> MilvusTopK:
     """Cosine top-``k`` of each target over one user's behaviours, through Milvus.
 
     Args:
@@ -42,16 +44,19 @@ def milvus_topk(store: Any, source: str, user_id: int, targets: np.ndarray, k: i
         user_id: the user (an int; never pasted as text).
         targets: ``[B, d]`` float32 target vectors.
         k: results per target (1..``muse.vectorstore.MAX_QUERY_WINDOW``).
+        consistency_level: None = the collection's ``Strong`` (sees every finished write, but on a
+            server waits 200-400 ms for the time tick first); ``Bounded`` / ``Eventually`` skip the
+            wait and may miss the last seconds of writes.
 
     Raises:
-        ValueError: ``k`` out of range (from the store).
+        ValueError: ``k`` out of range or an unknown consistency level (from the store).
     """
     from muse.vectorstore import MAX_QUERY_WINDOW
 
     t = np.atleast_2d(np.asarray(targets, dtype=np.float32))  # [B, d]
     limit = k
     while True:
-        raw = store.search_behaviours(source, int(user_id), t, limit)
+        raw = store.search_behaviours(source, int(user_id), t, limit, consistency_level=consistency_level)
         real = [_real(hits) for hits in raw]
         # Widen only when missing-vector hits took slots that real behaviours might fill.
         short = any(len(r) < k and len(h) == limit for r, h in zip(real, raw, strict=True))

@@ -80,6 +80,13 @@ def test_cache_and_milvus_paths_agree(populated) -> None:
         assert stats.misses == 2 and stats.hits == 1 and stats.loads == 2 and stats.entries == 2
         # Target vectors are read from Milvus once, then served from the client's item LRU.
         assert (rc.item_lookups, rc.item_fetches) == (15, 5)
+        # Without the Strong wait (serving setting), once the writes are visible: the same results.
+        with Retriever.from_settings(SOURCE, settings, path="milvus", consistency_level="Bounded") as rb:
+            for user in (11, 12):
+                a, b = rb.search(user, targets, k=50), rc.search(user, targets, k=50)
+                for ha, hb in zip(a, b, strict=True):
+                    np.testing.assert_array_equal(ha.positions, hb.positions)
+                    np.testing.assert_allclose(ha.scores, hb.scores, atol=1e-5)
 
 
 def test_unknown_user_gives_an_empty_result(populated) -> None:
@@ -107,6 +114,8 @@ def test_bad_inputs_raise_clear_errors(populated) -> None:
             r.search(11, [])
     with pytest.raises(ConfigurationError, match="path 'gpu' is unknown"):
         Retriever.from_settings(SOURCE, settings, path="gpu")
+    with pytest.raises(ConfigurationError, match="consistency_level 'Weak' is unknown"):
+        Retriever.from_settings(SOURCE, settings, path="milvus", consistency_level="Weak")
     with pytest.raises(ConfigurationError, match="unknown cache options"):
         Retriever.from_settings(SOURCE, settings, cache={"size": 1})
     with pytest.raises(NotFoundError, match="does not exist"):
