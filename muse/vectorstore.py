@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -295,6 +296,42 @@ class VectorStore:
                 self._call("drop_collection", self.client.drop_collection, name)
                 self._loaded.discard(name)
                 self._dims.pop(name, None)
+
+    def flush(self, source: str, reload: bool = False, timeout_s: float = 300.0) -> None:
+        """Seal the rows written so far into persisted, indexed segments (both collections of ``source``).
+
+        A server searches freshly written rows in growing segments by brute force (on Milvus 2.3,
+        100 targets over a 100K-row user: ~1 s growing against ~0.2 s sealed and indexed). This
+        flushes, then waits until the index covers every row. With ``reload`` the collections are
+        then released and loaded again, so the query nodes serve the sealed segments at once
+        instead of switching over on their own a little later (searches fail while it reloads:
+        for benchmarks and bulk loads, not for a serving deployment).
+
+        Raises:
+            NotFoundError: the source has no collections. BackendUnavailable: the index did not
+            catch up within ``timeout_s``.
+        """
+        names = (self.item_collection(source), self.behaviour_collection(source))
+        for name in names:
+            self._require(name)
+            self._call("flush", self.client.flush, name)
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while True:
+                info = self._call("describe_index", self.client.describe_index, name, "vector") or {}
+                pending = int(info.get("pending_index_rows", 0) or 0)
+                if pending == 0 and int(info.get("indexed_rows", 0) or 0) >= int(info.get("total_rows", 0) or 0):
+                    break
+                if time.monotonic() > deadline:
+                    raise BackendUnavailable(
+                        f"Milvus at {self.settings.milvus_uri!r}: the index of {name} still has {pending} rows "
+                        f"pending after {timeout_s:.0f} s"
+                    )
+                time.sleep(0.5)
+            if reload:
+                self._call("release_collection", self.client.release_collection, name)
+                self._call("load_collection", self.client.load_collection, name)
+        log.info("flushed %s%s", ", ".join(names), " and reloaded them" if reload else "")
 
     def describe(self, source: str) -> dict[str, Any]:
         """Names, dimension, index and row counts of a source's collections."""

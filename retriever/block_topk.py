@@ -3,16 +3,24 @@
 ``torch.topk`` over ``[B, L]`` scores with ``L`` around 10^5 and ``k`` around 50 spends most of its
 time copying and partially sorting every row. The GSU needs only the best ``k`` of each row, so:
 
-1. split each row into blocks of :data:`BLOCK` scores and take each block's maximum (one
-   vectorised, memory-bound pass);
+1. split each row's first ``BLOCK * nb`` scores into ``nb`` blocks of :data:`BLOCK` (block ``j``
+   holds the scores ``j, j + nb, j + 2 nb, ...``: a strided split, so that the maxima are an
+   element-wise maximum of ``BLOCK`` contiguous slices, which vectorises well) and take each block's
+   maximum;
 2. keep the ``k`` blocks with the largest maxima;
-3. ``topk`` over the ``k * BLOCK`` scores of those blocks (plus the short tail that does not fill a
-   block).
+3. ``topk`` over the ``k * BLOCK`` scores of those blocks plus the short tail that fills no block.
 
 This is exact: if a score ``s`` is among the row's best ``k`` but its block is not among the ``k``
 best blocks, then ``k`` other blocks each hold a score above ``s`` (their maxima), so ``s`` would
 not be among the best ``k``. With ties at the ``k``-th score the tied scores are equal on both paths;
 which of the tied indices is kept may differ from ``torch.topk``.
+
+The maxima are taken on the scores' bits read as integers (int32 for float32, int16 for half
+types), several times faster than a floating-point ``amax`` for half types on CPU. For non-negative
+floats the integer order is the float order, and every negative float reads as a negative integer,
+below them all; so the step is exact whenever each row has at least ``k`` blocks holding a score
+``>= 0``, which is checked (cosines of related items are positive). Otherwise the call falls back to
+``torch.topk``.
 """
 
 from __future__ import annotations
@@ -20,23 +28,28 @@ from __future__ import annotations
 import torch
 
 #: Scores per block.
-BLOCK = 64
+BLOCK = 32
 #: Rows shorter than this go straight to ``torch.topk`` (the two stages do not pay off).
 MIN_LENGTH = 16_384
+#: Integer dtype of the same width as each score dtype (for the block maxima).
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best ``k`` values and their indices along the last dim of 2-D ``scores [B, L]``, sorted best
     first; same contract as ``torch.topk(scores, k, dim=1)`` (``k <= L``)."""
     n_rows, length = scores.shape
-    if length < MIN_LENGTH or k * BLOCK * 4 > length:
+    if length < MIN_LENGTH or k * BLOCK * 4 > length or scores.dtype not in _BITS or scores.stride(1) != 1:
         return torch.topk(scores, k, dim=1)
     n_blocks = length // BLOCK
     body = n_blocks * BLOCK
-    block_max = scores[:, :body].reshape(n_rows, n_blocks, BLOCK).amax(dim=2)  # [B, nb]
+    bits = scores.view(_BITS[scores.dtype])[:, :body].reshape(n_rows, BLOCK, n_blocks)  # [B, BLOCK, nb]
+    block_max = bits.amax(dim=1)  # [B, nb]: exact order among blocks whose maximum is >= 0
+    if int((block_max >= 0).sum(dim=1).min()) < k:  # some row has fewer than k such blocks
+        return torch.topk(scores, k, dim=1)
     _, best_blocks = torch.topk(block_max, k, dim=1, sorted=False)  # [B, k]
-    offsets = torch.arange(BLOCK, device=scores.device)  # [BLOCK]
-    cand = (best_blocks.unsqueeze(-1) * BLOCK + offsets).reshape(n_rows, k * BLOCK)  # [B, k*BLOCK]
+    members = torch.arange(BLOCK, device=scores.device) * n_blocks  # [BLOCK]: offsets within a block
+    cand = (best_blocks.unsqueeze(-1) + members).reshape(n_rows, k * BLOCK)  # [B, k*BLOCK]
     if body < length:  # the tail that does not fill a block is always a candidate
         tail = torch.arange(body, length, device=scores.device).expand(n_rows, length - body)
         cand = torch.cat([cand, tail], dim=1)  # [B, k*BLOCK + tail]

@@ -40,6 +40,30 @@ def test_block_topk_with_ties_and_masked_rows_returns_tied_values() -> None:
     assert all(len(set(row.tolist())) == 50 for row in idx)  # no index twice
 
 
+def test_block_topk_with_mostly_negative_rows_is_exact_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block maxima are compared as integers, exact only for blocks holding a score >= 0: a row with
+    fewer than k such blocks takes the plain ``torch.topk``; enough of them, the two stages."""
+    full_rows: list[int] = []
+    real_topk = torch.topk
+
+    def spy(x: torch.Tensor, k: int, *args, **kwargs):  # noqa: ANN002, ANN003
+        if x.shape[-1] == 40_000:
+            full_rows.append(x.shape[0])
+        return real_topk(x, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", spy)
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n_positive, two_stage in ((0, False), (40, False), (80, True)):
+            scores = -torch.rand(2, 40_000, generator=gen).to(dtype)  # negative everywhere ...
+            scores[:, : 7 * n_positive : 7] = torch.rand(2, n_positive, generator=gen).to(dtype)  # ... but here
+            full_rows.clear()
+            values, idx = topk_rows(scores, 50)
+            assert (full_rows == []) == two_stage, (dtype, n_positive)
+            assert torch.equal(values, real_topk(scores, 50, dim=1).values), (dtype, n_positive)
+            assert torch.equal(scores.gather(1, idx), values)
+
+
 def test_block_topk_on_bfloat16_scores() -> None:
     scores = torch.randn(3, 30_000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     values, idx = topk_rows(scores, 20)

@@ -128,3 +128,16 @@ def test_paging_with_position_gaps_reads_every_row_once_in_order(store: VectorSt
     assert np.concatenate([p.item_ids for p in pages]).tolist() == items.tolist()
     np.testing.assert_allclose(np.concatenate([p.vectors for p in pages]), l2_normalise(vecs), atol=1e-6)
     assert list(store.iter_user_behaviours("scl", 405, batch_size=4)) == []  # unknown user: no page
+
+
+def test_flush_seals_rows_that_stay_readable(store: VectorStore):
+    rng = np.random.default_rng(8)
+    u, p, items, vecs = _history(rng, [505], 30)
+    store.upsert_behaviours("scl", u, p, items, vecs)
+    store.upsert_items("scl", items[:5], vecs[:5], [1] * 5)
+    store.flush("scl", reload=True)
+    assert store.count_behaviours("scl", user_id=505) == 30
+    hits = store.search_behaviours("scl", 505, vecs[:1], k=1)
+    assert hits[0][0].position == 0 and hits[0][0].score == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(NotFoundError):
+        store.flush("openclip")  # no collections
