@@ -45,9 +45,9 @@ def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     body = n_blocks * BLOCK
     bits = scores.view(_BITS[scores.dtype])[:, :body].reshape(n_rows, BLOCK, n_blocks)  # [B, BLOCK, nb]
     block_max = bits.amax(dim=1)  # [B, nb]: exact order among blocks whose maximum is >= 0
-    if int((block_max >= 0).sum(dim=1).min()) < k:  # some row has fewer than k such blocks
+    top_max, best_blocks = torch.topk(block_max, k, dim=1, sorted=False)  # [B, k]
+    if int(top_max.min()) < 0:  # some row has fewer than k blocks holding a score >= 0
         return torch.topk(scores, k, dim=1)
-    _, best_blocks = torch.topk(block_max, k, dim=1, sorted=False)  # [B, k]
     members = torch.arange(BLOCK, device=scores.device) * n_blocks  # [BLOCK]: offsets within a block
     cand = (best_blocks.unsqueeze(-1) + members).reshape(n_rows, k * BLOCK)  # [B, k*BLOCK]
     if body < length:  # the tail that does not fill a block is always a candidate
@@ -55,3 +55,38 @@ def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         cand = torch.cat([cand, tail], dim=1)  # [B, k*BLOCK + tail]
     values, j = torch.topk(scores.gather(1, cand), k, dim=1)  # [B, k]
     return values, cand.gather(1, j)
+
+
+def topk_columns(scores_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_rows` of ``scores_t.T`` for scores laid out ``[L, B]`` (one column per target):
+    returns ``[B, k]`` values and row indices, best first.
+
+    The GSU computes ``history @ targets.T`` in this layout when the history is long: the long
+    matrix is then the product's left operand, which the CPU matrix kernels stream as it is, while
+    ``targets @ history.T`` makes them repack the whole history on every call (measured with 100
+    targets over 100K rows: bfloat16 2.8 ms against 4.8 ms). The blocks are the same strided split.
+    """
+    length, n_cols = scores_t.shape
+    if (
+        length < MIN_LENGTH
+        or k * BLOCK * 4 > length
+        or scores_t.dtype not in _BITS
+        or not scores_t.is_contiguous()
+    ):
+        return torch.topk(scores_t.T, k, dim=1)
+    n_blocks = length // BLOCK
+    body = n_blocks * BLOCK
+    bits = scores_t.view(_BITS[scores_t.dtype])[:body].view(BLOCK, n_blocks, n_cols)  # [BLOCK, nb, B]
+    block_max = bits.amax(dim=0).T.contiguous()  # [B, nb]: exact order among blocks with a max >= 0
+    top_max, best_blocks = torch.topk(block_max, k, dim=1, sorted=False)  # [B, k]
+    if int(top_max.min()) < 0:  # some target has fewer than k blocks holding a score >= 0
+        return torch.topk(scores_t.T, k, dim=1)
+    members = torch.arange(BLOCK, device=scores_t.device) * n_blocks  # [BLOCK]
+    rows = (best_blocks.unsqueeze(-1) + members).reshape(n_cols, k * BLOCK)  # [B, k*BLOCK]
+    if body < length:  # the tail that does not fill a block is always a candidate
+        tail = torch.arange(body, length, device=scores_t.device).expand(n_cols, length - body)
+        rows = torch.cat([rows, tail], dim=1)  # [B, k*BLOCK + tail]
+    col = torch.arange(n_cols, device=scores_t.device).unsqueeze(1)  # [B, 1]
+    cand_scores = torch.take(scores_t, rows * n_cols + col)  # [B, k*BLOCK + tail]
+    values, j = torch.topk(cand_scores, k, dim=1)  # [B, k]
+    return values, rows.gather(1, j)

@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from retriever.block_topk import topk_rows
+from retriever.block_topk import MIN_LENGTH as BLOCK_TOPK_MIN_LENGTH
+from retriever.block_topk import topk_columns, topk_rows
 from retriever.score_products import native_half_is_faster, score_buffer, scores_into_buffer
 
 #: Score given to padding and to behaviours without a vector: below every cosine (-1).
@@ -168,7 +169,7 @@ def gsu_topk(
         and targets.device == history.device
     ):
         # Serving hot path (device cache, float32): exactly one matrix product + topk.
-        best, idx = topk_rows(scores_into_buffer(targets, history), k)  # [B, k]
+        best, idx = _product_topk(targets, history, k)  # [B, k]
         return TopK(scores=best, indices=idx, valid=torch.ones_like(idx, dtype=torch.bool))
     if history.dtype == torch.float64:
         history = history.float()
@@ -229,12 +230,19 @@ def _pad(best: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor, k: int, masked
     return TopK(scores=best, indices=idx, valid=ok)
 
 
+def _product_topk(targets: torch.Tensor, history: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of ``targets [B, d] @ history[L, d]^T`` (in the history's dtype), ``k <= L``: for long
+    histories computed as ``history @ targets^T`` (see :func:`retriever.block_topk.topk_columns`)."""
+    if history.shape[0] >= BLOCK_TOPK_MIN_LENGTH:
+        return topk_columns(scores_into_buffer(targets, history, transposed=True), k)  # [B, k]
+    return topk_rows(scores_into_buffer(targets, history), k)  # [B, k]
+
+
 def _rerank_topk(targets: torch.Tensor, history: torch.Tensor, k: int) -> TopK:
     """Top-``k`` over a half-precision history of unit rows, all valid: a native half matrix
     product picks candidates, which are rescored exactly in float32 (see RERANK_MAX_TARGETS_CPU)."""
-    approx = scores_into_buffer(targets, history)  # [B, L] in the storage dtype
     m = rerank_candidates(k, history.shape[0])
-    _, cand = topk_rows(approx, m)  # [B, m]
+    _, cand = _product_topk(targets, history, m)  # [B, m] from scores in the storage dtype
     # index_select, not history[cand]: advanced indexing of half tensors is ~1000x slower on CPU.
     rows = history.index_select(0, cand.reshape(-1)).view(*cand.shape, -1).float()  # [B, m, d]
     exact = torch.bmm(rows, targets.unsqueeze(-1)).squeeze(-1)  # [B, m, d] @ [B, d, 1] -> [B, m]

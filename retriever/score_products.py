@@ -45,15 +45,20 @@ def score_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device)
     return flat[: rows * cols].view(rows, cols)
 
 
-def scores_into_buffer(targets: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    """``targets [B, d] @ history[L, d]^T -> [B, L]`` in the history's dtype, in a reused buffer.
+def scores_into_buffer(targets: torch.Tensor, history: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """``targets [B, d] @ history[L, d]^T -> [B, L]`` in the history's dtype, in a reused buffer;
+    with ``transposed``, ``history @ targets^T -> [L, B]`` (see :func:`retriever.block_topk.topk_columns`).
 
     The result is only valid until the calling thread's next call: consume it (e.g. ``topk``) first.
     """
+    t = targets if targets.dtype == history.dtype else targets.to(history.dtype)
     if targets.shape[0] * history.shape[0] * history.element_size() < MIN_BUFFER_BYTES:
-        return (targets if targets.dtype == history.dtype else targets.to(history.dtype)) @ history.T
+        return history @ t.T if transposed else t @ history.T
+    if transposed:
+        out = score_buffer(history.shape[0], targets.shape[0], history.dtype, history.device)  # [L, B]
+        return torch.mm(history, t.T, out=out)
     out = score_buffer(targets.shape[0], history.shape[0], history.dtype, history.device)  # [B, L]
-    return torch.mm(targets.to(history.dtype), history.T, out=out)
+    return torch.mm(t, history.T, out=out)
 
 
 def _median_ms(fn, reps: int = 5) -> float:  # noqa: ANN001 - a zero-argument callable

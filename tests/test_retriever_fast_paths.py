@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from retriever import block_topk, kernels, score_products
-from retriever.block_topk import topk_rows
+from retriever.block_topk import topk_columns, topk_rows
 from retriever.kernels import MISSING_SCORE, gsu_topk
 from retriever.score_products import native_half_is_faster, score_buffer, scores_into_buffer
+
+
+def both_layouts(scores: torch.Tensor, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The two-stage top-k of ``scores [B, L]`` from rows and from the ``[L, B]`` column layout."""
+    return [topk_rows(scores, k), topk_columns(scores.T.contiguous(), k)]
 
 
 @pytest.mark.parametrize("length", [block_topk.MIN_LENGTH, 50_000, 50_000 + 37])
@@ -23,21 +28,21 @@ def test_block_topk_equals_torch_topk(length: int, k: int) -> None:
     scores[0, 64:64 + k] = 10.0 + torch.arange(k, dtype=torch.float32)
     scores[1, -k:] = 20.0 + torch.arange(k, dtype=torch.float32)
     scores[2, 0] = 30.0
-    values, idx = topk_rows(scores, k)
     ref_values, ref_idx = torch.topk(scores, k, dim=1)
-    assert torch.equal(values, ref_values)
-    assert torch.equal(idx, ref_idx)
+    for values, idx in both_layouts(scores, k):
+        assert torch.equal(values, ref_values)
+        assert torch.equal(idx, ref_idx)
 
 
 def test_block_topk_with_ties_and_masked_rows_returns_tied_values() -> None:
     gen = torch.Generator().manual_seed(0)
     scores = torch.round(torch.rand(4, 40_000, generator=gen) * 20) / 20  # 21 distinct values: many ties
     scores[3, 1000:] = MISSING_SCORE  # a short history padded to the batch length
-    values, idx = topk_rows(scores, 50)
     ref_values, _ = torch.topk(scores, 50, dim=1)
-    assert torch.equal(values, ref_values)
-    assert torch.equal(scores.gather(1, idx), values)  # indices point at the values they report
-    assert all(len(set(row.tolist())) == 50 for row in idx)  # no index twice
+    for values, idx in both_layouts(scores, 50):
+        assert torch.equal(values, ref_values)
+        assert torch.equal(scores.gather(1, idx), values)  # indices point at the values they report
+        assert all(len(set(row.tolist())) == 50 for row in idx)  # no index twice
 
 
 def test_block_topk_with_mostly_negative_rows_is_exact_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,19 +62,21 @@ def test_block_topk_with_mostly_negative_rows_is_exact_on_both_paths(monkeypatch
         for n_positive, two_stage in ((0, False), (40, False), (80, True)):
             scores = -torch.rand(2, 40_000, generator=gen).to(dtype)  # negative everywhere ...
             scores[:, : 7 * n_positive : 7] = torch.rand(2, n_positive, generator=gen).to(dtype)  # ... but here
+            for layout, (values, idx) in enumerate(both_layouts(scores, 50)):
+                assert torch.equal(values, real_topk(scores, 50, dim=1).values), (dtype, n_positive, layout)
+                assert torch.equal(scores.gather(1, idx), values)
             full_rows.clear()
-            values, idx = topk_rows(scores, 50)
+            topk_rows(scores, 50)
+            topk_columns(scores.T.contiguous(), 50)
             assert (full_rows == []) == two_stage, (dtype, n_positive)
-            assert torch.equal(values, real_topk(scores, 50, dim=1).values), (dtype, n_positive)
-            assert torch.equal(scores.gather(1, idx), values)
 
 
 def test_block_topk_on_bfloat16_scores() -> None:
     scores = torch.randn(3, 30_000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    values, idx = topk_rows(scores, 20)
     ref_values, _ = torch.topk(scores, 20, dim=1)
-    assert values.dtype == torch.bfloat16 and torch.equal(values, ref_values)
-    assert torch.equal(scores.gather(1, idx), values)
+    for values, idx in both_layouts(scores, 20):
+        assert values.dtype == torch.bfloat16 and torch.equal(values, ref_values)
+        assert torch.equal(scores.gather(1, idx), values)
 
 
 def test_score_buffer_is_reused_per_thread_and_results_do_not_alias_it() -> None:
@@ -91,6 +98,9 @@ def test_score_buffer_is_reused_per_thread_and_results_do_not_alias_it() -> None
     t1 = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
     t2 = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
     np.testing.assert_allclose(scores_into_buffer(t1, history).numpy(), (t1 @ history.T).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        scores_into_buffer(t1, history, transposed=True).numpy(), (history @ t1.T).numpy(), atol=1e-6
+    )
     first = gsu_topk(t1, history, 10, normalized=True)
     kept = first.scores.clone(), first.indices.clone()
     gsu_topk(t2, history, 10, normalized=True)  # overwrites the buffer
