@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 #: Scores per block.
-BLOCK = 32
+BLOCK = 16
 #: Rows shorter than this go straight to ``torch.topk`` (the two stages do not pay off).
 MIN_LENGTH = 16_384
 #: Integer dtype of the same width as each score dtype (for the block maxima).
@@ -77,7 +77,7 @@ def topk_columns(scores_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     n_blocks = length // BLOCK
     body = n_blocks * BLOCK
     bits = scores_t.view(_BITS[scores_t.dtype])[:body].view(BLOCK, n_blocks, n_cols)  # [BLOCK, nb, B]
-    block_max = bits.amax(dim=0).T.contiguous()  # [B, nb]: exact order among blocks with a max >= 0
+    block_max = bits.amax(dim=0).T  # [B, nb] (a view): exact order among blocks with a max >= 0
     top_max, best_blocks = torch.topk(block_max, k, dim=1, sorted=False)  # [B, k]
     if int(top_max.min()) < 0:  # some target has fewer than k blocks holding a score >= 0
         return torch.topk(scores_t.T, k, dim=1)
