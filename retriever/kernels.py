@@ -169,7 +169,10 @@ def gsu_topk(
         and targets.device == history.device
     ):
         # Serving hot path (device cache, float32): exactly one matrix product + topk.
-        best, idx = _product_topk(targets, history, k)  # [B, k]
+        if history.shape[0] < BLOCK_TOPK_MIN_LENGTH:  # short: as little Python as possible
+            best, idx = torch.topk(targets @ history.T, k, dim=1)  # [B, k]
+        else:
+            best, idx = _product_topk(targets, history, k)  # [B, k]
         return TopK(scores=best, indices=idx, valid=torch.ones_like(idx, dtype=torch.bool))
     if history.dtype == torch.float64:
         history = history.float()
