@@ -15,8 +15,8 @@ For history length L in {1K, 10K, 100K} and 1 or 100 targets per request, K = 50
   bytes a 100K-behaviour user takes in the cache.
 
 The behaviours (random unit vectors, 128-d) are written once under the prefix ``musebench`` and
-reused by later runs; they are flushed (sealed) before measuring, so Milvus searches its steady
-state, not freshly written growing segments. Usage: ``python bench/gsu.py [--device cpu|cuda] [--json]``.
+reused by later runs; a run that writes them flushes (seals) them before measuring, so Milvus
+searches its steady state, not freshly written growing segments. Usage: ``python bench/gsu.py [--device cpu|cuda] [--json]``.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def timeit(
 def populate(store: VectorStore, lengths: tuple[int, ...], progress: Callable[[str], None]) -> None:
     """Write the bench users once (reused when their row counts already match)."""
     store.ensure_collections(SOURCE, DIM)
+    wrote = False
     for n in lengths:
         user = USER_OF[n]
         rng = np.random.default_rng(n)
@@ -95,6 +96,7 @@ def populate(store: VectorStore, lengths: tuple[int, ...], progress: Callable[[s
             continue
         progress(f"writing {n} behaviours of user {user} ...")
         store.delete_user_behaviours(SOURCE, user)
+        wrote = True
         for start in range(0, n, 20_000):
             m = min(20_000, n - start)
             vecs = rng.normal(size=(m, DIM)).astype(np.float32)
@@ -103,8 +105,9 @@ def populate(store: VectorStore, lengths: tuple[int, ...], progress: Callable[[s
             )
     # Seal, index and reload what was written: freshly written rows sit in growing segments, which the
     # server searches by brute force (~1 s vs ~0.2 s at 100K x 100 here) until it seals them on its own
-    # minutes later.
-    store.flush(SOURCE, reload=True)
+    # minutes later. Reused users were sealed by the run that wrote them.
+    if wrote:
+        store.flush(SOURCE, reload=True)
 
 
 def recall(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,7 +8,6 @@ with the source's loss (``indexer.losses``), saves the checkpoint under
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -274,21 +273,17 @@ class _Task:
         """Called after every optimiser step (the momentum key encoder's update)."""
 
 
-def _temperature(cfg: TrainConfig) -> float:
-    """The run's temperature (``cfg`` comes from :meth:`TrainConfig.for_source`, so it is set)."""
-    return GENERIC_DEFAULTS["temperature"] if cfg.temperature is None else cfg.temperature
-
-
 class _Views:
     """Augmentation and the same-item term of a run: two random views of an item image are positives.
 
     ``rng`` is None when augmentation is off (``ImageBank.batch`` then returns the plain images).
+    Tasks get their config from :meth:`TrainConfig.for_source`, so no option here is None.
     """
 
     def __init__(self, cfg: TrainConfig, device: str) -> None:
         self.rng = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
-        self.weight = cfg.view_weight or 0.0
-        self.criterion = QueueInfoNCE(cfg.dim, 0, _temperature(cfg)).to(device) if self.weight > 0 else None
+        self.weight = cfg.view_weight
+        self.criterion = QueueInfoNCE(cfg.dim, 0, cfg.temperature).to(device) if self.weight > 0 else None
         self.device = device
 
     def loss(self, encoder: Any, bank: ImageBank, item_ids: np.ndarray, first: torch.Tensor) -> torch.Tensor | float:
@@ -296,9 +291,8 @@ class _Views:
         encoded (with gradient); ``encoder`` (the online model or the key encoder) encodes the second."""
         if self.criterion is None:
             return 0.0
-        frozen = not any(p.requires_grad for p in encoder.parameters())
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            second = encoder.encode_image(bank.batch(item_ids, self.device, self.rng))  # [B, d]
+        # A key encoder's parameters do not require grad, so it records no graph by itself.
+        second = encoder.encode_image(bank.batch(item_ids, self.device, self.rng))  # [B, d]
         ids = torch.as_tensor(item_ids, device=self.device)
         return self.weight * self.criterion(first, second, ids)  # other copies of the same item are masked
 
@@ -315,7 +309,7 @@ class _ClipTask(_Task):
         self.item_ids = tp.item_ids[keep]
         self.titles = [t for t, k in zip(tp.titles, keep) if k]
         self.n, self.model, self.device, self.tokenizer = len(self.item_ids), model, device, tokenizer
-        self.criterion = ClipLoss(_temperature(cfg))
+        self.criterion = ClipLoss(cfg.temperature)
         self.views = _Views(cfg, device)
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
@@ -371,7 +365,7 @@ class _I2ITask(_Task):
         self.pairs = _flip_half(pairs, np.random.default_rng(cfg.seed))  # [n, 2]
         self.n, self.model, self.device = len(self.pairs), model, device
         self.queue_size = effective_queue_size(cfg.queue_size, self.n, "i2i")
-        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, _temperature(cfg)).to(device)
+        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, cfg.temperature).to(device)
         self.views = _Views(cfg, device)
         self.keys = MomentumKeyEncoder(model, cfg.momentum) if cfg.momentum > 0 else None
 
@@ -404,7 +398,7 @@ class _IdTask(_Task):
         self.rows = model.rows(self.pairs.ravel())[0].reshape(-1, 2)  # [n, 2] table rows
         self.n, self.model, self.device = len(self.pairs), model, device
         self.queue_size = effective_queue_size(cfg.queue_size, self.n, "id")
-        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, _temperature(cfg)).to(device)
+        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, cfg.temperature).to(device)
 
     def loss(self, idx: np.ndarray) -> torch.Tensor:
         rows = torch.as_tensor(self.rows[idx], device=self.device)  # [B, 2]
@@ -430,7 +424,7 @@ class _SclTask(_Task):
         self.hard = hard  # [n, H]
         self.n, self.model, self.device, self.tokenizer = len(self.purchased), model, device, tokenizer
         self.queue_size = effective_queue_size(cfg.queue_size, self.n, "scl")
-        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, _temperature(cfg)).to(device)
+        self.criterion = QueueInfoNCE(cfg.dim, self.queue_size, cfg.temperature).to(device)
         self.hard_weight, self.margin = cfg.hard_weight, cfg.margin
         self.views = _Views(cfg, device)
 
@@ -488,8 +482,9 @@ def train_source(
     if task.n < 2:
         raise DataError(f"dataset {dataset.name!r} yields {task.n} training pairs for {source}; need >= 2")
     steps_per_epoch = math.ceil(task.n / cfg.batch_size)
-    epochs = int(cfg.epochs or GENERIC_DEFAULTS["epochs"])
-    total = steps_per_epoch * epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * epochs)
+    total = steps_per_epoch * cfg.epochs  # cfg.epochs is set by for_source
+    if cfg.max_steps is not None:
+        total = min(cfg.max_steps, total)
     params = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, total=total))

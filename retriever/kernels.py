@@ -169,10 +169,7 @@ def gsu_topk(
         and targets.device == history.device
     ):
         # Serving hot path (device cache, float32): exactly one matrix product + topk.
-        if history.shape[0] < BLOCK_TOPK_MIN_LENGTH:  # short: as little Python as possible
-            best, idx = torch.topk(targets @ history.T, k, dim=1)  # [B, k]
-        else:
-            best, idx = _product_topk(targets, history, k)  # [B, k]
+        best, idx = _product_topk(targets, history, k)  # [B, k]
         return TopK(scores=best, indices=idx, valid=torch.ones_like(idx, dtype=torch.bool))
     if history.dtype == torch.float64:
         history = history.float()
@@ -238,7 +235,7 @@ def _product_topk(targets: torch.Tensor, history: torch.Tensor, k: int) -> tuple
     histories computed as ``history @ targets^T`` (see :func:`retriever.block_topk.topk_columns`)."""
     if history.shape[0] >= BLOCK_TOPK_MIN_LENGTH:
         return topk_columns(scores_into_buffer(targets, history, transposed=True), k)  # [B, k]
-    return topk_rows(scores_into_buffer(targets, history), k)  # [B, k]
+    return torch.topk(scores_into_buffer(targets, history), k, dim=1)  # [B, k]; too short for blocks
 
 
 def _rerank_topk(targets: torch.Tensor, history: torch.Tensor, k: int) -> TopK:

@@ -89,6 +89,12 @@ class _UserBatch:
         self.n_behaviours += len(u.hist_items)
 
 
+def _rows_table(rows: list[tuple], fields: list[tuple[str, pa.DataType]]) -> pa.Table:
+    """A table from row tuples, one ``(name, type)`` per column (no rows: an empty table)."""
+    cols = list(zip(*rows)) if rows else [[]] * len(fields)
+    return pa.table({name: pa.array(col, typ) for (name, typ), col in zip(fields, cols)})
+
+
 def _flush(
     batch: _UserBatch, cat: Catalogue, writer: DatasetWriter, truth: pq.ParquetWriter, split_time: int
 ) -> None:
@@ -242,41 +248,22 @@ def generate_simworld(
     _flush(batch, cat, writer, truth, split_time)
     truth.close()
 
-    cols = list(zip(*features))
-    writer.write_users(
-        pa.table(
-            {
-                "user_id": pa.array(cols[0], pa.int64()),
-                **{f"f{i}": pa.array(cols[i], pa.int64()) for i in range(1, 6)},
-            }
-        )
-    )
-    fc = list(zip(*facets)) if facets else [[]] * 6
+    i64 = pa.int64()
+    writer.write_users(_rows_table(features, [("user_id", i64)] + [(f"f{i}", i64) for i in range(1, 6)]))
     pq.write_table(
-        pa.table(
-            {
-                "user_id": pa.array(fc[0], pa.int64()),
-                "facet": pa.array(fc[1], pa.int64()),
-                "key": pa.array(fc[2], pa.int64()),
-                "pattern": pa.array(fc[3], pa.int64()),
-                "strength": pa.array(fc[4], pa.float64()),
-                "active_share": pa.array(fc[5], pa.float64()),
-            }
+        _rows_table(
+            facets,
+            [("user_id", i64), ("facet", i64), ("key", i64), ("pattern", i64),
+             ("strength", pa.float64()), ("active_share", pa.float64())],
         ),
         writer.truth_path("facets"),
         compression=COMPRESSION,
     )
-    sc = list(zip(*sessions)) if sessions else [[]] * 6
     writer.write_search_sessions(
-        pa.table(
-            {
-                "session_id": pa.array(sc[0], pa.int64()),
-                "user_id": pa.array(sc[1], pa.int64()),
-                "time": pa.array(sc[2], pa.int64()),
-                "query": pa.array(sc[3], pa.string()),
-                "clicked": pa.array(sc[4], pa.list_(pa.int64())),
-                "purchased": pa.array(sc[5], pa.int64()),
-            }
+        _rows_table(
+            sessions,
+            [("session_id", i64), ("user_id", i64), ("time", i64), ("query", pa.string()),
+             ("clicked", pa.list_(i64)), ("purchased", i64)],
         )
     )
     dataset = writer.finish(
