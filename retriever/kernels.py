@@ -5,7 +5,7 @@ and training (the ranker imports them), so both compute the same thing. They run
 the inputs live on. Histories may be stored as float32, bfloat16, float16 or int8 (with a
 per-row scale); scores are always accumulated and returned in float32.
 
-Conventions (see ``../shared/MUSE_NOTES.md``):
+Conventions (see ``docs/method.md``):
 
 * cosine = L2-normalise both sides, then one matrix product;
 * padded behaviours and behaviours without a vector (``valid`` false, or an all-zero row) score

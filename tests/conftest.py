@@ -23,21 +23,9 @@ os.environ.setdefault("MUSE_DEVICE", "cpu")
 POSTGRES_ADMIN_URL = os.environ.get("MUSE_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 MILVUS_SERVER_URI = os.environ.get("MUSE_TEST_MILVUS_URI", "http://127.0.0.1:19530")
 REDIS_URL = os.environ.get("MUSE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-def _taobao_demo_dir() -> Path:
-    """The ten-row Taobao-MM demo files: $MUSE_TAOBAO_DEMO, else ../shared beside the checkout,
-    else the workplace's /work/shared."""
-    if os.environ.get("MUSE_TAOBAO_DEMO"):
-        return Path(os.environ["MUSE_TAOBAO_DEMO"])
-    for base in (SHARED_DIR, Path("/work/shared")):
-        if (base / "taobao_mm_demo").is_dir():
-            return base / "taobao_mm_demo"
-    return SHARED_DIR / "taobao_mm_demo"
-
-
-TAOBAO_DEMO_DIR = _taobao_demo_dir()
+# The ten-row Taobao-MM demo files, copied from the official release (Hugging Face
+# TaoBao-MM/Taobao-MM, Apache-2.0); see tests/data/README.md.
+TAOBAO_DEMO_DIR = Path(__file__).resolve().parent / "data" / "taobao_mm_demo"
 
 
 def _port_open(url: str, default_port: int) -> bool:

@@ -40,7 +40,6 @@ def test_simworld_list_stats(data_dir: Path, capsys: pytest.CaptureFixture[str])
     assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["w"]
 
 
-@pytest.mark.skipif(not TAOBAO_DEMO_DIR.is_dir(), reason="demo files missing")
 def test_taobao_import_and_errors(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "taobao-mm", str(TAOBAO_DEMO_DIR), "--name", "tb"]) == 0
     out = capsys.readouterr().out

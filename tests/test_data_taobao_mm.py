@@ -15,8 +15,6 @@ from muse.data.taobao_mm import decode_labels, import_taobao_mm
 from muse.errors import DataError, NotFoundError
 from tests.conftest import TAOBAO_DEMO_DIR
 
-pytestmark = pytest.mark.skipif(not TAOBAO_DEMO_DIR.is_dir(), reason=f"demo files not at {TAOBAO_DEMO_DIR}")
-
 USER_351 = -1001154915799468782  # the one test user whose history has 351 entries
 FIRST_TRAIN_USER = -1000233199594900771
 SCL_ITEM = -100135754869043717

@@ -308,8 +308,6 @@ def test_taobao_mm_demo_trains_with_shipped_scl_vectors(tmp_path: Path) -> None:
     from muse.data.taobao_mm import import_taobao_mm
     from ranker.train import train
     from tests.conftest import TAOBAO_DEMO_DIR as demo
-    if not demo.exists():
-        pytest.skip(f"no Taobao-MM demo files at {demo}")
     settings = load_settings(env={}, data_dir=tmp_path / "muse-data", device="cpu")
     db.upgrade(settings)
     ds = import_taobao_mm(settings, demo)

@@ -1,6 +1,6 @@
 """Reader of the raw Taobao-MM parquet files into the project's dataset format.
 
-Raw schema (see ``MUSE_NOTES.md``): ``train_samples``/``test_samples`` (``label_0`` one-hot list<int8>,
+Raw schema (see ``docs/method.md``): ``train_samples``/``test_samples`` (``label_0`` one-hot list<int8>,
 ``129_1`` user, ``205`` target item), ``train_user_features``/``test_user_features`` (``129_1``,
 ``130_1``..``130_5``, ``150_2_180`` item history, ``151_2_180`` category history, oldest first),
 ``item_features`` (``205``, ``206`` category, ``213``, ``214``) and ``scl_embedding_int8_p90``

@@ -1,6 +1,6 @@
 """Frozen configs of the CTR models, one dataclass per model, and the feature spec they are built on.
 
-Override order, lowest first: the dataclass defaults (the paper's settings, see MUSE_NOTES.md) <
+Override order, lowest first: the dataclass defaults (the paper's settings, see docs/method.md) <
 explicit keyword overrides given to :func:`ranker.models.registry.make_config`. Unknown keys are
 rejected naming the valid ones.
 """
