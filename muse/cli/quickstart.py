@@ -82,18 +82,19 @@ class _Stages:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from indexer.sources import check_source
+    from muse.cli.embed import TRAINABLE
+    from muse.cli.rank import MODEL_NAMES
     from muse.errors import ConfigurationError
     from muse.settings import load_settings
-    from ranker.models import model_class
 
-    # Every name is checked before anything runs.
+    # Every name is checked before anything runs (and before torch is imported).
     for s in args.sources:
-        check_source(s)
-        if s == "scl-taobao":
-            raise ConfigurationError("--sources: scl-taobao ships with Taobao-MM; the quickstart's world trains its sources")
+        if s not in TRAINABLE:
+            raise ConfigurationError(f"--sources: embedding source {s!r} is unknown to the quickstart; "
+                                     f"valid: {', '.join(TRAINABLE)}")
     for m in args.models:
-        model_class(m)
+        if m not in MODEL_NAMES:
+            raise ConfigurationError(f"--models: model {m!r} is unknown; valid: {', '.join(MODEL_NAMES)}")
     if not args.sources:
         raise ConfigurationError("--sources is empty: give at least one, e.g. scl")
     if args.seeds < 1:
