@@ -35,5 +35,9 @@ def test_demo_runs_every_stage_end_to_end(tmp_path: Path):
         assert job.status == "done"
         assert (run.model, run.source_name, run.status) == ("muse", "scl", "done")
         assert 0.0 < run.metrics["overall"]["gauc"] < 1.0
+    from indexer.sources import get_version
+    from muse.vectorstore import CollectionRef
+
+    ref = CollectionRef("demo-tiny-0", "scl", get_version(settings, "scl").version)
     with VectorStore(settings) as store:
-        assert store.count_items("scl") > 0 and store.count_behaviours("scl") > 0
+        assert store.count_items(ref) > 0 and store.count_behaviours(ref) > 0

@@ -62,7 +62,7 @@ def _demo(args: argparse.Namespace) -> int:
     targets = ",".join(str(int(x.as_py())) for x in first.column("item_id")[:3])
     _step(
         "retrieve the user's relevant behaviours (GSU)",
-        ["retrieve", "search", "--source", args.source, "--user", str(user), "--items", targets, "--k", "5"],
+        ["retrieve", "search", "--source", args.source, "--dataset", name, "--user", str(user), "--items", targets, "--k", "5"],
     )
     train = ["rank", "train", "--model", args.model, "--dataset", name]
     if args.model in ("muse",):

@@ -55,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--user", type=int, required=True)
     s.add_argument("--items", type=lambda r: [int(x) for x in _csv(r)], required=True, help="e.g. 1,2,3")
     s.add_argument("--path", choices=("cache", "milvus"), default="cache", help="retriever path (muse)")
+    s.add_argument("--version", type=int, default=None,
+                   help="source version the retriever reads (muse; default: the live one of the run's dataset)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_score)
 
@@ -144,7 +146,7 @@ def _score(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.scoring import Ranker
 
-    with Ranker.load(load_settings(), args.run, path=args.path) as ranker:
+    with Ranker.load(load_settings(), args.run, path=args.path, version=args.version) as ranker:
         probs = ranker.score(args.user, args.items)
     if args.json:
         print(json.dumps({"user": args.user, "items": args.items, "probs": probs.tolist()}))
