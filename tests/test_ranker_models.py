@@ -278,6 +278,18 @@ def test_cli_train_list_eval_and_compare(world, monkeypatch: pytest.MonkeyPatch,
     assert "99999" in capsys.readouterr().err
     assert main(["rank", "train", "--model", "muse", "--dataset", dataset]) == 2  # no source
     assert "embedding source" in capsys.readouterr().err
+    # learning rates and any config field from the command line, recorded with the run
+    assert main(["rank", "train", "--model", "muse", "--source", SOURCE, *common, "--lr", "1e-3",
+                 "--sparse-lr", "5e-3", "--set", "simtier_init=0.5", "--set", "tower=[32,16]", "--json"]) == 0
+    from ranker.runs import get_run as _get_run
+
+    cfg = _get_run(settings, json.loads(capsys.readouterr().out)["run"]).config
+    assert (cfg["train"]["lr_dense"], cfg["train"]["lr_embedding"]) == (1e-3, 5e-3)
+    assert cfg["model"]["simtier_init"] == 0.5 and cfg["model"]["tower"] == [32, 16]
+    assert main(["rank", "train", "--model", "din", *common, "--set", "nope=1"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["rank", "train", "--model", "muse", "--source", SOURCE, *common, "--set", "simtier_init"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
 
     assert main(["compare", "--models", "din,muse", "--sources", SOURCE, "--esu", "ta,sa-ta+simtier",
                  "--out", str(tmp_path), *common]) == 0

@@ -25,6 +25,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="behaviours kept by the GSU (default 50)")
     p.add_argument("--max-history", type=int, default=None, help="newest behaviours kept (default 1000)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the dense weights (default 2e-4)")
+    p.add_argument("--sparse-lr", type=float, default=None,
+                   help="learning rate of the embedding tables (default 2e-3)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any model-config or train-config field, e.g. --set simtier_init=0.5 "
+                        "--set tower=[128,64] (repeatable; values are JSON, else strings); recorded with the run")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +74,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_compare)
 
 
+def parse_settings(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``KEY=VALUE`` strings -> (train-config fields, model-config fields). Values are read as JSON
+    (``0.5``, ``[128, 64]``, ``true``), anything else as a string.
+
+    Raises:
+        ConfigurationError: an item without ``=``.
+    """
+    import dataclasses
+
+    from muse.errors import ConfigurationError
+    from ranker.train import TrainConfig
+
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_values: dict[str, Any] = {}
+    model_values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigurationError(f"--set {item!r}: expected KEY=VALUE, e.g. --set simtier_init=0.5")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        (train_values if key in train_keys else model_values)[key] = value
+    return train_values, model_values
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     import torch
 
@@ -75,12 +109,16 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    train_values, _ = parse_settings(args.settings)
     return TrainConfig.from_dict({"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
-                                  "max_train": args.max_train, "max_eval": args.max_eval})
+                                  "max_train": args.max_train, "max_eval": args.max_eval,
+                                  "lr_dense": args.lr, "lr_embedding": args.sparse_lr, **train_values})
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in {"k": args.k, "max_history": args.max_history}.items() if v is not None}
+    _, model_values = parse_settings(args.settings)
+    explicit = {k: v for k, v in {"k": args.k, "max_history": args.max_history}.items() if v is not None}
+    return {**model_values, **explicit}
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:

@@ -88,10 +88,17 @@ class MUSEConfig(ModelConfig):
     esu: str = "sa-ta+simtier"  # one of ESU_VARIANTS
     n_tiers: int = 22  # SimTier slots, tier = ceil(cos * 10) + 10
     temperature: float = 0.1  # initial SA-TA temperature on the multimodal cosine
-    simtier_init: float = 0.0  # initial per-tier SimTier weight (0: starts as the model without SimTier; 1 hurt on small)
+    simtier_init: float | str = "uniform"  # per-tier SimTier weights: "uniform" = U(0, 1) as the release, or a constant
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.simtier_init != "uniform":
+            try:
+                object.__setattr__(self, "simtier_init", float(self.simtier_init))
+            except (TypeError, ValueError):
+                raise ConfigurationError(
+                    f"simtier_init={self.simtier_init!r} must be 'uniform' or a number"
+                ) from None
         if self.esu not in ESU_VARIANTS:
             raise ConfigurationError(f"esu={self.esu!r} is unknown; valid: {', '.join(ESU_VARIANTS)}")
 
