@@ -50,21 +50,37 @@ class CompareResult:
     plot_path: Path
 
 
-def plan(models: Sequence[str], sources: Sequence[str], esus: Sequence[str]) -> list[tuple[str, str | None, str | None]]:
-    """The ``(model, esu, source)`` combinations to train."""
+def plan(models: Sequence[str], sources: Sequence[str],
+         esus: Sequence[str] | None = None) -> list[tuple[str, str, str | None]]:
+    """The ``(model, esu, source)`` combinations to train. ``esus`` None or ``"default"``: each
+    model's own ESU (the paper's set-up); a variant is tried on every model that accepts it.
+    Models whose GSU or ESU uses item vectors get one combination per source."""
+    from ranker.models import make_config
+
     for m in models:
         model_class(m)  # raises naming the valid models
-    for e in esus:
-        if e not in ESU_VARIANTS:
-            raise ConfigurationError(f"ESU variant {e!r} is unknown; valid: {', '.join(ESU_VARIANTS)}")
-    out: list[tuple[str, str | None, str | None]] = []
+    wanted = list(esus or ["default"])
+    for e in wanted:
+        if e != "default" and e not in ESU_VARIANTS:
+            raise ConfigurationError(f"ESU variant {e!r} is unknown; valid: default, {', '.join(ESU_VARIANTS)}")
+    out: list[tuple[str, str, str | None]] = []
     for m in models:
-        if model_class(m).needs_vectors:
-            if not sources:
-                raise ConfigurationError(f"model {m!r} needs at least one embedding source")
-            out += [(m, e, s) for s in sources for e in esus]
-        else:
-            out.append((m, None, None))
+        for e in wanted:
+            config = make_config(m) if e == "default" else None
+            if config is None:
+                try:
+                    config = make_config(m, esu=e)
+                except ConfigurationError:
+                    log.info("compare: %s has no ESU %s; skipped", m, e)
+                    continue
+            if (m, config.esu) in {(x[0], x[1]) for x in out}:
+                continue
+            if config.needs_vectors:
+                if not sources:
+                    raise ConfigurationError(f"model {m!r} with ESU {config.esu} needs at least one embedding source")
+                out += [(m, config.esu, s) for s in sources]
+            else:
+                out.append((m, config.esu, None))
     return out
 
 
@@ -112,7 +128,7 @@ def render_plot(rows: Sequence[CompareRow], path: Path, title: str) -> Path:
 
 
 def compare(settings: Settings, dataset: str, models: Sequence[str] | None = None, sources: Sequence[str] = ("scl",),
-            esus: Sequence[str] = ("sa-ta+simtier",), train_config: TrainConfig | None = None,
+            esus: Sequence[str] | None = None, train_config: TrainConfig | None = None,
             model_overrides: dict[str, Any] | None = None, out_dir: Path | None = None,
             on_row: Callable[[CompareRow], None] | None = None, progress: bool = False) -> CompareResult:
     """Train and evaluate every combination; write ``compare.md``, ``compare.json``, ``compare.png``.
@@ -123,7 +139,7 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
         on_row: called after each combination (the CLI prints progress).
     """
     cfg = train_config or TrainConfig()
-    todo = plan(list(models or list_models()), list(sources), list(esus))
+    todo = plan(list(models or list_models()), list(sources), esus)
     out_dir = out_dir or settings.path("ranker", f"compare-{dataset}")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[CompareRow] = []

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = rsub.add_parser("train", help="train a model, evaluate it on the test split and record the run")
     t.add_argument("--model", required=True, choices=MODEL_NAMES, help="model to train")
     t.add_argument("--source", default=None, help="embedding source of the GSU (muse): scl, i2i, openclip, id, ...")
-    t.add_argument("--esu", default=None, choices=ESU_NAMES, help="ESU variant of muse (default sa-ta+simtier)")
+    t.add_argument("--esu", default=None, choices=ESU_NAMES,
+                   help="ESU variant (default: the model's, as the paper sets it up; ta = the classic ID-only ESU)")
     _add_train_options(t)
     t.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
     t.set_defaults(func=_train)
@@ -67,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="train the embedding-source x model matrix; write a table and a plot")
     c.add_argument("--models", type=_csv, default=list(MODEL_NAMES), help="comma-separated (default all)")
     c.add_argument("--sources", type=_csv, default=["scl"], help="GSU sources for muse (default scl)")
-    c.add_argument("--esu", type=_csv, default=["sa-ta+simtier"],
-                   help=f"muse ESU variants, comma-separated ({', '.join(ESU_NAMES)})")
+    c.add_argument("--esu", type=_csv, default=None,
+                   help=f"ESU variants, comma-separated: default (each model's, the paper's set-up), "
+                        f"{', '.join(ESU_NAMES)}; a variant is trained for every model that accepts it")
     c.add_argument("--out", default=None, help="output folder (default $MUSE_DATA_DIR/ranker/compare-DATASET)")
     _add_train_options(c)
     c.set_defaults(func=_compare)
