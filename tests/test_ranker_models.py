@@ -340,13 +340,36 @@ def test_cli_train_list_eval_and_compare(world, monkeypatch: pytest.MonkeyPatch,
     assert "KEY=VALUE" in capsys.readouterr().err
 
     assert main(["compare", "--models", "din,muse", "--sources", SOURCE, "--esu", "ta,sa-ta+simtier",
-                 "--out", str(tmp_path), *common]) == 0
+                 "--seeds", "2", "--threads", "1", "--out", str(tmp_path), *common]) == 0
     printed = capsys.readouterr().out
-    assert "| din (ta) |" in printed and "| muse (sa-ta+simtier) |" in printed and "| muse (ta) |" in printed
+    assert "| din (ta) | - |" in printed and "| muse (sa-ta+simtier) | scl-taobao |" in printed
+    assert "| muse (ta) | scl-taobao |" in printed and " ± " in printed  # mean ± std over the 2 seeds
     assert (tmp_path / "compare.png").stat().st_size > 1000
-    rows = json.loads((tmp_path / "compare.json").read_text())
-    assert [(r["model"], r["esu"], r["source"]) for r in rows] == [
-        ("din", "ta", None), ("muse", "ta", SOURCE), ("muse", "sa-ta+simtier", SOURCE)]
+    stored = json.loads((tmp_path / "compare.json").read_text())
+    cells = stored["cells"]
+    assert [(c["model"], c["esu"], c["source"], c["seeds"]) for c in cells] == [
+        ("din", "ta", None, [0, 1]), ("muse", "ta", SOURCE, [0, 1]), ("muse", "sa-ta+simtier", SOURCE, [0, 1])]
+    g = cells[0]["metrics"]["gauc"]
+    assert g["n"] == 2 and g["mean"] == pytest.approx(np.mean(g["values"])) and g["std"] >= 0
+    assert stored["intrinsic"][SOURCE]["version"] is not None and len(stored["run_ids"]) == 6
+    # the same comparison again reuses every run; --show reproduces the stored table and JSON
+    assert main(["compare", "--models", "din,muse", "--sources", SOURCE, "--esu", "ta,sa-ta+simtier",
+                 "--seeds", "2", "--threads", "1", "--out", str(tmp_path), "--json", *common]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["id"] == stored["id"] + 1 and again["run_ids"] == stored["run_ids"]
+    assert all(c["reused"] == 2 for c in again["cells"]) and again["cells"] == [
+        {**c, "reused": 2} for c in stored["cells"]]
+    table = printed[printed.index("Dataset `"):printed.index("table ")]
+    assert main(["compare", "--show", str(stored["id"])]) == 0
+    shown = capsys.readouterr().out
+    assert shown[shown.index("Dataset `"):] == table
+    assert main(["compare", "--show", str(stored["id"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == stored
+    assert main(["compare", "--list"]) == 0
+    assert f"{stored['id']:>4} {dataset}" in capsys.readouterr().out
+    assert main(["compare", "--show", "9999"]) == 2
+    assert "comparison 9999 does not exist" in capsys.readouterr().err
+    rows = [{"run_id": cells[0]["runs"][0]}]
     din_run = rows[0]["run_id"]
     from ranker.runs import get_run, load_checkpoint
     from ranker.scoring import Ranker
