@@ -79,7 +79,7 @@ def bench_model(settings: Settings, dataset: str, name: str, args: argparse.Name
     space, histories, vectors = parts["space"], parts["histories"], parts["vectors"]
     retrieval = model_class(name).retrieval
     builder = BatchBuilder(space, histories, retrieval, config.k, config.recent_len, config.max_history,
-                           vectors if retrieval == "multimodal" else None)
+                           vectors if config.needs_vectors else None)
     torch.manual_seed(0)
     model = build_model(name, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
     cfg = TrainConfig(batch_size=args.batch)
@@ -88,7 +88,7 @@ def bench_model(settings: Settings, dataset: str, name: str, args: argparse.Name
     _, n, seconds = train_steps(model, builder, batches[5:], cfg)
 
     ranker = Ranker(LoadedRun(model, space, SOURCE, dataset, {}), histories,
-                    parts["retriever"] if retrieval == "multimodal" else None)
+                    parts["retriever"] if retrieval == "multimodal" else None, vectors)
     rng = np.random.default_rng(1)
     users = parts["score_users"]
     times = []

@@ -19,7 +19,7 @@ import torch
 
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
-from ranker.data import BatchBuilder, HistoryStore
+from ranker.data import BatchBuilder, HistoryStore, VectorTable
 from ranker.runs import LoadedRun, get_run, load_checkpoint
 from retriever.kernels import MISSING_SCORE, gsu_topk, l2_normalise
 
@@ -38,7 +38,8 @@ class Ranker:
         retriever: the GSU client for the run's source (multimodal models only).
     """
 
-    def __init__(self, loaded: LoadedRun, histories: HistoryStore, retriever: Any = None) -> None:
+    def __init__(self, loaded: LoadedRun, histories: HistoryStore, retriever: Any = None,
+                 vectors: VectorTable | None = None) -> None:
         self.model = loaded.model.eval()
         self.space = loaded.space
         self.source = loaded.source
@@ -49,8 +50,9 @@ class Ranker:
         if multimodal and retriever is None:
             raise ConfigurationError(f"model {self.model.name!r} needs a retriever for source {self.source!r}")
         # the multimodal search comes from the retriever, so the builder makes only the rest
+        # (a baseline whose ESU uses multimodal similarities gets them from ``vectors``, the source's table)
         self.builder = BatchBuilder(self.space, histories, "none" if multimodal else self.model.retrieval,
-                                    cfg.k, cfg.recent_len, cfg.max_history)
+                                    cfg.k, cfg.recent_len, cfg.max_history, None if multimodal else vectors)
 
     @classmethod
     def load(
@@ -77,7 +79,13 @@ class Ranker:
                 source=loaded.source, settings=settings, dataset=loaded.dataset, version=version, path=path
             )
             log.info("ranker run %d scores with %s", run_id, retriever.ref)
-        return cls(loaded, histories, retriever)
+        vectors = None
+        if loaded.model.retrieval != "multimodal" and loaded.model.needs_vectors:
+            from indexer.sources import item_vector_table
+
+            dataset = Dataset.open(settings, loaded.dataset)
+            vectors = VectorTable(loaded.space, item_vector_table(settings, loaded.source, dataset))
+        return cls(loaded, histories, retriever, vectors)
 
     @torch.no_grad()
     def score(self, user_id: int, candidate_item_ids: Sequence[int] | np.ndarray,
