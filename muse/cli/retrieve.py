@@ -40,8 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from indexer.sources import check_source
     from retriever.client import Retriever
 
+    check_source(args.source)  # an unknown source fails here, before any server is asked
     with Retriever.from_settings(
         source=args.source, dataset=args.dataset, version=args.version, path=args.path
     ) as r:
@@ -49,11 +51,11 @@ def _search(args: argparse.Namespace) -> int:
         collection = r.store.behaviour_collection(r.ref)
     if args.json:
         print(json.dumps({**result.to_dict(), "collection": collection}, indent=2))
-        return 0
+        return 0 if result.found else 1
     where = f"{args.dataset}/{args.source} v{result.version} (collection {collection})"
     if not result.found:
-        print(f"user {result.user_id} has no behaviours in {where}")
-        return 0
+        print(f"user {result.user_id} has no behaviours in {where}: {_who(args.user, args.source)}")
+        return 1
     length = f", {result.history_length} behaviours" if result.history_length is not None else ""
     print(f"{where}")
     print(f"user {result.user_id} ({result.path} path{length}), top {result.k}:")
@@ -67,3 +69,31 @@ def _search(args: argparse.Namespace) -> int:
         tiers = ", ".join(f"{t}:{int(c)}" for t, c in enumerate(hits.simtier) if c)
         print(f"  simtier (tier:count) {tiers or '-'}")
     return 0
+
+
+def _who(user_id: int, source: str) -> str:
+    """Whether ``user_id`` is a user of the datasets ``source`` was backfilled from."""
+    from indexer import jobs
+    from muse.data.format import Dataset
+    from muse.errors import MuseError
+    from muse.settings import load_settings
+
+    settings = load_settings()
+    try:
+        names = list(dict.fromkeys(j["dataset"] for j in jobs.list_jobs(settings, 100) if j["source"] == source))
+    except Exception:  # no database: say what can be said
+        names = []
+    if not names:
+        return f"no backfill of {source!r} is recorded (`muse backfill --source {source} --dataset NAME`)"
+    parts = []
+    for name in names:
+        try:
+            users = Dataset.open(settings, name).users().column("user_id").to_numpy()
+        except MuseError:
+            continue
+        if (users == user_id).any():
+            parts.append(f"user {user_id} is a user of dataset {name!r} but has no behaviours backfilled "
+                         f"(is the backfill finished? `muse backfill list`)")
+        else:
+            parts.append(f"dataset {name!r} has no user {user_id} (its user ids run {users.min()}..{users.max()})")
+    return "; ".join(parts) or f"the datasets backfilled for {source!r} ({', '.join(names)}) cannot be opened"
