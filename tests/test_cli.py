@@ -131,7 +131,7 @@ def test_impossible_device_names_the_setting():
 
 
 def test_unknown_source_is_rejected_before_anything_else(tmp_path: Path):
-    res = _muse(["retrieve", "search", "--source", "sclx", "--user", "1", "--items", "1"], tmp_path)
+    res = _muse(["retrieve", "search", "--source", "sclx", "--dataset", "d", "--user", "1", "--items", "1"], tmp_path)
     assert res.returncode == 2
     assert "'sclx' is unknown" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "milvus.db").exists()  # no Milvus Lite file was opened
