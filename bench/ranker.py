@@ -135,7 +135,7 @@ def main() -> None:
 
     from muse import db
     from muse.data.format import Dataset
-    from muse.vectorstore import VectorStore
+    from muse.vectorstore import CollectionRef, VectorStore
     from retriever.client import Retriever
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,15 +154,16 @@ def main() -> None:
         retriever, score_users = None, histories.user_ids[: args.score_users]
         if not args.no_score:  # backfill a few users into Milvus Lite for the retriever's serving path
             store = VectorStore(settings)
-            store.ensure_collections(SOURCE, args.dim)
-            store.upsert_items(SOURCE, ids, vecs, space.item_features[space.items.lookup(ids), 0])
+            ref = CollectionRef(dataset, SOURCE, 1)
+            store.ensure_collections(ref, args.dim)
+            store.upsert_items(ref, ids, vecs, space.item_features[space.items.lookup(ids), 0])
             for u in score_users:
                 start, length = (int(v[0]) for v in histories.rows(np.array([u])))
                 idx = histories.items[start:start + length]
-                store.upsert_behaviours(SOURCE, np.full(length, u), np.arange(length), space.items.values[idx - 1],
+                store.upsert_behaviours(ref, np.full(length, u), np.arange(length), space.items.values[idx - 1],
                                         vectors.vectors[idx].numpy())
             store.close()
-            retriever = Retriever.from_settings(source=SOURCE, settings=settings)
+            retriever = Retriever.from_settings(source=SOURCE, settings=settings, dataset=dataset, version=1)
             retriever.prefetch([int(u) for u in score_users]).result()
         print(f"setup {time.perf_counter() - t0:.1f}s: {args.users} users x {args.history} behaviours, "
               f"{args.items} items, {args.dim}-d vectors; K={args.k}; {args.steps} timed steps per setting; "

@@ -289,6 +289,11 @@ def _update_job_status(settings: Settings, job_id: int) -> None:
             )
         )
     log.info("job %d finished: %s", job_id, final)
+    if final == "done":
+        from indexer.backfill import get_store
+        from muse.versions import on_backfill_done
+
+        on_backfill_done(settings, job_id, get_store(settings))
 
 
 def resume_job(settings: Settings, job_id: int, app: Any = None) -> int:

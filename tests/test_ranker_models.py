@@ -265,7 +265,7 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
     """Item and behaviour vectors backfilled into the real Milvus server; the API's scores (GSU on
     the retriever's cache or Milvus path) equal offline evaluation on the same user and candidates."""
     from muse.data.format import Dataset
-    from muse.vectorstore import VectorStore
+    from muse.vectorstore import CollectionRef, VectorStore
     from ranker.evaluate import predict
     from ranker.runs import get_run, load_checkpoint
     from ranker.scoring import Ranker
@@ -282,19 +282,22 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
     table = builder.vectors
     users = builder.histories.user_ids[:3]
     store = VectorStore(settings)
+    ref = CollectionRef(dataset, SOURCE, 1)
     try:
-        store.ensure_collections(SOURCE, DIM)
+        store.ensure_collections(ref, DIM)
         items = loaded.space.items.values  # raw ids; index i + 1 in the table
         ok = table.present[1:].numpy()
-        store.upsert_items(SOURCE, items[ok], table.vectors[1:][ok].numpy(), loaded.space.item_features[1:, 0][ok])
+        store.upsert_items(ref, items[ok], table.vectors[1:][ok].numpy(), loaded.space.item_features[1:, 0][ok])
         for u in users:
             start, length = (int(v[0]) for v in builder.histories.rows(np.array([u])))
             idx = builder.histories.items[start:start + length]
             has = table.present[idx].numpy()
-            store.upsert_behaviours(SOURCE, np.full(has.sum(), u), np.flatnonzero(has), items[idx[has] - 1],
+            store.upsert_behaviours(ref, np.full(has.sum(), u), np.flatnonzero(has), items[idx[has] - 1],
                                     table.vectors[idx[has]].numpy())
+        store.set_live(ref)
         candidates = items[::9][:30]
         with Ranker.load(settings, res.run_id, path=path) as ranker:
+            assert ranker.retriever.ref == ref  # the live version of the run's dataset and source
             for u in users:
                 online = ranker.score(int(u), candidates, batch_size=16)
                 offline = predict(loaded.model, builder, [{
@@ -302,7 +305,8 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
                     "label": np.zeros(len(candidates)), "hist_len": np.full(len(candidates), 10**9)}])
                 np.testing.assert_allclose(online, offline.probs, rtol=1e-5, atol=1e-6)
     finally:
-        store.drop_collections(SOURCE)
+        store.drop_live(dataset, SOURCE)
+        store.drop_collections(ref)
         store.close()
 
 

@@ -48,21 +48,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = rsub.add_parser("eval", help="re-evaluate a run from its checkpoint: AUC, GAUC, logloss and slices")
     e.add_argument("run", type=int, help="run id (see `muse rank list`)")
-    e.add_argument("--split", default="test", choices=("train", "test"))
+    e.add_argument("--split", default="test", choices=("train", "test"), help="split to evaluate (default test)")
     e.add_argument("--limit", type=int, default=None, help="evaluate at most this many impressions")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.set_defaults(func=_eval)
 
     ls = rsub.add_parser("list", help="list the recorded runs")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=_list)
 
     s = rsub.add_parser("score", help="click probabilities of candidate items for a user (the scoring API)")
-    s.add_argument("run", type=int)
-    s.add_argument("--user", type=int, required=True)
+    s.add_argument("run", type=int, help="run id (see `muse rank list`)")
+    s.add_argument("--user", type=int, required=True, help="user id")
     s.add_argument("--items", type=lambda r: [int(x) for x in _csv(r)], required=True, help="e.g. 1,2,3")
     s.add_argument("--path", choices=("cache", "milvus"), default="cache", help="retriever path (muse)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--version", type=int, default=None,
+                   help="source version the retriever reads (muse; default: the live one of the run's dataset)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_score)
 
     c = sub.add_parser("compare", help="the embedding-source x model matrix over seeds: train what is missing, "
@@ -191,7 +193,7 @@ def _score(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.scoring import Ranker
 
-    with Ranker.load(load_settings(), args.run, path=args.path) as ranker:
+    with Ranker.load(load_settings(), args.run, path=args.path, version=args.version) as ranker:
         probs = ranker.score(args.user, args.items)
     if args.json:
         print(json.dumps({"user": args.user, "items": args.items, "probs": probs.tolist()}))
