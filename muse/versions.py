@@ -32,6 +32,10 @@ from muse.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: A version that stopped being live less than this many seconds ago is not dropped: readers
+#: follow a switch within their ``refresh_s`` (2 s by default) and may still be searching it.
+DROP_GRACE_S = 10.0
+
 
 @dataclass
 class VersionInfo:
@@ -323,6 +327,26 @@ def drop(settings: Settings, store: Any, dataset: str, source: str, version: int
         raise ConfigurationError(
             f"{ref} is the live version of {dataset}/{source}; promote another version (or roll back) first"
         )
+    with session_scope(settings) as session:
+        ds = _dataset_row(session, dataset)
+        live_row = session.get(models.LiveVersion, (ds.id, source))
+        # the version the last switch replaced: the most recently promoted one that is not live
+        replaced = session.scalars(
+            select(models.SourceVersionRecord.version)
+            .where(models.SourceVersionRecord.dataset_id == ds.id, models.SourceVersionRecord.source_name == source,
+                   models.SourceVersionRecord.promoted_at.is_not(None),
+                   models.SourceVersionRecord.version != (live_row.version if live_row is not None else -1))
+            .order_by(models.SourceVersionRecord.promoted_at.desc())
+        ).first()
+        if live_row is not None and replaced == version:
+            promoted = live_row.promoted_at
+            promoted = promoted if promoted.tzinfo else promoted.replace(tzinfo=utcnow().tzinfo)
+            ago = (utcnow() - promoted).total_seconds()
+            if ago < DROP_GRACE_S:
+                raise ConfigurationError(
+                    f"{ref} was live until {ago:.1f} s ago and readers may still be on it (they follow a switch "
+                    f"within their refresh interval); drop it in {DROP_GRACE_S - ago:.0f} s"
+                )
     if not store.has_collections(ref) and ref.version not in store.versions(dataset, source):
         with session_scope(settings) as session:
             ds = _dataset_row(session, dataset)
