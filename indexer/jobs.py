@@ -302,7 +302,11 @@ def _update_job_status(settings: Settings, job_id: int) -> None:
         from indexer.backfill import get_store
         from muse.versions import on_backfill_done
 
-        on_backfill_done(settings, job_id, get_store(settings))
+        try:
+            on_backfill_done(settings, job_id, get_store(settings))
+        except Exception as e:  # the job's rows are written; only making it live failed
+            log.error("job %d is done but recording its version failed: %s; run `muse source list`, then "
+                      "`muse source promote DATASET SOURCE VERSION`", job_id, e)
 
 
 def resume_job(settings: Settings, job_id: int, app: Any = None) -> int:

@@ -240,16 +240,17 @@ def _switch(
     """Point the aliases at ``ref`` and record it live; ``previous_stack`` replaces the history
     (None: push the current live version onto it)."""
     t0 = time.perf_counter()
-    with session_scope(settings) as session:
-        ds = _dataset_row(session, ref.dataset)
-        live = session.get(models.LiveVersion, (ds.id, ref.source))
-        old = None if live is None else int(live.version)
     old_alias = store.live_version(ref.dataset, ref.source)
-    store.set_live(ref)
+    switched = False
     try:
         with session_scope(settings) as session:
             ds = _dataset_row(session, ref.dataset)
-            live = session.get(models.LiveVersion, (ds.id, ref.source))
+            # the row stays locked (PostgreSQL) until the aliases and the record agree: two
+            # promotes of one pair at once are serialised instead of leaving them apart
+            live = session.get(models.LiveVersion, (ds.id, ref.source), with_for_update=True)
+            old = None if live is None else int(live.version)
+            store.set_live(ref)
+            switched = True
             if live is None:
                 live = models.LiveVersion(dataset_id=ds.id, source_name=ref.source, version=ref.version, previous=[])
                 session.add(live)
@@ -262,7 +263,7 @@ def _switch(
             row = _record_version(session, store, ds.id, ref)
             row.promoted_at = live.promoted_at
     except BaseException:
-        if old_alias is not None and old_alias != ref.version:  # keep the alias and the record agreeing
+        if switched and old_alias is not None and old_alias != ref.version:  # keep alias and record agreeing
             store.set_live(_ref(ref.dataset, ref.source, old_alias))
         raise
     switch_s = time.perf_counter() - t0

@@ -118,8 +118,9 @@ def _print_version(settings: Any, ref: Any, before: bool = False) -> None:
         return
     if live == ref.version:
         print(f"{ref} is live (collections {names})")
-    elif live is not None:
-        print(f"{ref} is not live (live: v{live}); check `muse source list --dataset {ref.dataset}`, then "
+    else:
+        state = f"live: v{live}" if live is not None else "no version is live"
+        print(f"{ref} is not live ({state}); check `muse source list --dataset {ref.dataset}`, then "
               f"`muse source promote {ref.dataset} {ref.source} {ref.version}`")
     try:
         with VectorStore(settings) as store:
