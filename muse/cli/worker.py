@@ -53,7 +53,10 @@ def _worker(args: argparse.Namespace) -> int:
         "--pool", args.pool,
         "--loglevel", args.loglevel,
         "--hostname", hostname,
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        # Gossip and mingle are cluster chatter nothing here uses.
+        "--without-gossip", "--without-mingle",
     ]
+    if mode == "embedded":  # the filesystem broker has no fanout exchange for worker heartbeats
+        argv.append("--without-heartbeat")
     app.worker_main(argv)
     return 0
