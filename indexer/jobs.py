@@ -288,8 +288,26 @@ def enqueue_job(settings: Settings, job_id: int, app: Any = None) -> int:
 
 
 def _enqueue_behaviours(settings: Settings, job_id: int, app: Any, from_status: tuple[str, ...]) -> int:
+    """Send the job's behaviour chunks, once every item chunk is done. When an item chunk failed,
+    its items have no vectors to copy: the behaviour chunks are marked failed with that reason
+    instead of being sent (``resume`` re-runs the failed item chunks, then the behaviours)."""
     with session_scope(settings) as session:
-        chunks = [(c.id, c.kind) for c in _job(session, job_id).chunks if c.kind == BEHAVIOURS and c.status != DONE]
+        job = _job(session, job_id)
+        items = [c for c in job.chunks if c.kind != BEHAVIOURS]
+        if any(c.status not in (DONE, FAILED) for c in items):
+            return 0
+        failed = [c for c in items if c.status == FAILED]
+        if failed:
+            reason = (f"not run: {len(failed)} item chunk(s) failed, so item vectors are missing "
+                      f"(first: {failed[0].kind}#{failed[0].index}: {failed[0].error})")[:2000]
+            session.execute(
+                update(models.BackfillChunk)
+                .where(models.BackfillChunk.job_id == job.id, models.BackfillChunk.kind == BEHAVIOURS,
+                       models.BackfillChunk.status.in_(from_status))
+                .values(status=FAILED, error=reason, finished_at=utcnow())
+            )
+            return 0
+        chunks = [(c.id, c.kind) for c in job.chunks if c.kind == BEHAVIOURS and c.status != DONE]
     return _claim_and_send(settings, app, chunks, from_status)
 
 
@@ -368,6 +386,8 @@ def recover_jobs(settings: Settings, app: Any = None, job_id: int | None = None)
             won = res.rowcount == 1
         if won:
             log.warning("chunk %d: the lease of worker %s expired; sending it again", chunk_id, worker)
+            if worker:
+                _note_dead_worker(settings, _job_id, worker, f"{kind} chunk {chunk_id}")
             out["expired"] += _claim_and_send(settings, app, [(chunk_id, kind)], (PENDING,))
     with session_scope(settings) as session:
         q = select(models.BackfillJob.id).where(models.BackfillJob.status == "running")
@@ -398,6 +418,15 @@ def recover_jobs(settings: Settings, app: Any = None, job_id: int | None = None)
         if before == "running" and _status_of(settings, jid) != "running":
             out["closed"] += 1
     return out
+
+
+def _note_dead_worker(settings: Settings, job_id: int, worker: str, what: str) -> None:
+    """Remember on the job that ``worker`` died holding ``what`` (``status`` shows it as dead)."""
+    with session_scope(settings) as session:
+        job = _job(session, job_id)
+        dead = dict((job.options or {}).get("dead_workers", {}))
+        dead[worker] = f"dead (its lease on {what} expired at {utcnow():%H:%M:%S} UTC; the chunk was re-sent)"
+        job.options = {**(job.options or {}), "dead_workers": dead}
 
 
 def _status_of(settings: Settings, job_id: int) -> str:
@@ -493,7 +522,7 @@ def job_progress(settings: Settings, job_id: int) -> JobProgress:
             elapsed_s=(end - start).total_seconds() if start and end else None,
             failed_items=failed_items[:MAX_FAILED_LISTED],
             errors=[f"chunk {c.kind}#{c.index}: {c.error}" for c in job.chunks if c.status == FAILED and c.error],
-            workers=_worker_states(job.chunks),
+            workers={**dict((job.options or {}).get("dead_workers", {})), **_worker_states(job.chunks)},
         )
 
 

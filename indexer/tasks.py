@@ -154,27 +154,90 @@ def _fresh_process(**_: Any) -> None:
 
 _watchdog: threading.Thread | None = None
 _watchdog_stop = threading.Event()
+#: Set by the watchdog when this worker should stop warmly so its supervisor starts it afresh.
+restart_requested = threading.Event()
+#: Seconds between broker reachability checks of the watchdog.
+BROKER_CHECK_S = 2.0
+#: Seconds a warm shutdown asked for by the watchdog may take before the process exits anyway.
+RESTART_GRACE_S = 60.0
 
 
-def watchdog_loop(settings: Settings, app: Any, stop: threading.Event) -> None:
-    """Every half lease: :func:`indexer.jobs.recover_jobs` (errors are logged, never fatal)."""
+def broker_reachable(app: Any, timeout_s: float = 3.0) -> bool:
+    """True when a fresh connection to the app's broker can be made now."""
+    url = str(app.conf.broker_url)
+    try:
+        if url.startswith(("redis://", "rediss://")):
+            import redis
+
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        with app.connection_for_write() as conn:  # AMQP connects eagerly
+            conn.ensure_connection(max_retries=1, timeout=timeout_s)
+        return True
+    except Exception as e:  # any failure means: not reachable now
+        log.debug("broker not reachable: %s", e)
+        return False
+
+
+def watchdog_loop(settings: Settings, app: Any, stop: threading.Event, supervised: bool = False) -> None:
+    """Every half lease :func:`indexer.jobs.recover_jobs` (errors are logged, never fatal).
+
+    Under a supervisor (``muse worker`` with a server broker) it also checks the broker every
+    ``BROKER_CHECK_S``: once the broker was unreachable and answers again, the worker stops warmly
+    (running chunks finish) and the supervisor starts a fresh one, because Celery's Redis consumer
+    may never resume consuming after a broker restart.
+    """
+    import os
+    import signal
+    import time
+
     period = max(0.5, settings.backfill_lease_s / 2)
-    while not stop.wait(period):
+    last_recover = 0.0
+    broker_lost = False
+    while not stop.wait(min(period, BROKER_CHECK_S) if supervised else period):
+        if supervised:
+            up = broker_reachable(app)
+            if not up and not broker_lost:
+                log.warning("watchdog: the broker %s is unreachable", settings.broker_url)
+                broker_lost = True
+            elif up and broker_lost:
+                log.warning("watchdog: the broker is back; restarting this worker so it consumes again")
+                restart_requested.set()
+                os.kill(os.getpid(), signal.SIGTERM)
+                # A consumer wedged beyond a warm shutdown: leave anyway (the leases cover the rest).
+                threading.Timer(RESTART_GRACE_S, os._exit, (75,)).start()
+                return
+        if time.monotonic() - last_recover < period:
+            continue
+        last_recover = time.monotonic()
         try:
             jobs.recover_jobs(settings, app)
         except Exception as e:  # a backend may be down; try again next period
             log.warning("watchdog: recovery pass failed: %s", e)
 
 
+#: Set (to "1") by the ``muse worker`` supervisor in its Celery child's environment.
+SUPERVISED_ENV = "MUSE_WORKER_SUPERVISED"
+
+
 def start_watchdog(settings: Settings, app: Any) -> threading.Thread:
     """Start this worker's watchdog thread once per process."""
+    import os
+
     global _watchdog
     if _watchdog is None or not _watchdog.is_alive():
         _watchdog_stop.clear()
+        supervised = os.environ.get(SUPERVISED_ENV) == "1"
         _watchdog = threading.Thread(
-            target=watchdog_loop, args=(settings, app, _watchdog_stop), name="muse-watchdog", daemon=True
+            target=watchdog_loop, args=(settings, app, _watchdog_stop, supervised), name="muse-watchdog",
+            daemon=True,
         )
         _watchdog.start()
+        log.info("watchdog started: recovery every %.1f s%s", max(0.5, settings.backfill_lease_s / 2),
+                 ", broker checks (supervised)" if supervised else "")
     return _watchdog
 
 
