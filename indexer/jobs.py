@@ -353,7 +353,10 @@ def _queue_sizes(app: Any) -> dict[str, int] | None:
         with app.connection_for_write() as conn:
             channel = conn.default_channel
             for queue in app.conf.task_queues:
-                sizes[queue.name] = int(channel.queue_declare(queue=queue.name, passive=True).message_count)
+                if hasattr(channel, "_size"):  # kombu's virtual transports (Redis, filesystem): an empty
+                    sizes[queue.name] = int(channel._size(queue.name))  # Redis list does not exist at all
+                else:
+                    sizes[queue.name] = int(channel.queue_declare(queue=queue.name, passive=True).message_count)
         return sizes
     except Exception as e:  # the broker may be down: no stale-queue recovery this pass
         log.debug("cannot read queue sizes: %s", e)
