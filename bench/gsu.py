@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 from muse.settings import load_settings
-from muse.vectorstore import VectorStore
+from muse.vectorstore import CollectionRef, VectorStore
 from retriever.cache import CacheConfig, HistoryCache, store_loader
 from retriever.kernels import simtier_counts
 
 SOURCE = "gsubench"
+REF = CollectionRef("gsubench", SOURCE, 1)  # the bench's own collections
 DIM = 128
 K = 50
 LENGTHS = (1_000, 10_000, 100_000)
@@ -87,27 +88,27 @@ def timeit(
 
 def populate(store: VectorStore, lengths: tuple[int, ...], progress: Callable[[str], None]) -> None:
     """Write the bench users once (reused when their row counts already match)."""
-    store.ensure_collections(SOURCE, DIM)
+    store.ensure_collections(REF, DIM)
     wrote = False
     for n in lengths:
         user = USER_OF[n]
         rng = np.random.default_rng(n)
-        if store.count_behaviours(SOURCE, user) == n:
+        if store.count_behaviours(REF, user) == n:
             continue
         progress(f"writing {n} behaviours of user {user} ...")
-        store.delete_user_behaviours(SOURCE, user)
+        store.delete_user_behaviours(REF, user)
         wrote = True
         for start in range(0, n, 20_000):
             m = min(20_000, n - start)
             vecs = rng.normal(size=(m, DIM)).astype(np.float32)
             store.upsert_behaviours(
-                SOURCE, np.full(m, user), np.arange(start, start + m), rng.integers(1, 10**9, m), vecs
+                REF, np.full(m, user), np.arange(start, start + m), rng.integers(1, 10**9, m), vecs
             )
     # Seal, index and reload what was written: freshly written rows sit in growing segments, which the
     # server searches by brute force (~1 s vs ~0.2 s at 100K x 100 here) until it seals them on its own
     # minutes later. Reused users were sealed by the run that wrote them.
     if wrote:
-        store.flush(SOURCE, reload=True)
+        store.flush(REF, reload=True)
 
 
 def recall(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,7 +132,7 @@ def run(
     targets = torch.from_numpy(targets_np).to(device)
 
     caches = {
-        dt: HistoryCache(store_loader(store, SOURCE, 8192), DIM, CacheConfig(storage_dtype=dt, device=device))
+        dt: HistoryCache(store_loader(store, REF, 8192), DIM, CacheConfig(storage_dtype=dt, device=device))
         for dt in ("float32", *COMPRESSED)
     }
     users = {n: USER_OF[n] for n in lengths}
@@ -178,7 +179,7 @@ def run(
             milvus = timeit(
                 {
                     level: lambda b=b, user=user, level=level: store.search_behaviours(
-                        SOURCE, user, targets_np[:b], K, consistency_level=level
+                        REF, user, targets_np[:b], K, consistency_level=level
                     )
                     for level in ("Bounded", "Strong")
                 },
@@ -206,7 +207,7 @@ def run(
             got = caches[compressed].get(user).topk(targets[:b], K)
             row["recall@50_cmp"] = recall(ref.indices.cpu(), got.indices.cpu())
             # Share of targets for which Milvus and the float32 cache return the same ids in the same order.
-            hits = store.search_behaviours(SOURCE, user, targets_np[:b], K)
+            hits = store.search_behaviours(REF, user, targets_np[:b], K)
             positions = caches["float32"].get(user).positions[ref.indices.cpu().numpy()]  # [b, K]
             same = [[h.position for h in hs] == p.tolist() for hs, p in zip(hits, positions, strict=True)]
             row["milvus_same_ids"] = float(np.mean(same))
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             milvus_prefix="musebench",
         )
         with VectorStore(settings) as store:
-            store.drop_collections(SOURCE)
+            store.drop_collections(REF)
         print(f"dropped the {SOURCE!r} bench collections (prefix musebench) at {args.milvus_uri}")
         return 0
     lengths = tuple(int(x) for x in args.lengths.split(","))

@@ -79,7 +79,7 @@ def bench_model(settings: Settings, dataset: str, name: str, args: argparse.Name
     space, histories, vectors = parts["space"], parts["histories"], parts["vectors"]
     retrieval = model_class(name).retrieval
     builder = BatchBuilder(space, histories, retrieval, config.k, config.recent_len, config.max_history,
-                           vectors if retrieval == "multimodal" else None)
+                           vectors if config.needs_vectors else None)
     torch.manual_seed(0)
     model = build_model(name, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
     cfg = TrainConfig(batch_size=args.batch)
@@ -88,7 +88,7 @@ def bench_model(settings: Settings, dataset: str, name: str, args: argparse.Name
     _, n, seconds = train_steps(model, builder, batches[5:], cfg)
 
     ranker = Ranker(LoadedRun(model, space, SOURCE, dataset, {}), histories,
-                    parts["retriever"] if retrieval == "multimodal" else None)
+                    parts["retriever"] if retrieval == "multimodal" else None, vectors)
     rng = np.random.default_rng(1)
     users = parts["score_users"]
     times = []
@@ -123,7 +123,7 @@ def main() -> None:
 
     from muse import db
     from muse.data.format import Dataset
-    from muse.vectorstore import VectorStore
+    from muse.vectorstore import CollectionRef, VectorStore
     from retriever.client import Retriever
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,16 +141,17 @@ def main() -> None:
         vectors = VectorTable(space, table)
         # backfill a few users into Milvus Lite for the retriever's serving path
         store = VectorStore(settings)
-        store.ensure_collections(SOURCE, args.dim)
-        store.upsert_items(SOURCE, ids, vecs, space.item_features[space.items.lookup(ids), 0])
+        ref = CollectionRef(dataset, SOURCE, 1)
+        store.ensure_collections(ref, args.dim)
+        store.upsert_items(ref, ids, vecs, space.item_features[space.items.lookup(ids), 0])
         score_users = histories.user_ids[: args.score_users]
         for u in score_users:
             start, length = (int(v[0]) for v in histories.rows(np.array([u])))
             idx = histories.items[start:start + length]
-            store.upsert_behaviours(SOURCE, np.full(length, u), np.arange(length), space.items.values[idx - 1],
+            store.upsert_behaviours(ref, np.full(length, u), np.arange(length), space.items.values[idx - 1],
                                     vectors.vectors[idx].numpy())
         store.close()
-        retriever = Retriever.from_settings(source=SOURCE, settings=settings)
+        retriever = Retriever.from_settings(source=SOURCE, settings=settings, dataset=dataset, version=1)
         retriever.prefetch([int(u) for u in score_users]).result()
         print(f"setup {time.perf_counter() - t0:.1f}s: {args.users} users x {args.history} behaviours, "
               f"{args.items} items, {args.dim}-d vectors; K={args.k}, batch {args.batch}, {args.threads} threads")

@@ -344,6 +344,11 @@ def _update_job_status(settings: Settings, job_id: int) -> None:
             )
         )
     log.info("job %d finished: %s", job_id, final)
+    if final == "done":
+        from indexer.backfill import get_store
+        from muse.versions import on_backfill_done
+
+        on_backfill_done(settings, job_id, get_store(settings))
 
 
 def _queue_sizes(app: Any) -> dict[str, int] | None:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -167,3 +168,25 @@ class RankerRun(Base):
     checkpoint_path: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Comparison(Base):
+    """A stored source x model comparison (``muse compare``): what was asked and the aggregated result."""
+
+    __tablename__ = "comparisons"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)  # models, sources, esus, seeds, train config
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)  # cells with mean/std per metric, intrinsic metrics
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ComparisonRun(Base):
+    """A ranker run that a comparison used (trained for it, or reused)."""
+
+    __tablename__ = "comparison_runs"
+
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("ranker_runs.id", ondelete="CASCADE"), primary_key=True)
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -8,7 +8,7 @@ vector. A GSU search on a cached history is then one matrix product + ``topk``
 
 Histories are loaded through a *loader*: a callable ``user_id -> iterable of batches`` with
 ``positions``, ``item_ids`` and ``vectors`` arrays, e.g.
-``lambda u: store.iter_user_behaviours(source, u, batch_size=...)`` (see
+``lambda u: store.iter_user_behaviours(ref, u, batch_size=...)`` (see
 :func:`store_loader`). The cache reflects the store at load time: writes made through
 :meth:`HistoryCache.append_behaviours` are applied to a cached history at once; for writes made
 elsewhere call :meth:`HistoryCache.invalidate`.
@@ -188,11 +188,12 @@ def _concat(a: CachedHistory, b: CachedHistory) -> CachedHistory:
     )
 
 
-def store_loader(store: Any, source: str, batch_size: int) -> Loader:
-    """A loader reading histories through ``VectorStore.iter_user_behaviours``."""
+def store_loader(store: Any, ref: Any, batch_size: int) -> Loader:
+    """A loader reading histories of one :class:`muse.vectorstore.CollectionRef` through
+    ``VectorStore.iter_user_behaviours``."""
 
     def load(user_id: int) -> Iterable[BatchLike]:
-        return store.iter_user_behaviours(source, int(user_id), batch_size=batch_size)
+        return store.iter_user_behaviours(ref, int(user_id), batch_size=batch_size)
 
     return load
 

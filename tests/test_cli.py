@@ -20,7 +20,7 @@ def _muse(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command_without_heavy_imports(tmp_path: Path):
     res = _muse(["--help"], tmp_path)
     assert res.returncode == 0, res.stderr
-    for name in ("db", "data", "embed", "worker", "backfill", "retrieve", "rank", "compare", "demo"):
+    for name in ("db", "data", "embed", "worker", "backfill", "retrieve", "rank", "compare", "quickstart"):
         assert f"    {name}" in res.stdout, name
     # lazy imports: building the parser must not import torch, pymilvus or celery
     probe = (

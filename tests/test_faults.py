@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_indexer_helpers import SOURCE, expected_behaviours, make_tiny_world, worker_log
+from test_indexer_helpers import SOURCE, expected_behaviours, make_tiny_world, ref_of, worker_log
 
 from indexer import jobs
 from indexer.celery_app import QUEUE_PREFIX_ENV, WorkerProcess
@@ -112,6 +112,7 @@ class Run:
         self.prefix = f"f{uuid.uuid4().hex[:8]}"
         monkeypatch.setenv(QUEUE_PREFIX_ENV, f"{self.prefix}-")
         self.settings = _settings(servers, self.data_dir, self.prefix)
+        self.ref = ref_of(self.settings, self.dataset.name)
         self.tmp_path = tmp_path
         # Worker logs outlive pytest's temporary folders (MUSE_FAULT_LOGS, default under the temp dir).
         import os
@@ -164,7 +165,7 @@ class Run:
         logs = "\n".join(worker_log(w.log_path) for w in self.workers)
         assert p.status == "done", f"{fault}: job ended {p.status}: {p.errors}\n{logs}"
         n_items, n_behaviours = self.dataset.n_items, expected_behaviours(self.dataset)
-        found_items, unique_items, found_bhv, unique_bhv = count_rows(self.settings, self.dataset)
+        found_items, unique_items, found_bhv, unique_bhv = count_rows(self.settings, self.dataset, self.ref)
         FIGURES["faults"].append(fault)
         FIGURES["recovered"] += 1
         FIGURES["expected"] += n_items + n_behaviours
@@ -180,21 +181,22 @@ class Run:
             w.stop(timeout=15)
         try:
             with VectorStore(self.settings) as store:
-                store.drop_collections(SOURCE)
+                for name in store.list_collections():  # every collection of this test's prefix
+                    store.client.drop_collection(name)
         except MuseError:
             pass
         jobs._apps.clear()
 
 
-def count_rows(settings: Settings, dataset: Any) -> tuple[int, int, int, int]:
+def count_rows(settings: Settings, dataset: Any, ref: Any) -> tuple[int, int, int, int]:
     """``count(*)`` and distinct primary keys of the item and behaviour collections."""
     with VectorStore(settings) as store:
-        items_name, bhv_name = store.item_collection(SOURCE), store.behaviour_collection(SOURCE)
-        found_items = store.count_items(SOURCE)
+        items_name, bhv_name = store.item_collection(ref), store.behaviour_collection(ref)
+        found_items = store.count_items(ref)
         rows = store.client.query(items_name, filter="item_id >= -9223372036854775807",
                                   output_fields=["item_id"], limit=16384)
         unique_items = len({r["item_id"] for r in rows})
-        found_bhv = store.count_behaviours(SOURCE)
+        found_bhv = store.count_behaviours(ref)
         unique_bhv = 0
         for user in dataset.histories_table().column("user_id").to_pylist():
             res = store.client.query(bhv_name, filter=f"user_id == {int(user)}", output_fields=["pk"], limit=16384)
@@ -243,7 +245,8 @@ def test_resume_while_chunks_run_then_collections_dropped(run: Run) -> None:
     assert max(attempts) == 1, f"a chunk ran more than once: attempts {attempts}"
 
     with VectorStore(run.settings) as store:
-        store.drop_collections(SOURCE)
+        store.drop_live(run.dataset.name, SOURCE)
+        store.drop_collections(run.ref)
     run.start_job()
     run.finish("collections dropped under running workers")
 
@@ -255,9 +258,9 @@ def test_milvus_killed_then_restarted(run: Run) -> None:
     run.start_job()
     run.mid_job()
     run.servers.milvus.kill()
-    seen = _client_errors_during(run.settings, 4.0)
+    seen = _client_errors_during(run.settings, run.ref, 4.0)
     run.servers.milvus.start()
-    seen += _client_errors_during(run.settings, 3.0)
+    seen += _client_errors_during(run.settings, run.ref, 3.0)
     assert all(isinstance(e, MuseError) for e in seen), [type(e) for e in seen]
     run.finish("Milvus killed and restarted")
 
@@ -268,13 +271,13 @@ def test_milvus_frozen(run: Run) -> None:
     run.start_job()
     run.mid_job()
     store = VectorStore(run.settings)
-    target = np.ones((1, store.dim(SOURCE)), np.float32)
-    store.search_behaviours(SOURCE, 1, target, k=5)  # connected, collection known: only the search is left
+    target = np.ones((1, store.dim(run.ref)), np.float32)
+    store.search_behaviours(run.ref, 1, target, k=5)  # connected, collection known: only the search is left
     run.servers.milvus.pause()
     try:
         t0 = time.monotonic()
         with pytest.raises(BackendUnavailable):
-            store.search_behaviours(SOURCE, 1, target, k=5)
+            store.search_behaviours(run.ref, 1, target, k=5)
         took = time.monotonic() - t0
         time.sleep(max(0.0, 4.0 - took))
     finally:
@@ -332,7 +335,7 @@ def test_behaviour_chunks_not_sent_when_item_chunks_failed(run: Run) -> None:
     assert sum(jobs._queue_sizes(app).values()) == 0
 
 
-def _client_errors_during(settings: Settings, seconds: float) -> list[BaseException]:
+def _client_errors_during(settings: Settings, ref: Any, seconds: float) -> list[BaseException]:
     """Search and count in a loop for ``seconds``; the exceptions seen (each must be a MuseError)."""
     seen: list[BaseException] = []
     deadline = time.monotonic() + seconds
@@ -340,8 +343,8 @@ def _client_errors_during(settings: Settings, seconds: float) -> list[BaseExcept
     try:
         while time.monotonic() < deadline:
             try:
-                store.count_items(SOURCE)
-                store.search_behaviours(SOURCE, 1, np.ones((1, store.dim(SOURCE)), np.float32), k=3)
+                store.count_items(ref)
+                store.search_behaviours(ref, 1, np.ones((1, store.dim(ref)), np.float32), k=3)
             except Exception as e:  # collected: the test asserts they are all MuseErrors
                 seen.append(e)
             time.sleep(0.3)

@@ -14,11 +14,13 @@ import pytest
 
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import Settings
-from muse.vectorstore import VectorStore
+from muse.vectorstore import CollectionRef, VectorStore
 from retriever.client import Retriever
 
 DIM = 8
 SOURCE = "scl"
+DATASET = "hostile-ds"
+REF = CollectionRef(DATASET, SOURCE, 1)
 USER = 21
 N = 40
 ITEMS = np.arange(500, 510, dtype=np.int64)
@@ -30,14 +32,14 @@ INF = float("inf")
 def world(milvus_settings: Settings):
     rng = np.random.default_rng(3)
     store = VectorStore(milvus_settings)
-    store.ensure_collections(SOURCE, DIM)
-    store.upsert_items(SOURCE, ITEMS, rng.normal(size=(len(ITEMS), DIM)), np.zeros(len(ITEMS), np.int64))
+    store.ensure_collections(REF, DIM)
+    store.upsert_items(REF, ITEMS, rng.normal(size=(len(ITEMS), DIM)), np.zeros(len(ITEMS), np.int64))
     vecs = rng.normal(size=(N, DIM)).astype(np.float32)
-    store.upsert_behaviours(SOURCE, np.full(N, USER), np.arange(N), rng.integers(1, 10**6, N), vecs)
+    store.upsert_behaviours(REF, np.full(N, USER), np.arange(N), rng.integers(1, 10**6, N), vecs)
     try:
         yield milvus_settings, store, vecs
     finally:
-        store.drop_collections(SOURCE)
+        store.drop_collections(REF)
         store.close()
 
 
@@ -73,7 +75,8 @@ HOSTILE = [
 @pytest.mark.parametrize("path", ["cache", "milvus"])
 def test_hostile_client_input_is_a_clear_configuration_error(world, path: str) -> None:
     settings, _, _ = world
-    with Retriever.from_settings(SOURCE, settings, path=path, consistency_level="Strong") as r:
+    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, version=1, path=path,
+                                 consistency_level="Strong") as r:
         for case, call, fragment in HOSTILE:
             with pytest.raises(ConfigurationError) as info:
                 call(r)
@@ -88,7 +91,8 @@ def test_huge_vectors_and_many_targets(world, path: str) -> None:
     """A 1e30-sized target ranks like its unit vector (not five 0.0 scores); more targets than one
     Milvus request takes (16,384) are split into batches."""
     settings, _, vecs = world
-    with Retriever.from_settings(SOURCE, settings, path=path, consistency_level="Strong") as r:
+    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, version=1, path=path,
+                                 consistency_level="Strong") as r:
         unit = r.search_vectors(USER, _target(), k=5)[0]
         huge = r.search_vectors(USER, _target(1e30), k=5)[0]
         assert huge.positions.tolist() == unit.positions.tolist()
@@ -101,28 +105,28 @@ def test_huge_vectors_and_many_targets(world, path: str) -> None:
 
 def test_store_maps_milvus_input_errors_and_dropped_collections(world) -> None:
     settings, store, _ = world
-    name = store.behaviour_collection(SOURCE)
+    name = store.behaviour_collection(REF)
     # Milvus' own rejection of a request is the request's fault, not an outage.
     with pytest.raises(ConfigurationError) as info:
         store._call("query", store.client.query, name, filter="user_id == 1180591620717411303424", limit=1)
     assert not isinstance(info.value, BackendUnavailable)
     with pytest.raises(ConfigurationError, match="NaN, inf"):
-        store.upsert_items(SOURCE, [1], np.full((1, DIM), NAN), [0])
+        store.upsert_items(REF, [1], np.full((1, DIM), NAN), [0])
     with pytest.raises(ConfigurationError, match="int64"):
-        store.upsert_items(SOURCE, [2**70], np.ones((1, DIM)), [0])
+        store.upsert_items(REF, [2**70], np.ones((1, DIM)), [0])
     with pytest.raises(ConfigurationError, match="must be integers"):
-        store.get_item_vectors(SOURCE, [None])
-    assert store.upsert_behaviours(SOURCE, [], [], [], np.zeros((0, DIM))) == 0
+        store.get_item_vectors(REF, [None])
+    assert store.upsert_behaviours(REF, [], [], [], np.zeros((0, DIM))) == 0
     # A long-lived client whose collections were dropped by someone else: a clear NotFoundError,
     # and once they exist again the same client works (its cached state was refreshed).
     other = VectorStore(settings)
     try:
-        assert other.count_behaviours(SOURCE, USER) == N
-        store.drop_collections(SOURCE)
+        assert other.count_behaviours(REF, USER) == N
+        store.drop_collections(REF)
         with pytest.raises(NotFoundError):
-            other.count_behaviours(SOURCE, USER)
-        store.ensure_collections(SOURCE, DIM)
-        assert other.count_behaviours(SOURCE, USER) == 0
+            other.count_behaviours(REF, USER)
+        store.ensure_collections(REF, DIM)
+        assert other.count_behaviours(REF, USER) == 0
     finally:
         other.close()
 

@@ -31,18 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
     actions = p.add_subparsers(dest="backfill_command", metavar="ACTION")
     st = actions.add_parser("status", help="progress of a job")
-    st.add_argument("job", type=int)
+    st.add_argument("job", type=int, help="job id (see `muse backfill list`)")
     st.add_argument("--json", action="store_true", help="print the progress as JSON")
     st.set_defaults(func=_status)
     rs = actions.add_parser("resume", help="re-enqueue the chunks of a job that are not done")
-    rs.add_argument("job", type=int)
+    rs.add_argument("job", type=int, help="job id (see `muse backfill list`)")
     rs.add_argument("--detach", action="store_true", help="enqueue and return at once")
     rs.set_defaults(func=_resume)
     cn = actions.add_parser("cancel", help="cancel a job (resume continues it)")
-    cn.add_argument("job", type=int)
+    cn.add_argument("job", type=int, help="job id (see `muse backfill list`)")
     cn.set_defaults(func=_cancel)
     ls = actions.add_parser("list", help="the newest jobs")
-    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--limit", type=int, default=20, help="show at most this many jobs (default 20)")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=_list)
 
 
@@ -249,8 +250,15 @@ def _list(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
 
     rows = jobs.list_jobs(load_settings(), args.limit)
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+        return 0
     if not rows:
-        print("no backfill jobs")
+        print("no backfill jobs yet: `muse backfill --source scl --dataset NAME`")
+        return 0
+    print(f"{'job':>5}  {'status':<10} {'source':<12} {'dataset':<24} created")
     for r in rows:
         print(f"{r['job_id']:>5}  {r['status']:<10} {r['source']:<12} {r['dataset']:<24} {r['created_at']}")
     return 0
