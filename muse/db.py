@@ -11,7 +11,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from muse.errors import BackendUnavailable
+from muse.errors import BackendUnavailable, ConfigurationError
 from muse.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,29 @@ def session_scope(settings: Settings) -> Iterator[Session]:
                     log.debug("rollback failed: %s", e)
                 raise
     except DBAPIError as e:
+        if is_schema_missing(e):  # bad set-up, not an outage: say what to run
+            raise ConfigurationError(
+                f"the database at {_safe_url(settings.database_url)} is not migrated to this version "
+                f"({_first_line(e.orig or e)}); run `muse db upgrade`"
+            ) from e
         if not (isinstance(e, OperationalError | InterfaceError) or e.connection_invalidated):
             raise
         raise BackendUnavailable(
             f"the database at {_safe_url(settings.database_url)} is unavailable: {_first_line(e.orig or e)}"
         ) from e
+
+
+#: Fragments of driver messages that mean a table or column of the schema is missing (SQLite, PostgreSQL).
+_SCHEMA_MISSING = ("no such table", "no such column", "undefinedtable", "undefinedcolumn")
+
+
+def is_schema_missing(exc: BaseException) -> bool:
+    """Whether a database error says a table or column is missing (the database is not migrated)."""
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [""])[0]
+    probe = f"{type(orig).__name__} {first}".lower()
+    return any(f in probe for f in _SCHEMA_MISSING) or (
+        "does not exist" in probe and ("relation " in probe or "column " in probe))
 
 
 def dispose_engines() -> None:
