@@ -129,7 +129,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     _backfill(main_source, name)
 
     stages.begin(f"retrieval example ({main_source}, GSU on the prefetched device cache)")
-    _retrieval_example(settings, name, main_source, world)
+    _retrieval_example(settings, name, main_source, world, spreads[main_source]["version"])
 
     stages.begin(f"rankers: {', '.join(args.models)} x {args.seeds} seed(s)")
     rows = _rankers(settings, name, args.models, args.sources, args.seeds)
@@ -165,7 +165,9 @@ def _forget(settings: Any, name: str, out_dir: Path) -> None:
         with db.session_scope(settings) as session:
             ds = session.scalars(select(models.Dataset).where(models.Dataset.name == name)).one_or_none()
             if ds is not None:
-                for model in (models.Comparison, models.RankerRun, models.BackfillJob, models.EmbeddingSource):
+                # Source versions stay (detached from the dataset): version numbers name Milvus
+                # collections, so a fresh world trains the next version instead of reusing a number.
+                for model in (models.Comparison, models.RankerRun, models.BackfillJob):
                     for row in session.scalars(select(model).where(model.dataset_id == ds.id)):
                         if isinstance(row, models.BackfillJob):
                             for chunk in list(getattr(row, "chunks", []) or []):
@@ -244,7 +246,8 @@ def _backfill(source: str, dataset: str) -> None:
                                  "`muse backfill list` shows the job, `muse backfill resume JOB` continues it")
 
 
-def _retrieval_example(settings: Any, dataset: str, source: str, world: _World, k: int = 8) -> None:
+def _retrieval_example(settings: Any, dataset: str, source: str, world: _World, version: int | None = None,
+                       k: int = 8) -> None:
     """Prefetch one test user's history and print the top-``k`` behaviours for a clicked target."""
     import numpy as np
 
@@ -261,7 +264,7 @@ def _retrieval_example(settings: Any, dataset: str, source: str, world: _World, 
         r = row_of.get(int(item))
         return "?" if r is None else f"{world.category_name(cats[r]):<16} {titles[r]}"
 
-    with Retriever.from_settings(source=source, settings=settings, dataset=dataset) as r:
+    with Retriever.from_settings(source=source, settings=settings, dataset=dataset, version=version) as r:
         lengths = r.prefetch([user]).result(timeout=120)
         full = r.search(user, [target], k=min(1000, max(k, lengths.get(user, k) or k)))
         version = full.version
