@@ -1,8 +1,10 @@
 """``muse backfill``: fill Milvus with a source's item and behaviour vectors through the worker queues.
 
-``muse backfill --source NAME --dataset NAME`` creates a job (or continues the unfinished one for
-the same source and dataset), enqueues its chunks, shows a progress bar read from the database and
-ends with a summary. With the embedded filesystem broker it runs its own worker subprocess (the
+``muse backfill --source NAME --dataset NAME [--version N]`` creates a job (or continues the
+unfinished one for the same source version and dataset), enqueues its chunks, shows a progress bar
+read from the database and ends with a summary. The job writes the collections of (dataset,
+source, version), beside the live version; the first version of a (dataset, source) becomes live
+when its job is done, later ones with ``muse source promote``. With the embedded filesystem broker it runs its own worker subprocess (the
 only process that opens the Milvus Lite file) and stops it at the end.
 """
 
@@ -23,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--source", help="embedding source (scl, i2i, openclip, id, scl-taobao)")
     p.add_argument("--dataset", help="dataset name (see `muse data list`)")
+    p.add_argument("--version", type=int, default=None,
+                   help="source version to write (default: the newest; see `muse embed list`)")
     p.add_argument("--chunk-size", type=int, default=512, help="items per chunk (default: 512)")
     p.add_argument("--user-chunk-size", type=int, default=64, help="users per behaviour chunk (default: 64)")
     p.add_argument("--items-only", action="store_true", help="skip the behaviour collection")
@@ -55,21 +59,77 @@ def _run(args: argparse.Namespace) -> int:
     if not args.source or not args.dataset:
         raise ConfigurationError("muse backfill needs --source NAME and --dataset NAME (or an ACTION)")
     settings = load_settings()
-    job_id = None if args.new else jobs.find_job(settings, args.source, args.dataset)
+    ref = _target(settings, args.source, args.dataset, args.version)
+    job_id = None if args.new else jobs.find_job(settings, args.source, args.dataset, ref.version)
     if job_id is not None:
         progress = jobs.job_progress(settings, job_id)
         if progress.status == "done":
-            print(f"job {job_id} ({args.source} on {args.dataset}) is already done; nothing to do (--new to rerun)")
+            print(f"job {job_id} ({ref}) is already done; nothing to do (--new to rerun)")
             _print_summary(progress)
+            _print_version(settings, ref)
             return 0
         print(f"continuing job {job_id} ({progress.status})")
     else:
         job_id = jobs.create_job(
             settings, args.source, args.dataset, chunk_size=args.chunk_size,
-            user_chunk_size=args.user_chunk_size, behaviours=not args.items_only,
+            user_chunk_size=args.user_chunk_size, behaviours=not args.items_only, version=ref.version,
         )
-        print(f"created job {job_id}: {args.source} on {args.dataset}")
-    return _drive(settings, job_id, args.detach)
+        print(f"created job {job_id}: {args.source} v{ref.version} on {args.dataset}")
+    _print_version(settings, ref, before=True)
+    code = _drive(settings, job_id, args.detach)
+    if not args.detach:
+        _print_version(settings, ref)
+    return code
+
+
+def _target(settings: Any, source: str, dataset: str, version: int | None) -> Any:
+    """The CollectionRef a backfill of ``source`` (version ``version``, the newest when None) writes."""
+    from indexer import jobs
+    from muse import models
+    from muse.data.format import Dataset
+    from muse.db import session_scope
+    from muse.vectorstore import CollectionRef
+
+    source_id = jobs.resolve_source(settings, source, Dataset.open(settings, dataset), version)
+    with session_scope(settings) as session:
+        row = session.get(models.EmbeddingSource, source_id)
+        return CollectionRef(dataset, source, int(row.version))
+
+
+def _print_version(settings: Any, ref: Any, before: bool = False) -> None:
+    """Which collections the job writes and where the version stands (the database record only:
+    the embedded Milvus Lite file belongs to the worker while it runs)."""
+    from muse import versions
+    from muse.vectorstore import VectorStore
+
+    store = VectorStore(settings)  # names only: no connection
+    names = f"{store.item_collection(ref)}, {store.behaviour_collection(ref)}"
+    live = versions.live_record(settings, ref.dataset, ref.source)
+    pair = f"{ref.dataset}/{ref.source}"
+    if before:
+        if live is None:
+            state = f"the first version of {pair}: live once the job is done"
+        elif live == ref.version:
+            state = f"the live version of {pair}"
+        else:
+            state = f"beside the live v{live} of {pair}; readers switch with `muse source promote {ref.dataset} " \
+                    f"{ref.source} {ref.version}`"
+        print(f"writing {ref} into collections {names} ({state})")
+        return
+    if live == ref.version:
+        print(f"{ref} is live (collections {names})")
+    else:
+        state = f"live: v{live}" if live is not None else "no version is live"
+        print(f"{ref} is not live ({state}); check `muse source list --dataset {ref.dataset}`, then "
+              f"`muse source promote {ref.dataset} {ref.source} {ref.version}`")
+    try:
+        with VectorStore(settings) as store:
+            for line in versions.legacy_report(settings, store, ref.source):
+                print(f"note: {line}")
+    except Exception as e:  # the hint must never fail a finished backfill
+        import logging
+
+        logging.getLogger(__name__).debug("legacy check skipped: %s", e)
 
 
 def _drive(settings: Any, job_id: int, detach: bool) -> int:
@@ -125,26 +185,61 @@ def _follow(settings: Any, job_id: int, worker: Any) -> int:
     from indexer import jobs
     from muse.errors import BackendUnavailable
 
+    stall_s = float(settings.backfill_stall_s)
+    recover_every = max(1.0, settings.backfill_lease_s / 2)
     progress = jobs.job_progress(settings, job_id)
+    last_change, last_seen, last_recover = time.monotonic(), _signature(progress), 0.0
     with tqdm(total=progress.units_total, unit="row", desc=f"job {job_id}", dynamic_ncols=True) as bar:
         while True:
-            progress = jobs.job_progress(settings, job_id)
-            bar.n = progress.units_done
-            bar.set_postfix(
-                items=progress.items_written, failed=progress.items_failed,
-                behaviours=progress.behaviours_written, refresh=False,
-            )
-            bar.refresh()
-            if progress.finished:
-                break
+            now = time.monotonic()
+            try:
+                if now - last_recover >= recover_every:  # dead workers' chunks, lost messages
+                    last_recover = now
+                    jobs.recover_jobs(settings, job_id=job_id)
+                progress = jobs.job_progress(settings, job_id)
+            except BackendUnavailable as e:  # the database or broker is down: keep waiting
+                bar.set_postfix_str(f"waiting: {e}"[:80])
+                progress = None
+            if progress is not None:
+                bar.n = progress.units_done
+                bar.set_postfix(
+                    items=progress.items_written, failed=progress.items_failed,
+                    behaviours=progress.behaviours_written, refresh=False,
+                )
+                bar.refresh()
+                if progress.finished:
+                    break
+                if _signature(progress) != last_seen:
+                    last_seen, last_change = _signature(progress), now
             if worker is not None and not worker.alive():
                 raise BackendUnavailable(
                     f"the backfill worker exited with code {worker.proc.returncode} before job {job_id} "
                     f"finished; see {worker.log_path}; continue with `muse backfill resume {job_id}`"
                 )
+            if stall_s and now - last_change > stall_s:
+                raise BackendUnavailable(_stall_message(job_id, progress, stall_s))
             time.sleep(POLL_S)
     _print_summary(progress)
     return 0 if progress.status == "done" else 1
+
+
+def _signature(p: Any) -> tuple[Any, ...]:
+    """What changes whenever a chunk makes progress (counts per status, attempts, rows done)."""
+    return (p.units_done, tuple(sorted(p.chunks.items())), p.items_written, p.behaviours_written,
+            tuple(sorted(p.workers.items())))
+
+
+def _stall_message(job_id: int, progress: Any, stall_s: float) -> str:
+    if progress is None:
+        state = "the database did not answer"
+    else:
+        dead = f"; dead workers: {', '.join(progress.dead_workers)}" if progress.dead_workers else ""
+        state = f"chunks {progress.chunks}{dead}"
+    return (
+        f"job {job_id} made no progress for {stall_s:.0f} s ({state}); is a worker running "
+        f"(`muse worker`) and are the servers up? The job is kept: workers continue it when they "
+        f"run, `muse backfill status {job_id}` shows it (MUSE_BACKFILL_STALL_S sets this wait)"
+    )
 
 
 def _fmt_rate(rate: float | None) -> str:
@@ -168,6 +263,8 @@ def _print_summary(p: Any) -> None:
             print(f"    ... {p.items_failed - 20} more (`muse backfill status {p.job_id} --json`)")
     for err in p.errors[:10]:
         print(f"  error: {err}")
+    for name, state in p.workers.items():
+        print(f"  worker {name}: {state}")
 
 
 def _status(args: argparse.Namespace) -> int:
