@@ -26,7 +26,15 @@ import torch
 
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings, load_settings
-from retriever.cache import CacheConfig, CacheStats, HistoryCache, store_loader
+from retriever.cache import (
+    CacheConfig,
+    CacheStats,
+    GatherCache,
+    HistoryCache,
+    ItemTable,
+    sequence_loader,
+    store_loader,
+)
 from retriever.kernels import N_TIERS, simtier_counts
 from retriever.milvus_search import milvus_topk
 
@@ -103,6 +111,14 @@ def _check_user(user_id: Any) -> int:
     return int(user_id)
 
 
+def _int_array(values: Any, what: str) -> np.ndarray:
+    vals = list(values) if not isinstance(values, (int, np.integer)) else [values]
+    bad = [v for v in vals if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+    if bad:
+        raise ConfigurationError(f"{what} must be integers, got {bad[:5]!r}")
+    return np.asarray(vals, dtype=np.int64)
+
+
 def _check_items(item_ids: Any) -> list[int]:
     ids = list(item_ids) if not isinstance(item_ids, (int, np.integer)) else [item_ids]
     if not ids:
@@ -160,9 +176,16 @@ class Retriever:
         self.path = path
         self.dim = int(store.describe(source)["behaviours"]["dim"])  # NotFoundError for an unknown source
         self.cache: HistoryCache | None = None
+        self.item_table: ItemTable | None = None
         if path == "cache":
             config = cache_config or CacheConfig()
-            self.cache = HistoryCache(store_loader(store, source, config.load_batch_size), self.dim, config)
+            if config.history_from == "items":
+                self.item_table = ItemTable(
+                    lambda ids: store.get_item_vectors(source, ids), self.dim, config.storage_dtype, config.device
+                )
+                self.cache = GatherCache(sequence_loader(store, source), self.item_table, config)
+            else:
+                self.cache = HistoryCache(store_loader(store, source, config.load_batch_size), self.dim, config)
 
     @classmethod
     def from_settings(
@@ -265,6 +288,9 @@ class Retriever:
         t = np.atleast_2d(np.asarray(targets, dtype=np.float32))
         if t.ndim != 2 or t.shape[1] != self.dim:
             raise ConfigurationError(f"targets must be [B, {self.dim}], got shape {t.shape}")
+        if not np.all(np.isfinite(t)):
+            bad = np.flatnonzero(~np.all(np.isfinite(t), axis=1)).tolist()
+            raise ConfigurationError(f"target vectors {bad[:20]} contain NaN or infinity")
         norms = np.linalg.norm(t, axis=1, keepdims=True)  # [B, 1]
         if np.any(norms == 0):
             raise ConfigurationError(
@@ -323,23 +349,61 @@ class Retriever:
             return done
         return self.cache.prefetch(users)
 
+    def preload_items(self, item_ids: Sequence[int]) -> int:
+        """Read these items' vectors into the cache's item table now (e.g. a dataset's items at
+        start-up), so that no prefetch waits for them; returns the table's rows (0 without one)."""
+        if self.item_table is None:
+            return 0
+        return self.item_table.load(np.asarray(item_ids, dtype=np.int64))
+
     def append_behaviours(
-        self, user_id: int, positions: Sequence[int], item_ids: Sequence[int], vectors: np.ndarray
+        self,
+        user_id: int,
+        positions: Sequence[int],
+        item_ids: Sequence[int],
+        vectors: np.ndarray | None = None,
     ) -> int:
-        """Write new behaviours of one user to Milvus and to a cached history; returns rows written."""
+        """Write new behaviours of one user to Milvus (rows and sequence) and to a cached history;
+        returns rows written. ``vectors`` default to the items' vectors in the item collection.
+
+        Raises:
+            ConfigurationError: positions and item ids are not integers of the same length, or a
+                negative position. NotFoundError: ``vectors`` omitted and an item has no vector.
+        """
         user = _check_user(user_id)
-        pos = np.asarray(positions, dtype=np.int64)
-        items = np.asarray(item_ids, dtype=np.int64)
-        vecs = np.asarray(vectors, dtype=np.float32).reshape(len(pos), -1)
+        pos = _int_array(positions, "positions")
+        items = _int_array(item_ids, "item_ids")
+        if len(pos) != len(items) or len(pos) == 0:
+            raise ConfigurationError(
+                f"append_behaviours: {len(pos)} positions and {len(items)} item ids (need the same, at least one)"
+            )
+        if pos.min() < 0:
+            raise ConfigurationError(f"append_behaviours: negative position {int(pos.min())}")
+        if vectors is None:
+            found, vecs_found = self.store.get_item_vectors(self.source, np.unique(items))
+            by_id = {int(i): v for i, v in zip(found, vecs_found, strict=True) if np.any(v)}
+            missing = [int(i) for i in items if int(i) not in by_id]
+            if missing:
+                raise NotFoundError(f"item(s) {missing[:20]} have no {self.source!r} vector to append")
+            vecs = np.stack([by_id[int(i)] for i in items]).astype(np.float32)
+        else:
+            vecs = np.asarray(vectors, dtype=np.float32)
+            if vecs.ndim != 2 or vecs.shape != (len(pos), self.dim):
+                raise ConfigurationError(
+                    f"append_behaviours: vectors must be [{len(pos)}, {self.dim}], got shape {vecs.shape}"
+                )
         written = self.store.upsert_behaviours(self.source, np.full(len(pos), user), pos, items, vecs)
         if self.cache is not None:
             self.cache.append_behaviours(user, pos, items, vecs)
         return written
 
     def forget_item_vectors(self) -> None:
-        """Drop the cached target vectors (after the source's items were re-encoded)."""
+        """Drop the cached target vectors (after the source's items were re-encoded) and the item
+        table's record of items without a vector."""
         with self._items_lock:
             self._items.clear()
+        if self.item_table is not None:
+            self.item_table.forget_absent()
 
     def invalidate(self, user_id: int) -> None:
         """Forget a cached history after behaviours were written elsewhere (e.g. by a backfill)."""
