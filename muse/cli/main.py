@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from muse.errors import MuseError
 
 #: Modules under ``muse.cli`` that each add one command group through ``register(subparsers)``.
-COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "retrieve", "rank", "demo")
+COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "retrieve", "serve", "rank", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
