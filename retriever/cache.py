@@ -588,11 +588,13 @@ class ItemTable:
                 rows = self._lookup(items)
         return rows
 
-    def load(self, item_ids: np.ndarray, batch: int = 16384) -> int:
-        """Read the given items into the table (e.g. every item of a dataset at start-up); returns rows."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        for start in range(0, len(ids), batch):
-            self.rows_of(ids[start : start + batch])
+    def load(self, item_ids: np.ndarray, batch: int = 4096, parallel: int = 4) -> int:
+        """Read the given items into the table (e.g. every item of a dataset at start-up), ``parallel``
+        batches at a time; returns rows."""
+        ids = np.unique(np.asarray(item_ids, dtype=np.int64))
+        batches = [ids[start : start + batch] for start in range(0, len(ids), batch)]
+        with ThreadPoolExecutor(parallel, thread_name_prefix="muse-items") as pool:
+            list(pool.map(self.rows_of, batches))
         return self.rows
 
     def forget_absent(self) -> None:
