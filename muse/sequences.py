@@ -59,7 +59,7 @@ def unpack(chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         item_parts.append(a[n:])
     pos = np.concatenate(pos_parts).astype(np.int64, copy=False)
     items = np.concatenate(item_parts).astype(np.int64, copy=False)
-    if len(pos_parts) == 1 and pos.shape[0] < 2:
+    if pos.shape[0] < 2 or bool(np.all(pos[1:] > pos[:-1])):  # already in order, no rewrites
         return pos.copy(), items.copy()
     # Stable sort by position; among equal positions the last written comes last.
     order = np.argsort(pos, kind="stable")

@@ -467,6 +467,84 @@ class HistoryCache:
 
 
 # -- the item-table path ---------------------------------------------------------------------------
+_EMPTY = np.iinfo(np.int64).min
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class IdIndex:
+    """Item id -> row: an open-addressing hash table (linear probing, Fibonacci hashing, load
+    <= 1/2) looked up for a whole array at once in numpy: a 100K-id lookup is a handful of
+    vector operations where a binary search (``np.searchsorted``) makes 17 dependent random reads
+    per id. The id ``-2**63`` is reserved as the empty marker."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        bits = max(10, int(np.ceil(np.log2(max(capacity, 1) * 2))))
+        self._alloc(bits)
+        self.n = 0
+
+    def _alloc(self, bits: int) -> None:
+        self.bits = bits
+        self.mask = (1 << bits) - 1
+        self.keys = np.full(1 << bits, _EMPTY, np.int64)
+        self.vals = np.zeros(1 << bits, np.int64)
+
+    def _slots(self, ids: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return ((ids.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids``, -1 where absent."""
+        keys, vals = self.keys, self.vals
+        mask = len(keys) - 1
+        bits = mask.bit_length()
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.full(len(ids), -1, np.int64)
+        with np.errstate(over="ignore"):
+            slot = ((ids.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - bits)).astype(np.int64)
+        k = keys[slot]
+        hit = k == ids
+        out[hit] = vals[slot[hit]]
+        todo = np.flatnonzero(~hit & (k != _EMPTY))
+        slot = (slot[todo] + 1) & mask
+        while len(todo):
+            k = keys[slot]
+            hit = k == ids[todo]
+            out[todo[hit]] = vals[slot[hit]]
+            more = ~hit & (k != _EMPTY)
+            todo = todo[more]
+            slot = (slot[more] + 1) & mask
+        return out
+
+    def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Insert ids not yet present (unique) with their rows."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        if (self.n + len(ids)) * 2 > len(self.keys):
+            old_k, old_v = self.keys, self.vals
+            present = old_k != _EMPTY
+            bits = self.bits
+            while (self.n + len(ids)) * 2 > (1 << bits):
+                bits += 1
+            self._alloc(bits)
+            self.n = 0
+            self._insert(old_k[present], old_v[present])
+        self._insert(ids, rows)
+
+    def _insert(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        slot = self._slots(ids)
+        while len(ids):
+            free = self.keys[slot] == _EMPTY
+            # among the ids aiming at one free slot, the first takes it
+            _, first = np.unique(slot[free], return_index=True)
+            take = np.flatnonzero(free)[first]
+            self.keys[slot[take]] = ids[take]
+            self.vals[slot[take]] = rows[take]
+            self.n += len(take)
+            rest = np.ones(len(ids), bool)
+            rest[take] = False
+            ids, rows, slot = ids[rest], rows[rest], (slot[rest] + 1) & self.mask
+
+
 ItemFetcher = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 SequenceLoader = Callable[[int], tuple[np.ndarray, np.ndarray]]
 
@@ -501,8 +579,7 @@ class ItemTable:
             torch.zeros(initial_rows, dtype=torch.float32, device=device) if self._dtype == torch.int8 else None
         )
         self.rows = 0
-        self._ids = np.zeros(0, np.int64)  # sorted item ids
-        self._row_of = np.zeros(0, np.int64)  # row of each sorted id
+        self._index = IdIndex(initial_rows)  # item id -> row
         self._absent: set[int] = set()
         self.fetched = 0  # items read through fetch
 
@@ -534,10 +611,11 @@ class ItemTable:
         has = np.any(vecs != 0, axis=1)
         q, scale = self._encode(vecs[has])
         with self._lock:
-            self._absent.update(int(i) for i in ids[~has])
+            self._absent.update(ids[~has].tolist())
             ids = ids[has]
-            self._absent.difference_update(int(i) for i in ids)
-            known = self._lookup(ids)
+            if self._absent:
+                self._absent.difference_update(ids.tolist())
+            known = self._index.get(ids)
             new = known < 0
             n_new = int(new.sum())
             if self.rows + n_new > self.vectors.shape[0]:
@@ -557,18 +635,12 @@ class ItemTable:
             if self.scale is not None and scale is not None:
                 self.scale.index_copy_(0, idx, scale)
             if n_new:
-                all_ids = np.concatenate([self._ids, ids[new]])
-                all_rows = np.concatenate([self._row_of, rows[new]])
-                order = np.argsort(all_ids, kind="stable")
-                self._ids, self._row_of = all_ids[order], all_rows[order]
+                self._index.put(ids[new], rows[new])
 
     def _lookup(self, item_ids: np.ndarray) -> np.ndarray:
-        """Rows of ``item_ids`` (-1 where not in the table); caller holds the lock or a snapshot."""
-        ids, row_of = self._ids, self._row_of
-        if len(ids) == 0:
-            return np.full(len(item_ids), -1, np.int64)
-        at = np.clip(np.searchsorted(ids, item_ids), 0, len(ids) - 1)
-        return np.where(ids[at] == item_ids, row_of[at], -1)
+        """Rows of ``item_ids`` (-1 where not in the table)."""
+        with self._lock:  # not during a put
+            return self._index.get(item_ids)
 
     def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
         """int64 rows of ``item_ids`` in the table, -1 for items without a vector; items not seen
