@@ -333,3 +333,44 @@ def test_gathered_history_memory_and_results() -> None:
             a, b = h.topk(t, 50), ref.topk(t, 50)
             np.testing.assert_allclose(a.scores.numpy(), b.scores.numpy(), atol=1e-6)
             assert table.fetched == len(np.unique(seq_items))
+
+
+def test_serve_cli_names_an_unknown_source(settings, monkeypatch, capsys) -> None:
+    from muse.cli.main import main
+
+    monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
+    assert main(["serve", "--source", "nosuch", "--port", "0", "--metrics-port", "-1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", "--source", "scl", "--dataset", "nope", "--port", "0"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_two_servers_shard_users_by_rendezvous(settings) -> None:
+    """Two in-process servers on the embedded deployment: each user is searched on its own shard."""
+    from retriever.remote import RemoteRetriever, rendezvous
+    from retriever.service import GsuServer
+
+    rng = np.random.default_rng(1)
+    store = VectorStore(settings)
+    store.ensure_collections(SOURCE, DIM)
+    item_vecs = _unit(rng, len(ITEMS))
+    store.upsert_items(SOURCE, ITEMS, item_vecs, np.zeros(len(ITEMS), np.int64))
+    users = list(range(20, 30))
+    for u in users:
+        items = rng.choice(ITEMS[10:], 30, replace=False)
+        store.upsert_behaviours(SOURCE, np.full(30, u), np.arange(30), items, item_vecs[items - 1000])
+    servers = [GsuServer(Retriever(store, SOURCE), port=0, metrics_port=None).start() for _ in range(2)]
+    try:
+        addrs = [s.address for s in servers]
+        with (
+            RemoteRetriever(addrs, timeout_s=5) as remote,
+            Retriever(VectorStore(settings), SOURCE) as local,
+        ):
+            for u in users:
+                _same(remote.search(u, [int(ITEMS[0])], k=5), local.search(u, [int(ITEMS[0])], k=5))
+            per_server = {a: st.entries for a, st in remote.server_stats().items()}
+            expected = {a: sum(rendezvous(u, addrs) == a for u in users) for a in addrs}
+            assert per_server == expected and all(expected.values())
+    finally:
+        for s in servers:
+            s.stop()
