@@ -112,10 +112,15 @@ class _Metrics:
 class GsuServicer:
     """The RPC handlers over one :class:`~retriever.client.Retriever` (see the module docstring)."""
 
-    def __init__(self, retriever: Any, dataset: str | None = None) -> None:
+    def __init__(self, retriever: Any, dataset: str | None = None, max_concurrent_searches: int | None = None) -> None:
+        import os
+
         from retriever import gsu_pb2
 
         self.pb = gsu_pb2
+        # Searches running at once: more than the cores only thrash (each product already uses
+        # torch's intra-op threads) and each running search holds a gather buffer.
+        self._searches = threading.BoundedSemaphore(max_concurrent_searches or max(2, os.cpu_count() or 2))
         self.retriever = retriever
         self.dataset = dataset or ""
         self._queued = 0
@@ -180,9 +185,11 @@ class GsuServicer:
                     raise ConfigurationError(
                         f"targets must be [B, {self.retriever.dim}], got {flat.shape[0]} values for dim {dim}"
                     )
-                res = self.retriever.search_vectors(request.user_id, flat.reshape(-1, dim), k=k)
+                with self._searches:
+                    res = self.retriever.search_vectors(request.user_id, flat.reshape(-1, dim), k=k)
             else:
-                res = self.retriever.search(request.user_id, list(request.target_item_ids), k=k)
+                with self._searches:
+                    res = self.retriever.search(request.user_id, list(request.target_item_ids), k=k)
             return result_to_reply(self.pb, res)
 
         return self._run("Search", context, run)
@@ -290,6 +297,7 @@ class GsuServer:
         metrics_port: Prometheus HTTP port (0: pick one; None: no metrics server).
         host: address to bind.
         workers: RPC threads.
+        max_concurrent_searches: searches run at once (default: the CPU count, at least 2).
     """
 
     def __init__(
@@ -300,6 +308,7 @@ class GsuServer:
         host: str = "127.0.0.1",
         workers: int = 16,
         dataset: str | None = None,
+        max_concurrent_searches: int | None = None,
     ) -> None:
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -307,7 +316,7 @@ class GsuServer:
         from retriever import gsu_pb2_grpc
 
         self.retriever = retriever
-        self.servicer = GsuServicer(retriever, dataset)
+        self.servicer = GsuServicer(retriever, dataset, max_concurrent_searches)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="muse-gsu"),
             options=[
