@@ -34,6 +34,8 @@ from retriever.client import SearchResult, _check_items, _check_k, _check_user
 
 log = logging.getLogger(__name__)
 
+#: Longest pause between two attempts (a restarting server is tried again within it).
+MAX_BACKOFF_S = 0.5
 #: Status codes worth another attempt (the server is down, restarting or overloaded).
 _RETRIABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 
@@ -76,8 +78,9 @@ class RemoteRetriever:
     Args:
         addresses: ``host:port`` of each server (a list or a comma-separated string).
         timeout_s: deadline of every call, all retries included.
-        retries: attempts after the first on an unavailable server (within the deadline).
-        backoff_s: first pause between attempts; doubles each time.
+        retries: most attempts after the first on an unavailable server; None: as many as the
+            deadline allows.
+        backoff_s: first pause between attempts; doubles each time, up to :data:`MAX_BACKOFF_S`.
         prefetch_timeout_s: deadline of a prefetch that is waited for (loading takes longer).
         store: a :class:`~muse.vectorstore.VectorStore` for callers that read item vectors
             themselves (the ranker does); None: opened from the settings on first use.
@@ -88,7 +91,7 @@ class RemoteRetriever:
         self,
         addresses: str | Sequence[str],
         timeout_s: float = 5.0,
-        retries: int = 3,
+        retries: int | None = None,
         backoff_s: float = 0.05,
         prefetch_timeout_s: float = 120.0,
         store: Any = None,
@@ -100,11 +103,11 @@ class RemoteRetriever:
 
         if timeout_s <= 0:
             raise ConfigurationError(f"timeout_s must be positive, got {timeout_s}")
-        if retries < 0:
+        if retries is not None and retries < 0:
             raise ConfigurationError(f"retries must be >= 0, got {retries}")
         self.addresses = parse_addresses(addresses)
         self.timeout_s = float(timeout_s)
-        self.retries = int(retries)
+        self.retries = retries
         self.backoff_s = float(backoff_s)
         self.prefetch_timeout_s = float(prefetch_timeout_s)
         self.pb = gsu_pb2
@@ -160,14 +163,14 @@ class RemoteRetriever:
                     raise MuseError(f"GSU server {address}: {method} failed ({code.name}): {details}") from None
                 attempt += 1
                 left = deadline - time.monotonic()
-                if attempt > self.retries or left <= pause:
+                if (self.retries is not None and attempt > self.retries) or left <= pause:
                     raise BackendUnavailable(
                         f"GSU server {address} did not answer {method} ({code.name} after {attempt} "
                         f"attempt(s) in {timeout_s or self.timeout_s:.1f} s): {details}"
                     ) from None
                 log.debug("GSU server %s: %s %s, retrying in %.2f s", address, method, code.name, pause)
                 time.sleep(pause)
-                pause *= 2
+                pause = min(2 * pause, MAX_BACKOFF_S)
 
     def _server_info(self) -> dict[str, Any]:
         if self._info is None:
