@@ -374,3 +374,30 @@ def test_two_servers_shard_users_by_rendezvous(settings) -> None:
     finally:
         for s in servers:
             s.stop()
+
+
+def test_sequences_follow_behaviour_writes_and_rebuild_old_users(settings) -> None:
+    """upsert_behaviours writes the sequence beside the rows (a retried write changes nothing),
+    delete_user_behaviours removes it, and a user written before the sequence store existed is
+    rebuilt from Milvus on first read."""
+    from dataclasses import replace
+
+    store = VectorStore(settings)
+    store.ensure_collections(SOURCE, DIM)
+    name = store.behaviour_collection(SOURCE)
+    vecs = _unit(np.random.default_rng(0), 5)
+    for _ in range(2):  # a retried task
+        store.upsert_behaviours(SOURCE, np.full(5, 7), np.arange(5), np.arange(500, 505), vecs)
+    assert [a.tolist() for a in store.sequences.get(name, 7)] == [list(range(5)), list(range(500, 505))]
+    store.delete_user_behaviours(SOURCE, 7)
+    assert len(store.sequences.get(name, 7)[0]) == 0
+    # Rows written with no sequence copy (the "milvus" store), then read through the file store.
+    legacy = VectorStore(replace(settings, sequence_url="milvus"))
+    legacy.upsert_behaviours(SOURCE, np.full(3, 8), np.array([0, 2, 4]), np.array([9, 8, 7]), vecs[:3])
+    legacy.close()
+    assert len(store.sequences.get(name, 8)[0]) == 0
+    pos, items = store.user_sequence(SOURCE, 8)
+    assert pos.tolist() == [0, 2, 4] and items.tolist() == [9, 8, 7]
+    assert store.sequences.get(name, 8)[0].tolist() == [0, 2, 4]  # written back
+    store.drop_collections(SOURCE)
+    store.close()
