@@ -677,7 +677,7 @@ class ItemTable:
 
 @dataclass
 class GatheredHistory:
-    """One user's history as rows of the shared :class:`ItemTable`, sorted by row (see :func:`_by_row`).
+    """One user's history as rows of the shared :class:`ItemTable`, sorted by position.
 
     Only behaviours whose item has a vector are kept as rows (``n``); the others are counted in
     ``missing_positions`` (they never rank ahead of a real behaviour). The device holds only the
@@ -766,21 +766,21 @@ def gather_history(
 def _by_row(
     user: int, pos: np.ndarray, items: np.ndarray, rows: np.ndarray, missing: np.ndarray, table: ItemTable
 ) -> GatheredHistory:
-    """Behaviours in increasing table-row order (a stable sort: a repeated item keeps its positions in
-    order), so that a search's gather walks the table forwards: 1.5x faster than in position order."""
-    if len(rows) > 1:
-        order = np.argsort(rows, kind="stable")
-        pos, items, rows = pos[order], items[order], rows[order]
+    """A :class:`GatheredHistory` of behaviours already in position order. (Row order would make the
+    gather walk the table forwards, ~1.5x faster on CPU, but then equal scores, a repeated item,
+    would be ordered by the table's fill order, which differs between processes.)"""
     return GatheredHistory(user, pos, items, torch.from_numpy(rows.astype(np.int32)).to(table.device), missing, table)
 
 
 def _concat_gathered(a: GatheredHistory, b: GatheredHistory) -> GatheredHistory:
+    pos = np.concatenate([a.positions, b.positions])
+    order = np.argsort(pos, kind="stable")
     rows = np.concatenate([a.rows.cpu().numpy(), b.rows.cpu().numpy()]).astype(np.int64)
     return _by_row(
         a.user_id,
-        np.concatenate([a.positions, b.positions]),
-        np.concatenate([a.item_ids, b.item_ids]),
-        rows,
+        pos[order],
+        np.concatenate([a.item_ids, b.item_ids])[order],
+        rows[order],
         np.sort(np.concatenate([a.missing_positions, b.missing_positions])),
         a.table,
     )
