@@ -145,7 +145,9 @@ class RemoteRetriever:
 
     def _call(self, address: str, method: str, request: Any, timeout_s: float | None = None) -> Any:
         grpc = self._grpc
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        start = time.monotonic()
+        deadline = start + (timeout_s or self.timeout_s)  # of the call (a waited prefetch may take long)
+        retry_until = start + self.timeout_s  # a server that does not answer is given up on after timeout_s
         pause = self.backoff_s
         attempt = 0
         while True:
@@ -162,11 +164,11 @@ class RemoteRetriever:
                 if code.name not in _RETRIABLE:
                     raise MuseError(f"GSU server {address}: {method} failed ({code.name}): {details}") from None
                 attempt += 1
-                left = deadline - time.monotonic()
+                left = min(deadline, retry_until) - time.monotonic()
                 if (self.retries is not None and attempt > self.retries) or left <= pause:
                     raise BackendUnavailable(
                         f"GSU server {address} did not answer {method} ({code.name} after {attempt} "
-                        f"attempt(s) in {timeout_s or self.timeout_s:.1f} s): {details}"
+                        f"attempt(s) in {time.monotonic() - start:.1f} s): {details}"
                     ) from None
                 log.debug("GSU server %s: %s %s, retrying in %.2f s", address, method, code.name, pause)
                 time.sleep(pause)

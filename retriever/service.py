@@ -156,9 +156,11 @@ class GsuServicer:
         with self._queue_lock:
             self._queued += n
 
-        def done(_: Any) -> None:
+        def done(f: Any) -> None:
             with self._queue_lock:
                 self._queued -= n
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("prefetch failed: %s", f.exception())
 
         fut.add_done_callback(done)
         return fut
