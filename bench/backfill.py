@@ -66,19 +66,21 @@ def run_job(settings, dataset, chunk_size: int, items_only: bool) -> tuple[objec
 
 def upsert_rate(settings, n_rows: int) -> tuple[int, float]:  # noqa: ANN001
     """Raw Milvus upsert of ``n_rows`` random 128-d item vectors; returns (rows, seconds)."""
-    from muse.vectorstore import VectorStore
+    from muse.vectorstore import CollectionRef, VectorStore
+
+    ref = CollectionRef("benchupsert", UPSERT_SOURCE, 1)
 
     rng = np.random.default_rng(0)
     with VectorStore(settings) as store:
-        store.drop_collections(UPSERT_SOURCE)
-        store.ensure_collections(UPSERT_SOURCE, 128)
+        store.drop_collections(ref)
+        store.ensure_collections(ref, 128)
         ids = np.arange(n_rows, dtype=np.int64)
         vectors = rng.standard_normal((n_rows, 128)).astype(np.float32)
         t0 = time.perf_counter()
         for lo in range(0, n_rows, 2000):
-            store.upsert_items(UPSERT_SOURCE, ids[lo : lo + 2000], vectors[lo : lo + 2000], ids[lo : lo + 2000] % 7)
+            store.upsert_items(ref, ids[lo : lo + 2000], vectors[lo : lo + 2000], ids[lo : lo + 2000] % 7)
         seconds = time.perf_counter() - t0
-        store.drop_collections(UPSERT_SOURCE)
+        store.drop_collections(ref)
     return n_rows, seconds
 
 

@@ -48,11 +48,12 @@ import numpy as np
 import torch
 
 from muse.settings import load_settings
-from muse.vectorstore import VectorStore
+from muse.vectorstore import CollectionRef, VectorStore
 from retriever.cache import CacheConfig, HistoryCache, store_loader
 from retriever.kernels import simtier_counts
 
 SOURCE = "gsubench"
+REF = CollectionRef("gsubench", SOURCE, 1)  # the bench's own collections
 DIM = 128
 K = 50
 LENGTHS = (1_000, 10_000, 100_000)
@@ -100,27 +101,27 @@ def timeit(
 
 def populate(store: VectorStore, lengths: tuple[int, ...], progress: Callable[[str], None]) -> None:
     """Write the bench users once (reused when their row counts already match)."""
-    store.ensure_collections(SOURCE, DIM)
+    store.ensure_collections(REF, DIM)
     wrote = False
     for n in lengths:
         user = USER_OF[n]
         rng = np.random.default_rng(n)
-        if store.count_behaviours(SOURCE, user) == n:
+        if store.count_behaviours(REF, user) == n:
             continue
         progress(f"writing {n} behaviours of user {user} ...")
-        store.delete_user_behaviours(SOURCE, user)
+        store.delete_user_behaviours(REF, user)
         wrote = True
         for start in range(0, n, 20_000):
             m = min(20_000, n - start)
             vecs = rng.normal(size=(m, DIM)).astype(np.float32)
             store.upsert_behaviours(
-                SOURCE, np.full(m, user), np.arange(start, start + m), rng.integers(1, 10**9, m), vecs
+                REF, np.full(m, user), np.arange(start, start + m), rng.integers(1, 10**9, m), vecs
             )
     # Seal, index and reload what was written: freshly written rows sit in growing segments, which the
     # server searches by brute force (~1 s vs ~0.2 s at 100K x 100 here) until it seals them on its own
     # minutes later. Reused users were sealed by the run that wrote them.
     if wrote:
-        store.flush(SOURCE, reload=True)
+        store.flush(REF, reload=True)
 
 
 def recall(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -144,7 +145,7 @@ def run(
     targets = torch.from_numpy(targets_np).to(device)
 
     caches = {
-        dt: HistoryCache(store_loader(store, SOURCE, 8192), DIM, CacheConfig(storage_dtype=dt, device=device))
+        dt: HistoryCache(store_loader(store, REF, 8192), DIM, CacheConfig(storage_dtype=dt, device=device))
         for dt in ("float32", *COMPRESSED)
     }
     users = {n: USER_OF[n] for n in lengths}
@@ -191,7 +192,7 @@ def run(
             milvus = timeit(
                 {
                     level: lambda b=b, user=user, level=level: store.search_behaviours(
-                        SOURCE, user, targets_np[:b], K, consistency_level=level
+                        REF, user, targets_np[:b], K, consistency_level=level
                     )
                     for level in ("Bounded", "Strong")
                 },
@@ -219,7 +220,7 @@ def run(
             got = caches[compressed].get(user).topk(targets[:b], K)
             row["recall@50_cmp"] = recall(ref.indices.cpu(), got.indices.cpu())
             # Share of targets for which Milvus and the float32 cache return the same ids in the same order.
-            hits = store.search_behaviours(SOURCE, user, targets_np[:b], K)
+            hits = store.search_behaviours(REF, user, targets_np[:b], K)
             positions = caches["float32"].get(user).positions[ref.indices.cpu().numpy()]  # [b, K]
             same = [[h.position for h in hs] == p.tolist() for hs, p in zip(hits, positions, strict=True)]
             row["milvus_same_ids"] = float(np.mean(same))
@@ -250,6 +251,7 @@ def run(
 
 # -- prefetch ------------------------------------------------------------------------------------
 PREFETCH_SOURCE = "gsuprefetch"
+PREFETCH_REF = CollectionRef("gsuprefetch", PREFETCH_SOURCE, 1)  # also live, for `muse serve` (bench/serve.py)
 N_ITEMS = 100_000
 PREFETCH_USER_OF = {n: 910_000 + n for n in LENGTHS}
 STORES = ("milvus", "postgres", "redis", "file")
@@ -309,16 +311,18 @@ def percentiles(fn: Callable[[], Any], reps: int, budget_s: float, device: str) 
 
 def populate_items(store: VectorStore, progress: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, bool]:
     """The prefetch bench's item collection (written once, reused): ``(item_ids, vectors, wrote)``."""
-    store.ensure_collections(PREFETCH_SOURCE, DIM)
+    store.ensure_collections(PREFETCH_REF, DIM)
+    if store.live_version(PREFETCH_REF.dataset, PREFETCH_SOURCE) is None:
+        store.set_live(PREFETCH_REF)
     rng = np.random.default_rng(5)
     item_ids = np.arange(1, N_ITEMS + 1, dtype=np.int64) * 13
     item_vecs = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
     wrote = False
-    if store.count_items(PREFETCH_SOURCE) != N_ITEMS:
+    if store.count_items(PREFETCH_REF) != N_ITEMS:
         progress(f"writing {N_ITEMS} items ...")
         for start in range(0, N_ITEMS, 20_000):
             sl = slice(start, start + 20_000)
-            store.upsert_items(PREFETCH_SOURCE, item_ids[sl], item_vecs[sl], np.zeros(len(item_ids[sl]), np.int64))
+            store.upsert_items(PREFETCH_REF, item_ids[sl], item_vecs[sl], np.zeros(len(item_ids[sl]), np.int64))
         wrote = True
     return item_ids, item_vecs, wrote
 
@@ -332,13 +336,13 @@ def populate_users(store: VectorStore, item_ids: np.ndarray, item_vecs: np.ndarr
     for n, user in users.items():
         urng = np.random.default_rng(n + 1)
         seq_items = item_ids[urng.integers(0, N_ITEMS, n)]
-        if store.count_behaviours(PREFETCH_SOURCE, user) != n:
+        if store.count_behaviours(PREFETCH_REF, user) != n:
             progress(f"writing {n} behaviours of user {user} ...")
-            store.delete_user_behaviours(PREFETCH_SOURCE, user)
+            store.delete_user_behaviours(PREFETCH_REF, user)
             for start in range(0, n, 20_000):
                 sl = slice(start, min(n, start + 20_000))
                 store.upsert_behaviours(
-                    PREFETCH_SOURCE, np.full(sl.stop - sl.start, user), np.arange(sl.start, sl.stop),
+                    PREFETCH_REF, np.full(sl.stop - sl.start, user), np.arange(sl.start, sl.stop),
                     seq_items[sl], item_vecs[(seq_items[sl] // 13) - 1],
                 )
             wrote = True
@@ -364,7 +368,7 @@ def run_prefetch(
     )
     store = VectorStore(settings)
     item_ids, item_vecs, wrote = populate_items(store, progress)
-    collection = store.behaviour_collection(PREFETCH_SOURCE)
+    collection = store.behaviour_collection(PREFETCH_REF)
     redis_seq = store.sequences
     file_seq = FileSequences(settings.path("sequences"))
     pg = PostgresSequences(postgres_url)
@@ -379,7 +383,7 @@ def run_prefetch(
         file_seq.write(collection, np.full(n, user), pos, items)
         pg.put(collection, user, pos, items)
     if wrote:
-        store.flush(PREFETCH_SOURCE, reload=True)
+        store.flush(PREFETCH_REF, reload=True)
 
     loaders: dict[str, Callable[[int], tuple[np.ndarray, np.ndarray]]] = {
         "milvus": lambda u: store.query_sequence(collection, u),
@@ -389,12 +393,12 @@ def run_prefetch(
     }
     progress("loading the item table ...")
     table_t0 = time.perf_counter()
-    table = ItemTable(lambda ids: store.get_item_vectors(PREFETCH_SOURCE, ids), DIM, storage_dtype, device)
+    table = ItemTable(lambda ids: store.get_item_vectors(PREFETCH_REF, ids), DIM, storage_dtype, device)
     table.load(item_ids)
     table_s = time.perf_counter() - table_t0
     cfg = CacheConfig(storage_dtype=storage_dtype, device=device)
     new = {name: GatherCache(fn, table, cfg) for name, fn in loaders.items()}
-    old = HistoryCache(store_loader(store, PREFETCH_SOURCE, 8192), DIM, CacheConfig(storage_dtype=storage_dtype, device=device))
+    old = HistoryCache(store_loader(store, PREFETCH_REF, 8192), DIM, CacheConfig(storage_dtype=storage_dtype, device=device))
 
     def cold(cache: HistoryCache, user: int) -> Callable[[], Any]:
         def fn() -> Any:
@@ -553,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             milvus_prefix="musebench",
         )
         with VectorStore(settings) as store:
-            store.drop_collections(SOURCE)
+            store.drop_collections(REF)
         print(f"dropped the {SOURCE!r} bench collections (prefix musebench) at {args.milvus_uri}")
         return 0
     lengths = tuple(int(x) for x in args.lengths.split(","))

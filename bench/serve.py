@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gsu import LENGTHS, PREFETCH_SOURCE, populate_items, populate_users  # noqa: E402
+from gsu import LENGTHS, PREFETCH_REF, PREFETCH_SOURCE, populate_items, populate_users  # noqa: E402
 
 from muse.settings import load_settings  # noqa: E402
 from muse.vectorstore import VectorStore  # noqa: E402
@@ -100,7 +100,7 @@ def run(milvus_uri: str, redis_url: str, seconds: float, n_targets: int, lengths
     item_ids, item_vecs, wrote = populate_items(store, progress)
     users, wrote_users = populate_users(store, item_ids, item_vecs, lengths, progress)
     if wrote or wrote_users:
-        store.flush(PREFETCH_SOURCE, reload=True)
+        store.flush(PREFETCH_REF, reload=True)
     rng = np.random.default_rng(2)
     targets = [[int(x) for x in rng.choice(item_ids, n_targets)] for _ in range(256)]
 
@@ -109,7 +109,7 @@ def run(milvus_uri: str, redis_url: str, seconds: float, n_targets: int, lengths
     log = open(Path(data_dir) / "server.log", "wb")
     progress(f"starting muse serve on 127.0.0.1:{port} ...")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "muse.cli.main", "serve", "--source", PREFETCH_SOURCE, "--host", "127.0.0.1",
+        [sys.executable, "-m", "muse.cli.main", "serve", "--dataset", PREFETCH_REF.dataset, "--source", PREFETCH_SOURCE, "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", "-1", "--ready-file", str(ready)],
         env={**os.environ, **env, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")},
         stdout=log, stderr=subprocess.STDOUT,
@@ -119,8 +119,10 @@ def run(milvus_uri: str, redis_url: str, seconds: float, n_targets: int, lengths
             if proc.poll() is not None:
                 raise RuntimeError(f"muse serve exited: {(Path(data_dir) / 'server.log').read_text()[-2000:]}")
             time.sleep(0.1)
-        local = Retriever(store, PREFETCH_SOURCE, path="cache")
-        milvus = Retriever(store, PREFETCH_SOURCE, path="milvus", consistency_level="Bounded")
+        local = Retriever(store, PREFETCH_SOURCE, dataset=PREFETCH_REF.dataset, path="cache")
+        milvus = Retriever(
+            store, PREFETCH_SOURCE, dataset=PREFETCH_REF.dataset, path="milvus", consistency_level="Bounded"
+        )
         remote = RemoteRetriever([f"127.0.0.1:{port}"], timeout_s=30, settings=settings)
         progress("prefetching the users (in process and on the server) ...")
         t0 = time.perf_counter()

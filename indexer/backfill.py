@@ -3,7 +3,7 @@
 Three kinds of chunk, each a row range in the dataset's canonical order:
 
 * ``items``: encode the images of items ``[start, stop)`` with the job's source and upsert the
-  vectors into the source's item collection. An unreadable (or missing) image fails that item only;
+  vectors into the item collection of (dataset, source, source version). An unreadable (or missing) image fails that item only;
   it is recorded with its reason and the rest of the chunk is written.
 * ``import``: upsert precomputed vectors, rows ``[start, stop)`` of ``embeddings/<source>.parquet``.
 * ``behaviours``: for users ``[start, stop)`` copy each history entry's item vector into the
@@ -69,6 +69,14 @@ class ChunkSpec:
     source_kind: str
     dim: int
     dataset_location: str
+    dataset: str  # dataset name (collections are per dataset)
+
+    @property
+    def ref(self) -> Any:
+        """The :class:`muse.vectorstore.CollectionRef` this chunk writes: (dataset, source, source version)."""
+        from muse.vectorstore import CollectionRef
+
+        return CollectionRef(self.dataset, self.source, self.source_version)
 
 
 @dataclass
@@ -84,7 +92,7 @@ class ChunkResult:
 # -- per-process caches ---------------------------------------------------------------------------
 _encoders: dict[tuple[str, str, int], Any] = {}
 _stores: dict[tuple[str, str], Any] = {}
-_ensured: set[tuple[str, str, str]] = set()
+_ensured: set[tuple[str, str, Any]] = set()
 _item_tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 _image_indexes: dict[str, ImageIndex] = {}
 
@@ -131,11 +139,11 @@ def close_stores() -> None:
     _ensured.clear()
 
 
-def _ensure_collections(settings: Settings, source: str, dim: int) -> Any:
+def _ensure_collections(settings: Settings, ref: Any, dim: int) -> Any:
     store = get_store(settings)
-    key = (settings.milvus_uri, settings.milvus_prefix, source)
+    key = (settings.milvus_uri, settings.milvus_prefix, ref)
     if key not in _ensured:
-        store.ensure_collections(source, dim)
+        store.ensure_collections(ref, dim)
         _ensured.add(key)
     return store
 
@@ -244,6 +252,7 @@ def begin_chunk(settings: Settings, chunk_id: int) -> ChunkSpec | None:
             source_kind=source.kind,
             dim=int(source.dim),
             dataset_location=dataset.location,
+            dataset=dataset.name,
         )
 
 
@@ -323,14 +332,14 @@ def encode_items_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
     result = ChunkResult()
     if spec.source_kind == "trained":
         encoder = get_encoder(settings, spec.source, spec.source_version)
-        store = _ensure_collections(settings, spec.source, int(encoder.dim))
+        store = _ensure_collections(settings, spec.ref, int(encoder.dim))
         images = _images(spec.dataset_location, ids)
         encode = encoder.encode_images
         inputs: Any = None
     else:
         from indexer.sources import encode_items
 
-        store = _ensure_collections(settings, spec.source, spec.dim)
+        store = _ensure_collections(settings, spec.ref, spec.dim)
 
         def encode(batch_ids: Any) -> Any:
             return encode_items(settings, spec.source, dataset, batch_ids)
@@ -347,7 +356,7 @@ def encode_items_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
         ok = np.asarray(encoded.ok_index, dtype=np.int64)  # [n_ok] positions within the batch
         if len(ok):
             vectors = np.asarray(encoded.vectors, dtype=np.float32)  # [n_ok, d]
-            result.n_written += store.upsert_items(spec.source, batch_ids[ok], vectors, batch_cats[ok])
+            result.n_written += store.upsert_items(spec.ref, batch_ids[ok], vectors, batch_cats[ok])
     result.n_failed = len(result.failed_items)
     return result
 
@@ -367,8 +376,8 @@ def import_vectors_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
         raise DataError(f"{path}: rows {spec.start}:{spec.stop} are not all {spec.dim}-d vectors")
     vectors = flat.reshape(len(ids), spec.dim)  # [n, d]
     cats = categories_of(spec.dataset_location, ids)  # int64[n]
-    store = _ensure_collections(settings, spec.source, spec.dim)
-    written = store.upsert_items(spec.source, ids, vectors, cats) if len(ids) else 0
+    store = _ensure_collections(settings, spec.ref, spec.dim)
+    written = store.upsert_items(spec.ref, ids, vectors, cats) if len(ids) else 0
     return ChunkResult(n_written=written)
 
 
@@ -406,7 +415,7 @@ def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
     from muse.data.format import Dataset
 
     dataset = Dataset(Path(spec.dataset_location))
-    store = _ensure_collections(settings, spec.source, spec.dim)
+    store = _ensure_collections(settings, spec.ref, spec.dim)
     result = ChunkResult()
     buffer: list[tuple[np.ndarray, ...]] = []
     buffered = 0
@@ -421,7 +430,7 @@ def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
         positions = np.arange(len(items), dtype=np.int64) - offsets[parents]  # [m] index within the history
         users = batch.column("user_id").to_numpy().astype(np.int64)[parents]  # [m]
         unique = np.unique(items)
-        found, vectors = store.get_item_vectors(spec.source, unique)  # int64[k], float32[k, d]
+        found, vectors = store.get_item_vectors(spec.ref, unique)  # int64[k], float32[k, d]
         if len(found) == 0:
             result.n_failed += len(items)
             continue
@@ -432,14 +441,14 @@ def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
         buffer.append((users[has], positions[has], items[has], vectors[order[idx[has]]]))
         buffered += int(has.sum())
         if buffered >= BEHAVIOUR_UPSERT_ROWS:
-            result.n_written += _flush_behaviours(store, spec.source, buffer)
+            result.n_written += _flush_behaviours(store, spec.ref, buffer)
             buffer, buffered = [], 0
-    result.n_written += _flush_behaviours(store, spec.source, buffer)
+    result.n_written += _flush_behaviours(store, spec.ref, buffer)
     return result
 
 
-def _flush_behaviours(store: Any, source: str, buffer: list[tuple[np.ndarray, ...]]) -> int:
+def _flush_behaviours(store: Any, ref: Any, buffer: list[tuple[np.ndarray, ...]]) -> int:
     if not buffer:
         return 0
     users, positions, items, vectors = (np.concatenate(parts) for parts in zip(*buffer, strict=True))
-    return int(store.upsert_behaviours(source, users, positions, items, vectors))
+    return int(store.upsert_behaviours(ref, users, positions, items, vectors))

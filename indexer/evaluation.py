@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 Q2P_KS = (10, 50)
 I2I_K = 10
 RANDOM = "random"
+#: A mean cosine between random different items above this means the encoder collapsed: every item
+#: points the same way, so GSU scores are all ~1 and carry no relevance signal.
+COLLAPSE_COSINE = 0.9
+#: Fewer held-out queries or pairs than this and one hit moves recall by more than 0.02: too few for
+#: recall to tell sources apart.
+MIN_EVAL_SAMPLES = 50
 #: Sources whose text tower was trained on text (titles or queries), so queries can be encoded.
 TEXT_TRAINED_SOURCES = ("scl", "openclip")
 
@@ -66,6 +72,49 @@ def load_eval_data(dataset: Any, max_queries: int = 2000, max_pairs: int = 2000,
         queries, purchased = [], np.zeros(0, np.int64)
     pairs = pairs_mod.cooccurrence_pairs(dataset, "test", window=1, max_pairs=max_pairs, seed=seed)
     return EvalData(queries, purchased, pairs, pairs_mod.item_seen_counts(dataset))
+
+
+def mean_pair_cosine(vectors: np.ndarray, present: np.ndarray | None = None, n_pairs: int = 1000,
+                     seed: int = 0) -> float | None:
+    """Mean cosine of ``n_pairs`` random pairs of different rows of ``vectors`` (``[n, d]``, unit rows).
+
+    Random unit vectors in 128-d score ~0; a collapsed encoder scores near 1 (see :data:`COLLAPSE_COSINE`).
+    ``present`` (bool ``[n]``) drops rows without a vector. None when fewer than 2 rows are left.
+    """
+    v = np.asarray(vectors, dtype=np.float32)
+    if present is not None:
+        v = v[np.asarray(present, bool)]
+    if len(v) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, len(v), n_pairs)
+    b = (a + rng.integers(1, len(v), n_pairs)) % len(v)  # never the same row
+    return round(float(np.mean(np.sum(v[a] * v[b], axis=1))), 4)
+
+
+def collapse_note(mean_cosine: float | None) -> str | None:
+    """A sentence for the user when ``mean_cosine`` says the encoder collapsed, else None."""
+    if mean_cosine is None or mean_cosine <= COLLAPSE_COSINE:
+        return None
+    return (f"mean cosine between random items is {mean_cosine:.2f} (> {COLLAPSE_COSINE}): the encoder has "
+            "collapsed (every item points the same way), so its retrieval scores carry no signal")
+
+
+def small_set_notes(metrics: dict[str, Any]) -> list[str]:
+    """Sentences saying which recalls of one source rest on too few held-out samples to mean anything."""
+    notes = []
+    for metric, key, what in (
+        ("q2p_recall@10", "n_queries", "q2p recall: {n} held-out queries"),
+        ("q2p_recall@10_tail", "n_queries_tail", "q2p tail recall: {n} long-tail queries"),
+        ("i2i_recall@10", "n_pairs", "i2i recall: {n} held-out pairs"),
+        ("i2i_recall@10_tail", "n_pairs_tail", "i2i tail recall: {n} long-tail pairs"),
+    ):
+        n = metrics.get(key)
+        if metrics.get(metric) is None or n is None or n >= MIN_EVAL_SAMPLES:
+            continue
+        step = f"one hit moves it by {1 / n:.3f}" if n else "nothing to score"
+        notes.append(f"{what.format(n=n)} (< {MIN_EVAL_SAMPLES}): {step}, too few to compare sources")
+    return notes
 
 
 def _long_tail(seen: dict[int, int], item_ids: np.ndarray) -> np.ndarray:
@@ -126,6 +175,7 @@ def score_vectors(
             hits = rank_hits(query_vectors, table.vectors, table.present, targets, k)
             out[f"q2p_recall@{k}"] = _rate(hits)
             out[f"q2p_recall@{k}_tail"] = _rate(hits, tail)
+        out["n_queries_tail"] = int(tail.sum())
     else:
         for k in Q2P_KS:
             out[f"q2p_recall@{k}"] = out[f"q2p_recall@{k}_tail"] = None
@@ -139,9 +189,11 @@ def score_vectors(
         tail = _long_tail(data.seen, data.pairs[:, 0])
         out[f"i2i_recall@{I2I_K}"] = _rate(hits)
         out[f"i2i_recall@{I2I_K}_tail"] = _rate(hits, tail)
+        out["n_pairs_tail"] = int(tail.sum())
     out["n_queries"] = len(data.queries)
     out["n_pairs"] = int(len(data.pairs))
     out["coverage"] = round(float(table.present.mean()), 4) if len(table.present) else 0.0
+    out["mean_cosine"] = mean_pair_cosine(table.vectors, table.present)
     return out
 
 
@@ -176,6 +228,9 @@ def evaluate_source(
     if source in TEXT_TRAINED_SOURCES and data.queries:
         query_vectors = load_encoder(settings, source, row.version).encode_texts(data.queries)
     metrics = score_vectors(data, table, query_vectors)
+    note = collapse_note(metrics["mean_cosine"])
+    if note:
+        log.warning("%s v%d on %s: %s", source, row.version, dataset.name, note)
     if store:
         evals = dict(row.metrics.get("eval", {}))
         evals[dataset.name] = metrics

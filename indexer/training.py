@@ -31,6 +31,7 @@ from indexer.encoders import (
     build_clip_encoder,
     get_tokenizer,
 )
+from indexer.evaluation import collapse_note, mean_pair_cosine
 from indexer.losses import ClipLoss, QueueInfoNCE, hard_negative_triplet
 from indexer.sources import (
     CHECKPOINT_FILE,
@@ -85,7 +86,9 @@ class TrainConfig:
     margin: float = 0.2  # scl: triplet margin (cosine units)
     max_hard: int = 2  # scl: hard negatives per session
     window: int = 3  # i2i/id: co-occurrence window in history positions
-    max_pairs: int = 10_000  # training pairs sampled per run (all sources)
+    # Training pairs sampled per run (all sources); None = scale with the catalogue:
+    # min(MAX_PAIRS, PAIRS_PER_ITEM x items), so a 600-item world trains in seconds, not minutes.
+    max_pairs: int | None = None
     max_steps: int | None = None  # stop after this many steps (tests, quick runs)
     model: str = DEFAULT_MODEL  # open_clip architecture (ignored by id)
     pretrained: str | None = None  # local open_clip weights file to start from
@@ -98,7 +101,7 @@ class TrainConfig:
         return config_from_dict(cls, values, "keys of TrainConfig")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "max_hard", "window", "max_pairs", "dim"):
+        for name in ("epochs", "batch_size", "max_hard", "window", "max_pairs", "dim"):  # None = default
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigurationError(f"{name}={getattr(self, name)} must be >= 1")
         if self.batch_size < 2:
@@ -118,9 +121,10 @@ class TrainConfig:
         if self.view_weight and self.augment is False:
             raise ConfigurationError("view_weight > 0 needs augment=True (two views of one image are identical)")
 
-    def for_source(self, source: str) -> TrainConfig:
-        """This config with every option left at None set to ``source``'s default (:data:`SOURCE_DEFAULTS`)."""
-        defaults = {**GENERIC_DEFAULTS, **SOURCE_DEFAULTS.get(source, {})}
+    def for_source(self, source: str, n_items: int | None = None) -> TrainConfig:
+        """This config with every option left at None set to ``source``'s default (:data:`SOURCE_DEFAULTS`);
+        ``max_pairs`` scales with ``n_items``, the dataset's catalogue size (:func:`default_max_pairs`)."""
+        defaults = {**GENERIC_DEFAULTS, **SOURCE_DEFAULTS.get(source, {}), "max_pairs": default_max_pairs(n_items)}
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         if self.view_weight and self.augment is None:
             filled["augment"] = True  # asking for the view term implies augmentation
@@ -128,6 +132,20 @@ class TrainConfig:
 
     def encoder_config(self) -> EncoderConfig:
         return EncoderConfig(model=self.model, dim=self.dim, pretrained=self.pretrained)
+
+
+#: Most training pairs a run samples by default (``small``, 20,000 items, reaches it) ...
+MAX_PAIRS = 10_000
+#: ... and pairs per catalogue item below that: the step count follows the data, so ``tiny`` (600
+#: items) trains each source in seconds (docs/embeddings.md, ``python -m bench.embed_train``).
+PAIRS_PER_ITEM = 4
+
+
+def default_max_pairs(n_items: int | None) -> int:
+    """Training pairs sampled by default for a catalogue of ``n_items`` (None: :data:`MAX_PAIRS`)."""
+    if n_items is None:
+        return MAX_PAIRS
+    return max(256, min(MAX_PAIRS, PAIRS_PER_ITEM * int(n_items)))
 
 
 #: Values of the options a :class:`TrainConfig` leaves at None, for every source ...
@@ -470,11 +488,11 @@ def train_source(
     """
     if source not in TRAINABLE_SOURCES:
         raise ConfigurationError(f"cannot train source {source!r}; trainable: {', '.join(TRAINABLE_SOURCES)}")
-    cfg = (config or TrainConfig()).for_source(source)
-    if cfg.momentum > 0 and source != "i2i":
-        log.warning("momentum=%s is used by i2i only; %s trains without a key encoder", cfg.momentum, source)
     check_registry(settings)  # fail now, not after minutes of training
     dataset = open_dataset(settings, dataset)
+    cfg = (config or TrainConfig()).for_source(source, len(dataset.item_ids()))
+    if cfg.momentum > 0 and source != "i2i":
+        log.warning("momentum=%s is used by i2i only; %s trains without a key encoder", cfg.momentum, source)
     device = settings.resolve_device()
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -489,8 +507,13 @@ def train_source(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, total=total))
     log.info("training %s on %s: %d pairs, %d steps", source, dataset.name, task.n, total)
-    losses = _run_steps(task, optimizer, schedule, cfg, total, progress, f"{source} on {dataset.name}")
+    losses = _run_steps(task, optimizer, schedule, cfg, total, progress, f"{source} on {dataset.name} ({task.n:,} pairs)")
+    recalibrate_batchnorm(task)
+    mean_cos = spread_of(task)
     seconds = time.perf_counter() - t0
+    note = collapse_note(mean_cos)
+    if note:
+        log.warning("%s on %s: %s; train longer (--epochs) or see docs/embeddings.md", source, dataset.name, note)
 
     version = next_version(settings, source)
     ckpt = source_dir(settings, source, version) / CHECKPOINT_FILE
@@ -499,7 +522,7 @@ def train_source(
                     encoder=None if source == ID_SOURCE else cfg.encoder_config())
     train_metrics = {
         "steps": len(losses), "n_pairs": task.n, "seconds": round(seconds, 2), "device": device,
-        "queue_size": task.queue_size, "loss_first": losses[0],
+        "queue_size": task.queue_size, "loss_first": losses[0], "mean_cosine": mean_cos,
         "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
     }
     row = register_version(
@@ -510,6 +533,72 @@ def train_source(
     log.info("%s v%d trained in %.1fs, loss %.3f -> %.3f", source, version, seconds,
              train_metrics["loss_first"], train_metrics["loss_last"])
     return TrainResult(row, task.model, losses, seconds, task.n)
+
+
+#: Images per forward pass of the BatchNorm recalibration and of the spread check, and how many at most.
+_CALIBRATION_BATCH = 256
+_CALIBRATION_IMAGES = 2048
+
+
+def _bank_of(task: _Task) -> ImageBank | None:
+    return getattr(task, "bank", None)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(task: _Task) -> None:
+    """Recompute the BatchNorm running statistics of the image tower over the run's images.
+
+    Why: in eval mode BatchNorm normalises with running averages (momentum 0.1, starting at mean 0 /
+    variance 1). After a short run (``tiny``: 8 scl steps, 17 updates) they are still far from the
+    real activation statistics, and the error compounds through the layers until every image maps to
+    nearly the same vector: the ``tiny`` scl encoder gave cosine 0.997 between random items in eval
+    mode against 0.67 with batch statistics. Averaging the statistics exactly over the training
+    images (cumulative average, no gradient, weights unchanged) makes eval mode match training.
+    """
+    bank = _bank_of(task)
+    norms = [m for m in task.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bank is None or not norms or not len(bank.pixels):
+        return
+    device = next(task.model.parameters()).device
+    was_training = task.model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    task.model.train()
+    n = min(len(bank.pixels), _CALIBRATION_IMAGES)
+    order = np.random.default_rng(0).permutation(len(bank.pixels))[:n]
+    for start in range(0, n, _CALIBRATION_BATCH):
+        rows = order[start : start + _CALIBRATION_BATCH]
+        if len(rows) < 2:
+            break
+        x = bank.preprocessor.to_tensor(bank.pixels[rows], device)
+        task.model.encode_image(x)  # type: ignore[attr-defined]
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    task.model.train(was_training)
+
+
+@torch.no_grad()
+def spread_of(task: _Task) -> float | None:
+    """Mean cosine between random different items under the trained model (eval mode): ~0 is spread
+    out, > :data:`indexer.evaluation.COLLAPSE_COSINE` a collapse."""
+    was_training = task.model.training
+    task.model.eval()
+    try:
+        if isinstance(task.model, IdEmbedding):
+            vectors = task.model(torch.arange(task.model.table.num_embeddings, device=task.model.table.weight.device))
+            return mean_pair_cosine(vectors.float().cpu().numpy())
+        bank = _bank_of(task)
+        if bank is None or len(bank.pixels) < 2:
+            return None
+        device = next(task.model.parameters()).device
+        rows = np.random.default_rng(1).permutation(len(bank.pixels))[:_CALIBRATION_IMAGES // 2]
+        out = [task.model.encode_image(bank.preprocessor.to_tensor(bank.pixels[rows[i : i + _CALIBRATION_BATCH]], device))  # type: ignore[attr-defined]
+               for i in range(0, len(rows), _CALIBRATION_BATCH)]
+        return mean_pair_cosine(torch.cat(out).float().cpu().numpy())
+    finally:
+        task.model.train(was_training)
 
 
 def _lr_factor(step: int, total: int) -> float:

@@ -1,5 +1,5 @@
 """Metadata models (SQLAlchemy 2.x): datasets, items, users, embedding sources, backfill jobs and
-their chunks, ranker runs.
+their chunks, source versions and the live one per (dataset, source), ranker runs.
 
 Behaviour sequences are too large for relational rows; they live in parquet shards and Milvus.
 The naming convention gives every constraint a stable name so Alembic migrations stay reproducible.
@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -144,6 +145,41 @@ class BackfillChunk(Base):
     job: Mapped[BackfillJob] = relationship(back_populates="chunks")
 
 
+class SourceVersionRecord(Base):
+    """One version of an embedding source's collections for one dataset (``muse source list``).
+
+    Written when a backfill of the version finishes, when a version is promoted and when legacy
+    collections are adopted; the collections themselves live in Milvus.
+    """
+
+    __tablename__ = "source_versions"
+    __table_args__ = (UniqueConstraint("dataset_id", "source_name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    source_name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("backfill_jobs.id", ondelete="SET NULL"))
+    items_collection: Mapped[str] = mapped_column(String(255))
+    behaviours_collection: Mapped[str] = mapped_column(String(255))
+    adopted_from: Mapped[str | None] = mapped_column(Text)  # legacy collection names, when adopted
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    promoted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # last time it became live
+
+
+class LiveVersion(Base):
+    """The live version of one (dataset, source), mirrored by the Milvus aliases, and the versions
+    that were live before it (newest last), which ``muse source rollback`` returns to."""
+
+    __tablename__ = "live_versions"
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    source_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    previous: Mapped[list[Any]] = mapped_column(default=list)
+    promoted_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class RankerRun(Base):
     """One training run of a CTR model, with its evaluation metrics and checkpoint."""
 
@@ -162,3 +198,25 @@ class RankerRun(Base):
     checkpoint_path: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Comparison(Base):
+    """A stored source x model comparison (``muse compare``): what was asked and the aggregated result."""
+
+    __tablename__ = "comparisons"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)  # models, sources, esus, seeds, train config
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)  # cells with mean/std per metric, intrinsic metrics
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ComparisonRun(Base):
+    """A ranker run that a comparison used (trained for it, or reused)."""
+
+    __tablename__ = "comparison_runs"
+
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("ranker_runs.id", ondelete="CASCADE"), primary_key=True)
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -85,12 +85,26 @@ class Settings:
         return self.data_dir / "broker"
 
     def resolve_device(self) -> str:
-        """The torch device string to use: ``auto`` becomes ``cuda`` when available, else ``cpu``."""
-        if self.device != "auto":
-            return self.device
+        """The torch device string to use: ``auto`` becomes ``cuda`` when available, else ``cpu``.
+
+        Raises:
+            ConfigurationError: ``MUSE_DEVICE`` names a CUDA device this machine does not have.
+        """
+        if self.device == "cpu":
+            return "cpu"
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(self.device[5:]) if self.device.startswith("cuda:") else 0
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ConfigurationError(
+                f"MUSE_DEVICE={self.device!r} but torch sees {have} on this machine; "
+                "set MUSE_DEVICE=cpu or auto" + (f" or cuda:0..cuda:{count - 1}" if count else "")
+            )
+        return self.device
 
     def path(self, *parts: str) -> Path:
         """A path under ``data_dir``."""

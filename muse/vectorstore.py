@@ -1,10 +1,17 @@
 """Milvus access: the one module that imports pymilvus.
 
-Per embedding source there are two collections:
+Every (dataset, embedding source, source version), a :class:`CollectionRef`, has two collections:
 
-* ``<prefix>_<source>_items``: primary key ``item_id``, ``category``, ``vector``;
-* ``<prefix>_<source>_behaviours``: a deterministic int64 primary key per (user, position),
-  ``user_id`` as the **partition key**, ``item_id``, ``position``, ``vector``.
+* ``<prefix>_<dataset>_<source>_v<version>_items``: primary key ``item_id``, ``category``, ``vector``;
+* ``<prefix>_<dataset>_<source>_v<version>_behaviours``: a deterministic int64 primary key per
+  (user, position), ``user_id`` as the **partition key**, ``item_id``, ``position``, ``vector``.
+
+Names are sanitised to Milvus' rules (letters, digits, ``_``; at most :data:`MAX_NAME_LENGTH`
+characters, a :class:`ConfigurationError` otherwise). Sanitising can map two datasets to one name
+(``a-b`` and ``a_b``), so each collection also carries its exact identity as collection properties
+(``muse.dataset``, ``muse.source``, ``muse.version``, ``muse.kind``), checked before any read or
+write: a collection of another dataset or version is never used by accident. Collections of the
+old naming (``<prefix>_<source>_items``, no identity) are *legacy*: :meth:`VectorStore.legacy_collections`.
 
 Primary keys are deterministic, so every write is an ``upsert`` and a retried task never
 duplicates rows. Vectors are stored L2-normalised, so COSINE (CPU indexes) and IP (GPU indexes)
@@ -48,7 +55,62 @@ FETCH_PARALLEL = 4
 NUM_PARTITIONS = 64
 
 _SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")
+_PREFIX_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+#: Longest collection or alias name Milvus accepts (``proxy.maxNameLength``, 255 by default).
+MAX_NAME_LENGTH = 255
+#: Collection kinds and their name suffixes.
+ITEMS_KIND, BEHAVIOURS_KIND = "items", "behaviours"
+#: Collection properties holding a collection's exact identity.
+PROP_DATASET, PROP_SOURCE, PROP_VERSION, PROP_KIND = "muse.dataset", "muse.source", "muse.version", "muse.kind"
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True, order=True)
+class CollectionRef:
+    """One version of one embedding source's vectors for one dataset: what a pair of collections holds.
+
+    ``version`` is the embedding source's version (``muse embed list``), so ``scl`` v2 of dataset
+    ``demo-tiny-0`` is ``CollectionRef("demo-tiny-0", "scl", 2)``.
+    """
+
+    dataset: str
+    source: str
+    version: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset or len(self.dataset) > 128:
+            raise ConfigurationError(f"dataset name {self.dataset!r} is invalid: give 1-128 characters")
+        _check_source(self.source)
+        if isinstance(self.version, bool) or not isinstance(self.version, (int, np.integer)) or self.version < 1:
+            raise ConfigurationError(f"source version must be an integer >= 1, got {self.version!r}")
+        object.__setattr__(self, "version", int(self.version))
+
+    def __str__(self) -> str:
+        return f"{self.dataset}/{self.source}/v{self.version}"
+
+
+@dataclass(frozen=True)
+class LegacyCollection:
+    """A collection of the old naming (``<prefix>_<source>_items``), holding no dataset or version."""
+
+    name: str
+    source: str  # the source name as it appears in the collection name
+    kind: str  # "items" | "behaviours"
+
+
+def sanitise(part: str) -> str:
+    """A name part in Milvus' alphabet: every character but ASCII letters, digits and ``_`` becomes ``_``."""
+    return _UNSAFE.sub("_", part)
+
+
+def _as_ref(ref: Any) -> CollectionRef:
+    if not isinstance(ref, CollectionRef):
+        raise ConfigurationError(
+            f"expected a muse.vectorstore.CollectionRef(dataset, source, version), got {ref!r}: "
+            "collections are per dataset and source version"
+        )
+    return ref
 
 
 @dataclass(frozen=True)
@@ -118,7 +180,7 @@ def _int_list(values: np.ndarray | Sequence[int], what: str) -> list[int]:
 
 
 class VectorStore:
-    """Typed access to the per-source item and behaviour collections.
+    """Typed access to the item and behaviour collections of each :class:`CollectionRef`.
 
     Args:
         settings: supplies ``milvus_uri``/``milvus_token``, the collection prefix and the index type.
@@ -207,11 +269,58 @@ class VectorStore:
             raise
 
     # -- names and collections ---------------------------------------------------------------
-    def item_collection(self, source: str) -> str:
-        return f"{self.settings.milvus_prefix}_{_check_source(source)}_items"
+    def _check_name(self, name: str) -> str:
+        if not _PREFIX_NAME.match(self.settings.milvus_prefix):
+            raise ConfigurationError(
+                f"MUSE_MILVUS_PREFIX={self.settings.milvus_prefix!r} is invalid: start with a letter or '_', "
+                "then letters, digits or '_'"
+            )
+        if len(name) > MAX_NAME_LENGTH:
+            raise ConfigurationError(
+                f"Milvus collection name {name!r} has {len(name)} characters, more than Milvus' "
+                f"{MAX_NAME_LENGTH}; use a shorter dataset name or MUSE_MILVUS_PREFIX"
+            )
+        return name
 
-    def behaviour_collection(self, source: str) -> str:
-        return f"{self.settings.milvus_prefix}_{_check_source(source)}_behaviours"
+    def base_name(self, dataset: str, source: str) -> str:
+        """``<prefix>_<dataset>_<source>`` (sanitised): the stem of every version's names and of the live aliases."""
+        _check_source(source)
+        return f"{self.settings.milvus_prefix}_{sanitise(dataset)}_{sanitise(source)}"
+
+    def collection_name(self, ref: CollectionRef, kind: str) -> str:
+        """The collection of ``ref`` holding ``kind`` (``"items"`` or ``"behaviours"``)."""
+        ref = _as_ref(ref)
+        if kind not in (ITEMS_KIND, BEHAVIOURS_KIND):
+            raise ConfigurationError(f"collection kind {kind!r} is unknown; valid: items, behaviours")
+        return self._check_name(f"{self.base_name(ref.dataset, ref.source)}_v{ref.version}_{kind}")
+
+    def item_collection(self, ref: CollectionRef) -> str:
+        return self.collection_name(ref, ITEMS_KIND)
+
+    def behaviour_collection(self, ref: CollectionRef) -> str:
+        return self.collection_name(ref, BEHAVIOURS_KIND)
+
+    def _identity(self, ref: CollectionRef, kind: str) -> dict[str, str]:
+        return {PROP_DATASET: ref.dataset, PROP_SOURCE: ref.source, PROP_VERSION: str(ref.version), PROP_KIND: kind}
+
+    def _check_identity(self, name: str, ref: CollectionRef, kind: str) -> None:
+        """Raise unless collection ``name`` holds exactly ``ref``'s ``kind`` (its identity properties)."""
+        desc = self._call("describe_collection", self.client.describe_collection, name)
+        props = {str(k): str(v) for k, v in (desc.get("properties") or {}).items()}
+        want = self._identity(ref, kind)
+        have = {k: props.get(k) for k in want}
+        if have == want:
+            return
+        if have[PROP_DATASET] is None:
+            raise ConfigurationError(
+                f"Milvus collection {name!r} exists but carries no dataset/source/version identity; "
+                f"it was not created by this version of muse; drop or rename it"
+            )
+        raise ConfigurationError(
+            f"Milvus collection {name!r} holds dataset {have[PROP_DATASET]!r}, source {have[PROP_SOURCE]!r} "
+            f"v{have[PROP_VERSION]} ({have[PROP_KIND]}), not {ref} ({kind}): the names collide after "
+            "sanitising; rename one dataset or use another MUSE_MILVUS_PREFIX"
+        )
 
     def _index_params(self) -> Any:
         from pymilvus import MilvusClient
@@ -225,31 +334,32 @@ class VectorStore:
         )
         return params
 
-    def ensure_collections(self, source: str, dim: int) -> None:
-        """Create (if missing) and load the item and behaviour collections of ``source``.
+    def ensure_collections(self, ref: CollectionRef, dim: int) -> None:
+        """Create (if missing) and load the item and behaviour collections of ``ref``.
 
         Raises:
-            ConfigurationError: an existing collection has another vector dimension.
+            ConfigurationError: an existing collection has another vector dimension, or belongs to
+            another dataset, source or version (names that collide after sanitising).
         """
         from pymilvus import DataType, MilvusClient
 
+        ref = _as_ref(ref)
         if dim <= 0:
             raise ConfigurationError(f"vector dim must be positive, got {dim}")
-        for name, kind in (
-            (self.item_collection(source), "items"),
-            (self.behaviour_collection(source), "bhv"),
-        ):
+        for kind in (ITEMS_KIND, BEHAVIOURS_KIND):
+            name = self.collection_name(ref, kind)
             if self._call("has_collection", self.client.has_collection, name):
+                self._check_identity(name, ref, kind)
                 existing = self._vector_dim(name)
                 if existing != dim:
                     raise ConfigurationError(
-                        f"collection {name!r} holds {existing}-d vectors, source {source!r} gives {dim}-d; "
-                        "drop it first (VectorStore.drop_collections)"
+                        f"collection {name!r} holds {existing}-d vectors, {ref} gives {dim}-d; "
+                        "drop it first (`muse source drop`)"
                     )
                 self._ensure_loaded(name)
                 continue
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            if kind == "items":
+            if kind == ITEMS_KIND:
                 schema.add_field("item_id", DataType.INT64, is_primary=True)
                 schema.add_field("category", DataType.INT64)
                 extra: dict[str, Any] = {}
@@ -267,9 +377,10 @@ class VectorStore:
                 schema=schema,
                 index_params=self._index_params(),
                 consistency_level="Strong",
+                properties=self._identity(ref, kind),
                 **extra,
             )
-            log.info("created collection %s (dim %d, index %s)", name, dim, self.settings.index_type)
+            log.info("created collection %s (%s, dim %d, index %s)", name, ref, dim, self.settings.index_type)
             self._ensure_loaded(name)
 
     def _ensure_loaded(self, name: str) -> None:
@@ -284,36 +395,168 @@ class VectorStore:
                 return int(f["params"]["dim"])
         raise ConfigurationError(f"collection {name!r} has no 'vector' field")
 
-    def _require(self, name: str) -> None:
+    def _require(self, ref: CollectionRef, kind: str) -> str:
+        """The name of ``ref``'s ``kind`` collection, checked (exists, right identity) and loaded."""
+        name = self.collection_name(ref, kind)
         if name in self._loaded:  # checked and loaded by this store already: no round trip
-            return
+            return name
         if not self._call("has_collection", self.client.has_collection, name):
             raise NotFoundError(
-                f"Milvus collection {name!r} does not exist; run a backfill for its source first"
+                f"Milvus collection {name!r} ({ref}) does not exist; run "
+                f"`muse backfill --source {ref.source} --dataset {ref.dataset}` first"
             )
+        self._check_identity(name, ref, kind)
         self._ensure_loaded(name)
+        return name
 
-    def dim(self, source: str) -> int:
-        """Vector dimension of a source's item collection (cached after the first call)."""
-        name = self.item_collection(source)
+    def dim(self, ref: CollectionRef) -> int:
+        """Vector dimension of ``ref``'s item collection (cached after the first call)."""
+        name = self._require(ref, ITEMS_KIND)
         if name not in self._dims:
-            self._require(name)
             self._dims[name] = self._vector_dim(name)
         return self._dims[name]
 
-    def has_source(self, source: str) -> bool:
-        return bool(self._call("has_collection", self.client.has_collection, self.item_collection(source)))
+    def open_collections(self, ref: CollectionRef) -> int:
+        """Check that both collections of ``ref`` exist and hold ``ref``, load them; returns the dim.
 
-    def drop_collections(self, source: str) -> None:
-        self.sequences.drop(self.behaviour_collection(source))
-        for name in (self.item_collection(source), self.behaviour_collection(source)):
+        Raises:
+            NotFoundError: a collection is missing. ConfigurationError: it belongs to something else.
+        """
+        self._require(ref, BEHAVIOURS_KIND)
+        return self.dim(ref)
+
+    def has_collections(self, ref: CollectionRef) -> bool:
+        """True when both collections of ``ref`` exist."""
+        return all(
+            self._call("has_collection", self.client.has_collection, self.collection_name(ref, kind))
+            for kind in (ITEMS_KIND, BEHAVIOURS_KIND)
+        )
+
+    def drop_collections(self, ref: CollectionRef) -> None:
+        """Drop both collections of ``ref`` (those that exist) and its users' sequences."""
+        self.sequences.drop(self.collection_name(ref, BEHAVIOURS_KIND))
+        for kind in (ITEMS_KIND, BEHAVIOURS_KIND):
+            name = self.collection_name(ref, kind)
             if self._call("has_collection", self.client.has_collection, name):
                 self._call("drop_collection", self.client.drop_collection, name)
                 self._loaded.discard(name)
                 self._dims.pop(name, None)
+                log.info("dropped collection %s (%s)", name, ref)
 
-    def flush(self, source: str, reload: bool = False, timeout_s: float = 300.0) -> None:
-        """Seal the rows written so far into persisted, indexed segments (both collections of ``source``).
+    def list_collections(self) -> list[str]:
+        """Every collection name on the server whose name starts with this store's prefix."""
+        names = self._call("list_collections", self.client.list_collections)
+        return sorted(n for n in names if n.startswith(self.settings.milvus_prefix + "_"))
+
+    def versions(self, dataset: str, source: str) -> list[int]:
+        """Versions of (dataset, source) whose item and behaviour collections both exist, ascending."""
+        base = self.base_name(dataset, source)
+        pattern = re.compile(rf"^{re.escape(base)}_v(\d+)_({ITEMS_KIND}|{BEHAVIOURS_KIND})$")
+        kinds: dict[int, set[str]] = {}
+        for name in self.list_collections():
+            m = pattern.match(name)
+            if m:
+                kinds.setdefault(int(m.group(1)), set()).add(m.group(2))
+        return sorted(v for v, k in kinds.items() if len(k) == 2)
+
+    def legacy_collections(self) -> list[LegacyCollection]:
+        """Collections of the old naming ``<prefix>_<source>_items|_behaviours``: no identity properties."""
+        prefix = self.settings.milvus_prefix + "_"
+        out = []
+        for name in self.list_collections():
+            m = re.match(rf"^{re.escape(prefix)}(.+)_({ITEMS_KIND}|{BEHAVIOURS_KIND})$", name)
+            if not m:
+                continue
+            desc = self._call("describe_collection", self.client.describe_collection, name)
+            if PROP_DATASET in (desc.get("properties") or {}):
+                continue
+            out.append(LegacyCollection(name=name, source=m.group(1), kind=m.group(2)))
+        return out
+
+    def adopt_legacy(self, legacy: Sequence[LegacyCollection], ref: CollectionRef) -> None:
+        """Rename legacy collections to ``ref``'s names and give them ``ref``'s identity.
+
+        Raises:
+            ConfigurationError: ``ref``'s collections exist already.
+        """
+        ref = _as_ref(ref)
+        for c in legacy:
+            target = self.collection_name(ref, c.kind)
+            if self._call("has_collection", self.client.has_collection, target):
+                raise ConfigurationError(f"cannot adopt {c.name!r} as {ref}: collection {target!r} exists already")
+        for c in legacy:
+            target = self.collection_name(ref, c.kind)
+            self._call("rename_collection", self.client.rename_collection, c.name, target)
+            self._call(
+                "alter_collection_properties", self.client.alter_collection_properties, target,
+                properties=self._identity(ref, c.kind),
+            )
+            self._loaded.discard(c.name)
+            log.info("adopted legacy collection %s as %s (%s)", c.name, target, ref)
+
+    def drop_legacy(self, legacy: Sequence[LegacyCollection]) -> None:
+        """Drop legacy collections (as listed by :meth:`legacy_collections`)."""
+        for c in legacy:
+            self._call("drop_collection", self.client.drop_collection, c.name)
+            self._loaded.discard(c.name)
+
+    # -- live aliases ---------------------------------------------------------------------------
+    def alias_name(self, dataset: str, source: str, kind: str) -> str:
+        """The live alias ``<prefix>_<dataset>_<source>_items|_behaviours`` (an alias names one collection)."""
+        if kind not in (ITEMS_KIND, BEHAVIOURS_KIND):
+            raise ConfigurationError(f"collection kind {kind!r} is unknown; valid: items, behaviours")
+        return self._check_name(f"{self.base_name(dataset, source)}_{kind}")
+
+    def _alias_target(self, alias: str) -> str | None:
+        """The collection an alias points to, or None when the alias does not exist."""
+        # has_collection answers True for an alias; asking describe_alias about a missing one
+        # would make pymilvus log an RPC error.
+        if not self._call("has_collection", self.client.has_collection, alias):
+            return None
+        info = self._call("describe_alias", self.client.describe_alias, alias)
+        return str(info.get("collection_name") or "") or None
+
+    def live_version(self, dataset: str, source: str) -> int | None:
+        """The version the live alias of (dataset, source) points to (its behaviour alias), or None."""
+        target = self._alias_target(self.alias_name(dataset, source, BEHAVIOURS_KIND))
+        if target is None:
+            return None
+        m = re.match(rf"^{re.escape(self.base_name(dataset, source))}_v(\d+)_{BEHAVIOURS_KIND}$", target)
+        if not m:
+            raise ConfigurationError(
+                f"Milvus alias {self.alias_name(dataset, source, BEHAVIOURS_KIND)!r} points to {target!r}, "
+                f"which is not a version of {dataset}/{source}"
+            )
+        return int(m.group(1))
+
+    def set_live(self, ref: CollectionRef) -> None:
+        """Point both live aliases of (dataset, source) at ``ref``'s collections (create or alter them).
+
+        Each alias switches atomically on the server; readers that resolve the version once per
+        request (the retriever) never mix the two versions.
+        """
+        ref = _as_ref(ref)
+        for kind in (ITEMS_KIND, BEHAVIOURS_KIND):
+            name = self._require(ref, kind)
+            alias = self.alias_name(ref.dataset, ref.source, kind)
+            current = self._alias_target(alias)
+            if current == name:
+                continue
+            if current is None:
+                self._call("create_alias", self.client.create_alias, name, alias)
+            else:
+                self._call("alter_alias", self.client.alter_alias, name, alias)
+            log.info("alias %s -> %s", alias, name)
+
+    def drop_live(self, dataset: str, source: str) -> None:
+        """Remove both live aliases of (dataset, source) (those that exist)."""
+        for kind in (ITEMS_KIND, BEHAVIOURS_KIND):
+            alias = self.alias_name(dataset, source, kind)
+            if self._alias_target(alias) is not None:
+                self._call("drop_alias", self.client.drop_alias, alias)
+
+    def flush(self, ref: CollectionRef, reload: bool = False, timeout_s: float = 300.0) -> None:
+        """Seal the rows written so far into persisted, indexed segments (both collections of ``ref``).
 
         A server searches freshly written rows in growing segments by brute force (on Milvus 2.3,
         100 targets over a 100K-row user: ~1 s growing against ~0.2 s sealed and indexed). This
@@ -323,12 +566,11 @@ class VectorStore:
         for benchmarks and bulk loads, not for a serving deployment).
 
         Raises:
-            NotFoundError: the source has no collections. BackendUnavailable: the index did not
+            NotFoundError: ``ref`` has no collections. BackendUnavailable: the index did not
             catch up within ``timeout_s``.
         """
-        names = (self.item_collection(source), self.behaviour_collection(source))
+        names = tuple(self._require(ref, kind) for kind in (ITEMS_KIND, BEHAVIOURS_KIND))
         for name in names:
-            self._require(name)
             self._call("flush", self.client.flush, name)
         deadline = time.monotonic() + timeout_s
         for name in names:
@@ -348,19 +590,17 @@ class VectorStore:
                 self._call("load_collection", self.client.load_collection, name)
         log.info("flushed %s%s", ", ".join(names), " and reloaded them" if reload else "")
 
-    def describe(self, source: str) -> dict[str, Any]:
-        """Names, dimension, index and row counts of a source's collections."""
-        out: dict[str, Any] = {"source": source}
-        for key, name in (
-            ("items", self.item_collection(source)),
-            ("behaviours", self.behaviour_collection(source)),
-        ):
-            self._require(name)
+    def describe(self, ref: CollectionRef) -> dict[str, Any]:
+        """Names, dimension, index and row counts of ``ref``'s collections."""
+        ref = _as_ref(ref)
+        out: dict[str, Any] = {"dataset": ref.dataset, "source": ref.source, "version": ref.version}
+        for key in (ITEMS_KIND, BEHAVIOURS_KIND):
+            name = self._require(ref, key)
             indexes = self._call("list_indexes", self.client.list_indexes, name)
             index = (
                 self._call("describe_index", self.client.describe_index, name, indexes[0]) if indexes else {}
             )
-            count = self.count_items(source) if key == "items" else self.count_behaviours(source)
+            count = self.count_items(ref) if key == ITEMS_KIND else self.count_behaviours(ref)
             out[key] = {
                 "collection": name,
                 "dim": self._vector_dim(name),
@@ -381,7 +621,7 @@ class VectorStore:
 
     def upsert_items(
         self,
-        source: str,
+        ref: CollectionRef,
         item_ids: np.ndarray | Sequence[int],
         vectors: np.ndarray,
         categories: np.ndarray | Sequence[int],
@@ -395,14 +635,13 @@ class VectorStore:
                 f"upsert_items: {len(ids)} ids, {len(cats)} categories and {len(vecs)} vectors differ in length"
             )
         keep = _last_occurrence(ids)
-        name = self.item_collection(source)
-        self._require(name)
+        name = self._require(ref, ITEMS_KIND)
         rows = [{"item_id": int(ids[i]), "category": int(cats[i]), "vector": vecs[i].tolist()} for i in keep]
         return self._upsert(name, rows)
 
     def upsert_behaviours(
         self,
-        source: str,
+        ref: CollectionRef,
         user_ids: np.ndarray | Sequence[int],
         positions: np.ndarray | Sequence[int],
         item_ids: np.ndarray | Sequence[int],
@@ -421,8 +660,7 @@ class VectorStore:
             raise ConfigurationError(f"upsert_behaviours: negative position {int(pos.min())}")
         pks = behaviour_pk(users, pos)
         keep = _last_occurrence(pks)
-        name = self.behaviour_collection(source)
-        self._require(name)
+        name = self._require(ref, BEHAVIOURS_KIND)
         rows = [
             {
                 "pk": int(pks[i]),
@@ -465,9 +703,8 @@ class VectorStore:
             written += int(res.get("insert_count", len(batch)) if isinstance(res, dict) else len(batch))
         return written
 
-    def delete_user_behaviours(self, source: str, user_id: int) -> None:
-        name = self.behaviour_collection(source)
-        self._require(name)
+    def delete_user_behaviours(self, ref: CollectionRef, user_id: int) -> None:
+        name = self._require(ref, BEHAVIOURS_KIND)
         self._call("delete", self.client.delete, name, filter=f"user_id == {int(user_id)}")
         self.sequences.delete_user(name, int(user_id))
 
@@ -480,25 +717,22 @@ class VectorStore:
         res = self._call("query", self.client.query, name, filter=filter_expr, output_fields=["count(*)"])
         return int(res[0]["count(*)"]) if res else 0
 
-    def count_items(self, source: str) -> int:
-        name = self.item_collection(source)
-        self._require(name)
+    def count_items(self, ref: CollectionRef) -> int:
+        name = self._require(ref, ITEMS_KIND)
         return self._count(name, "")
 
-    def count_behaviours(self, source: str, user_id: int | None = None) -> int:
-        name = self.behaviour_collection(source)
-        self._require(name)
+    def count_behaviours(self, ref: CollectionRef, user_id: int | None = None) -> int:
+        name = self._require(ref, BEHAVIOURS_KIND)
         return self._count(name, "" if user_id is None else f"user_id == {int(user_id)}")
 
     def get_item_vectors(
-        self, source: str, item_ids: np.ndarray | Sequence[int]
+        self, ref: CollectionRef, item_ids: np.ndarray | Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Vectors of the given items that exist: ``(found_ids int64[n], vectors float32[n, d])``,
         in the order of ``item_ids`` (missing ids are left out)."""
         ids = _int_list(item_ids, "item_ids")
-        name = self.item_collection(source)
-        self._require(name)
-        dim = self._vector_dim(name)
+        name = self._require(ref, ITEMS_KIND)
+        dim = self.dim(ref)
         found: dict[int, list[float]] = {}
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), 1000):
@@ -512,7 +746,7 @@ class VectorStore:
         return np.asarray(order, dtype=np.int64), vecs
 
     def iter_user_behaviours(
-        self, source: str, user_id: int, batch_size: int = FETCH_BATCH
+        self, ref: CollectionRef, user_id: int, batch_size: int = FETCH_BATCH
     ) -> Iterator[BehaviourBatch]:
         """Page through one user's behaviours in position order, ``batch_size`` positions a page.
 
@@ -524,8 +758,7 @@ class VectorStore:
         """
         if not 0 < batch_size <= MAX_QUERY_WINDOW:
             raise ConfigurationError(f"batch_size must be in 1..{MAX_QUERY_WINDOW}, got {batch_size}")
-        name = self.behaviour_collection(source)
-        self._require(name)
+        name = self._require(ref, BEHAVIOURS_KIND)
         user = int(user_id)
         total = self._count(name, f"user_id == {user}")
         if total == 0:
@@ -566,7 +799,7 @@ class VectorStore:
         vectors), sorted by position: pages of :data:`MAX_QUERY_WINDOW` positions, up to
         :data:`FETCH_PARALLEL` at once."""
         user = int(user_id)
-        self._require(collection)
+        self._ensure_loaded(collection)
         total = self._count(collection, f"user_id == {user}")
         pos_parts: list[np.ndarray] = []
         item_parts: list[np.ndarray] = []
@@ -590,11 +823,11 @@ class VectorStore:
         order = np.argsort(pos, kind="stable")
         return pos[order], items[order]
 
-    def user_sequence(self, source: str, user_id: int) -> tuple[np.ndarray, np.ndarray]:
+    def user_sequence(self, ref: CollectionRef, user_id: int) -> tuple[np.ndarray, np.ndarray]:
         """One user's ``(positions, item_ids)`` from the sequence store, sorted by position. A user
         whose behaviours predate the sequence store (none there, rows in Milvus) is rebuilt from
         the behaviour collection's scalar fields once and written back."""
-        name = self.behaviour_collection(source)
+        name = self._require(ref, BEHAVIOURS_KIND)
         pos, items = self.sequences.get(name, int(user_id))
         from muse.sequences import MilvusSequences
 
@@ -605,19 +838,13 @@ class VectorStore:
                 self.sequences.write(name, np.full(len(pos), int(user_id)), pos, items)
         return pos, items
 
-    def iter_items(self, source: str, item_ids: np.ndarray | Sequence[int], batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(found_ids, vectors)`` of ``item_ids`` in batches (see :meth:`get_item_vectors`)."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        for start in range(0, len(ids), batch):
-            yield self.get_item_vectors(source, ids[start : start + batch])
-
     def fetch_user_behaviours(
-        self, source: str, user_id: int, batch_size: int = FETCH_BATCH
+        self, ref: CollectionRef, user_id: int, batch_size: int = FETCH_BATCH
     ) -> BehaviourBatch:
         """All behaviours of one user, sorted by position (empty arrays for an unknown user)."""
-        batches = list(self.iter_user_behaviours(source, user_id, batch_size))
+        batches = list(self.iter_user_behaviours(ref, user_id, batch_size))
         if not batches:
-            dim = self._vector_dim(self.behaviour_collection(source))
+            dim = self._vector_dim(self._require(ref, BEHAVIOURS_KIND))
             empty = np.zeros(0, dtype=np.int64)
             return BehaviourBatch(empty, empty.copy(), np.zeros((0, dim), dtype=np.float32))
         return BehaviourBatch(
@@ -627,7 +854,7 @@ class VectorStore:
         )
 
     def search_behaviours(
-        self, source: str, user_id: int, targets: np.ndarray, k: int, consistency_level: str | None = None
+        self, ref: CollectionRef, user_id: int, targets: np.ndarray, k: int, consistency_level: str | None = None
     ) -> list[list[Hit]]:
         """Cosine top-``k`` of each target over one user's behaviours, all targets in one request.
 
@@ -647,8 +874,7 @@ class VectorStore:
                 )
             extra["consistency_level"] = consistency_level
         t = l2_normalise(np.atleast_2d(targets))
-        name = self.behaviour_collection(source)
-        self._require(name)
+        name = self._require(ref, BEHAVIOURS_KIND)
         res = self._call(
             "search",
             self.client.search,

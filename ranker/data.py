@@ -245,10 +245,19 @@ class BatchBuilder:
             history, history_mask = self._ids(hpos), torch.from_numpy(hvalid)  # [B, L, 2], [B, L]
             if self.retrieval == "history":
                 batch["history"], batch["history_mask"] = history, history_mask
+                if self.vectors is not None:
+                    batch["history_sim"], batch["history_sim_mask"] = self._cosines(batch["target"], history,
+                                                                                    history_mask)
             elif self.retrieval == "category":
                 batch["long"], batch["long_mask"] = self._same_category(history, history_mask, batch["target"])
+                if self.vectors is not None:
+                    batch["long_sim"], batch["long_sim_mask"] = self._cosines(batch["target"], batch["long"],
+                                                                              batch["long_mask"])
             else:
                 batch.update(self._multimodal(history, history_mask, batch))
+        if self.vectors is not None and self.retrieval != "multimodal":
+            target_vec = self.vectors.gather(batch["target"][:, 0])  # [B, d]
+            batch.update(self._recent_sim(target_vec, batch))
         if labels is not None:
             batch["label"] = torch.from_numpy(np.asarray(labels, dtype=np.float32))
         return batch
@@ -267,6 +276,17 @@ class BatchBuilder:
         key = torch.where(same, position, torch.full_like(position, -1))  # newest = largest
         top, idx = key.topk(self.k, dim=1)  # [B, K]
         return torch.gather(history, 1, idx.unsqueeze(-1).expand(-1, -1, 2)), top >= 0
+
+    def _cosines(self, target: torch.Tensor, seq: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multimodal cosine ``[B, L]`` of each behaviour of ``seq [B, L, 2]`` with the target, and where
+        it is defined (behaviour valid, both with a vector); 0 elsewhere."""
+        table = self.vectors
+        target_vec = table.gather(target[:, 0])  # [B, d]
+        idx = seq[..., 0]  # [B, L]
+        ok = mask & table.present[idx] & table.present[target[:, 0]].unsqueeze(1)  # [B, L]
+        sim = torch.einsum("bd,bld->bl", target_vec, table.gather(idx, scratch=True))  # [B, L]
+        return torch.where(ok, sim, torch.zeros_like(sim)), ok
 
     def _multimodal(self, history: torch.Tensor, mask: torch.Tensor,
                     batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -336,15 +356,18 @@ def iter_impression_batches(dataset: Any, split: str | None, batch_size: int, sh
 
 
 def open_builder(settings: Any, dataset: Any, retrieval: str, config: Any, source: str | None,
-                 space: FeatureSpace | None = None) -> BatchBuilder:
+                 space: FeatureSpace | None = None, with_vectors: bool | None = None) -> BatchBuilder:
     """The batch builder of one model on one dataset: feature space (built, or the checkpoint's),
-    histories, and for the multimodal GSU the item-vector table of ``source`` (loaded once)."""
+    histories, and the item-vector table of ``source`` (loaded once) when the model needs it
+    (``with_vectors``; default: the config's ``needs_vectors``, else the multimodal GSU)."""
     space = space or FeatureSpace.from_dataset(dataset)
     histories = HistoryStore.from_dataset(dataset, space)
     vectors = None
-    if retrieval == "multimodal":
+    if with_vectors is None:
+        with_vectors = bool(getattr(config, "needs_vectors", retrieval == "multimodal"))
+    if with_vectors or retrieval == "multimodal":
         if source is None:
-            raise DataError("the multimodal GSU needs an embedding source (e.g. --source scl)")
+            raise DataError("this model's GSU or ESU needs an embedding source (e.g. --source scl)")
         from indexer.sources import item_vector_table
 
         vectors = VectorTable(space, item_vector_table(settings, source, dataset))

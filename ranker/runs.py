@@ -169,7 +169,10 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedRun:
     if not path.exists():
         raise NotFoundError(f"checkpoint {str(path)!r} does not exist")
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    config = make_config(ckpt["model"], **ckpt["config"])
+    saved = dict(ckpt["config"])
+    if ckpt["model"] != "muse" and "esu" not in saved:
+        saved["esu"] = "ta"  # a checkpoint from before the baselines had the paper's ESU: the ID-only one
+    config = make_config(ckpt["model"], **saved)
     model = build_model(ckpt["model"], FeatureSpec.from_dict(ckpt["spec"]), config)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()

@@ -19,7 +19,7 @@ import torch
 
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
-from ranker.data import BatchBuilder, HistoryStore
+from ranker.data import BatchBuilder, HistoryStore, VectorTable
 from ranker.runs import LoadedRun, get_run, load_checkpoint
 from retriever.kernels import MISSING_SCORE, gsu_topk, l2_normalise
 
@@ -38,7 +38,8 @@ class Ranker:
         retriever: the GSU client for the run's source (multimodal models only).
     """
 
-    def __init__(self, loaded: LoadedRun, histories: HistoryStore, retriever: Any = None) -> None:
+    def __init__(self, loaded: LoadedRun, histories: HistoryStore, retriever: Any = None,
+                 vectors: VectorTable | None = None) -> None:
         self.model = loaded.model.eval()
         self.space = loaded.space
         self.source = loaded.source
@@ -49,13 +50,17 @@ class Ranker:
         if multimodal and retriever is None:
             raise ConfigurationError(f"model {self.model.name!r} needs a retriever for source {self.source!r}")
         # the multimodal search comes from the retriever, so the builder makes only the rest
+        # (a baseline whose ESU uses multimodal similarities gets them from ``vectors``, the source's table)
         self.builder = BatchBuilder(self.space, histories, "none" if multimodal else self.model.retrieval,
-                                    cfg.k, cfg.recent_len, cfg.max_history)
+                                    cfg.k, cfg.recent_len, cfg.max_history, None if multimodal else vectors)
 
     @classmethod
-    def load(cls, settings: Settings, run_id: int, retriever: Any = None, path: str = "cache") -> Ranker:
-        """Load run ``run_id``. For MUSE a :class:`~retriever.client.Retriever` on the run's source is
-        opened (``path`` ``cache`` or ``milvus``) unless one is given.
+    def load(
+        cls, settings: Settings, run_id: int, retriever: Any = None, path: str = "cache", version: int | None = None
+    ) -> Ranker:
+        """Load run ``run_id``. For MUSE a :class:`~retriever.client.Retriever` on the run's dataset and
+        source is opened (``path`` ``cache`` or ``milvus``) unless one is given: on source ``version``,
+        or following the live version when None.
 
         Raises:
             NotFoundError: the run, its checkpoint or its dataset does not exist.
@@ -70,8 +75,17 @@ class Ranker:
         if loaded.model.retrieval == "multimodal" and retriever is None:
             from retriever.client import Retriever
 
-            retriever = Retriever.from_settings(source=loaded.source, settings=settings, path=path)
-        return cls(loaded, histories, retriever)
+            retriever = Retriever.from_settings(
+                source=loaded.source, settings=settings, dataset=loaded.dataset, version=version, path=path
+            )
+            log.info("ranker run %d scores with %s", run_id, retriever.ref)
+        vectors = None
+        if loaded.model.retrieval != "multimodal" and loaded.model.needs_vectors:
+            from indexer.sources import item_vector_table
+
+            dataset = Dataset.open(settings, loaded.dataset)
+            vectors = VectorTable(loaded.space, item_vector_table(settings, loaded.source, dataset))
+        return cls(loaded, histories, retriever, vectors)
 
     @torch.no_grad()
     def score(self, user_id: int, candidate_item_ids: Sequence[int] | np.ndarray,
@@ -86,16 +100,20 @@ class Ranker:
         if len(items) == 0:
             raise ConfigurationError("candidate_item_ids is empty: give at least one item")
         out = []
+        # one version of the source's vectors for every candidate (a promote may happen meanwhile)
+        view = self.retriever.view() if self.model.retrieval == "multimodal" else None
         for lo in range(0, len(items), batch_size):
             chunk = items[lo:lo + batch_size]
             users = np.full(len(chunk), int(user_id), dtype=np.int64)
             batch = self.builder.build(users, chunk)
-            if self.model.retrieval == "multimodal":
-                batch.update(self._multimodal(int(user_id), chunk, batch))
+            if view is not None:
+                batch.update(self._multimodal(view, int(user_id), chunk, batch))
             out.append(self.model(batch)["prob"].numpy().astype(np.float64))
         return np.concatenate(out)
 
-    def _multimodal(self, user_id: int, items: np.ndarray, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _multimodal(
+        self, view: Any, user_id: int, items: np.ndarray, batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """``long``/``long_mask``/``long_sim`` from the retriever and ``recent_sim`` from item vectors."""
         k, n = self.model.config.k, len(items)
         start, length = (int(v[0]) for v in self.histories.rows(np.array([user_id])))
@@ -103,13 +121,13 @@ class Ranker:
         long = torch.zeros(n, k, 2, dtype=torch.int64)
         long_mask = torch.zeros(n, k, dtype=torch.bool)
         long_sim = torch.full((n, k), MISSING_SCORE, dtype=torch.float32)
-        found, vecs = self.retriever.store.get_item_vectors(self.source, items.tolist())
+        found, vecs = view.get_item_vectors(items.tolist())
         by_id = {int(i): v for i, v in zip(found.tolist(), vecs, strict=True) if np.any(v)}
         has = [b for b, i in enumerate(items.tolist()) if i in by_id]
-        target_vec = torch.zeros(n, self.retriever.dim)  # [B, d]; zero = no vector
+        target_vec = torch.zeros(n, view.dim)  # [B, d]; zero = no vector
         if has:
             target_vec[has] = torch.from_numpy(np.stack([by_id[int(items[b])] for b in has])).float()
-            res = self.retriever.search_vectors(user_id, target_vec[has].numpy(), k=k + oldest if oldest else k)
+            res = view.search_vectors(user_id, target_vec[has].numpy(), k=k + oldest if oldest else k)
             for b, hits in zip(has, res, strict=True):
                 keep = hits.positions >= oldest
                 pos, scores = hits.positions[keep][:k], hits.scores[keep][:k]
@@ -119,16 +137,18 @@ class Ranker:
                 long_mask[b, :m] = True
                 long_sim[b, :m] = torch.from_numpy(scores.astype(np.float32))
         return {"long": long, "long_mask": long_mask, "long_sim": long_sim,
-                **self._recent_sim(target_vec, batch)}
+                **self._recent_sim(view, target_vec, batch)}
 
-    def _recent_sim(self, target_vec: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _recent_sim(
+        self, view: Any, target_vec: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Cosines of the recent behaviours (one row, shared by all candidates) with each target."""
         rec_idx = batch["recent"][0, :, 0]  # [R] item indices (the same user on every row)
         rmask = batch["recent_mask"][0]  # [R]
         raw_ids = self.space.items.values[np.maximum(rec_idx.numpy() - 1, 0)]
-        found, vecs = self.retriever.store.get_item_vectors(self.source, raw_ids[rmask.numpy()].tolist())
+        found, vecs = view.get_item_vectors(raw_ids[rmask.numpy()].tolist())
         by_id = {int(i): v for i, v in zip(found.tolist(), vecs, strict=True)}
-        rec_vec = torch.zeros(len(raw_ids), self.retriever.dim)  # [R, d]
+        rec_vec = torch.zeros(len(raw_ids), view.dim)  # [R, d]
         for r in np.flatnonzero(rmask.numpy()):
             if int(raw_ids[r]) in by_id:
                 rec_vec[r] = torch.from_numpy(np.asarray(by_id[int(raw_ids[r])], dtype=np.float32))

@@ -112,7 +112,8 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
     save a checkpoint and record the run.
 
     Args:
-        esu: ESU variant of muse (see :data:`ranker.models.ESU_VARIANTS`).
+        esu: ESU variant (see :data:`ranker.models.ESU_VARIANTS`; default: the model's, as the paper
+            sets it up; ``"ta"`` is the classic ID-only ESU).
         model_overrides: model config keys (e.g. ``{"k": 20}``); unknown keys are rejected.
         progress: show a tqdm progress bar (CLI).
         record: write a ``ranker_runs`` row and a checkpoint (needs a migrated database).
@@ -130,13 +131,12 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
     cls = model_class(model)
     overrides = dict(model_overrides or {})
     if esu is not None:
-        if model != "muse":
-            raise ConfigurationError(f"--esu {esu!r} applies to the muse model only, not {model!r}")
         overrides["esu"] = esu
     config = make_config(model, **overrides)
-    if cls.needs_vectors and source is None:
-        raise ConfigurationError(f"model {model!r} needs an embedding source (e.g. source='scl')")
-    used_source = source if cls.needs_vectors else None
+    if config.needs_vectors and source is None:
+        hint = "" if config.gsu_needs_vectors else f" for its {config.esu} ESU (or --esu ta for the ID-only ESU)"
+        raise ConfigurationError(f"model {model!r} needs an embedding source{hint} (e.g. source='scl')")
+    used_source = source if config.needs_vectors else None
     ds = Dataset.open(settings, dataset)
     torch.manual_seed(cfg.seed)
     builder = open_builder(settings, ds, cls.retrieval, config, used_source)
@@ -144,7 +144,7 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
     net = build_model(model, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
     run_id = None
     if record:
-        run_id = create_run(settings, model=model, esu=getattr(config, "esu", None), source=used_source,
+        run_id = create_run(settings, model=model, esu=config.esu, source=used_source,
                             dataset=dataset, seed=cfg.seed, config={"model": config.to_dict(),
                                                                      "train": dataclasses.asdict(cfg)})
     try:

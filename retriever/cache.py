@@ -20,7 +20,7 @@ vector. A GSU search on a cached history is then one matrix product + ``topk``
 
 Histories are loaded through a *loader*: a callable ``user_id -> iterable of batches`` with
 ``positions``, ``item_ids`` and ``vectors`` arrays, e.g.
-``lambda u: store.iter_user_behaviours(source, u, batch_size=...)`` (see
+``lambda u: store.iter_user_behaviours(ref, u, batch_size=...)`` (see
 :func:`store_loader`). The cache reflects the store at load time: writes made through
 :meth:`HistoryCache.append_behaviours` are applied to a cached history at once; for writes made
 elsewhere call :meth:`HistoryCache.invalidate`.
@@ -208,11 +208,12 @@ def _concat(a: CachedHistory, b: CachedHistory) -> CachedHistory:
     )
 
 
-def store_loader(store: Any, source: str, batch_size: int) -> Loader:
-    """A loader reading histories through ``VectorStore.iter_user_behaviours``."""
+def store_loader(store: Any, ref: Any, batch_size: int) -> Loader:
+    """A loader reading histories of one :class:`muse.vectorstore.CollectionRef` through
+    ``VectorStore.iter_user_behaviours``."""
 
     def load(user_id: int) -> Iterable[BatchLike]:
-        return store.iter_user_behaviours(source, int(user_id), batch_size=batch_size)
+        return store.iter_user_behaviours(ref, int(user_id), batch_size=batch_size)
 
     return load
 
@@ -786,11 +787,12 @@ def _concat_gathered(a: GatheredHistory, b: GatheredHistory) -> GatheredHistory:
     )
 
 
-def sequence_loader(store: Any, source: str) -> SequenceLoader:
-    """A loader of ``(positions, item_ids)`` through ``VectorStore.user_sequence``."""
+def sequence_loader(store: Any, ref: Any) -> SequenceLoader:
+    """A loader of ``(positions, item_ids)`` of one :class:`muse.vectorstore.CollectionRef` through
+    ``VectorStore.user_sequence``."""
 
     def load(user_id: int) -> tuple[np.ndarray, np.ndarray]:
-        return store.user_sequence(source, int(user_id))
+        return store.user_sequence(ref, int(user_id))
 
     return load
 

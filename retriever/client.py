@@ -1,12 +1,20 @@
 """Python client of the GSU retriever.
 
->>> with Retriever.from_settings(source="scl") as r:            # doctest: +SKIP
+>>> with Retriever.from_settings(source="scl", dataset="demo-tiny-0") as r:  # doctest: +SKIP
 ...     r.prefetch([42])                                        # while the matching stage runs
 ...     res = r.search(42, [1001, 1002], k=50)
-...     res[0].behaviour_item_ids, res[0].scores, res[0].simtier
+...     res.version, res[0].behaviour_item_ids, res[0].scores, res[0].simtier
 
-Two paths with the same results: ``path="cache"`` (default) keeps users' histories in a device
-cache (:class:`retriever.cache.HistoryCache`) and runs one matrix product + topk;
+A retriever reads one (dataset, source) pair. Without ``version`` it follows the *live* version
+(the Milvus alias that ``muse source promote`` switches): it checks the alias every
+``refresh_s`` seconds (or at once on :meth:`Retriever.refresh`) and, after a switch, drops the
+cached histories and target vectors of the old version. Every request runs on one version from
+start to end (target vectors and behaviours alike) and its result says which (``result.version``).
+
+Two paths with the same results: ``path="cache"`` (default) keeps the version's item vectors once
+on the device and users' histories as rows of that table in a cache
+(:class:`retriever.cache.GatherCache`; per-user vectors with ``history_from="behaviours"``) and
+runs a gather + one matrix product + topk;
 ``path="milvus"`` runs a filtered vector search per request on the Milvus behaviour collection.
 Target vectors come from the source's item collection.
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
@@ -24,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from muse.errors import ConfigurationError, NotFoundError
+from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import Settings, load_settings
 from retriever.cache import (
     CacheConfig,
@@ -41,6 +50,8 @@ from retriever.milvus_search import milvus_topk
 log = logging.getLogger(__name__)
 
 PATHS = ("cache", "milvus")
+#: Seconds between checks of the live alias (a promote is followed at most this much later).
+REFRESH_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,9 @@ class SearchResult:
     k: int
     targets: tuple[TargetHits, ...] = field(default_factory=tuple)
     history_length: int | None = None  # behaviours of the user (known on the cache path)
+    dataset: str = ""
+    source: str = ""
+    version: int = 0  # the source version every vector of this result came from
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -93,6 +107,9 @@ class SearchResult:
             "path": self.path,
             "k": self.k,
             "history_length": self.history_length,
+            "dataset": self.dataset,
+            "source": self.source,
+            "version": self.version,
             "targets": [t.to_dict() for t in self.targets],
         }
 
@@ -129,115 +146,59 @@ def _check_items(item_ids: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
-class Retriever:
-    """GSU retrieval over users' lifelong histories for one embedding source.
+class RetrieverView:
+    """Retrieval on one fixed version of a (dataset, source): its caches and its collections.
 
-    Args:
-        store: a :class:`muse.vectorstore.VectorStore`.
-        source: embedding source name (its item and behaviour collections must exist).
-        path: ``"cache"`` (device cache, the serving hot path) or ``"milvus"`` (filtered search).
-        cache_config: the cache's capacity, storage dtype and device (cache path only).
-        item_cache_items: target item vectors kept (LRU) between requests; 0 reads them every time.
-        consistency_level: Milvus path only: None = the collections' ``Strong`` (every finished
-            write is visible; on a server each search first waits 200-400 ms for the time tick);
-            ``Bounded`` or ``Eventually`` for serving without that wait (writes of the last few
-            seconds may be missed).
+    :class:`Retriever` hands out the view of the live version (:meth:`Retriever.view`); a caller
+    that makes several calls which must agree (target vectors, then a search) keeps one view.
     """
 
     def __init__(
         self,
         store: Any,
-        source: str,
-        path: str = "cache",
-        cache_config: CacheConfig | None = None,
-        item_cache_items: int = 100_000,
-        consistency_level: str | None = None,
+        ref: Any,
+        path: str,
+        cache_config: CacheConfig | None,
+        item_cache_items: int,
+        consistency_level: str | None,
     ) -> None:
-        from muse.vectorstore import CONSISTENCY_LEVELS
-
-        if path not in PATHS:
-            raise ConfigurationError(f"retriever path {path!r} is unknown; valid: {', '.join(PATHS)}")
-        if consistency_level is not None and consistency_level not in CONSISTENCY_LEVELS:
-            raise ConfigurationError(
-                f"consistency_level {consistency_level!r} is unknown; valid: {', '.join(CONSISTENCY_LEVELS)}"
-            )
-        self.consistency_level = consistency_level
-        if item_cache_items < 0:
-            raise ConfigurationError(f"item_cache_items must be >= 0, got {item_cache_items}")
         self.store = store
+        self.ref = ref
+        self.path = path
+        self.consistency_level = consistency_level
+        self.dim = int(store.open_collections(ref))  # NotFoundError for missing collections
         # Unit target vectors by item id (LRU, at most item_cache_items): item vectors change only
-        # when a source is re-encoded, and a Milvus query per request would dominate the cache path.
+        # with the version, and a Milvus query per request would dominate the cache path.
         self._items: OrderedDict[int, np.ndarray] = OrderedDict()
         self._items_lock = threading.Lock()
         self.item_cache_items = item_cache_items
         self.item_lookups = 0  # target vectors asked for
         self.item_fetches = 0  # of those, read from Milvus
-        self.source = source
-        self.path = path
-        self.dim = int(store.describe(source)["behaviours"]["dim"])  # NotFoundError for an unknown source
         self.cache: HistoryCache | None = None
         self.item_table: ItemTable | None = None
         if path == "cache":
             config = cache_config or CacheConfig()
             if config.history_from == "items":
                 self.item_table = ItemTable(
-                    lambda ids: store.get_item_vectors(source, ids), self.dim, config.storage_dtype, config.device
+                    lambda ids: store.get_item_vectors(ref, ids), self.dim, config.storage_dtype, config.device
                 )
-                self.cache = GatherCache(sequence_loader(store, source), self.item_table, config)
+                self.cache = GatherCache(sequence_loader(store, ref), self.item_table, config)
             else:
-                self.cache = HistoryCache(store_loader(store, source, config.load_batch_size), self.dim, config)
+                self.cache = HistoryCache(store_loader(store, ref, config.load_batch_size), self.dim, config)
 
-    @classmethod
-    def from_settings(
-        cls,
-        source: str,
-        settings: Settings | None = None,
-        path: str = "cache",
-        cache: CacheConfig | dict[str, Any] | None = None,
-        item_cache_items: int = 100_000,
-        consistency_level: str | None = None,
-    ) -> Retriever:
-        """Connect to the settings' Milvus; the cache lives on ``settings.resolve_device()``.
+    @property
+    def version(self) -> int:
+        return int(self.ref.version)
 
-        Args:
-            source: embedding source name, e.g. ``"scl"``.
-            settings: default :func:`muse.settings.load_settings`.
-            path: ``"cache"`` or ``"milvus"``.
-            cache: cache options (a :class:`CacheConfig` or a dict of its fields; unknown keys rejected).
-                The device defaults to the settings' device.
-            item_cache_items: target item vectors kept in memory between requests (0: none).
-            consistency_level: Milvus path: None (``Strong``), ``Bounded``, ``Session`` or ``Eventually``.
+    def get_item_vectors(self, item_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``VectorStore.get_item_vectors`` on this view's version."""
+        return self.store.get_item_vectors(self.ref, item_ids)
 
-        Raises:
-            ConfigurationError: unknown path or cache option. NotFoundError: the source has no collections.
-        """
-        from muse.vectorstore import VectorStore
-
-        settings = settings or load_settings()
-        if isinstance(cache, dict):
-            cache = CacheConfig.from_dict({"device": settings.resolve_device(), **cache})
-        elif cache is None:
-            cache = CacheConfig(device=settings.resolve_device())
-        store = VectorStore(settings)
-        try:
-            return cls(
-                store,
-                source,
-                path=path,
-                cache_config=cache,
-                item_cache_items=item_cache_items,
-                consistency_level=consistency_level,
-            )
-        except BaseException:
-            store.close()
-            raise
-
-    # -- searching -----------------------------------------------------------------------------
     def target_vectors(self, item_ids: Sequence[int]) -> np.ndarray:
         """float32 ``[B, d]`` vectors of the target items, in order.
 
         Raises:
-            NotFoundError: naming the items missing from the source's item collection or stored
+            NotFoundError: naming the items missing from the version's item collection or stored
             without a vector.
         """
         ids = _check_items(item_ids)
@@ -248,16 +209,14 @@ class Retriever:
             self.item_lookups += len(ids)
         wanted = [i for i in dict.fromkeys(ids) if i not in by_id]
         if wanted:
-            found, vecs = self.store.get_item_vectors(self.source, wanted)
+            found, vecs = self.store.get_item_vectors(self.ref, wanted)
             fetched = {int(i): v for i, v in zip(found, vecs, strict=True)}
             missing = [i for i in wanted if i not in fetched]
             if missing:
-                raise NotFoundError(
-                    f"target item(s) {missing[:20]} not found in the {self.source!r} item collection"
-                )
+                raise NotFoundError(f"target item(s) {missing[:20]} not found in the {self.ref} item collection")
             no_vector = [i for i in wanted if not np.any(fetched[i])]
             if no_vector:
-                raise NotFoundError(f"target item(s) {no_vector[:20]} have no {self.source!r} vector")
+                raise NotFoundError(f"target item(s) {no_vector[:20]} have no {self.ref.source!r} vector")
             fetched = {i: (v / np.linalg.norm(v)).astype(np.float32) for i, v in fetched.items()}
             by_id.update(fetched)
             with self._items_lock:
@@ -269,20 +228,14 @@ class Retriever:
         return np.stack([by_id[i] for i in ids])  # [B, d]
 
     def search(self, user_id: int, target_item_ids: Sequence[int], k: int = 50) -> SearchResult:
-        """Top-``k`` behaviours of ``user_id`` for each target item, with SimTier counts.
-
-        Raises:
-            ValueError: ``k`` is not an integer in 1..16384 (a ConfigurationError, which is a ValueError).
-            NotFoundError: a target item is unknown or has no vector (named in the message).
-            ConfigurationError: ``user_id`` or an item id is not an integer.
-        """
+        """As :meth:`Retriever.search`, on this view's version."""
         k = _check_k(k)
         user = _check_user(user_id)
         ids = _check_items(target_item_ids)
         return self._search(user, self.target_vectors(ids), k, ids)
 
     def search_vectors(self, user_id: int, targets: np.ndarray, k: int = 50) -> SearchResult:
-        """As :meth:`search`, with target vectors ``[B, d]`` given directly."""
+        """As :meth:`Retriever.search_vectors`, on this view's version."""
         k = _check_k(k)
         user = _check_user(user_id)
         t = np.atleast_2d(np.asarray(targets, dtype=np.float32))
@@ -304,6 +257,11 @@ class Retriever:
             return self._search_cache(user, targets, k, ids)
         return self._search_milvus(user, targets, k, ids)
 
+    def _result(self, user: int, found: bool, k: int, hits: list[TargetHits], length: int | None) -> SearchResult:
+        return SearchResult(
+            user, found, self.path, k, tuple(hits), length, self.ref.dataset, self.ref.source, self.version
+        )
+
     def _search_cache(
         self, user: int, targets: np.ndarray, k: int, ids: Sequence[int | None]
     ) -> SearchResult:
@@ -322,12 +280,12 @@ class Retriever:
                     item_id, history.item_ids[rows], history.positions[rows], scores[b][ok[b]], tiers[b]
                 )
             )
-        return SearchResult(user, len(history) > 0, "cache", k, tuple(hits), len(history))
+        return self._result(user, len(history) > 0, k, hits, len(history))
 
     def _search_milvus(
         self, user: int, targets: np.ndarray, k: int, ids: Sequence[int | None]
     ) -> SearchResult:
-        res = milvus_topk(self.store, self.source, user, targets, k, self.consistency_level)
+        res = milvus_topk(self.store, self.ref, user, targets, k, self.consistency_level)
         hits = []
         for b, item_id in enumerate(ids):
             scores = res.scores[b]
@@ -335,26 +293,283 @@ class Retriever:
                 torch.from_numpy(scores).unsqueeze(0), torch.ones(1, len(scores), dtype=torch.bool)
             )[0].numpy()  # [22]
             hits.append(TargetHits(item_id, res.item_ids[b], res.positions[b], scores, counts))
-        found = any(len(h) for h in hits) or self.store.count_behaviours(self.source, user) > 0
-        return SearchResult(user, found, "milvus", k, tuple(hits), None)
+        found = any(len(h) for h in hits) or self.store.count_behaviours(self.ref, user) > 0
+        return self._result(user, found, k, hits, None)
+
+    def close(self) -> None:
+        """Drop this version's cached histories and target vectors (the store stays open)."""
+        if self.cache is not None:
+            self.cache.close()
+        with self._items_lock:
+            self._items.clear()
+
+
+class Retriever:
+    """GSU retrieval over users' lifelong histories for one (dataset, embedding source).
+
+    Args:
+        store: a :class:`muse.vectorstore.VectorStore`.
+        source: embedding source name.
+        dataset: the dataset whose collections are read.
+        version: a fixed source version; None follows the live version (the live alias), checked
+            every ``refresh_s`` seconds and at once by :meth:`refresh`.
+        path: ``"cache"`` (device cache, the serving hot path) or ``"milvus"`` (filtered search).
+        cache_config: the cache's capacity, storage dtype and device (cache path only).
+        item_cache_items: target item vectors kept (LRU) between requests; 0 reads them every time.
+        consistency_level: Milvus path only: None = the collections' ``Strong`` (every finished
+            write is visible; on a server each search first waits 200-400 ms for the time tick);
+            ``Bounded`` or ``Eventually`` for serving without that wait (writes of the last few
+            seconds may be missed).
+        refresh_s: seconds between checks of the live alias (following the live version only).
+
+    Raises:
+        NotFoundError: the version's collections do not exist, or (without ``version``) the
+        (dataset, source) has no live version yet.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        source: str,
+        *,
+        dataset: str,
+        version: int | None = None,
+        path: str = "cache",
+        cache_config: CacheConfig | None = None,
+        item_cache_items: int = 100_000,
+        consistency_level: str | None = None,
+        refresh_s: float = REFRESH_S,
+    ) -> None:
+        from muse.vectorstore import CONSISTENCY_LEVELS, CollectionRef
+
+        if path not in PATHS:
+            raise ConfigurationError(f"retriever path {path!r} is unknown; valid: {', '.join(PATHS)}")
+        if consistency_level is not None and consistency_level not in CONSISTENCY_LEVELS:
+            raise ConfigurationError(
+                f"consistency_level {consistency_level!r} is unknown; valid: {', '.join(CONSISTENCY_LEVELS)}"
+            )
+        if item_cache_items < 0:
+            raise ConfigurationError(f"item_cache_items must be >= 0, got {item_cache_items}")
+        if refresh_s <= 0:
+            raise ConfigurationError(f"refresh_s must be > 0, got {refresh_s}")
+        self.store = store
+        self.source = source
+        self.dataset = dataset
+        self.path = path
+        self.consistency_level = consistency_level
+        self.item_cache_items = item_cache_items
+        self.refresh_s = float(refresh_s)
+        self.pinned = version is not None
+        self._cache_config = cache_config
+        self._switch_lock = threading.Lock()
+        self._checked = time.monotonic()
+        self.switches = 0  # version changes followed since construction
+        ref = CollectionRef(dataset, source, version if version is not None else self._live_version())
+        self._view = self._open(ref)
+        log.info("retriever on %s (%s)", ref, "pinned" if self.pinned else "following the live alias")
+
+    @classmethod
+    def from_settings(
+        cls,
+        source: str,
+        settings: Settings | None = None,
+        *,
+        dataset: str,
+        version: int | None = None,
+        path: str = "cache",
+        cache: CacheConfig | dict[str, Any] | None = None,
+        item_cache_items: int = 100_000,
+        consistency_level: str | None = None,
+        refresh_s: float = REFRESH_S,
+    ) -> Retriever:
+        """Connect to the settings' Milvus; the cache lives on ``settings.resolve_device()``.
+
+        Args:
+            source: embedding source name, e.g. ``"scl"``.
+            settings: default :func:`muse.settings.load_settings`.
+            dataset: dataset name, e.g. ``"demo-tiny-0"``.
+            version: a fixed source version; None follows the live one.
+            path: ``"cache"`` or ``"milvus"``.
+            cache: cache options (a :class:`CacheConfig` or a dict of its fields; unknown keys rejected).
+                The device defaults to the settings' device.
+            item_cache_items: target item vectors kept in memory between requests (0: none).
+            consistency_level: Milvus path: None (``Strong``), ``Bounded``, ``Session`` or ``Eventually``.
+            refresh_s: seconds between checks of the live alias.
+
+        Raises:
+            ConfigurationError: unknown path or cache option. NotFoundError: no such collections,
+            or no live version.
+        """
+        from muse.vectorstore import VectorStore
+
+        settings = settings or load_settings()
+        if isinstance(cache, dict):
+            cache = CacheConfig.from_dict({"device": settings.resolve_device(), **cache})
+        elif cache is None:
+            cache = CacheConfig(device=settings.resolve_device())
+        store = VectorStore(settings)
+        try:
+            return cls(
+                store,
+                source,
+                dataset=dataset,
+                version=version,
+                path=path,
+                cache_config=cache,
+                item_cache_items=item_cache_items,
+                consistency_level=consistency_level,
+                refresh_s=refresh_s,
+            )
+        except BaseException:
+            store.close()
+            raise
+
+    # -- versions ------------------------------------------------------------------------------
+    def _live_version(self) -> int:
+        version = self.store.live_version(self.dataset, self.source)
+        if version is None:
+            from muse.versions import legacy_report
+
+            legacy = legacy_report(self.store.settings, self.store, self.source)
+            raise NotFoundError(
+                f"{self.dataset}/{self.source} has no live version: run `muse backfill --source {self.source} "
+                f"--dataset {self.dataset}` (the first backfill becomes live) or `muse source promote "
+                f"{self.dataset} {self.source} VERSION`; `muse source list` shows the versions"
+                + (f". {legacy[0]}" if legacy else "")
+            )
+        return int(version)
+
+    def _open(self, ref: Any) -> RetrieverView:
+        return RetrieverView(
+            self.store, ref, self.path, self._cache_config, self.item_cache_items, self.consistency_level
+        )
+
+    def refresh(self) -> bool:
+        """Check the live alias now and switch to its version if it changed (a no-op when pinned).
+
+        The new version's view is opened before it replaces the old one, so requests keep being
+        served throughout; the old version's cached histories and target vectors are dropped.
+        Returns True when the version changed.
+
+        Raises:
+            NotFoundError: the live alias is gone. BackendUnavailable: Milvus does not answer.
+        """
+        with self._switch_lock:
+            return self._refresh_locked()
+
+    def _refresh_locked(self) -> bool:
+        from muse.vectorstore import CollectionRef
+
+        self._checked = time.monotonic()
+        if self.pinned:
+            return False
+        live = self._live_version()
+        old = self._view
+        if live == old.version:
+            return False
+        self._view = self._open(CollectionRef(self.dataset, self.source, live))
+        self.switches += 1
+        log.info("retriever switched %s -> v%d", old.ref, live)
+        # In-flight requests may still hold the old view: close it off the request path.
+        threading.Thread(target=old.close, name="muse-retriever-close", daemon=True).start()
+        return True
+
+    def view(self) -> RetrieverView:
+        """The view of the current version (checking the live alias when ``refresh_s`` has passed).
+
+        One request thread does the check while the others go on with the current view; a failed
+        check (Milvus unreachable, alias missing) keeps the current version and is logged: it
+        never fails the request.
+        """
+        if not self.pinned and time.monotonic() - self._checked >= self.refresh_s:
+            if self._switch_lock.acquire(blocking=False):
+                try:
+                    self._refresh_locked()
+                except (BackendUnavailable, NotFoundError, ConfigurationError) as e:
+                    log.warning("retriever %s/%s: live version check failed, staying on v%d: %s",
+                                self.dataset, self.source, self._view.version, e)
+                finally:
+                    self._switch_lock.release()
+        return self._view
+
+    @property
+    def ref(self) -> Any:
+        """The :class:`muse.vectorstore.CollectionRef` requests use now."""
+        return self._view.ref
+
+    @property
+    def version(self) -> int:
+        return self._view.version
+
+    @property
+    def dim(self) -> int:
+        return self._view.dim
+
+    @property
+    def cache(self) -> HistoryCache | None:
+        return self._view.cache
+
+    @property
+    def item_lookups(self) -> int:
+        return self._view.item_lookups
+
+    @property
+    def item_table(self) -> ItemTable | None:
+        """The current version's item table (cache path, ``history_from="items"``)."""
+        return self._view.item_table
+
+    @property
+    def item_fetches(self) -> int:
+        return self._view.item_fetches
+
+    # -- searching -----------------------------------------------------------------------------
+    def target_vectors(self, item_ids: Sequence[int]) -> np.ndarray:
+        """float32 ``[B, d]`` vectors of the target items, in order (current version).
+
+        Raises:
+            NotFoundError: naming the items missing from the item collection or stored without a vector.
+        """
+        return self.view().target_vectors(item_ids)
+
+    def search(self, user_id: int, target_item_ids: Sequence[int], k: int = 50) -> SearchResult:
+        """Top-``k`` behaviours of ``user_id`` for each target item, with SimTier counts, all from
+        one version (``result.version``).
+
+        Raises:
+            ValueError: ``k`` is not an integer in 1..16384 (a ConfigurationError, which is a ValueError).
+            NotFoundError: a target item is unknown or has no vector (named in the message).
+            ConfigurationError: ``user_id`` or an item id is not an integer.
+        """
+        return self.view().search(user_id, target_item_ids, k)
+
+    def search_vectors(self, user_id: int, targets: np.ndarray, k: int = 50) -> SearchResult:
+        """As :meth:`search`, with target vectors ``[B, d]`` given directly."""
+        return self.view().search_vectors(user_id, targets, k)
 
     # -- cache management ---------------------------------------------------------------------
     def prefetch(self, user_ids: Sequence[int]) -> Future:
         """Load the users' histories into the cache in the background (a done Future on the Milvus
         path). The Future resolves to ``{user_id: history length}``."""
         users = [_check_user(u) for u in user_ids]
-        if self.cache is None:
-            done: Future = Future()
-            done.set_result({})
-            return done
-        return self.cache.prefetch(users)
+        for _ in range(3):
+            view = self.view()
+            if view.cache is None:
+                done: Future = Future()
+                done.set_result({})
+                return done
+            try:
+                return view.cache.prefetch(users)
+            except RuntimeError:  # that version's cache was closed by a switch a moment ago
+                continue
+        raise BackendUnavailable(f"retriever {self.dataset}/{self.source}: the cache kept switching versions")
 
     def preload_items(self, item_ids: Sequence[int]) -> int:
-        """Read these items' vectors into the cache's item table now (e.g. a dataset's items at
-        start-up), so that no prefetch waits for them; returns the table's rows (0 without one)."""
-        if self.item_table is None:
+        """Read these items' vectors into the current version's item table now (e.g. a dataset's
+        items at start-up), so that no prefetch waits for them; returns the table's rows (0 without one)."""
+        table = self._view.item_table
+        if table is None:
             return 0
-        return self.item_table.load(np.asarray(item_ids, dtype=np.int64))
+        return table.load(np.asarray(item_ids, dtype=np.int64))
 
     def append_behaviours(
         self,
@@ -363,14 +578,15 @@ class Retriever:
         item_ids: Sequence[int],
         vectors: np.ndarray | None = None,
     ) -> int:
-        """Write new behaviours of one user to Milvus (rows and sequence) and to a cached history;
-        returns rows written. ``vectors`` default to the items' vectors in the item collection.
+        """Write new behaviours of one user to Milvus (current version: rows and sequence) and to a
+        cached history; returns rows written. ``vectors`` default to the items' vectors.
 
         Raises:
             ConfigurationError: positions and item ids are not integers of the same length, or a
                 negative position. NotFoundError: ``vectors`` omitted and an item has no vector.
         """
         user = _check_user(user_id)
+        view = self.view()
         pos = _int_array(positions, "positions")
         items = _int_array(item_ids, "item_ids")
         if len(pos) != len(items) or len(pos) == 0:
@@ -380,7 +596,7 @@ class Retriever:
         if pos.min() < 0:
             raise ConfigurationError(f"append_behaviours: negative position {int(pos.min())}")
         if vectors is None:
-            found, vecs_found = self.store.get_item_vectors(self.source, np.unique(items))
+            found, vecs_found = view.get_item_vectors(np.unique(items))
             by_id = {int(i): v for i, v in zip(found, vecs_found, strict=True) if np.any(v)}
             missing = [int(i) for i in items if int(i) not in by_id]
             if missing:
@@ -388,35 +604,35 @@ class Retriever:
             vecs = np.stack([by_id[int(i)] for i in items]).astype(np.float32)
         else:
             vecs = np.asarray(vectors, dtype=np.float32)
-            if vecs.ndim != 2 or vecs.shape != (len(pos), self.dim):
+            if vecs.ndim != 2 or vecs.shape != (len(pos), view.dim):
                 raise ConfigurationError(
-                    f"append_behaviours: vectors must be [{len(pos)}, {self.dim}], got shape {vecs.shape}"
+                    f"append_behaviours: vectors must be [{len(pos)}, {view.dim}], got shape {vecs.shape}"
                 )
-        written = self.store.upsert_behaviours(self.source, np.full(len(pos), user), pos, items, vecs)
-        if self.cache is not None:
-            self.cache.append_behaviours(user, pos, items, vecs)
+        written = self.store.upsert_behaviours(view.ref, np.full(len(pos), user), pos, items, vecs)
+        if view.cache is not None:
+            view.cache.append_behaviours(user, pos, items, vecs)
         return written
 
     def forget_item_vectors(self) -> None:
-        """Drop the cached target vectors (after the source's items were re-encoded) and the item
+        """Drop the cached target vectors (after the version's items were re-encoded) and the item
         table's record of items without a vector."""
-        with self._items_lock:
-            self._items.clear()
-        if self.item_table is not None:
-            self.item_table.forget_absent()
+        view = self._view
+        with view._items_lock:
+            view._items.clear()
+        if view.item_table is not None:
+            view.item_table.forget_absent()
 
     def invalidate(self, user_id: int) -> None:
         """Forget a cached history after behaviours were written elsewhere (e.g. by a backfill)."""
-        if self.cache is not None:
-            self.cache.invalidate(_check_user(user_id))
+        if self._view.cache is not None:
+            self._view.cache.invalidate(_check_user(user_id))
 
     def stats(self) -> CacheStats | None:
-        """Cache hit/miss/byte counters (None on the Milvus path)."""
-        return self.cache.stats() if self.cache is not None else None
+        """Cache hit/miss/byte counters of the current version (None on the Milvus path)."""
+        return self._view.cache.stats() if self._view.cache is not None else None
 
     def close(self) -> None:
-        if self.cache is not None:
-            self.cache.close()
+        self._view.close()
         self.store.close()
 
     def __enter__(self) -> Retriever:
@@ -426,4 +642,4 @@ class Retriever:
         self.close()
 
 
-__all__ = ["N_TIERS", "PATHS", "Retriever", "SearchResult", "TargetHits"]
+__all__ = ["N_TIERS", "PATHS", "Retriever", "RetrieverView", "SearchResult", "TargetHits"]

@@ -34,13 +34,13 @@ def _real(hits: list[Any]) -> list[Any]:
 
 
 def milvus_topk(
-    store: Any, source: str, user_id: int, targets: np.ndarray, k: int, consistency_level: str | None = None
+    store: Any, ref: Any, user_id: int, targets: np.ndarray, k: int, consistency_level: str | None = None
 ) -> MilvusTopK:
     """Cosine top-``k`` of each target over one user's behaviours, through Milvus.
 
     Args:
         store: a :class:`muse.vectorstore.VectorStore`.
-        source: embedding source name.
+        ref: the :class:`muse.vectorstore.CollectionRef` (dataset, source, version) searched.
         user_id: the user (an int; never pasted as text).
         targets: ``[B, d]`` float32 target vectors.
         k: results per target (1..``muse.vectorstore.MAX_QUERY_WINDOW``).
@@ -56,7 +56,7 @@ def milvus_topk(
     t = np.atleast_2d(np.asarray(targets, dtype=np.float32))  # [B, d]
     limit = k
     while True:
-        raw = store.search_behaviours(source, int(user_id), t, limit, consistency_level=consistency_level)
+        raw = store.search_behaviours(ref, int(user_id), t, limit, consistency_level=consistency_level)
         real = [_real(hits) for hits in raw]
         # Widen only when missing-vector hits took slots that real behaviours might fill.
         short = any(len(r) < k and len(h) == limit for r, h in zip(real, raw, strict=True))

@@ -177,7 +177,7 @@ class RemoteRetriever:
     def _server_info(self) -> dict[str, Any]:
         if self._info is None:
             reply = self._call(self.addresses[0], "Stats", self.pb.StatsRequest())
-            self._info = {"source": reply.source, "dim": int(reply.dim), "path": reply.path}
+            self._info = {"source": reply.source, "dataset": reply.dataset, "dim": int(reply.dim), "path": reply.path}
         return self._info
 
     @property
@@ -187,6 +187,15 @@ class RemoteRetriever:
     @property
     def source(self) -> str:
         return str(self._server_info()["source"])
+
+    @property
+    def dataset(self) -> str:
+        return str(self._server_info()["dataset"])
+
+    @property
+    def version(self) -> int:
+        """The source version the (first) server reads now."""
+        return int(self._call(self.addresses[0], "Stats", self.pb.StatsRequest()).version)
 
     @property
     def path(self) -> str:

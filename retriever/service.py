@@ -235,9 +235,10 @@ class GsuServicer:
                 item_table_bytes=table.device_bytes if table is not None else 0,
                 prefetch_queue=self._queued,
                 source=self.retriever.source,
-                dataset=self.dataset,
+                dataset=self.retriever.dataset,
                 dim=self.retriever.dim,
                 path=self.retriever.path,
+                version=self.retriever.version,
             )
 
         return self._run("Stats", context, run)
@@ -263,6 +264,9 @@ def result_to_reply(pb: Any, res: Any) -> Any:
         k=res.k,
         targets=targets,
         history_length=-1 if res.history_length is None else int(res.history_length),
+        dataset=res.dataset,
+        source=res.source,
+        version=int(res.version),
     )
 
 
@@ -287,6 +291,9 @@ def reply_to_result(reply: Any) -> Any:
         int(reply.k),
         targets,
         None if reply.history_length < 0 else int(reply.history_length),
+        reply.dataset,
+        reply.source,
+        int(reply.version),
     )
 
 
@@ -366,7 +373,8 @@ class GsuServer:
 
 def serve(
     source: str,
-    dataset: str | None = None,
+    dataset: str,
+    version: int | None = None,
     port: int = 50051,
     metrics_port: int | None = 9108,
     cache_bytes: int | None = None,
@@ -375,11 +383,12 @@ def serve(
     settings: Any = None,
     preload_items: bool = True,
 ) -> GsuServer:
-    """Build and start a server for ``source`` (optionally preloading ``dataset``'s items into the
-    item table, so that no prefetch waits for item vectors).
+    """Build and start a server for ``dataset``/``source`` (the live version unless ``version`` pins
+    one). When the dataset's folder is on this machine its items are preloaded into the item table,
+    so that no prefetch waits for item vectors; otherwise they load on demand.
 
     Raises:
-        NotFoundError: no such dataset or source. ConfigurationError: bad options.
+        NotFoundError: no collections or no live version for (dataset, source). ConfigurationError: bad options.
     """
     from muse.settings import load_settings
     from retriever.client import Retriever
@@ -390,17 +399,19 @@ def serve(
         cache["capacity_bytes"] = int(cache_bytes)
     if storage_dtype:
         cache["storage_dtype"] = storage_dtype
-    item_ids = None
-    if dataset:
-        from muse.data.format import Dataset
-
-        item_ids = Dataset.open(settings, dataset).item_ids()  # NotFoundError names the datasets present
-    retriever = Retriever.from_settings(source, settings, path="cache", cache=cache)
+    retriever = Retriever.from_settings(source, settings, dataset=dataset, version=version, path="cache", cache=cache)
     try:
-        if item_ids is not None and preload_items:
-            t0 = time.perf_counter()
-            rows = retriever.preload_items(item_ids)
-            log.info("item table: %d of %d items in %.1f s", rows, len(item_ids), time.perf_counter() - t0)
+        if preload_items:
+            from muse.data.format import Dataset
+
+            try:
+                item_ids = Dataset.open(settings, dataset).item_ids()
+            except NotFoundError:
+                log.info("dataset %s has no folder here: item vectors load on demand", dataset)
+            else:
+                t0 = time.perf_counter()
+                rows = retriever.preload_items(item_ids)
+                log.info("item table: %d of %d items in %.1f s", rows, len(item_ids), time.perf_counter() - t0)
         return GsuServer(retriever, port=port, metrics_port=metrics_port, host=host, dataset=dataset).start()
     except BaseException:
         retriever.close()

@@ -159,3 +159,60 @@ def test_small_batches_and_duplicate_users(
     assert pq.read_table(ds.embeddings_path("scl-taobao")).equals(
         pq.read_table(demo.embeddings_path("scl-taobao"))
     )
+
+
+def _sample_rows(users: list[int], items: list[int], click: bool) -> pa.Table:
+    label = [0, 1] if click else [1, 0]
+    return pa.table({
+        "label_0": pa.array([label] * len(users), type=pa.list_(pa.int8())),
+        "129_1": pa.array(users, type=pa.int64()),
+        "205": pa.array(items, type=pa.int64()),
+    })
+
+
+def test_each_split_joins_its_own_user_file(tmp_path: Path, settings) -> None:  # noqa: ANN001
+    """Train samples get the train user file's row, test samples the test file's (history included),
+    as the release joins them: a test row extending the train row (7 more behaviours) is stored once
+    and train impressions see its prefix; a test row with other features or another history gets
+    an alias user that only test impressions use."""
+    raw = _copy_demo(tmp_path / "raw")
+    train = pq.read_table(raw / "train_user_features.parquet")
+    test = pq.read_table(raw / "test_user_features.parquet")
+    rows = train.slice(0, 3).to_pylist()
+    u_ext, u_feat, u_hist = (r["129_1"] for r in rows)
+    extended = dict(rows[0])
+    extended["150_2_180"] = rows[0]["150_2_180"] + list(range(7))
+    extended["151_2_180"] = rows[0]["151_2_180"] + [5] * 7
+    other_features = dict(rows[1], **{"130_1": 12345})
+    other_history = dict(rows[2])
+    other_history["150_2_180"] = [99] + rows[2]["150_2_180"][1:] + [98]
+    other_history["151_2_180"] = rows[2]["151_2_180"] + [5]
+    extra = pa.Table.from_pylist([extended, other_features, other_history], schema=test.schema)
+    pq.write_table(pa.concat_tables([test, extra]), raw / "test_user_features.parquet")
+    item = pq.read_table(raw / "item_features.parquet").column("205")[0].as_py()
+    users = [u_ext, u_feat, u_hist]
+    for split in ("train", "test"):
+        samples = pq.read_table(raw / f"{split}_samples.parquet")
+        extra_samples = _sample_rows(users, [item] * 3, click=split == "test").cast(samples.schema)
+        pq.write_table(pa.concat_tables([samples, extra_samples]), raw / f"{split}_samples.parquet")
+    ds = import_taobao_mm(settings, raw, name="tb-join")
+    assert ds.meta["n_test_users_extending_train"] == 1 and ds.meta["n_test_user_aliases"] == 2
+
+    hist = _histories(ds)
+    feats = {r["user_id"]: r for r in ds.users().to_pylist()}
+    split_imps = {split: pa.Table.from_batches(list(ds.iter_impressions(split=split))).to_pylist()[-3:]
+                  for split in ("train", "test")}
+    file_rows = {"train": {r["129_1"]: r for r in rows},
+                 "test": {r["129_1"]: r for r in (extended, other_features, other_history)}}
+    for split, imp, sample_user in [(sp, imp, u) for sp in split_imps for imp, u in zip(split_imps[sp], users)]:
+        want = file_rows[split][sample_user]
+        got_hist = hist[imp["user_id"]]["item_ids"][: imp["hist_len"]]
+        assert imp["hist_len"] == len(want["150_2_180"]), (split, sample_user)
+        assert got_hist == want["150_2_180"], (split, sample_user)
+        assert feats[imp["user_id"]]["f1"] == want["130_1"], (split, sample_user)
+    train_imps, test_imps = split_imps["train"], split_imps["test"]
+    assert [r["user_id"] for r in train_imps] == users  # train impressions keep the real user ids
+    assert test_imps[0]["user_id"] == u_ext and test_imps[0]["hist_len"] == 1007
+    assert train_imps[0]["hist_len"] == 1000
+    assert test_imps[1]["user_id"] not in (u_feat, u_ext, u_hist)  # an alias
+    assert test_imps[2]["user_id"] not in (u_feat, u_ext, u_hist)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from test_indexer_helpers import SOURCE, expected_behaviours, make_tiny_world
+from test_indexer_helpers import SOURCE, expected_behaviours, make_tiny_world, ref_of
 
 from indexer.celery_app import QUEUE_PREFIX_ENV, settings_env
 from muse.vectorstore import VectorStore
@@ -45,8 +45,9 @@ def test_cli_backfill_embedded(settings):
 
     # The worker is gone: this process can open the Milvus Lite file and count.
     with VectorStore(settings) as store:
-        assert store.count_items(SOURCE) == dataset.n_items
-        assert store.count_behaviours(SOURCE) == dataset.meta["n_behaviours"]
+        ref = ref_of(settings, dataset.name)
+        assert store.count_items(ref) == dataset.n_items
+        assert store.count_behaviours(ref) == dataset.meta["n_behaviours"]
 
     again = _muse(settings, "backfill", "--source", SOURCE, "--dataset", dataset.name)
     assert again.returncode == 0, again.stderr

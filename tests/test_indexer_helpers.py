@@ -29,6 +29,14 @@ def make_tiny_world(settings: Settings):  # noqa: ANN201 - muse.data.format.Data
     return dataset
 
 
+def ref_of(settings: Settings, dataset_name: str, source: str = SOURCE, version: int | None = None):  # noqa: ANN201
+    """The CollectionRef a backfill of ``source`` (its latest version unless given) for a dataset writes."""
+    from indexer.sources import get_version
+    from muse.vectorstore import CollectionRef
+
+    return CollectionRef(dataset_name, source, version or get_version(settings, source).version)
+
+
 def register_random_encoder(settings: Settings, name: str = SOURCE) -> None:
     """Save a seeded, untrained muse-tiny encoder as the next version of source ``name``."""
     from indexer.sources import register_untrained_encoder

@@ -11,6 +11,7 @@ from test_indexer_helpers import (
     corrupt_image,
     expected_behaviours,
     make_tiny_world,
+    ref_of,
     register_random_encoder,
     wait_for_job,
     worker_log,
@@ -38,8 +39,8 @@ def server_settings(tmp_path, postgres_url, milvus_server_uri, redis_url, unique
     try:
         yield settings
     finally:
-        store.drop_collections(SOURCE)
-        store.drop_collections(SOURCE_2)
+        for name in store.list_collections():  # every collection of this test's prefix
+            store.client.drop_collection(name)
         store.close()
         jobs._apps.clear()
         import redis
@@ -72,7 +73,7 @@ def start_worker(server_settings, tmp_path):
 def _assert_vectors_match_direct_encode(settings, dataset, store, source, item_ids):
     from indexer.sources import encode_items
 
-    found, stored = store.get_item_vectors(source, item_ids)
+    found, stored = store.get_item_vectors(ref_of(settings, dataset.name, source), item_ids)
     direct = encode_items(settings, source, dataset, item_ids)
     assert found.tolist() == list(item_ids)
     np.testing.assert_allclose(stored, direct.vectors, atol=1e-5)
@@ -95,12 +96,13 @@ def test_backfill_then_sigkill_resume_with_a_corrupt_image(server_settings, star
     assert jobs.enqueue_job(settings, job_id) == 4
     progress = wait_for_job(settings, job_id, timeout=240)
     assert progress.status == "done", worker_log(worker.log_path)
+    ref = ref_of(settings, dataset.name, SOURCE)
     with VectorStore(settings) as store:
-        assert store.count_items(SOURCE) == dataset.n_items == progress.items_written
-        assert store.count_behaviours(SOURCE) == dataset.meta["n_behaviours"] == expected_behaviours(dataset)
+        assert store.count_items(ref) == dataset.n_items == progress.items_written
+        assert store.count_behaviours(ref) == dataset.meta["n_behaviours"] == expected_behaviours(dataset)
         assert progress.behaviours_written == dataset.meta["n_behaviours"]
         first_user = dataset.histories_table().slice(0, 1).to_pylist()[0]
-        assert store.count_behaviours(SOURCE, first_user["user_id"]) == len(first_user["item_ids"])
+        assert store.count_behaviours(ref, first_user["user_id"]) == len(first_user["item_ids"])
         _assert_vectors_match_direct_encode(settings, dataset, store, SOURCE, dataset.item_ids()[[0, 151, 599]])
     assert progress.items_failed == 0 and progress.failed_items == []
     assert jobs.enqueue_job(settings, job_id) == 0  # re-running a finished job is a no-op
@@ -127,10 +129,11 @@ def test_backfill_then_sigkill_resume_with_a_corrupt_image(server_settings, star
     assert progress.items_written == other.n_items - 1
     assert [fi[0] for fi in progress.failed_items] == [bad_item]
     assert progress.behaviours_written == n_behaviours
+    ref_2 = ref_of(settings, other.name, SOURCE_2)
     with VectorStore(settings) as store:
         # Exact counts: chunks that ran twice upserted the same primary keys.
-        assert store.count_items(SOURCE_2) == other.n_items - 1
-        assert store.count_behaviours(SOURCE_2) == n_behaviours
-        assert len(store.get_item_vectors(SOURCE_2, [bad_item])[0]) == 0
+        assert store.count_items(ref_2) == other.n_items - 1
+        assert store.count_behaviours(ref_2) == n_behaviours
+        assert len(store.get_item_vectors(ref_2, [bad_item])[0]) == 0
         _assert_vectors_match_direct_encode(settings, other, store, SOURCE_2, other.item_ids()[[0, 299]])
-        assert store.count_items(SOURCE) == dataset.n_items  # the other source is untouched
+        assert store.count_items(ref) == dataset.n_items  # the other source is untouched

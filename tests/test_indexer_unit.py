@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from test_indexer_helpers import SOURCE, corrupt_image, expected_behaviours, make_tiny_world
+from test_indexer_helpers import SOURCE, corrupt_image, expected_behaviours, make_tiny_world, ref_of
 
 from indexer import backfill, jobs
 from indexer.celery_app import (
@@ -103,8 +103,10 @@ def test_chunks_in_process_are_idempotent_and_fail_only_the_corrupt_item(world):
     assert progress.behaviours_skipped == expected_behaviours(dataset) - n_bhv
 
     store = backfill.get_store(settings)
-    assert store.count_items(SOURCE) == dataset.n_items - 1
-    assert store.count_behaviours(SOURCE) == n_bhv
+    ref = ref_of(settings, dataset.name)
+    assert store.count_items(ref) == dataset.n_items - 1
+    assert store.count_behaviours(ref) == n_bhv
+    assert store.live_version(dataset.name, SOURCE) == ref.version  # the first version is live at once
 
     # A duplicate delivery of a done chunk is skipped; a chunk left "running" by a dead worker
     # runs again and rewrites the same rows.
@@ -116,8 +118,8 @@ def test_chunks_in_process_are_idempotent_and_fail_only_the_corrupt_item(world):
             session.get(models.BackfillChunk, chunk_id).status = backfill.RUNNING
     assert backfill.run_chunk(settings, first_items).n_written == 199
     backfill.run_chunk(settings, behaviour_chunk)
-    assert store.count_items(SOURCE) == dataset.n_items - 1
-    assert store.count_behaviours(SOURCE) == n_bhv
+    assert store.count_items(ref) == dataset.n_items - 1
+    assert store.count_behaviours(ref) == n_bhv
     attempts = {c[0]: c[5] for c in _chunks(settings, job_id)}
     assert attempts[first_items] == 2
 
@@ -125,7 +127,7 @@ def test_chunks_in_process_are_idempotent_and_fail_only_the_corrupt_item(world):
     from indexer.sources import encode_items
 
     ids = dataset.item_ids()[:3]
-    found, stored = store.get_item_vectors(SOURCE, ids)
+    found, stored = store.get_item_vectors(ref, ids)
     direct = encode_items(settings, SOURCE, dataset, ids)
     assert found.tolist() == ids.tolist()
     np.testing.assert_allclose(stored, direct.vectors, atol=1e-5)
@@ -264,8 +266,9 @@ def test_import_source_scl_taobao(world):
     assert progress.behaviours_written == n_bhv
 
     store = backfill.get_store(settings)
-    assert store.count_items("scl-taobao") == len(ids)
-    assert store.count_behaviours("scl-taobao") == n_bhv
-    found, stored = store.get_item_vectors("scl-taobao", ids[[0, 150]])
+    ref = ref_of(settings, dataset.name, "scl-taobao")
+    assert store.count_items(ref) == len(ids)
+    assert store.count_behaviours(ref) == n_bhv
+    found, stored = store.get_item_vectors(ref, ids[[0, 150]])
     expected = vectors[[0, 150]] / np.linalg.norm(vectors[[0, 150]], axis=1, keepdims=True)
     np.testing.assert_allclose(stored, expected, atol=1e-6)

@@ -79,6 +79,7 @@ def test_unknown_names_and_keys_are_rejected() -> None:
 
 
 MODEL_CASES = [(m, {}) for m in list_models() if m != "muse"] + [("muse", {"esu": e}) for e in ESU_VARIANTS]
+MODEL_CASES += [(m, {"esu": "ta"}) for m in ("din", "twin", "sim-soft")]  # the classic ESU
 MODEL_CASES.append(("muse", {"sparse_min_rows": 1}))  # every table sparse: SparseAdam path
 
 
@@ -168,8 +169,56 @@ def test_muse_needs_a_source(world) -> None:
     settings, dataset = world
     with pytest.raises(ConfigurationError, match="embedding source"):
         train(settings, "muse", dataset, record=False)
-    with pytest.raises(ConfigurationError, match="muse model only"):
-        train(settings, "din", dataset, esu="ta", record=False)
+    with pytest.raises(ConfigurationError, match="--esu ta"):  # the paper's DIN uses SimTier
+        train(settings, "din", dataset, record=False)
+    with pytest.raises(ConfigurationError, match="not an ESU of DINConfig"):
+        train(settings, "din", dataset, esu="sa-ta", record=False)
+
+
+#: model -> (short attention, long attention, SimTier on the retrieved K, SimTier on the recent 50)
+PAPER_ESU = {
+    "din": ("DinAttention", None, False, True),
+    "sim-hard": ("DotProductTargetAttention", "SemanticAwareTargetAttention", True, True),
+    "sim-soft": ("DotProductTargetAttention", "SemanticAwareTargetAttention", True, True),
+    "twin": ("DotProductTargetAttention", "DotProductTargetAttention", True, True),
+    "muse": ("DotProductTargetAttention", "SemanticAwareTargetAttention", True, True),
+}
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("esu", [None, "ta"])
+def test_each_model_gets_the_esu_of_the_table(world, name: str, esu: str | None) -> None:
+    """Default: the paper's set-up (docs/ranker.md's table); --esu ta: the classic ID-only ESU. The
+    tower receives exactly those parts: its width adds up, and the multimodal similarities change
+    the output only where the ESU uses them."""
+    overrides = {} if esu is None else {"esu": esu}
+    ds, config, builder = _builder(world, name, emb_dim=8, **overrides)
+    torch.manual_seed(0)
+    model = build_model(name, FeatureSpec(builder.space.vocab_sizes(), builder.space.user_fields), config).eval()
+    short, long, st_long, st_recent = PAPER_ESU[name]
+    if esu == "ta":
+        long, st_long, st_recent = (None if name == "din" else "DotProductTargetAttention"), False, False
+    assert type(model.short_attention).__name__ == short
+    assert type(getattr(model, "long_attention", None)).__name__ == (long or "NoneType")
+    assert (getattr(model, "simtier_long", None) is not None) == st_long
+    assert (model.simtier_recent is not None) == st_recent
+    assert model.needs_vectors == (name == "muse" or esu is None)
+    assert model_class(name).needs_vectors  # on the class: the default (the paper's) set-up
+    d, n_user = 8, len(builder.space.user_fields)
+    width = model.short_attention.out_dim + 2 * d + 4 * d + n_user * d  # short, recent mean, target, user
+    width += 0 if name == "din" else 2 * d + (2 * d if long else 0) + (22 if st_long else 0)
+    width += 22 if st_recent else 0
+    assert model.tower.in_dim == width
+    raw = next(iter_impression_batches(ds, "train", 64))
+    batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"])
+    with torch.no_grad():
+        before = model(batch)["logit"]
+        for key in ("long_sim", "history_sim", "recent_sim"):
+            if key in batch:
+                batch[key] = -batch[key]
+        after = model(batch)["logit"]
+    uses_sims = esu is None  # (muse --esu ta searches with the vectors but its ESU ignores the cosines)
+    assert (before - after).abs().max().item() > 1e-4 if uses_sims else torch.equal(before, after)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -185,7 +234,7 @@ def test_train_eval_record_and_score(world, name: str) -> None:
                 train_config=TrainConfig(batch_size=64, lr_dense=2e-3))
     info = get_run(settings, res.run_id)
     assert info.status == "done" and info.model == name and Path(info.checkpoint_path).exists()
-    assert info.source == (SOURCE if name == "muse" else None)
+    assert info.source == SOURCE and info.esu == make_config(name).esu  # every default ESU uses the vectors
     assert res.run_id in [r.id for r in list_runs(settings)]
     overall = res.metrics["overall"]
     assert overall["n"] > 100 and 0 < overall["auc"] < 1 and 0 < overall["gauc"] < 1
@@ -203,7 +252,7 @@ def test_train_eval_record_and_score(world, name: str) -> None:
     from muse.data.format import Dataset
 
     builder = open_builder(settings, Dataset.open(settings, dataset), loaded.model.retrieval,
-                           loaded.model.config, None, loaded.space)
+                           loaded.model.config, SOURCE, loaded.space)
     offline = predict(loaded.model, builder, [{"user_id": np.full(len(candidates), user), "item_id": candidates,
                                                "label": np.zeros(len(candidates)),
                                                "hist_len": np.full(len(candidates), 10**9)}])
@@ -217,7 +266,7 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
     """Item and behaviour vectors backfilled into the real Milvus server; the API's scores (GSU on
     the retriever's cache or Milvus path) equal offline evaluation on the same user and candidates."""
     from muse.data.format import Dataset
-    from muse.vectorstore import VectorStore
+    from muse.vectorstore import CollectionRef, VectorStore
     from ranker.evaluate import predict
     from ranker.runs import get_run, load_checkpoint
     from ranker.scoring import Ranker
@@ -234,19 +283,22 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
     table = builder.vectors
     users = builder.histories.user_ids[:3]
     store = VectorStore(settings)
+    ref = CollectionRef(dataset, SOURCE, 1)
     try:
-        store.ensure_collections(SOURCE, DIM)
+        store.ensure_collections(ref, DIM)
         items = loaded.space.items.values  # raw ids; index i + 1 in the table
         ok = table.present[1:].numpy()
-        store.upsert_items(SOURCE, items[ok], table.vectors[1:][ok].numpy(), loaded.space.item_features[1:, 0][ok])
+        store.upsert_items(ref, items[ok], table.vectors[1:][ok].numpy(), loaded.space.item_features[1:, 0][ok])
         for u in users:
             start, length = (int(v[0]) for v in builder.histories.rows(np.array([u])))
             idx = builder.histories.items[start:start + length]
             has = table.present[idx].numpy()
-            store.upsert_behaviours(SOURCE, np.full(has.sum(), u), np.flatnonzero(has), items[idx[has] - 1],
+            store.upsert_behaviours(ref, np.full(has.sum(), u), np.flatnonzero(has), items[idx[has] - 1],
                                     table.vectors[idx[has]].numpy())
+        store.set_live(ref)
         candidates = items[::9][:30]
         with Ranker.load(settings, res.run_id, path=path) as ranker:
+            assert ranker.retriever.ref == ref  # the live version of the run's dataset and source
             for u in users:
                 online = ranker.score(int(u), candidates, batch_size=16)
                 offline = predict(loaded.model, builder, [{
@@ -254,7 +306,8 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
                     "label": np.zeros(len(candidates)), "hist_len": np.full(len(candidates), 10**9)}])
                 np.testing.assert_allclose(online, offline.probs, rtol=1e-5, atol=1e-6)
     finally:
-        store.drop_collections(SOURCE)
+        store.drop_live(dataset, SOURCE)
+        store.drop_collections(ref)
         store.close()
 
 
@@ -278,15 +331,50 @@ def test_cli_train_list_eval_and_compare(world, monkeypatch: pytest.MonkeyPatch,
     assert "99999" in capsys.readouterr().err
     assert main(["rank", "train", "--model", "muse", "--dataset", dataset]) == 2  # no source
     assert "embedding source" in capsys.readouterr().err
+    # learning rates and any config field from the command line, recorded with the run
+    assert main(["rank", "train", "--model", "muse", "--source", SOURCE, *common, "--lr", "1e-3",
+                 "--sparse-lr", "5e-3", "--set", "simtier_init=0.5", "--set", "tower=[32,16]", "--json"]) == 0
+    from ranker.runs import get_run as _get_run
+
+    cfg = _get_run(settings, json.loads(capsys.readouterr().out)["run"]).config
+    assert (cfg["train"]["lr_dense"], cfg["train"]["lr_embedding"]) == (1e-3, 5e-3)
+    assert cfg["model"]["simtier_init"] == 0.5 and cfg["model"]["tower"] == [32, 16]
+    assert main(["rank", "train", "--model", "din", *common, "--set", "nope=1"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["rank", "train", "--model", "muse", "--source", SOURCE, *common, "--set", "simtier_init"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
 
     assert main(["compare", "--models", "din,muse", "--sources", SOURCE, "--esu", "ta,sa-ta+simtier",
-                 "--out", str(tmp_path), *common]) == 0
+                 "--seeds", "2", "--threads", "1", "--out", str(tmp_path), *common]) == 0
     printed = capsys.readouterr().out
-    assert "| din |" in printed and "| muse (sa-ta+simtier) |" in printed and "| muse (ta) |" in printed
+    assert "| din (ta) | - |" in printed and "| muse (sa-ta+simtier) | scl-taobao |" in printed
+    assert "| muse (ta) | scl-taobao |" in printed and " ± " in printed  # mean ± std over the 2 seeds
     assert (tmp_path / "compare.png").stat().st_size > 1000
-    rows = json.loads((tmp_path / "compare.json").read_text())
-    assert [(r["model"], r["esu"], r["source"]) for r in rows] == [
-        ("din", None, None), ("muse", "ta", SOURCE), ("muse", "sa-ta+simtier", SOURCE)]
+    stored = json.loads((tmp_path / "compare.json").read_text())
+    cells = stored["cells"]
+    assert [(c["model"], c["esu"], c["source"], c["seeds"]) for c in cells] == [
+        ("din", "ta", None, [0, 1]), ("muse", "ta", SOURCE, [0, 1]), ("muse", "sa-ta+simtier", SOURCE, [0, 1])]
+    g = cells[0]["metrics"]["gauc"]
+    assert g["n"] == 2 and g["mean"] == pytest.approx(np.mean(g["values"])) and g["std"] >= 0
+    assert stored["intrinsic"][SOURCE]["version"] is not None and len(stored["run_ids"]) == 6
+    # the same comparison again reuses every run; --show reproduces the stored table and JSON
+    assert main(["compare", "--models", "din,muse", "--sources", SOURCE, "--esu", "ta,sa-ta+simtier",
+                 "--seeds", "2", "--threads", "1", "--out", str(tmp_path), "--json", *common]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["id"] == stored["id"] + 1 and again["run_ids"] == stored["run_ids"]
+    assert all(c["reused"] == 2 for c in again["cells"]) and again["cells"] == [
+        {**c, "reused": 2} for c in stored["cells"]]
+    table = printed[printed.index("Dataset `"):printed.index("table ")]
+    assert main(["compare", "--show", str(stored["id"])]) == 0
+    shown = capsys.readouterr().out
+    assert shown[shown.index("Dataset `"):] == table
+    assert main(["compare", "--show", str(stored["id"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == stored
+    assert main(["compare", "--list"]) == 0
+    assert f"{stored['id']:>4} {dataset}" in capsys.readouterr().out
+    assert main(["compare", "--show", "9999"]) == 2
+    assert "comparison 9999 does not exist" in capsys.readouterr().err
+    rows = [{"run_id": cells[0]["runs"][0]}]
     din_run = rows[0]["run_id"]
     from ranker.runs import get_run, load_checkpoint
     from ranker.scoring import Ranker

@@ -10,12 +10,14 @@ import pytest
 
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
-from muse.vectorstore import VectorStore
+from muse.vectorstore import CollectionRef, VectorStore
 from retriever.client import Retriever
 from retriever.kernels import N_TIERS
 
 DIM = 16
 SOURCE = "scl"
+DATASET = "ds-r"
+REF = CollectionRef(DATASET, SOURCE, 1)
 LENGTHS = {11: 80, 12: 6}  # user 12 is shorter than k
 MISSING = {11: [5, 40, 41]}  # behaviours stored without a vector
 ITEMS = np.arange(1000, 1200, dtype=np.int64)
@@ -32,10 +34,10 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 def populated(milvus_settings: Settings):
     rng = np.random.default_rng(7)
     store = VectorStore(milvus_settings)
-    store.ensure_collections(SOURCE, DIM)
+    store.ensure_collections(REF, DIM)
     item_vecs = _unit(rng, len(ITEMS))
     item_vecs[np.asarray(NO_VECTOR) - 1000] = 0.0
-    store.upsert_items(SOURCE, ITEMS, item_vecs, np.zeros(len(ITEMS), dtype=np.int64))
+    store.upsert_items(REF, ITEMS, item_vecs, np.zeros(len(ITEMS), dtype=np.int64))
     histories = {}
     pool = [int(i) for i in ITEMS[10:] if int(i) not in NO_VECTOR]  # targets ITEMS[:10] not in histories
     for user, n in LENGTHS.items():
@@ -44,12 +46,14 @@ def populated(milvus_settings: Settings):
         for p, item in zip(MISSING.get(user, []), NO_VECTOR[1:]):
             items[p] = item
         vecs = item_vecs[items - 1000]  # as the backfill writes them: the items' vectors
-        store.upsert_behaviours(SOURCE, np.full(n, user), pos, items, vecs)
+        store.upsert_behaviours(REF, np.full(n, user), pos, items, vecs)
         histories[user] = (pos, items, vecs)
+    store.set_live(REF)
     try:
         yield milvus_settings, store, item_vecs, histories
     finally:
-        store.drop_collections(SOURCE)
+        store.drop_live(DATASET, SOURCE)
+        store.drop_collections(REF)
         store.close()
 
 
@@ -65,12 +69,15 @@ def test_cache_and_milvus_paths_agree(populated, history_from: str) -> None:
     settings, _, item_vecs, histories = populated
     targets = [int(i) for i in ITEMS[:5]]
     with (
-        Retriever.from_settings(SOURCE, settings, path="milvus") as rm,
-        Retriever.from_settings(SOURCE, settings, path="cache", cache={"history_from": history_from}) as rc,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus") as rm,
+        Retriever.from_settings(
+            SOURCE, settings, dataset=DATASET, path="cache", cache={"history_from": history_from}
+        ) as rc,
     ):
         for user, k in ((11, 10), (11, 50), (12, 50)):
             a, b = rm.search(user, targets, k=k), rc.search(user, targets, k=k)
             assert a.found and b.found and b.history_length == LENGTHS[user]
+            assert (a.dataset, a.source, a.version) == (b.dataset, b.source, b.version) == (DATASET, SOURCE, 1)
             pos, items, vecs = histories[user]
             for j, (ha, hb) in enumerate(zip(a, b, strict=True)):
                 ref = _reference(item_vecs[j], vecs, k)
@@ -88,7 +95,7 @@ def test_cache_and_milvus_paths_agree(populated, history_from: str) -> None:
         # Target vectors are read from Milvus once, then served from the client's item LRU.
         assert (rc.item_lookups, rc.item_fetches) == (15, 5)
         # Without the Strong wait (serving setting), once the writes are visible: the same results.
-        with Retriever.from_settings(SOURCE, settings, path="milvus", consistency_level="Bounded") as rb:
+        with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Bounded") as rb:
             for user in (11, 12):
                 a, b = rb.search(user, targets, k=50), rc.search(user, targets, k=50)
                 for ha, hb in zip(a, b, strict=True):
@@ -99,7 +106,7 @@ def test_cache_and_milvus_paths_agree(populated, history_from: str) -> None:
 def test_unknown_user_gives_an_empty_result(populated) -> None:
     settings = populated[0]
     for path in ("cache", "milvus"):
-        with Retriever.from_settings(SOURCE, settings, path=path) as r:
+        with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path=path) as r:
             res = r.search(999, [int(ITEMS[0])], k=5)
             assert not res.found and len(res) == 1 and len(res[0]) == 0
             assert res.to_dict()["found"] is False
@@ -107,7 +114,7 @@ def test_unknown_user_gives_an_empty_result(populated) -> None:
 
 def test_bad_inputs_raise_clear_errors(populated) -> None:
     settings = populated[0]
-    with Retriever.from_settings(SOURCE, settings, path="cache") as r:
+    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="cache") as r:
         with pytest.raises(NotFoundError, match=r"\[4242\] not found"):
             r.search(11, [int(ITEMS[0]), 4242], k=5)
         with pytest.raises(NotFoundError, match=r"\[1009\] have no 'scl' vector"):
@@ -120,13 +127,17 @@ def test_bad_inputs_raise_clear_errors(populated) -> None:
         with pytest.raises(ConfigurationError, match="empty"):
             r.search(11, [])
     with pytest.raises(ConfigurationError, match="path 'gpu' is unknown"):
-        Retriever.from_settings(SOURCE, settings, path="gpu")
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="gpu")
     with pytest.raises(ConfigurationError, match="consistency_level 'Weak' is unknown"):
-        Retriever.from_settings(SOURCE, settings, path="milvus", consistency_level="Weak")
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Weak")
     with pytest.raises(ConfigurationError, match="unknown cache options"):
-        Retriever.from_settings(SOURCE, settings, cache={"size": 1})
-    with pytest.raises(NotFoundError, match="does not exist"):
-        Retriever.from_settings("nosuchsource", settings)
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, cache={"size": 1})
+    with pytest.raises(NotFoundError, match="ds-r/nosuchsource has no live version"):
+        Retriever.from_settings("nosuchsource", settings, dataset=DATASET)
+    with pytest.raises(NotFoundError, match=r"_ds_r_scl_v7_behaviours' \(ds-r/scl/v7\) does not exist"):
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, version=7)
+    with pytest.raises(NotFoundError, match="other-ds/scl has no live version"):
+        Retriever.from_settings(SOURCE, settings, dataset="other-ds")
 
 
 @pytest.mark.parametrize("history_from", HISTORY_FROM)
@@ -134,8 +145,10 @@ def test_appended_behaviours_visible_in_next_search(populated, history_from: str
     settings = populated[0]
     target = int(ITEMS[2])
     with (
-        Retriever.from_settings(SOURCE, settings, path="cache", cache={"history_from": history_from}) as rc,
-        Retriever.from_settings(SOURCE, settings, path="milvus") as rm,
+        Retriever.from_settings(
+            SOURCE, settings, dataset=DATASET, path="cache", cache={"history_from": history_from}
+        ) as rc,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus") as rm,
     ):
         assert rc.search(12, [target], k=3)[0].behaviour_item_ids[0] != target
         rc.append_behaviours(12, [6], [target])  # the target item itself: its vector from the items
@@ -149,7 +162,7 @@ def test_appended_behaviours_visible_in_next_search(populated, history_from: str
 
 def test_concurrent_prefetch_loads_a_user_once(populated) -> None:
     settings = populated[0]
-    with Retriever.from_settings(SOURCE, settings, path="cache", cache={"prefetch_workers": 4}) as r:
+    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="cache", cache={"prefetch_workers": 4}) as r:
         futures = [r.prefetch([11]) for _ in range(4)] + [r.prefetch([11, 12, 999])]
         assert [f.result(timeout=60) for f in futures][-1] == {11: 80, 12: 6, 999: 0}
         r.search(11, [int(ITEMS[0])], k=5)
@@ -166,13 +179,15 @@ def test_cli_search_prints_json_and_table(populated, monkeypatch, capsys) -> Non
     monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("MUSE_MILVUS_URI", settings.milvus_uri)
     monkeypatch.setenv("MUSE_MILVUS_PREFIX", settings.milvus_prefix)
-    args = ["retrieve", "search", "--source", SOURCE, "--user", "12", "--items", f"{ITEMS[0]},{ITEMS[1]}"]
+    args = ["retrieve", "search", "--source", SOURCE, "--dataset", DATASET, "--user", "12", "--items", f"{ITEMS[0]},{ITEMS[1]}"]
     assert main([*args, "--k", "4", "--path", "milvus", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["found"] and [len(t["positions"]) for t in out["targets"]] == [4, 4]
+    assert out["version"] == 1 and out["collection"].endswith("_ds_r_scl_v1_behaviours")
     assert main([*args, "--k", "4"]) == 0
     text = capsys.readouterr().out
     assert "cache path, 6 behaviours" in text and "simtier" in text
+    assert "ds-r/scl v1 (collection " in text
     assert main([*args[:-1], "4242", "--k", "4"]) == 2
     assert "[4242] not found" in capsys.readouterr().err
     assert main([*args, "--k", "0"]) == 2

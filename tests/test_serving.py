@@ -21,11 +21,13 @@ import pytest
 
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import load_settings
-from muse.vectorstore import VectorStore
+from muse.vectorstore import CollectionRef, VectorStore
 from retriever.client import Retriever
 
 DIM = 16
 SOURCE = "scl"
+DATASET = "ds-serve"
+REF = CollectionRef(DATASET, SOURCE, 1)
 ITEMS = np.arange(1000, 1200, dtype=np.int64)
 NO_VECTOR = [1009]
 LENGTHS = {11: 80, 12: 6, 13: 300}
@@ -54,7 +56,7 @@ class ServerProcess:
         ready = self.tmp / f"ready-{time.monotonic_ns()}"
         log = open(self.tmp / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "muse.cli.main", "serve", "--source", SOURCE, "--host", "127.0.0.1",
+            [sys.executable, "-m", "muse.cli.main", "serve", "--dataset", DATASET, "--source", SOURCE, "--host", "127.0.0.1",
              "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--ready-file", str(ready)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
@@ -99,23 +101,25 @@ def served(tmp_path: Path, milvus_server_uri: str, redis_url: str, unique_prefix
     settings = load_settings(env={k: v for k, v in env.items() if k.startswith("MUSE_")})
     rng = np.random.default_rng(3)
     store = VectorStore(settings)
-    store.ensure_collections(SOURCE, DIM)
+    store.ensure_collections(REF, DIM)
     item_vecs = _unit(rng, len(ITEMS))
     item_vecs[np.asarray(NO_VECTOR) - 1000] = 0.0
-    store.upsert_items(SOURCE, ITEMS, item_vecs, np.zeros(len(ITEMS), np.int64))
+    store.upsert_items(REF, ITEMS, item_vecs, np.zeros(len(ITEMS), np.int64))
     pool = [int(i) for i in ITEMS[10:]]
     for user, n in LENGTHS.items():
         items = np.asarray([pool[j] for j in rng.permutation(len(pool))[: min(n, len(pool))]])
         if n > len(pool):  # user 13 repeats items: ties are broken the same way by both paths
             items = rng.choice(pool, n)
-        store.upsert_behaviours(SOURCE, np.full(n, user), np.arange(n), items, item_vecs[items - 1000])
+        store.upsert_behaviours(REF, np.full(n, user), np.arange(n), items, item_vecs[items - 1000])
+    store.set_live(REF)
     server = ServerProcess(env, tmp_path)
     server.start()
     try:
         yield settings, store, server
     finally:
         server.stop()
-        store.drop_collections(SOURCE)
+        store.drop_live(DATASET, SOURCE)
+        store.drop_collections(REF)
         store.close()
 
 
@@ -142,8 +146,8 @@ def test_served_search_equals_in_process(served) -> None:
     settings, _, server = served
     targets = [int(i) for i in ITEMS[:4]]
     with (
-        Retriever.from_settings(SOURCE, settings, path="cache") as local,
-        Retriever.from_settings(SOURCE, settings, path="milvus") as milvus,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="cache") as local,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus") as milvus,
         RemoteRetriever([server.address], timeout_s=3.0, settings=settings) as remote,
     ):
         assert remote.dim == DIM and remote.source == SOURCE
@@ -339,10 +343,10 @@ def test_serve_cli_names_an_unknown_source(settings, monkeypatch, capsys) -> Non
     from muse.cli.main import main
 
     monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
-    assert main(["serve", "--source", "nosuch", "--port", "0", "--metrics-port", "-1"]) == 2
+    assert main(["serve", "--dataset", "nope", "--source", "scl", "--port", "0", "--metrics-port", "-1"]) == 2
+    assert "nope/scl has no live version" in capsys.readouterr().err
+    assert main(["serve", "--dataset", "nope", "--source", "scl", "--version", "3", "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["serve", "--source", "scl", "--dataset", "nope", "--port", "0"]) == 2
-    assert "nope" in capsys.readouterr().err
 
 
 def test_two_servers_shard_users_by_rendezvous(settings) -> None:
@@ -352,19 +356,20 @@ def test_two_servers_shard_users_by_rendezvous(settings) -> None:
 
     rng = np.random.default_rng(1)
     store = VectorStore(settings)
-    store.ensure_collections(SOURCE, DIM)
+    store.ensure_collections(REF, DIM)
     item_vecs = _unit(rng, len(ITEMS))
-    store.upsert_items(SOURCE, ITEMS, item_vecs, np.zeros(len(ITEMS), np.int64))
+    store.upsert_items(REF, ITEMS, item_vecs, np.zeros(len(ITEMS), np.int64))
     users = list(range(20, 30))
     for u in users:
         items = rng.choice(ITEMS[10:], 30, replace=False)
-        store.upsert_behaviours(SOURCE, np.full(30, u), np.arange(30), items, item_vecs[items - 1000])
-    servers = [GsuServer(Retriever(store, SOURCE), port=0, metrics_port=None).start() for _ in range(2)]
+        store.upsert_behaviours(REF, np.full(30, u), np.arange(30), items, item_vecs[items - 1000])
+    store.set_live(REF)
+    servers = [GsuServer(Retriever(store, SOURCE, dataset=DATASET), port=0, metrics_port=None).start() for _ in range(2)]
     try:
         addrs = [s.address for s in servers]
         with (
             RemoteRetriever(addrs, timeout_s=5) as remote,
-            Retriever(VectorStore(settings), SOURCE) as local,
+            Retriever(VectorStore(settings), SOURCE, dataset=DATASET) as local,
         ):
             for u in users:
                 _same(remote.search(u, [int(ITEMS[0])], k=5), local.search(u, [int(ITEMS[0])], k=5))
@@ -383,21 +388,21 @@ def test_sequences_follow_behaviour_writes_and_rebuild_old_users(settings) -> No
     from dataclasses import replace
 
     store = VectorStore(settings)
-    store.ensure_collections(SOURCE, DIM)
-    name = store.behaviour_collection(SOURCE)
+    store.ensure_collections(REF, DIM)
+    name = store.behaviour_collection(REF)
     vecs = _unit(np.random.default_rng(0), 5)
     for _ in range(2):  # a retried task
-        store.upsert_behaviours(SOURCE, np.full(5, 7), np.arange(5), np.arange(500, 505), vecs)
+        store.upsert_behaviours(REF, np.full(5, 7), np.arange(5), np.arange(500, 505), vecs)
     assert [a.tolist() for a in store.sequences.get(name, 7)] == [list(range(5)), list(range(500, 505))]
-    store.delete_user_behaviours(SOURCE, 7)
+    store.delete_user_behaviours(REF, 7)
     assert len(store.sequences.get(name, 7)[0]) == 0
     # Rows written with no sequence copy (the "milvus" store), then read through the file store.
     legacy = VectorStore(replace(settings, sequence_url="milvus"))
-    legacy.upsert_behaviours(SOURCE, np.full(3, 8), np.array([0, 2, 4]), np.array([9, 8, 7]), vecs[:3])
+    legacy.upsert_behaviours(REF, np.full(3, 8), np.array([0, 2, 4]), np.array([9, 8, 7]), vecs[:3])
     legacy.close()
     assert len(store.sequences.get(name, 8)[0]) == 0
-    pos, items = store.user_sequence(SOURCE, 8)
+    pos, items = store.user_sequence(REF, 8)
     assert pos.tolist() == [0, 2, 4] and items.tolist() == [9, 8, 7]
     assert store.sequences.get(name, 8)[0].tolist() == [0, 2, 4]  # written back
-    store.drop_collections(SOURCE)
+    store.drop_collections(REF)
     store.close()

@@ -10,7 +10,7 @@ TRAINABLE = ("scl", "i2i", "openclip", "id")
 ALL_SOURCES = ("scl", "i2i", "openclip", "id", "scl-taobao")
 METRIC_COLUMNS = (
     "q2p_recall@10", "q2p_recall@10_tail", "q2p_recall@50", "q2p_recall@50_tail",
-    "i2i_recall@10", "i2i_recall@10_tail", "coverage",
+    "i2i_recall@10", "i2i_recall@10_tail", "coverage", "mean_cosine",
 )
 
 
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     esub = p.add_subparsers(dest="embed_command", metavar="ACTION", required=True)
 
     tr = esub.add_parser("train", help="train a source on a dataset and register a new version")
-    tr.add_argument("--source", required=True, choices=TRAINABLE)
+    tr.add_argument("--source", required=True, choices=TRAINABLE, help="source to train")
     tr.add_argument("--dataset", required=True, help="dataset name (see `muse data list`)")
     tr.add_argument("--epochs", type=int, help="passes over the training pairs (default 8 for scl, 10 for id, else 2)")
     tr.add_argument("--model", help="open_clip architecture (default muse-tiny-rn; see `muse embed models`)")
@@ -34,24 +34,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--view-weight", type=float,
                     help="weight of the same-item two-view term, needs --augment (default 0.1 for i2i, else 0)")
     tr.add_argument("--hard-weight", type=float, help="scl: weight of the clicked-not-purchased term (default 1)")
-    tr.add_argument("--max-pairs", type=int, help="co-occurrence pairs sampled for i2i/id (default 10000)")
+    tr.add_argument("--max-pairs", type=int, help="training pairs sampled per run (default: 4 per catalogue item, at most 10000)")
     tr.add_argument("--max-steps", type=int, help="stop after this many steps")
     tr.add_argument("--seed", type=int, help="random seed (default 0)")
     tr.add_argument("--eval", action="store_true", help="run the intrinsic evaluation after training")
     tr.set_defaults(func=_train)
 
     ls = esub.add_parser("list", help="list registered source versions")
-    ls.add_argument("--source", choices=ALL_SOURCES)
+    ls.add_argument("--source", choices=ALL_SOURCES, help="only this source (default: all)")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=_list)
 
     im = esub.add_parser("import", help="register the vectors a dataset ships (embeddings/scl-taobao.parquet)")
-    im.add_argument("--dataset", required=True)
-    im.add_argument("--source", default="scl-taobao", choices=("scl-taobao",))
+    im.add_argument("--dataset", required=True, help="dataset name (see `muse data list`)")
+    im.add_argument("--source", default="scl-taobao", choices=("scl-taobao",), help="imported source (default scl-taobao)")
     im.set_defaults(func=_import)
 
     ev = esub.add_parser("eval", help="intrinsic evaluation (recall@K) of sources on held-out users")
-    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--dataset", required=True, help="dataset name (see `muse data list`)")
     ev.add_argument("--sources", nargs="+", choices=ALL_SOURCES,
                     help="sources to evaluate, latest versions (default: every registered one)")
     ev.add_argument("--max-queries", type=int, default=2000, help="held-out search sessions scored")
@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=_eval)
 
     mo = esub.add_parser("models", help="list the open_clip architectures --model accepts")
+    mo.add_argument("--json", action="store_true", help="print JSON instead of text")
     mo.set_defaults(func=_models)
 
 
@@ -79,10 +80,17 @@ def _train(args: argparse.Namespace) -> int:
     result = train_source(settings, args.source, args.dataset, cfg, progress=True)
     row = result.source
     train = row.metrics["train"]
+    from indexer.evaluation import collapse_note
+
+    cos = train.get("mean_cosine")
     print(
         f"{row.name} v{row.version}: {train['steps']} steps on {result.n_pairs} pairs in {train['seconds']:.1f}s, "
-        f"loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}\ncheckpoint: {row.checkpoint_path}"
+        f"loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}, mean cosine between random items "
+        f"{'-' if cos is None else format(cos, '.3f')}\ncheckpoint: {row.checkpoint_path}"
     )
+    note = collapse_note(cos)
+    if note:
+        print(f"warning: {note}; train longer (--epochs) or see docs/embeddings.md")
     if args.eval:
         from indexer.evaluation import evaluate_source
 
@@ -147,10 +155,26 @@ def _eval(args: argparse.Namespace) -> int:
         rows.append(evaluate_source(settings, name, dataset, data=data))
     rows.append({"source": "random", "version": None, **random_baseline(dataset, data)})
     if args.json:
-        print(json.dumps({"dataset": dataset.name, "results": rows}, indent=2))
+        print(json.dumps({"dataset": dataset.name, "results": rows, "notes": _notes(rows)}, indent=2))
     else:
         _print_table(rows)
     return 0
+
+
+def _notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Warnings about the rows: collapsed encoders and recalls resting on too few held-out samples."""
+    from indexer.evaluation import collapse_note, small_set_notes
+
+    notes: list[str] = []
+    for r in rows:
+        if r["source"] == "random":
+            continue
+        note = collapse_note(r.get("mean_cosine"))
+        if note:
+            notes.append(f"{r['source']}: {note}")
+    if rows:  # every source is scored on the same held-out set (the random row, last, has every metric)
+        notes += [f"held-out set: {n}" for n in small_set_notes(rows[-1])]
+    return notes
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -159,13 +183,19 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         cells = " ".join(f"{'-' if r.get(c) is None else format(r[c], '.4f'):>19}" for c in METRIC_COLUMNS)
         print(f"{r['source']:<11} {'-' if r['version'] is None else r['version']:>3} {cells}")
-    print("q2p = query -> purchased item; i2i = item -> co-occurring item; _tail = long-tail (seen < 5 times)")
+    print("q2p = query -> purchased item; i2i = item -> co-occurring item; _tail = long-tail (seen < 5 times); "
+          "mean_cosine = between random items (~0 spread out, > 0.9 collapsed)")
+    for note in _notes(rows):
+        print(f"warning: {note}")
 
 
 def _models(args: argparse.Namespace) -> int:
     from indexer.encoders import available_models, register_model_configs
 
     ours = register_model_configs()
+    if args.json:
+        print(json.dumps({"project": ours, "open_clip": [m for m in available_models() if m not in ours]}, indent=2))
+        return 0
     print("project configs: " + ", ".join(ours))
     print("open_clip configs: " + ", ".join(m for m in available_models() if m not in ours))
     return 0

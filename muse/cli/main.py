@@ -8,10 +8,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from muse import __version__
 from muse.errors import MuseError
 
 #: Modules under ``muse.cli`` that each add one command group through ``register(subparsers)``.
-COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "retrieve", "serve", "rank", "demo")
+COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "source", "retrieve", "serve", "rank", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="muse",
         description="Lifelong user-interest retrieval with multimodal embeddings (MUSE).",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv: debug); tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"muse.cli.{name}").register(sub)
@@ -34,11 +38,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MuseError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _explain(args, f"error: {e}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = database_error_message(e)
+        if message is None:
+            raise
+        _explain(args, f"error: {message}")
+        return 2
+
+
+def _explain(args: argparse.Namespace, line: str) -> None:
+    """One sentence on stderr; with -v also the traceback of the exception being handled."""
+    if args.verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+
+
+#: Fragments of driver messages that mean a table or column of the schema is missing (SQLite, PostgreSQL).
+_SCHEMA_MISSING = ("no such table", "no such column", "undefinedtable", "undefinedcolumn")
+
+
+def database_error_message(exc: BaseException) -> str | None:
+    """One sentence for a SQLAlchemy error (None for any other exception).
+
+    A missing table or column means the database is not migrated (or is behind the code): the sentence
+    says to run ``muse db upgrade``. The URL is shown without its password.
+    """
+    if not type(exc).__module__.startswith("sqlalchemy"):
+        return None
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    url = _database_url()
+    where = f"the database {url}" if url else "the database"
+    probe = f"{type(orig).__name__} {first}".lower()
+    missing = any(f in probe for f in _SCHEMA_MISSING) or (
+        "does not exist" in probe and ("relation " in probe or "column " in probe))
+    if missing:
+        return f"{where} is not migrated to this version ({first}); run `muse db upgrade`"
+    return f"{where} failed: {first}"
+
+
+def _database_url() -> str | None:
+    try:
+        from sqlalchemy.engine import make_url
+
+        from muse.settings import load_settings
+
+        return make_url(load_settings().database_url).render_as_string(hide_password=True)
+    except Exception:  # the settings themselves may be what is broken
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

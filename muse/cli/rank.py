@@ -15,8 +15,8 @@ def _csv(raw: str) -> list[str]:
     return [x.strip() for x in raw.split(",") if x.strip()]
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="dataset name (see `muse data list`)")
+def _add_train_options(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
+    p.add_argument("--dataset", required=dataset_required, help="dataset name (see `muse data list`)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the train split (default 1)")
     p.add_argument("--batch-size", type=int, default=None, help="impressions per step (default 256)")
     p.add_argument("--seed", type=int, default=None, help="seed of weights and shuffle (default 0)")
@@ -25,6 +25,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="behaviours kept by the GSU (default 50)")
     p.add_argument("--max-history", type=int, default=None, help="newest behaviours kept (default 1000)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the dense weights (default 2e-4)")
+    p.add_argument("--sparse-lr", type=float, default=None,
+                   help="learning rate of the embedding tables (default 2e-3)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any model-config or train-config field, e.g. --set simtier_init=0.5 "
+                        "--set tower=[128,64] (repeatable; values are JSON, else strings); recorded with the run")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,38 +40,77 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = rsub.add_parser("train", help="train a model, evaluate it on the test split and record the run")
     t.add_argument("--model", required=True, choices=MODEL_NAMES, help="model to train")
     t.add_argument("--source", default=None, help="embedding source of the GSU (muse): scl, i2i, openclip, id, ...")
-    t.add_argument("--esu", default=None, choices=ESU_NAMES, help="ESU variant of muse (default sa-ta+simtier)")
+    t.add_argument("--esu", default=None, choices=ESU_NAMES,
+                   help="ESU variant (default: the model's, as the paper sets it up; ta = the classic ID-only ESU)")
     _add_train_options(t)
     t.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
     t.set_defaults(func=_train)
 
     e = rsub.add_parser("eval", help="re-evaluate a run from its checkpoint: AUC, GAUC, logloss and slices")
     e.add_argument("run", type=int, help="run id (see `muse rank list`)")
-    e.add_argument("--split", default="test", choices=("train", "test"))
+    e.add_argument("--split", default="test", choices=("train", "test"), help="split to evaluate (default test)")
     e.add_argument("--limit", type=int, default=None, help="evaluate at most this many impressions")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.set_defaults(func=_eval)
 
     ls = rsub.add_parser("list", help="list the recorded runs")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=_list)
 
     s = rsub.add_parser("score", help="click probabilities of candidate items for a user (the scoring API)")
-    s.add_argument("run", type=int)
-    s.add_argument("--user", type=int, required=True)
+    s.add_argument("run", type=int, help="run id (see `muse rank list`)")
+    s.add_argument("--user", type=int, required=True, help="user id")
     s.add_argument("--items", type=lambda r: [int(x) for x in _csv(r)], required=True, help="e.g. 1,2,3")
     s.add_argument("--path", choices=("cache", "milvus"), default="cache", help="retriever path (muse)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--version", type=int, default=None,
+                   help="source version the retriever reads (muse; default: the live one of the run's dataset)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_score)
 
-    c = sub.add_parser("compare", help="train the embedding-source x model matrix; write a table and a plot")
+    c = sub.add_parser("compare", help="the embedding-source x model matrix over seeds: train what is missing, "
+                                       "reuse matching runs, store and plot the result")
     c.add_argument("--models", type=_csv, default=list(MODEL_NAMES), help="comma-separated (default all)")
-    c.add_argument("--sources", type=_csv, default=["scl"], help="GSU sources for muse (default scl)")
-    c.add_argument("--esu", type=_csv, default=["sa-ta+simtier"],
-                   help=f"muse ESU variants, comma-separated ({', '.join(ESU_NAMES)})")
+    c.add_argument("--sources", type=_csv, default=["scl"],
+                   help="embedding sources for the models whose GSU or ESU uses one (default scl)")
+    c.add_argument("--esu", type=_csv, default=None,
+                   help=f"ESU variants, comma-separated: default (each model's, the paper's set-up), "
+                        f"{', '.join(ESU_NAMES)}; a variant is trained for every model that accepts it")
+    c.add_argument("--seeds", type=int, default=1, help="number of seeds: --seed, --seed + 1, ... (default 1)")
+    c.add_argument("--no-reuse", action="store_true", help="train every run again instead of reusing matching runs")
     c.add_argument("--out", default=None, help="output folder (default $MUSE_DATA_DIR/ranker/compare-DATASET)")
-    _add_train_options(c)
+    c.add_argument("--show", type=int, default=None, metavar="ID", help="print stored comparison ID again")
+    c.add_argument("--list", action="store_true", help="list the stored comparisons")
+    c.add_argument("--json", action="store_true", help="write the comparison as JSON to stdout")
+    _add_train_options(c, dataset_required=False)
     c.set_defaults(func=_compare)
+
+
+def parse_settings(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``KEY=VALUE`` strings -> (train-config fields, model-config fields). Values are read as JSON
+    (``0.5``, ``[128, 64]``, ``true``), anything else as a string.
+
+    Raises:
+        ConfigurationError: an item without ``=``.
+    """
+    import dataclasses
+
+    from muse.errors import ConfigurationError
+    from ranker.train import TrainConfig
+
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_values: dict[str, Any] = {}
+    model_values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigurationError(f"--set {item!r}: expected KEY=VALUE, e.g. --set simtier_init=0.5")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        (train_values if key in train_keys else model_values)[key] = value
+    return train_values, model_values
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -75,12 +120,16 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    train_values, _ = parse_settings(args.settings)
     return TrainConfig.from_dict({"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
-                                  "max_train": args.max_train, "max_eval": args.max_eval})
+                                  "max_train": args.max_train, "max_eval": args.max_eval,
+                                  "lr_dense": args.lr, "lr_embedding": args.sparse_lr, **train_values})
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in {"k": args.k, "max_history": args.max_history}.items() if v is not None}
+    _, model_values = parse_settings(args.settings)
+    explicit = {k: v for k, v in {"k": args.k, "max_history": args.max_history}.items() if v is not None}
+    return {**model_values, **explicit}
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -144,11 +193,15 @@ def _score(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.scoring import Ranker
 
-    with Ranker.load(load_settings(), args.run, path=args.path) as ranker:
+    with Ranker.load(load_settings(), args.run, path=args.path, version=args.version) as ranker:
         probs = ranker.score(args.user, args.items)
+        r = ranker.retriever
+        used = {} if r is None else {"version": r.version, "collection": r.store.behaviour_collection(r.ref)}
     if args.json:
-        print(json.dumps({"user": args.user, "items": args.items, "probs": probs.tolist()}))
+        print(json.dumps({"user": args.user, "items": args.items, "probs": probs.tolist(), **used}))
         return 0
+    if used:
+        print(f"GSU on {r.ref} (collection {used['collection']})")
     for item, p in sorted(zip(args.items, probs, strict=True), key=lambda t: -t[1]):
         print(f"{item:>12} {p:.4f}")
     return 0
@@ -157,16 +210,53 @@ def _score(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from muse.errors import ConfigurationError
     from muse.settings import load_settings
-    from ranker.compare import compare
+    from ranker.compare import compare, get_comparison, list_comparisons, render_table
+
+    settings = load_settings()
+    if args.list:
+        rows = list_comparisons(settings)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for r in [] if args.json else rows:
+            print(f"{r['id']:>4} {r['dataset']:<22} models {','.join(r['models'] or [])} sources "
+                  f"{','.join(r['sources'] or [])} seeds {r['seeds']} ({r['created_at'][:19]})")
+        return 0
+    if args.show is not None:
+        result = get_comparison(settings, args.show)
+        if args.json:
+            print(json.dumps(result, indent=2, default=str))
+        else:
+            print(f"comparison {result['id']} ({result['created_at'][:19]})")
+            print(render_table(result), end="")
+        return 0
+    if not args.dataset:
+        raise ConfigurationError("muse compare needs --dataset NAME (or --show ID / --list)")
+    if args.seeds < 1:
+        raise ConfigurationError(f"--seeds {args.seeds} must be >= 1")
+    cfg = _train_config(args)
+    threads = args.threads
+    if threads is None:
+        from ranker.compare import pick_threads
+
+        threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args))
+        if not args.json:
+            print(f"torch threads: {threads} (the faster of 1 and 2 on a short probe)", flush=True)
 
     def show(row: Any) -> None:
-        print(f"  {row.label:<26} {row.source or '-':<11} run {row.run_id}: "
-              f"GAUC {row.metrics['overall']['gauc']:.4f}", flush=True)
+        if not args.json:
+            print(f"  {row.label:<26} {row.source or '-':<11} seed {row.seed} run {row.run_id}"
+                  f"{' (reused)' if row.reused else ''}: GAUC {row.metrics['overall']['gauc']:.4f}", flush=True)
 
-    res = compare(load_settings(), args.dataset, models=args.models, sources=args.sources, esus=args.esu,
-                  train_config=_train_config(args), model_overrides=_overrides(args),
-                  out_dir=Path(args.out) if args.out else None, on_row=show, progress=True)
-    print(res.table)
+    res = compare(settings, args.dataset, models=args.models, sources=args.sources, esus=args.esu,
+                  train_config=cfg, model_overrides=_overrides(args),
+                  out_dir=Path(args.out) if args.out else None, on_row=show, progress=not args.json,
+                  seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads)
+    if args.json:
+        print(json.dumps(res.result, indent=2, default=str))
+        return 0
+    print(f"comparison {res.comparison_id}")
+    print(res.table, end="")
     print(f"table {res.table_path}\nplot  {res.plot_path}")
     return 0

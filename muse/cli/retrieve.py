@@ -21,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="retrieve_command", metavar="ACTION", required=True)
     s = rsub.add_parser("search", help="top-K behaviours (and SimTier counts) of a user for target items")
     s.add_argument("--source", required=True, help="embedding source, e.g. scl, i2i, openclip, id")
+    s.add_argument("--dataset", required=True, help="dataset whose collections are searched (see `muse data list`)")
+    s.add_argument(
+        "--version", type=int, default=None,
+        help="source version to search (default: the live one, see `muse source list`)",
+    )
     s.add_argument("--user", type=int, required=True, help="user id")
     s.add_argument("--items", type=_item_list, required=True, help="target item ids, e.g. 1,2,3")
     s.add_argument("--k", type=int, default=50, help="behaviours per target (default 50)")
@@ -35,17 +40,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from indexer.sources import check_source
     from retriever.client import Retriever
 
-    with Retriever.from_settings(source=args.source, path=args.path) as r:
+    check_source(args.source)  # an unknown source fails here, before any server is asked
+    with Retriever.from_settings(
+        source=args.source, dataset=args.dataset, version=args.version, path=args.path
+    ) as r:
         result = r.search(args.user, args.items, k=args.k)
+        collection = r.store.behaviour_collection(r.ref)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-        return 0
+        print(json.dumps({**result.to_dict(), "collection": collection}, indent=2))
+        return 0 if result.found else 1
+    where = f"{args.dataset}/{args.source} v{result.version} (collection {collection})"
     if not result.found:
-        print(f"user {result.user_id} has no behaviours in source {args.source!r}")
-        return 0
+        print(f"user {result.user_id} has no behaviours in {where}: {_who(args.user, args.source, args.dataset)}")
+        return 1
     length = f", {result.history_length} behaviours" if result.history_length is not None else ""
+    print(f"{where}")
     print(f"user {result.user_id} ({result.path} path{length}), top {result.k}:")
     for hits in result:
         print(f"target item {hits.item_id}: {len(hits)} behaviours")
@@ -57,3 +69,16 @@ def _search(args: argparse.Namespace) -> int:
         tiers = ", ".join(f"{t}:{int(c)}" for t, c in enumerate(hits.simtier) if c)
         print(f"  simtier (tier:count) {tiers or '-'}")
     return 0
+
+
+def _who(user_id: int, source: str, dataset: str) -> str:
+    """Whether ``user_id`` is a user of ``dataset`` at all, in words."""
+    from muse.data.format import Dataset
+    from muse.settings import load_settings
+
+    users = Dataset.open(load_settings(), dataset).users().column("user_id").to_numpy()
+    if (users == user_id).any():
+        return (f"user {user_id} is a user of dataset {dataset!r}, but none of their behaviours are in the "
+                f"collection (is the backfill finished? `muse backfill list`)")
+    span = f" (its user ids run {users.min()}..{users.max()})" if len(users) else ""
+    return f"dataset {dataset!r} has no user {user_id}{span}"

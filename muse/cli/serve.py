@@ -20,8 +20,9 @@ def _bytes(raw: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the GSU retrieval service (gRPC) for one embedding source")
-    p.add_argument("--dataset", help="dataset whose items are loaded into the item table at start-up")
+    p.add_argument("--dataset", required=True, help="dataset whose collections are served (its items are preloaded)")
     p.add_argument("--source", required=True, help="embedding source, e.g. scl")
+    p.add_argument("--version", type=int, default=None, help="pin a source version (default: follow the live one)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default all)")
     p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus HTTP port (default 9108; -1: none)")
@@ -40,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = serve(
         args.source,
         dataset=args.dataset,
+        version=args.version,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         cache_bytes=args.cache_bytes,
@@ -49,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"GSU server for source {args.source!r} on {server.address}, metrics on port {server.metrics_port}", flush=True)
+    print(f"GSU server for {args.dataset}/{args.source} v{server.retriever.version} on {server.address}, metrics on port {server.metrics_port}", flush=True)
     if args.ready_file:
         with open(args.ready_file + ".tmp", "w") as fh:
             fh.write(f"{server.port} {server.metrics_port}\n")

@@ -54,6 +54,118 @@ USER_BATCH = 2_048  # user-feature rows per batch (a row holds two lists of up t
 ROW_BATCH = 262_144  # sample / item rows per batch
 
 
+USER_COLUMNS = [USER, *USER_FEATURES, HIST_ITEMS, HIST_CATS]
+
+
+def _find(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(found, position)`` of ``ids`` in the sorted array ``sorted_ids`` (position clipped when absent)."""
+    if len(sorted_ids) == 0:
+        return np.zeros(len(ids), dtype=bool), np.zeros(len(ids), dtype=np.int64)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids, pos
+
+
+def _first_rows(ids: np.ndarray) -> np.ndarray:
+    """Mask of the first occurrence of each id."""
+    _, first = np.unique(ids, return_index=True)
+    keep = np.zeros(len(ids), dtype=bool)
+    keep[first] = True
+    return keep
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 values (wrapping arithmetic)."""
+    x = np.asarray(x).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _history_lists(batch: pa.RecordBatch) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """Item and category history lists (nulls as empty lists) and their lengths; DataError if they differ."""
+    item_lists, cat_lists = batch.column(HIST_ITEMS), batch.column(HIST_CATS)
+    lengths = pc.list_value_length(item_lists).fill_null(0).to_numpy(zero_copy_only=False)
+    cat_lengths = pc.list_value_length(cat_lists).fill_null(0).to_numpy(zero_copy_only=False)
+    if np.any(lengths != cat_lengths):
+        bad = int(np.flatnonzero(lengths != cat_lengths)[0])
+        raise DataError(
+            f"user {batch.column(USER)[bad].as_py()}: {HIST_ITEMS} has {lengths[bad]} entries but "
+            f"{HIST_CATS} has {cat_lengths[bad]}"
+        )
+    item_lists = pc.if_else(item_lists.is_null(), pa.scalar([], pa.list_(pa.int64())), item_lists)
+    cat_lists = pc.if_else(cat_lists.is_null(), pa.scalar([], pa.list_(pa.int64())), cat_lists)
+    return item_lists, cat_lists, lengths.astype(np.int64)
+
+
+def _row_hashes(batch: pa.RecordBatch, limits: np.ndarray) -> np.ndarray:
+    """A 64-bit digest per row of (user features, the first ``limits[row]`` history entries, that length)."""
+    item_lists, cat_lists, lengths = _history_lists(batch)
+    n = np.minimum(lengths, limits).astype(np.uint64)
+    h = _mix(n + np.uint64(0x51ED))
+    with np.errstate(over="ignore"):
+        for j, c in enumerate(USER_FEATURES):
+            h = h + _mix(batch.column(c).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+                         ^ _mix(np.uint64(j + 1)))
+        pos = pc.list_flatten(_positions(item_lists)).to_numpy().astype(np.uint64)
+        items = pc.list_flatten(item_lists).to_numpy().astype(np.int64).view(np.uint64)
+        cats = pc.list_flatten(cat_lists).to_numpy().astype(np.int64).view(np.uint64)
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        part = _mix(items ^ _mix(pos * np.uint64(2) + np.uint64(1000))) + _mix(
+            cats ^ _mix(pos * np.uint64(2) + np.uint64(1001))
+        )
+        part = np.where(pos < n[rows], part, np.uint64(0))
+        csum = np.concatenate([np.zeros(1, dtype=np.uint64), np.cumsum(part, dtype=np.uint64)])
+        ends = np.cumsum(lengths)
+        h = h + (csum[ends] - csum[ends - lengths])
+    return h
+
+
+def _digests(
+    files: list[Path], prefix_of: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per user-feature row: user id, history length, digest of the whole row and, with ``prefix_of``
+    = (sorted user ids, their lengths), the digest of the row cut to that user's length there."""
+    uids, lens, full, prefix = [], [], [], []
+    for batch in _iter(files, USER_COLUMNS, USER_BATCH):
+        uid = batch.column(USER).to_numpy().astype(np.int64)
+        length = pc.list_value_length(batch.column(HIST_ITEMS)).fill_null(0).to_numpy(zero_copy_only=False)
+        everything = np.full(len(uid), np.iinfo(np.int64).max)
+        uids.append(uid)
+        lens.append(length.astype(np.int64))
+        full.append(_row_hashes(batch, everything))
+        if prefix_of is not None:
+            found, pos = _find(prefix_of[0], uid)
+            prefix.append(_row_hashes(batch, np.where(found, prefix_of[1][pos], everything)))
+    cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
+    return cat(uids, np.int64), cat(lens, np.int64), cat(full, np.uint64), cat(prefix, np.uint64)
+
+
+def _fresh_ids(taken: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` distinct int64 ids (never 0) absent from ``taken`` (sorted)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(0, dtype=np.int64)
+    while len(out) < n:
+        cand = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=2 * n, dtype=np.int64)
+        cand = cand[(cand != 0) & ~_find(taken, cand)[0]]
+        out = np.unique(np.concatenate([out, cand]))
+    return rng.permutation(out)[:n]
+
+
+class _UserMap:
+    """Sample user id -> (dataset user id, history length) for one split's user file."""
+
+    def __init__(self, sample_ids: np.ndarray, row_ids: np.ndarray, lengths: np.ndarray) -> None:
+        order = np.argsort(sample_ids)
+        self.ids, self.row_ids, self.lengths = sample_ids[order], row_ids[order], lengths[order]
+
+    def lookup(self, uid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        found, pos = _find(self.ids, uid)
+        if len(self.ids) == 0:
+            return found, uid, np.zeros(len(uid), dtype=np.int64)
+        return found, self.row_ids[pos], self.lengths[pos]
+
+
 def find_raw_files(raw_dir: Path, stem: str) -> list[Path]:
     """Files of one raw table: ``<stem>.parquet``, ``<stem>/**/*.parquet`` or ``<stem>-*.parquet``."""
     files = [raw_dir / f"{stem}.parquet"] if (raw_dir / f"{stem}.parquet").is_file() else []
@@ -180,59 +292,79 @@ def import_taobao_mm(
     items.close()
     item_ids_sorted = np.sort(_column_ids(files["item_features"], ITEM))
 
-    # users and histories: train then test feature rows (first occurrence of a user wins) ------------
-    feature_files = files["train_user_features"] + files["test_user_features"]
-    feat_user_ids = _column_ids(feature_files, USER)
-    _, first_index = np.unique(feat_user_ids, return_index=True)
-    keep = np.zeros(len(feat_user_ids), dtype=bool)
-    keep[first_index] = True
-    n_duplicates = int((~keep).sum())
+    # users and histories ---------------------------------------------------------------------------
+    # Train samples join the train user file and test samples the test user file (as the release
+    # does). A user in both files is stored once when the test row extends the train row (same
+    # features, the train history a prefix of the test one): train impressions see the prefix
+    # (hist_len = the train length). A test row that differs otherwise is stored under an alias
+    # user id that only the test impressions use.
+    train_files, test_files = files["train_user_features"], files["test_user_features"]
+    tr_uid, tr_len, tr_hash, _ = _digests(train_files)
+    tr_first = _first_rows(tr_uid)
+    tr_keys, tr_key_len, tr_key_hash = tr_uid[tr_first], tr_len[tr_first], tr_hash[tr_first]
+    order = np.argsort(tr_keys)
+    tr_keys, tr_key_len, tr_key_hash = tr_keys[order], tr_key_len[order], tr_key_hash[order]
+    te_uid, te_len, _, te_prefix = _digests(test_files, (tr_keys, tr_key_len))
+    te_first = _first_rows(te_uid)
+    in_train, pos = _find(tr_keys, te_uid)
+    same_prefix = in_train & (te_len >= tr_key_len[pos]) & (te_prefix == tr_key_hash[pos])
+    identical = te_first & same_prefix & (te_len == tr_key_len[pos])
+    extends = te_first & same_prefix & (te_len > tr_key_len[pos])
+    conflict = te_first & in_train & ~same_prefix
+    extended_users = np.sort(te_uid[extends])
+    keep_train = tr_first & ~_find(extended_users, tr_uid)[0]
+    keep_test = te_first & ~identical
+    all_ids = np.union1d(tr_uid, te_uid)
+    alias = np.zeros(len(te_uid), dtype=np.int64)
+    alias[conflict] = _fresh_ids(all_ids, int(conflict.sum()), seed=len(all_ids))
+    n_duplicates = int((~tr_first).sum() + (~te_first).sum() + identical.sum())
     if n_duplicates:
-        log.warning(
-            "%d duplicate user-feature rows (same user in several rows): the first one is kept", n_duplicates
-        )
+        log.warning("%d duplicate user-feature rows (same user and same row again): the first one is kept",
+                    n_duplicates)
+    if extends.any():
+        log.info("%d users' test rows extend their train rows: one history, train impressions see its prefix",
+                 int(extends.sum()))
+    if conflict.any():
+        log.warning("%d users have different train and test feature rows: the test rows are stored under "
+                    "alias user ids used by the test impressions only", int(conflict.sum()))
+
     users = writer.users_writer()
-    hist_users, hist_lengths = [], []
-    row = 0
+    hist_users = []
     n_behaviours = 0
-    cols = [USER, *USER_FEATURES, HIST_ITEMS, HIST_CATS]
-    bar = tqdm(total=len(feat_user_ids), desc="user histories", unit="user", disable=not progress)
-    for batch in _iter(feature_files, cols, USER_BATCH):
-        mask = keep[row : row + batch.num_rows]
-        row += batch.num_rows
-        bar.update(batch.num_rows)
-        if not mask.all():
-            batch = batch.filter(pa.array(mask))
-        item_lists, cat_lists = batch.column(HIST_ITEMS), batch.column(HIST_CATS)
-        lengths = pc.list_value_length(item_lists).fill_null(0).to_numpy(zero_copy_only=False)
-        cat_lengths = pc.list_value_length(cat_lists).fill_null(0).to_numpy(zero_copy_only=False)
-        if np.any(lengths != cat_lengths):
-            bad = int(np.flatnonzero(lengths != cat_lengths)[0])
-            raise DataError(
-                f"user {batch.column(USER)[bad].as_py()}: {HIST_ITEMS} has {lengths[bad]} entries but "
-                f"{HIST_CATS} has {cat_lengths[bad]}"
+    n_rows = len(tr_uid) + len(te_uid)
+    bar = tqdm(total=n_rows, desc="user histories", unit="user", disable=not progress)
+    for split_files, keep, new_ids in ((train_files, keep_train, None), (test_files, keep_test, alias)):
+        row = 0
+        for batch in _iter(split_files, USER_COLUMNS, USER_BATCH):
+            mask = keep[row : row + batch.num_rows]
+            renamed = None if new_ids is None else new_ids[row : row + batch.num_rows][mask]
+            row += batch.num_rows
+            bar.update(batch.num_rows)
+            if not mask.all():
+                batch = batch.filter(pa.array(mask))
+            if batch.num_rows == 0:
+                continue
+            item_lists, cat_lists, lengths = _history_lists(batch)
+            user_col = batch.column(USER).to_numpy().astype(np.int64)
+            if renamed is not None:
+                user_col = np.where(renamed != 0, renamed, user_col)
+            users.write(
+                pa.table(
+                    {"user_id": user_col, **{f"f{i + 1}": batch.column(c) for i, c in enumerate(USER_FEATURES)}}
+                )
             )
-        item_lists = pc.if_else(item_lists.is_null(), pa.scalar([], pa.list_(pa.int64())), item_lists)
-        cat_lists = pc.if_else(cat_lists.is_null(), pa.scalar([], pa.list_(pa.int64())), cat_lists)
-        user_col = batch.column(USER)
-        users.write(
-            pa.table(
-                {"user_id": user_col, **{f"f{i + 1}": batch.column(c) for i, c in enumerate(USER_FEATURES)}}
+            writer.write_histories(
+                pa.table(
+                    {
+                        "user_id": user_col,
+                        "item_ids": item_lists,
+                        "categories": cat_lists,
+                        "times": _positions(item_lists),
+                    }
+                )
             )
-        )
-        writer.write_histories(
-            pa.table(
-                {
-                    "user_id": user_col,
-                    "item_ids": item_lists,
-                    "categories": cat_lists,
-                    "times": _positions(item_lists),
-                }
-            )
-        )
-        hist_users.append(user_col.to_numpy().astype(np.int64))
-        hist_lengths.append(lengths.astype(np.int64))
-        n_behaviours += int(lengths.sum())
+            hist_users.append(user_col)
+            n_behaviours += int(lengths.sum())
     bar.close()
 
     # sample users without a feature row: zero features and an empty history -----------------------
@@ -250,33 +382,36 @@ def import_taobao_mm(
         )
     users.close()
 
-    # impressions: decoded labels, hist_len = the user's full history length -------------------------
-    order = np.argsort(known, kind="stable")
-    known_sorted = known[order]
-    lengths_sorted = (np.concatenate(hist_lengths) if hist_lengths else np.zeros(0, dtype=np.int64))[order]
-    n_imp_without_history = n_imp_items_without_features = 0
+    # impressions: each split's user file first, the other file when the user has no row there -------
+    te_row_id = np.where(alias != 0, alias, te_uid)
+    joins = {
+        "train": (_UserMap(tr_uid[tr_first], tr_uid[tr_first], tr_len[tr_first]),
+                  _UserMap(te_uid[te_first], te_row_id[te_first], te_len[te_first])),
+        "test": (_UserMap(te_uid[te_first], te_row_id[te_first], te_len[te_first]),
+                 _UserMap(tr_uid[tr_first], tr_uid[tr_first], tr_len[tr_first])),
+    }
+    n_imp_without_history = n_imp_items_without_features = n_imp_other_split = 0
     n_clicks = 0
     for split, paths in sample_files.items():
+        own, other = joins[split]
         for path in paths:
             for batch in _iter([path], [LABEL, USER, ITEM], ROW_BATCH):
                 labels = decode_labels(batch.column(LABEL), str(path))
                 uid = batch.column(USER).to_numpy().astype(np.int64)
-                pos = np.minimum(np.searchsorted(known_sorted, uid), max(len(known_sorted) - 1, 0))
-                found = (known_sorted[pos] == uid) if len(known_sorted) else np.zeros(len(uid), dtype=bool)
-                hist_len = np.where(found, lengths_sorted[pos] if len(known_sorted) else 0, 0).astype(
-                    np.int32
-                )
+                found, row_uid, hist_len = own.lookup(uid)
+                found2, row_uid2, hist_len2 = other.lookup(uid)
+                fallback = ~found & found2
+                row_uid = np.where(fallback, row_uid2, np.where(found, row_uid, uid))
+                hist_len = np.where(fallback, hist_len2, np.where(found, hist_len, 0)).astype(np.int32)
                 iid = batch.column(ITEM).to_numpy().astype(np.int64)
-                ipos = np.minimum(np.searchsorted(item_ids_sorted, iid), max(len(item_ids_sorted) - 1, 0))
-                n_imp_items_without_features += (
-                    int((item_ids_sorted[ipos] != iid).sum()) if len(item_ids_sorted) else len(iid)
-                )
-                n_imp_without_history += int((~found).sum())
+                n_imp_items_without_features += int((~_find(item_ids_sorted, iid)[0]).sum())
+                n_imp_without_history += int((~found & ~found2).sum())
+                n_imp_other_split += int(fallback.sum())
                 n_clicks += int(labels.sum())
                 writer.write_impressions(
                     pa.table(
                         {
-                            "user_id": uid,
+                            "user_id": row_uid,
                             "item_id": iid,
                             "label": labels,
                             "split": pa.array([split] * len(uid), type=pa.string()),
@@ -285,6 +420,9 @@ def import_taobao_mm(
                         }
                     )
                 )
+    if n_imp_other_split:
+        log.warning("%d impressions' users have no row in their split's user file: the other file's row is used",
+                    n_imp_other_split)
 
     # SCL vectors, dequantised ------------------------------------------------------------------------
     n_vectors, dim = 0, None
@@ -333,6 +471,9 @@ def import_taobao_mm(
         n_duplicate_user_rows=n_duplicates,
         n_users_without_features=int(len(missing_users)),
         n_impressions_without_history=n_imp_without_history,
+        n_test_users_extending_train=int(extends.sum()),
+        n_test_user_aliases=int(conflict.sum()),
+        n_impressions_from_other_split_features=n_imp_other_split,
         n_impression_items_without_features=n_imp_items_without_features,
         embeddings={SCL_SOURCE: {"n_items": n_vectors, "dim": dim, "scale": SCL_SCALE}} if n_vectors else {},
     )

@@ -2,7 +2,8 @@
 
 [-1, 1] is split into tiers of width 0.1 with ``tier = ceil(cos * 10) + 10`` (22 slots, 21
 reachable, as in the release); the count of valid behaviours in each tier becomes
-``log(count + 1) * w_tier`` with one learned weight per tier. The counts come from the retriever's
+``log(count + 1) * w_tier`` with one learned weight per tier, initialised uniformly in (0, 1) as in
+the release (or at a constant). The counts come from the retriever's
 kernel (:func:`retriever.kernels.simtier_counts`) so training and serving bin identically.
 """
 
@@ -18,11 +19,15 @@ N_TIERS = 22
 class SimTier(nn.Module):
     """``scores [B, K]`` + ``mask [B, K]`` -> ``log(count + 1) * w`` of shape ``[B, n_tiers]``."""
 
-    def __init__(self, n_tiers: int = N_TIERS, init: float = 1.0) -> None:
+    def __init__(self, n_tiers: int = N_TIERS, init: float | str = "uniform") -> None:
         super().__init__()
         self.n_tiers = n_tiers
         self.out_dim = n_tiers
-        self.weight = nn.Parameter(torch.full((n_tiers,), float(init)))
+        if init == "uniform":  # as the release: each tier's weight drawn from U(0, 1)
+            weight = torch.rand(n_tiers)
+        else:
+            weight = torch.full((n_tiers,), float(init))
+        self.weight = nn.Parameter(weight)
 
     def counts(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Tier counts ``[B, n_tiers]`` (float) of the valid scores."""

@@ -7,9 +7,13 @@ K = retrieved behaviours, L = padded history length):
 - ``user`` int64 ``[B, n_user_fields]``; ``target`` int64 ``[B, 4]`` (item, category, feat_a, feat_b);
 - ``recent`` int64 ``[B, R, 2]`` (item, category), ``recent_mask`` bool ``[B, R]``;
 - retrieval ``"category"`` and ``"multimodal"``: ``long`` int64 ``[B, K, 2]``, ``long_mask`` ``[B, K]``;
-  ``"multimodal"`` adds ``long_sim`` ``[B, K]``, ``recent_sim`` ``[B, R]`` (multimodal cosines) and
-  ``recent_sim_mask`` ``[B, R]`` (the recent behaviour has a vector);
 - retrieval ``"history"``: ``history`` int64 ``[B, L, 2]``, ``history_mask`` bool ``[B, L]``;
+- with an item-vector table (every model whose ESU uses multimodal similarities, and MUSE):
+  ``recent_sim`` ``[B, R]`` and ``recent_sim_mask`` ``[B, R]`` (the recent behaviour and the target
+  have vectors); ``long_sim`` ``[B, K]`` (and ``long_sim_mask``) for ``category``/``multimodal``;
+  ``history_sim`` / ``history_sim_mask`` ``[B, L]`` for ``history`` (the model gathers its top K).
+  Similarities are multimodal cosines; a behaviour without a vector has similarity 0 in SA-TA and
+  is left out of SimTier's counts;
 - ``label`` float ``[B]`` (training/evaluation only).
 
 ``forward(batch)`` returns ``{"logit": [B], "prob": [B]}``.
@@ -17,28 +21,50 @@ K = retrieved behaviours, L = padded history length):
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from ranker.layers import DotProductTargetAttention, FeatureEmbeddings, MLPTower, masked_mean
+from ranker.layers import (
+    DotProductTargetAttention,
+    FeatureEmbeddings,
+    MLPTower,
+    SemanticAwareTargetAttention,
+    SimTier,
+    masked_mean,
+)
 from ranker.models.config import FeatureSpec, ModelConfig
 
 #: What the data pipeline must put in the batch for a model's long-sequence path.
 RETRIEVALS = ("none", "category", "multimodal", "history")
 
 
-class CTRModel(nn.Module):
-    """Embeddings + short-sequence attention + (model-specific) long path + MLP tower.
+class NeedsVectors:
+    """``model.needs_vectors``: whether its batches need an item-vector table (multimodal GSU or
+    similarities in the ESU). On the class (``model_class("din").needs_vectors``) it answers for
+    the model's default config, the paper's set-up."""
 
-    Subclasses set ``name`` and ``retrieval`` and override :meth:`build_long` /
-    :meth:`long_features`; the tower width is the sum of the parts' widths.
+    def __get__(self, obj: CTRModel | None, cls: type[CTRModel]) -> bool:
+        if obj is None:
+            from ranker.models.registry import make_config
+
+            return make_config(cls.name).needs_vectors
+        return obj.config.needs_vectors
+
+
+class CTRModel(nn.Module):
+    """Embeddings + short-sequence attention + long path (GSU + ESU) + MLP tower.
+
+    Subclasses set ``name`` and ``retrieval`` and may override :meth:`build_short` and
+    :meth:`retrieve` (their GSU); the ESU is built from ``config.esu`` for every model:
+    attention over the K retrieved behaviours (``ta`` ID-only, ``sa-ta`` fused with the multimodal
+    similarity), a mean-pool of them, SimTier over their similarities and SimTier over the recent
+    behaviours' similarities. The tower width is the sum of the parts' widths.
     """
 
     name: ClassVar[str] = ""
     retrieval: ClassVar[str] = "none"
-    needs_vectors: ClassVar[bool] = False  # True: the pipeline needs an embedding source
 
     def __init__(self, config: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__()
@@ -49,26 +75,65 @@ class CTRModel(nn.Module):
         seq_dim = self.embeddings.seq_dim
         self.short_attention = self.build_short(seq_dim)
         long_dim = self.build_long(seq_dim)
+        self.simtier_recent = SimTier(config.n_tiers, config.simtier_init) if config.uses_simtier else None
         width = (
             self.short_attention.out_dim  # attention over the recent behaviours
             + seq_dim  # mean-pool of the recent behaviours
             + self.embeddings.target_dim  # target item features
             + self.embeddings.user_dim  # user profile features
-            + long_dim  # long-sequence features of the subclass
+            + long_dim  # long-sequence features
+            + (config.n_tiers if config.uses_simtier else 0)  # SimTier of the recent behaviours
         )
         self.tower = MLPTower(width, config.tower, config.activation)
+
+    needs_vectors = NeedsVectors()
+
+    @property
+    def esu(self) -> str:
+        return self.config.esu
 
     def build_short(self, seq_dim: int) -> nn.Module:
         """The attention over the recent behaviours (dot-product target attention by default)."""
         return DotProductTargetAttention(seq_dim)
 
     def build_long(self, seq_dim: int) -> int:
-        """Create the long-path modules; return the width of :meth:`long_features`' output."""
-        return 0
+        """Create the ESU modules of the long path; return the width of :meth:`long_features`' output."""
+        if self.retrieval == "none":
+            return 0
+        cfg = self.config
+        width = seq_dim  # mean-pool of the retrieved behaviours
+        self.long_attention: nn.Module | None = None
+        if cfg.attention == "sa-ta":
+            self.long_attention = SemanticAwareTargetAttention(seq_dim, temperature=cfg.temperature)
+        elif cfg.attention == "ta":
+            self.long_attention = DotProductTargetAttention(seq_dim)
+        if self.long_attention is not None:
+            width += self.long_attention.out_dim
+        self.simtier_long = SimTier(cfg.n_tiers, cfg.simtier_init) if cfg.uses_simtier else None
+        if self.simtier_long is not None:
+            width += self.simtier_long.out_dim
+        return width
+
+    def retrieve(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> Retrieved:
+        """The GSU: the K retrieved behaviours (done by the data pipeline unless overridden)."""
+        mask = batch["long_mask"]
+        return Retrieved(batch["long"], mask, batch.get("long_sim"), batch.get("long_sim_mask", mask))
 
     def long_features(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> list[torch.Tensor]:
         """Features ``[B, *]`` from the long sequence, given the target representation ``[B, 2D]``."""
-        return []
+        if self.retrieval == "none":
+            return []
+        got = self.retrieve(batch, target)
+        seq = self.embeddings.seq(got.ids)  # [B, K, 2D]
+        out = [masked_mean(seq, got.mask)]
+        if isinstance(self.long_attention, SemanticAwareTargetAttention):
+            sim = torch.where(got.sim_mask, got.sim, torch.zeros_like(got.sim))  # no vector: neutral 0
+            out.append(self.long_attention(target, seq, sim, got.mask))
+        elif self.long_attention is not None:
+            out.append(self.long_attention(target, seq, got.mask))
+        if self.simtier_long is not None:
+            out.append(self.simtier_long(got.sim, got.sim_mask))  # [B, n_tiers]
+        return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         emb = self.embeddings
@@ -82,6 +147,8 @@ class CTRModel(nn.Module):
             emb.user(batch["user"]),  # [B, n_user * D]
             *self.long_features(batch, target),
         ]
+        if self.simtier_recent is not None:
+            parts.append(self.simtier_recent(batch["recent_sim"], batch["recent_sim_mask"]))  # [B, n_tiers]
         logit = self.tower(torch.cat(parts, dim=-1))  # [B]
         return {"logit": logit, "prob": torch.sigmoid(logit)}
 
@@ -95,24 +162,25 @@ class CTRModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in emb]
 
 
-class RetrievedTargetAttention(CTRModel):
-    """A model whose long path is target attention + mean-pool over ``K`` retrieved behaviours.
+class Retrieved(NamedTuple):
+    """What a GSU hands the ESU: ids ``[B, K, 2]``, mask ``[B, K]``, multimodal similarities
+    ``[B, K]`` (None when the ESU uses none) and their mask (behaviour and target have vectors)."""
 
-    Subclasses implement :meth:`retrieve` returning the retrieved ids ``[B, K, 2]`` and mask.
-    """
+    ids: torch.Tensor
+    mask: torch.Tensor
+    sim: torch.Tensor | None
+    sim_mask: torch.Tensor | None
 
-    def build_long(self, seq_dim: int) -> int:
-        self.long_attention = DotProductTargetAttention(seq_dim)
-        return self.long_attention.out_dim + seq_dim
 
-    def retrieve(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids [B, K, 2], mask [B, K])`` of the retrieved behaviours."""
-        return batch["long"], batch["long_mask"]
-
-    def long_features(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> list[torch.Tensor]:
-        ids, mask = self.retrieve(batch, target)
-        seq = self.embeddings.seq(ids)  # [B, K, 2D]
-        return [self.long_attention(target, seq, mask), masked_mean(seq, mask)]
+def retrieved_from_history(batch: dict[str, torch.Tensor], indices: torch.Tensor, valid: torch.Tensor) -> Retrieved:
+    """The behaviours of ``batch["history"]`` at ``indices [B, K]`` (with their similarities if the
+    batch has them)."""
+    ids = gather_retrieved(batch["history"], indices)
+    sim = sim_mask = None
+    if "history_sim" in batch:
+        sim = torch.gather(batch["history_sim"], 1, indices)
+        sim_mask = torch.gather(batch["history_sim_mask"], 1, indices) & valid
+    return Retrieved(ids, valid, sim, sim_mask)
 
 
 def gather_retrieved(

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from muse.errors import ConfigurationError
 
-#: ESU variants of MUSE for the ablation (TA, SimTier, both; SA-TA, SA-TA + SimTier).
+#: ESU variants (TA, SimTier, both; SA-TA, SA-TA + SimTier). "ta" alone is the classic ID-only ESU.
 ESU_VARIANTS = ("ta", "simtier", "ta+simtier", "sa-ta", "sa-ta+simtier")
 
 
@@ -44,56 +44,33 @@ class ModelConfig:
     tower: tuple[int, ...] = (256, 128, 64)  # hidden widths of the MLP tower
     activation: str = "dice"  # tower activation: dice | relu | prelu
     sparse_min_rows: int = 1_000_000  # tables with at least this many rows get sparse gradients (SparseAdam)
+    # the ESU (see docs/ranker.md, "What each model sees"); each model's default is the paper's set-up
+    esu: str = "sa-ta+simtier"  # one of the model's esu_choices
+    n_tiers: int = 22  # SimTier slots, tier = ceil(cos * 10) + 10
+    temperature: float = 0.1  # initial SA-TA temperature on the multimodal cosine
+    simtier_init: float | str = "uniform"  # per-tier SimTier weights: "uniform" = U(0, 1) as the release, or a constant
+
+    #: ESU variants this model accepts
+    esu_choices: ClassVar[tuple[str, ...]] = ESU_VARIANTS
+    #: True: the model's GSU itself needs item vectors (MUSE)
+    gsu_needs_vectors: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        for name in ("emb_dim", "recent_len", "k", "max_history", "sparse_min_rows"):
+        for name in ("emb_dim", "recent_len", "k", "max_history", "sparse_min_rows", "n_tiers"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigurationError(f"{name}={getattr(self, name)!r} must be a positive integer")
         object.__setattr__(self, "tower", tuple(int(h) for h in self.tower))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class DINConfig(ModelConfig):
-    """DIN: activation-unit attention over the recent behaviours only."""
-
-    din_hidden: tuple[int, ...] = (80, 40)  # activation-unit MLP widths
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "din_hidden", tuple(int(h) for h in self.din_hidden))
-
-
-@dataclass(frozen=True)
-class SIMHardConfig(ModelConfig):
-    """SIM-hard: the K most recent behaviours of the target's category, target attention."""
-
-
-@dataclass(frozen=True)
-class SIMSoftConfig(ModelConfig):
-    """SIM-soft: top K by cosine of the model's own learned item embeddings, target attention."""
-
-
-@dataclass(frozen=True)
-class TWINConfig(ModelConfig):
-    """TWIN: top K by the ESU's own scaled dot-product scores over the whole history."""
-
-
-@dataclass(frozen=True)
-class MUSEConfig(ModelConfig):
-    """MUSE: multimodal GSU, then SA-TA and/or SimTier (``esu``) on the top K."""
-
-    esu: str = "sa-ta+simtier"  # one of ESU_VARIANTS
-    n_tiers: int = 22  # SimTier slots, tier = ceil(cos * 10) + 10
-    temperature: float = 0.1  # initial SA-TA temperature on the multimodal cosine
-    simtier_init: float = 0.0  # initial per-tier SimTier weight (0: starts as the model without SimTier; 1 hurt on small)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.esu not in ESU_VARIANTS:
-            raise ConfigurationError(f"esu={self.esu!r} is unknown; valid: {', '.join(ESU_VARIANTS)}")
+        if self.esu not in self.esu_choices:
+            raise ConfigurationError(
+                f"esu={self.esu!r} is not an ESU of {type(self).__name__}; valid: {', '.join(self.esu_choices)}"
+            )
+        if self.simtier_init != "uniform":
+            try:
+                object.__setattr__(self, "simtier_init", float(self.simtier_init))
+            except (TypeError, ValueError):
+                raise ConfigurationError(
+                    f"simtier_init={self.simtier_init!r} must be 'uniform' or a number"
+                ) from None
 
     @property
     def uses_simtier(self) -> bool:
@@ -105,6 +82,57 @@ class MUSEConfig(ModelConfig):
         if self.esu.startswith("sa-ta"):
             return "sa-ta"
         return "ta" if self.esu.startswith("ta") else None
+
+    @property
+    def needs_vectors(self) -> bool:
+        """Whether the model needs an embedding source: its GSU uses it, or its ESU uses multimodal
+        similarities (SimTier, SA-TA)."""
+        return self.gsu_needs_vectors or self.uses_simtier or self.attention == "sa-ta"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DINConfig(ModelConfig):
+    """DIN: activation-unit attention over the recent behaviours, plus SimTier over the recent
+    behaviours' multimodal similarities (the release's DIN); ``esu="ta"``: the classic DIN."""
+
+    esu: str = "ta+simtier"
+    esu_choices: ClassVar[tuple[str, ...]] = ("ta", "ta+simtier")
+    din_hidden: tuple[int, ...] = (80, 40)  # activation-unit MLP widths
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "din_hidden", tuple(int(h) for h in self.din_hidden))
+
+
+@dataclass(frozen=True)
+class SIMHardConfig(ModelConfig):
+    """SIM-hard: the K most recent behaviours of the target's category, then MUSE's ESU over their
+    multimodal similarities (the paper's set-up); ``esu="ta"``: ID-only target attention."""
+
+
+@dataclass(frozen=True)
+class SIMSoftConfig(ModelConfig):
+    """SIM-soft: top K by cosine of the model's own learned item embeddings, then MUSE's ESU over
+    their multimodal similarities (the paper's set-up); ``esu="ta"``: ID-only target attention."""
+
+
+@dataclass(frozen=True)
+class TWINConfig(ModelConfig):
+    """TWIN: top K by the ESU's own scaled dot-product scores over the whole history, its target
+    attention, plus SimTier (the paper's set-up); ``esu="ta"``: without SimTier."""
+
+    esu: str = "ta+simtier"
+    esu_choices: ClassVar[tuple[str, ...]] = ("ta", "ta+simtier")
+
+
+@dataclass(frozen=True)
+class MUSEConfig(ModelConfig):
+    """MUSE: multimodal GSU, then SA-TA and/or SimTier (``esu``) on the top K."""
+
+    gsu_needs_vectors: ClassVar[bool] = True
 
 
 def build_config(cls: type[ModelConfig], overrides: dict[str, Any]) -> ModelConfig:

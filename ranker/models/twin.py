@@ -1,23 +1,25 @@
 """TWIN: the GSU scores the whole history with the ESU's own attention projections (scaled
-dot product), keeps the top K, and the ESU attends over them with the same projections."""
+dot product), keeps the top K, and the ESU attends over them with the same projections; by default
+SimTier over the retrieved and the recent behaviours' multimodal similarities is added (the paper's
+set-up), ``esu="ta"`` is the classic TWIN."""
 
 from __future__ import annotations
 
 import torch
 
 from ranker.layers.attention import MASK_LOGIT
-from ranker.models.base import RetrievedTargetAttention, gather_retrieved
+from ranker.models.base import CTRModel, Retrieved, retrieved_from_history
 
 
-class TWIN(RetrievedTargetAttention):
+class TWIN(CTRModel):
     name = "twin"
     retrieval = "history"
 
-    def retrieve(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieve(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> Retrieved:
         ids, mask = batch["history"], batch["history_mask"]  # [B, L, 2], [B, L]
         k = min(self.config.k, ids.shape[1])
         with torch.no_grad():  # consistent scoring: the ESU's logits, but no gradient through the search
             logits = self.long_attention.logits(target, self.embeddings.seq(ids))  # [B, L]
             logits = logits.masked_fill(~mask, MASK_LOGIT)
             _, indices = logits.topk(k, dim=1)  # [B, K]
-        return gather_retrieved(ids, indices), torch.gather(mask, 1, indices)
+        return retrieved_from_history(batch, indices, torch.gather(mask, 1, indices))

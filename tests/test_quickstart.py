@@ -1,0 +1,112 @@
+"""``muse quickstart`` end to end in a subprocess on the embedded deployment, at its smallest size.
+
+The default size's wall time is a bench (`python -m bench.quickstart`), not a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "MUSE_DATA_DIR": str(data_dir), "MUSE_DEVICE": "cpu"}
+    for var in ("MUSE_DATABASE_URL", "MUSE_MILVUS_URI", "MUSE_BROKER_URL", "MUSE_QUEUE_PREFIX", "MUSE_CONFIG"):
+        env.pop(var, None)
+    return env
+
+
+def _muse(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "muse.cli.main", *args], env=_env(data_dir),
+                          capture_output=True, text=True, timeout=900, cwd=data_dir)
+
+
+def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return _muse(["quickstart", *args], data_dir)
+
+
+def _readme_snippet() -> str:
+    """The README's Python example (the first ```python block)."""
+    text = README.read_text()
+    start = text.index("```python\n") + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def test_quickstart_tiny_end_to_end_then_reused(tmp_path: Path):
+    data_dir = tmp_path / "muse-data"
+    data_dir.mkdir()
+    args = ["--size", "tiny", "--sources", "scl", "--models", "din,muse", "--seeds", "2"]
+    res = _run(args, data_dir)
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
+    for stage in ("[1/6] metadata database", "[3/6] embedding sources", "[4/6] backfill scl",
+                  "[5/6] retrieval example", "[6/6] rankers"):
+        assert stage in out, stage
+
+    # the retrieval example: titles, categories, and cosines that are spread out (not a collapse)
+    example = out[out.index("[5/6]"):out.index("[6/6]")]
+    rows = re.findall(r"^\s+\d+\s+(-?\d\.\d{4})\s+\d+\s+x\d+\s+(\w+/\w+)\s+\S", example, re.M)
+    assert len(rows) >= 3, example
+    spread = re.search(r"median (-?\d\.\d+), min (-?\d\.\d+), std (\d\.\d+)", example)
+    assert spread is not None, example
+    assert float(spread.group(1)) < 0.95 and float(spread.group(3)) > 0.02, example
+    assert "collapsed" not in example
+    mean_cos = float(re.search(r"mean cosine between random items (-?\d\.\d+)", out).group(1))
+    assert mean_cos < 0.9, out
+
+    # the comparison table: a line per model and source with mean +- std, and the chart
+    assert re.search(r"^din \(ta\+simtier\)\s+scl\s+0\.\d{4} \+- 0\.\d{4}", out, re.M), out[-2000:]
+    assert re.search(r"^muse \(sa-ta\+simtier\)\s+scl\s+0\.\d{4} \+- 0\.\d{4}", out, re.M), out[-2000:]
+    chart = Path(re.search(r"^chart: (\S+)", out, re.M).group(1))
+    assert chart.is_file() and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((chart.parent / "compare.json").read_text())
+    assert {(r["model"], r["source"]) for r in saved["rows"]} == {("din", "scl"), ("muse", "scl")}
+    assert all(0.0 < r["gauc"] < 1.0 and len(r["runs"]) == 2 for r in saved["rows"])
+    assert "test users; differences between models here are noise" in out  # tiny says it is tiny
+
+    # the other commands on what the quickstart made
+    user, target = (int(x) for x in re.search(r"user (\d+): \d+ behaviours prefetched; target item (\d+)", out).groups())
+    first_line = 'dataset, user, targets = "quickstart-standard-0", 17, [5, 9]'
+    assert first_line in _readme_snippet()
+    snippet = _readme_snippet().replace(first_line, f'dataset, user, targets = "quickstart-tiny-0", {user}, [{target}]')
+    shown = subprocess.run([sys.executable, "-c", snippet], env=_env(data_dir), capture_output=True, text=True,
+                           timeout=300, cwd=data_dir)
+    assert shown.returncode == 0 and shown.stdout.startswith(f"{target} ["), shown.stdout + shown.stderr
+    unknown = _muse(["retrieve", "search", "--source", "scl", "--dataset", "quickstart-tiny-0", "--user", "999999",
+                     "--items", str(target)], data_dir)
+    assert unknown.returncode == 1 and "has no user 999999" in unknown.stdout, unknown.stdout + unknown.stderr
+    listed = _muse(["backfill", "list"], data_dir)
+    assert listed.stdout.splitlines()[0].split() == ["job", "status", "source", "dataset", "created"], listed.stdout
+    assert json.loads(_muse(["backfill", "list", "--json"], data_dir).stdout)[0]["status"] == "done"
+
+    # a second run reuses everything: nothing is trained or backfilled again
+    started = time.perf_counter()
+    again = _run(args, data_dir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "reusing quickstart-tiny-0" in again.stdout and "reusing scl v1" in again.stdout
+    assert "already done" in again.stdout and "(run " in again.stdout and "reused)" in again.stdout
+    assert "trained scl" not in again.stdout
+    assert time.perf_counter() - started < 0.5 * _stage_seconds(out)
+    assert np.isclose(json.loads((chart.parent / "compare.json").read_text())["rows"][0]["gauc"],
+                      saved["rows"][0]["gauc"])
+
+
+def _stage_seconds(out: str) -> float:
+    return sum(float(x) for x in re.findall(r"^\s+\((\d+\.\d) s\)$", out, re.M))
+
+
+def test_quickstart_rejects_unknown_names_before_running(tmp_path: Path):
+    for args, word in ((["--sources", "sclx"], "sclx"), (["--models", "dinx"], "dinx")):
+        res = _run(args, tmp_path)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert word in res.stderr and "Traceback" not in res.stderr
+        assert "[1/6]" not in res.stdout  # nothing ran
