@@ -125,6 +125,7 @@ def served(tmp_path: Path, milvus_server_uri: str, redis_url: str, unique_prefix
 
 def _same(a, b) -> None:
     assert (a.user_id, a.found, a.k, a.history_length, len(a)) == (b.user_id, b.found, b.k, b.history_length, len(b))
+    assert (a.dataset, a.source, a.version) == (b.dataset, b.source, b.version)
     for ha, hb in zip(a, b, strict=True):
         assert ha.item_id == hb.item_id
         np.testing.assert_array_equal(ha.behaviour_item_ids, hb.behaviour_item_ids)
