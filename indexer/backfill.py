@@ -20,7 +20,11 @@ client and the dataset's item table; :func:`reset_process_caches` clears them.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import os
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import update
+from sqlalchemy import and_, or_, select, update
 
 from muse import models
 from muse.db import session_scope
@@ -148,6 +152,13 @@ def _ensure_collections(settings: Settings, ref: Any, dim: int) -> Any:
     return store
 
 
+def forget_collections(settings: Settings) -> None:
+    """Forget which collections this process created or loaded (they were dropped under it)."""
+    _ensured.clear()
+    for store in _stores.values():
+        store.forget()
+
+
 def _item_table(location: str) -> tuple[np.ndarray, np.ndarray]:
     """``(item_ids int64[n], categories int64[n])`` of a dataset in canonical order, cached."""
     if location not in _item_tables:
@@ -210,15 +221,37 @@ def _images(location: str, item_ids: np.ndarray) -> dict[int, bytes]:
 
 
 # -- chunk bookkeeping ------------------------------------------------------------------------------
-def begin_chunk(settings: Settings, chunk_id: int) -> ChunkSpec | None:
-    """Mark a chunk running (attempts + 1) and return what is needed to run it.
+def worker_id() -> str:
+    """This process as a chunk's lease holder: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    Returns None when there is nothing to do: the chunk is already done (a duplicate delivery)
-    or its job was cancelled.
+
+def lease_live(chunk: models.BackfillChunk, now: dt.datetime | None = None) -> bool:
+    """True while the chunk's lease has not expired (its worker renews it while running it)."""
+    if chunk.lease_expires_at is None:
+        return False
+    expires = chunk.lease_expires_at
+    expires = expires if expires.tzinfo is not None else expires.replace(tzinfo=dt.timezone.utc)
+    return expires > (now or utcnow())
+
+
+def _lease_until(settings: Settings, extra_s: float = 0.0) -> dt.datetime:
+    return utcnow() + dt.timedelta(seconds=settings.backfill_lease_s + extra_s)
+
+
+def begin_chunk(settings: Settings, chunk_id: int, worker: str | None = None) -> ChunkSpec | None:
+    """Claim a chunk for this worker (status running, attempts + 1, a lease of
+    ``settings.backfill_lease_s``) and return what is needed to run it.
+
+    Returns None when there is nothing to do: the chunk is already done (a duplicate delivery),
+    another live worker holds its lease, its job was cancelled, or it is a behaviour chunk whose
+    item chunks are not finished (it goes back to ``pending``) or failed (it is marked failed:
+    its vectors would be missing).
 
     Raises:
         NotFoundError: no chunk with this id.
     """
+    worker = worker or worker_id()
     with session_scope(settings) as session:
         chunk = session.get(models.BackfillChunk, int(chunk_id))
         if chunk is None:
@@ -230,14 +263,53 @@ def begin_chunk(settings: Settings, chunk_id: int) -> ChunkSpec | None:
         if job.status == "cancelled":
             log.info("job %d is cancelled; skipping chunk %d", job.id, chunk.id)
             return None
+        if chunk.status in (RUNNING, QUEUED) and chunk.worker not in (None, worker) and lease_live(chunk):
+            log.info("chunk %d is held by %s (lease live); skipping this delivery", chunk.id, chunk.worker)
+            return None
+        if chunk.kind == BEHAVIOURS:
+            items = [c for c in job.chunks if c.kind != BEHAVIOURS]
+            failed = [c for c in items if c.status == FAILED]
+            if failed:
+                chunk.status = FAILED
+                chunk.error = (f"not run: {len(failed)} item chunk(s) failed, so item vectors are missing "
+                               f"(first: {failed[0].kind}#{failed[0].index}: {failed[0].error})")[:2000]
+                chunk.finished_at = utcnow()
+                chunk.worker = chunk.lease_expires_at = None
+                log.warning("job %d: behaviour chunk %d not run: item chunks failed", job.id, chunk.id)
+                return None
+            if any(c.status != DONE for c in items):
+                chunk.status = PENDING
+                chunk.worker = chunk.lease_expires_at = None
+                log.info("job %d: behaviour chunk %d waits for its item chunks", job.id, chunk.id)
+                return None
         source = session.get(models.EmbeddingSource, job.source_id)
         dataset = session.get(models.Dataset, job.dataset_id)
         if source is None or dataset is None:
             raise NotFoundError(f"job {job.id}: its embedding source or dataset row was deleted")
-        chunk.status = RUNNING
-        chunk.attempts += 1
-        chunk.started_at = utcnow()
-        chunk.error = None
+        # The claim: only if nobody else took a live lease since we read the row.
+        now = utcnow()
+        claim = session.execute(
+            update(models.BackfillChunk)
+            .where(
+                models.BackfillChunk.id == chunk.id,
+                models.BackfillChunk.status != DONE,
+                or_(
+                    models.BackfillChunk.worker.is_(None),
+                    models.BackfillChunk.worker == worker,
+                    models.BackfillChunk.lease_expires_at.is_(None),
+                    models.BackfillChunk.lease_expires_at <= now,
+                    models.BackfillChunk.status.notin_((RUNNING, QUEUED)),
+                ),
+            )
+            .values(
+                status=RUNNING, attempts=models.BackfillChunk.attempts + 1, started_at=now, error=None,
+                worker=worker, lease_expires_at=_lease_until(settings),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if claim.rowcount != 1:
+            log.info("chunk %d was claimed by another worker; skipping this delivery", chunk.id)
+            return None
         if job.status == "pending":
             job.status = "running"
             job.started_at = job.started_at or utcnow()
@@ -270,21 +342,98 @@ def finish_chunk(settings: Settings, chunk_id: int, result: ChunkResult) -> None
                 error=None,
                 finished_at=utcnow(),
                 duration_s=float(result.duration_s),
+                lease_expires_at=None,
             )
         )
 
 
-def mark_chunk(settings: Settings, chunk_id: int, status: str, error: str | None = None) -> None:
-    """Set a chunk's status (``queued`` before a retry, ``failed`` when retries are exhausted)."""
+def mark_chunk(
+    settings: Settings, chunk_id: int, status: str, error: str | None = None, hold_s: float | None = None
+) -> None:
+    """Set a chunk's status (``queued`` before a retry, ``failed`` when retries are exhausted).
+
+    ``hold_s``: for a retry, this worker keeps the chunk's lease that much longer than the retry's
+    countdown, so neither ``resume`` nor recovery sends the chunk again meanwhile.
+    """
     values: dict[str, Any] = {"status": status, "error": error[:2000] if error else error}
     if status == FAILED:
         values["finished_at"] = utcnow()
+        values["lease_expires_at"] = None
+    elif hold_s is not None:
+        values["lease_expires_at"] = _lease_until(settings, hold_s)  # held for the retry message
+        values["worker"] = None  # whichever worker takes the retry message may claim it
+        values["queued_at"] = utcnow()
     with session_scope(settings) as session:
         session.execute(
             update(models.BackfillChunk)
             .where(models.BackfillChunk.id == int(chunk_id), models.BackfillChunk.status != DONE)
             .values(**values)
         )
+
+
+def renew_lease(settings: Settings, chunk_id: int, worker: str | None = None) -> bool:
+    """Extend this worker's lease on a running chunk; False when the chunk is no longer ours."""
+    with session_scope(settings) as session:
+        res = session.execute(
+            update(models.BackfillChunk)
+            .where(
+                models.BackfillChunk.id == int(chunk_id),
+                models.BackfillChunk.status == RUNNING,
+                models.BackfillChunk.worker == (worker or worker_id()),
+            )
+            .values(lease_expires_at=_lease_until(settings))
+        )
+        return res.rowcount == 1
+
+
+class LeaseKeeper:
+    """Renews a chunk's lease every third of ``settings.backfill_lease_s`` while the chunk runs
+    (a thread; a failed renewal, e.g. while the database is down, is logged and tried again)."""
+
+    def __init__(self, settings: Settings, chunk_id: int) -> None:
+        self.settings, self.chunk_id, self.worker = settings, int(chunk_id), worker_id()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{chunk_id}", daemon=True)
+
+    def _run(self) -> None:
+        period = max(0.2, self.settings.backfill_lease_s / 3)
+        while not self._stop.wait(period):
+            try:
+                if not renew_lease(self.settings, self.chunk_id, self.worker):
+                    return
+            except Exception as e:  # the database may be down; the lease then lapses, as it should
+                log.warning("cannot renew the lease of chunk %d: %s", self.chunk_id, e)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def expired_leases(settings: Settings, job_id: int | None = None) -> list[tuple[int, int, str, str | None]]:
+    """Chunks ``running`` (or held for a retry) whose lease expired: ``(chunk_id, job_id, kind, worker)``."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        q = (
+            select(models.BackfillChunk.id, models.BackfillChunk.job_id, models.BackfillChunk.kind,
+                   models.BackfillChunk.worker)
+            .join(models.BackfillJob, models.BackfillJob.id == models.BackfillChunk.job_id)
+            .where(
+                models.BackfillJob.status == "running",
+                or_(
+                    and_(models.BackfillChunk.status == RUNNING,
+                         or_(models.BackfillChunk.lease_expires_at.is_(None),
+                             models.BackfillChunk.lease_expires_at <= now)),
+                    and_(models.BackfillChunk.status == QUEUED, models.BackfillChunk.lease_expires_at <= now),
+                ),
+            )
+        )
+        if job_id is not None:
+            q = q.where(models.BackfillChunk.job_id == int(job_id))
+        return [tuple(r) for r in session.execute(q).all()]
 
 
 # -- the work ------------------------------------------------------------------------------------
@@ -294,18 +443,24 @@ def run_chunk(settings: Settings, chunk_id: int) -> ChunkResult | None:
     Returns the result, or None when the chunk was skipped (already done, job cancelled).
     Exceptions propagate (the caller decides on retries) and leave the chunk ``running``.
     """
+    from muse.vectorstore import CollectionNotFound
+
     spec = begin_chunk(settings, chunk_id)
     if spec is None:
         return None
     t0 = time.perf_counter()
-    if spec.kind == ITEMS:
-        result = encode_items_chunk(settings, spec)
-    elif spec.kind == IMPORT:
-        result = import_vectors_chunk(settings, spec)
-    elif spec.kind == BEHAVIOURS:
-        result = copy_behaviours_chunk(settings, spec)
-    else:
+    work = {ITEMS: encode_items_chunk, IMPORT: import_vectors_chunk, BEHAVIOURS: copy_behaviours_chunk}.get(spec.kind)
+    if work is None:
         raise DataError(f"chunk {chunk_id} has unknown kind {spec.kind!r}; valid: {', '.join(CHUNK_KINDS)}")
+    with LeaseKeeper(settings, chunk_id):
+        try:
+            result = work(settings, spec)
+        except CollectionNotFound as e:
+            # Dropped under this long-lived worker: forget the cached state, create them again, and
+            # run the chunk once more (its upserts are idempotent).
+            log.warning("chunk %d: %s; re-creating the collections and running it again", chunk_id, e)
+            forget_collections(settings)
+            result = work(settings, spec)
     result.duration_s = time.perf_counter() - t0
     finish_chunk(settings, chunk_id, result)
     log.info(

@@ -41,6 +41,8 @@ BEHAVIOURS_TASK = "muse.indexer.copy_behaviours_chunk"
 IMPORT_TASK = "muse.indexer.import_vectors_chunk"
 #: How long a redis/amqp broker keeps an unacknowledged message before redelivering it (seconds).
 VISIBILITY_TIMEOUT_S = 3600
+#: AMQP heartbeat (seconds): a worker notices a broker that went away and reconnects.
+BROKER_HEARTBEAT_S = 10
 
 
 def queue_name(kind: str, prefix: str | None = None) -> str:
@@ -82,7 +84,15 @@ def broker_transport_options(settings: Settings, queue_prefix: str | None = None
             "polling_interval": 0.05,
         }
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        options: dict[str, Any] = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+        options: dict[str, Any] = {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            # Notice a dead or restarted Redis within seconds instead of blocking on a dead socket.
+            "socket_keepalive": True,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+            "health_check_interval": 10,
+            "retry_on_timeout": True,
+        }
         prefix = resolve_prefix(queue_prefix)
         if prefix:
             options["global_keyprefix"] = prefix  # unacked and binding keys too, not only the queues
@@ -100,6 +110,15 @@ def celery_config(settings: Settings, queue_prefix: str | None = None) -> dict[s
         "broker_url": settings.broker_url,
         "broker_transport_options": broker_transport_options(settings, queue_prefix),
         "broker_connection_retry_on_startup": True,
+        # A restarted broker is reconnected to, forever, with AMQP heartbeats noticing a dead peer.
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "broker_channel_error_retry": True,
+        "broker_heartbeat": BROKER_HEARTBEAT_S,
+        "broker_pool_limit": 4,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 10, "interval_start": 0.5, "interval_step": 1.0,
+                                      "interval_max": 5.0},
         "result_backend": None,  # job state lives in the database
         "task_ignore_result": True,
         "task_serializer": "json",

@@ -9,6 +9,12 @@ last item chunks at once never enqueue a behaviour chunk twice.
 
 Job statuses: ``pending`` -> ``running`` -> ``done`` | ``failed`` (a chunk exhausted its retries)
 | ``cancelled``. Re-running or resuming a ``done`` job is a no-op.
+
+A running chunk carries a lease (``worker``, ``lease_expires_at``) that its worker renews; a
+chunk waiting for a retry is held the same way. :func:`recover_jobs` (run by every worker's
+watchdog and by the foreground ``muse backfill``) re-sends chunks whose lease expired and queued
+chunks whose message was lost, and finishes the bookkeeping a failed step left undone; ``resume``
+never re-sends a chunk whose lease is live.
 """
 
 from __future__ import annotations
@@ -20,7 +26,18 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from indexer.backfill import BEHAVIOURS, DONE, FAILED, IMPORT, ITEMS, PENDING, QUEUED, RUNNING
+from indexer.backfill import (
+    BEHAVIOURS,
+    DONE,
+    FAILED,
+    IMPORT,
+    ITEMS,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    expired_leases,
+    lease_live,
+)
 from muse import models
 from muse.db import session_scope
 from muse.errors import ConfigurationError, NotFoundError
@@ -58,6 +75,12 @@ class JobProgress:
     elapsed_s: float | None
     failed_items: list[list[Any]] = field(default_factory=list)  # [[item_id, reason], ...]
     errors: list[str] = field(default_factory=list)  # errors of failed chunks
+    # Workers holding running chunks: {"host:pid": "alive (lease 41 s left)" | "dead (...)"}.
+    workers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dead_workers(self) -> list[str]:
+        return [w for w, state in self.workers.items() if state.startswith("dead")]
 
     @property
     def finished(self) -> bool:
@@ -104,14 +127,28 @@ def _claim_and_send(settings: Settings, app: Any, chunks: list[tuple[int, str]],
     sent = 0
     for chunk_id, kind in chunks:
         with session_scope(settings) as session:
+            chunk = session.get(models.BackfillChunk, chunk_id)
+            if chunk is None or chunk.status not in from_status or lease_live(chunk):
+                continue  # finished meanwhile, or a live worker holds it: never sent twice
+            previous = chunk.status
             res = session.execute(
                 update(models.BackfillChunk)
-                .where(models.BackfillChunk.id == chunk_id, models.BackfillChunk.status.in_(from_status))
-                .values(status=QUEUED, error=None)
+                .where(models.BackfillChunk.id == chunk_id, models.BackfillChunk.status == previous)
+                .values(status=QUEUED, error=None, queued_at=utcnow(), worker=None, lease_expires_at=None)
             )
             won = res.rowcount == 1
         if won:
-            _send(app, chunk_id, kind)
+            try:
+                _send(app, chunk_id, kind)
+            except Exception:
+                # The broker is down: the chunk is not queued after all (recovery sends it later).
+                with session_scope(settings) as session:
+                    session.execute(
+                        update(models.BackfillChunk)
+                        .where(models.BackfillChunk.id == chunk_id, models.BackfillChunk.status == QUEUED)
+                        .values(status=PENDING if previous == PENDING else previous)
+                    )
+                raise
             sent += 1
     return sent
 
@@ -248,7 +285,7 @@ def enqueue_job(settings: Settings, job_id: int, app: Any = None) -> int:
         if item_chunks:
             # Behaviour chunks run again after the items: the vectors they copy may change.
             for c in job.chunks:
-                if c.kind == BEHAVIOURS and (c.status != DONE or c.n_failed):
+                if c.kind == BEHAVIOURS and (c.status != DONE or c.n_failed) and not lease_live(c):
                     c.status = PENDING
     # Chunks left queued/running by a dead worker are sent again; a duplicate delivery is skipped
     # (done) or rewrites the same rows (idempotent upserts).
@@ -260,8 +297,26 @@ def enqueue_job(settings: Settings, job_id: int, app: Any = None) -> int:
 
 
 def _enqueue_behaviours(settings: Settings, job_id: int, app: Any, from_status: tuple[str, ...]) -> int:
+    """Send the job's behaviour chunks, once every item chunk is done. When an item chunk failed,
+    its items have no vectors to copy: the behaviour chunks are marked failed with that reason
+    instead of being sent (``resume`` re-runs the failed item chunks, then the behaviours)."""
     with session_scope(settings) as session:
-        chunks = [(c.id, c.kind) for c in _job(session, job_id).chunks if c.kind == BEHAVIOURS and c.status != DONE]
+        job = _job(session, job_id)
+        items = [c for c in job.chunks if c.kind != BEHAVIOURS]
+        if any(c.status not in (DONE, FAILED) for c in items):
+            return 0
+        failed = [c for c in items if c.status == FAILED]
+        if failed:
+            reason = (f"not run: {len(failed)} item chunk(s) failed, so item vectors are missing "
+                      f"(first: {failed[0].kind}#{failed[0].index}: {failed[0].error})")[:2000]
+            session.execute(
+                update(models.BackfillChunk)
+                .where(models.BackfillChunk.job_id == job.id, models.BackfillChunk.kind == BEHAVIOURS,
+                       models.BackfillChunk.status.in_(from_status))
+                .values(status=FAILED, error=reason, finished_at=utcnow())
+            )
+            return 0
+        chunks = [(c.id, c.kind) for c in job.chunks if c.kind == BEHAVIOURS and c.status != DONE]
     return _claim_and_send(settings, app, chunks, from_status)
 
 
@@ -302,7 +357,102 @@ def _update_job_status(settings: Settings, job_id: int) -> None:
         from indexer.backfill import get_store
         from muse.versions import on_backfill_done
 
-        on_backfill_done(settings, job_id, get_store(settings))
+        try:
+            on_backfill_done(settings, job_id, get_store(settings))
+        except Exception as e:  # the job's rows are written; only making it live failed
+            log.error("job %d is done but recording its version failed: %s; run `muse source list`, then "
+                      "`muse source promote DATASET SOURCE VERSION`", job_id, e)
+
+
+def _queue_sizes(app: Any) -> dict[str, int] | None:
+    """Messages waiting in each of the app's queues, or None when the broker cannot say."""
+    try:
+        sizes = {}
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            for queue in app.conf.task_queues:
+                if hasattr(channel, "_size"):  # kombu's virtual transports (Redis, filesystem): an empty
+                    sizes[queue.name] = int(channel._size(queue.name))  # Redis list does not exist at all
+                else:
+                    sizes[queue.name] = int(channel.queue_declare(queue=queue.name, passive=True).message_count)
+        return sizes
+    except Exception as e:  # the broker may be down: no stale-queue recovery this pass
+        log.debug("cannot read queue sizes: %s", e)
+        return None
+
+
+def recover_jobs(settings: Settings, app: Any = None, job_id: int | None = None) -> dict[str, int]:
+    """Make running jobs progress without a person; safe to run from any number of processes.
+
+    * a chunk whose lease expired (its worker died, or a retry message was lost) is re-sent;
+    * a chunk ``queued`` for longer than a lease while the broker's queues are empty (its message
+      was lost, e.g. in a broker restart without persistence) is re-sent;
+    * a job whose item chunks are all finished gets its behaviour chunks enqueued, and a job whose
+      chunks are all finished is closed (when the worker's own bookkeeping step failed).
+
+    Returns counts: ``{"expired": n, "lost": n, "closed": n}``.
+    """
+    app = get_app(settings) if app is None else app
+    out = {"expired": 0, "lost": 0, "closed": 0}
+    for chunk_id, _job_id, kind, worker in expired_leases(settings, job_id):
+        with session_scope(settings) as session:
+            res = session.execute(
+                update(models.BackfillChunk)
+                .where(models.BackfillChunk.id == chunk_id, models.BackfillChunk.status.in_((RUNNING, QUEUED)),
+                       models.BackfillChunk.worker.is_(worker) if worker is None
+                       else models.BackfillChunk.worker == worker)
+                .values(status=PENDING, worker=None, lease_expires_at=None,
+                        error=f"re-sent: worker {worker or '?'} stopped renewing its lease")
+            )
+            won = res.rowcount == 1
+        if won:
+            log.warning("chunk %d: the lease of worker %s expired; sending it again", chunk_id, worker)
+            if worker:
+                _note_dead_worker(settings, _job_id, worker, f"{kind} chunk {chunk_id}")
+            out["expired"] += _claim_and_send(settings, app, [(chunk_id, kind)], (PENDING,))
+    with session_scope(settings) as session:
+        q = select(models.BackfillJob.id).where(models.BackfillJob.status == "running")
+        if job_id is not None:
+            q = q.where(models.BackfillJob.id == int(job_id))
+        running = list(session.scalars(q))
+    stale_before = utcnow() - dt.timedelta(seconds=max(settings.backfill_lease_s, 1.0))
+    sizes: dict[str, int] | None = None
+    for jid in running:
+        with session_scope(settings) as session:
+            job = _job(session, jid)
+            chunks = list(job.chunks)
+            items_finished = all(c.status in (DONE, FAILED) for c in chunks if c.kind != BEHAVIOURS)
+            lost = [
+                (c.id, c.kind) for c in chunks
+                if c.status == QUEUED and c.lease_expires_at is None and c.queued_at is not None
+                and _aware(c.queued_at) < stale_before
+            ]
+        if lost:
+            sizes = _queue_sizes(app) if sizes is None else sizes
+            if sizes is not None and not any(sizes.values()):
+                log.warning("job %d: %d queued chunk(s) have no message left in the broker; re-sending", jid, len(lost))
+                out["lost"] += _claim_and_send(settings, app, lost, (QUEUED,))
+        if items_finished:
+            _enqueue_behaviours(settings, jid, app, (PENDING,))
+        before = _status_of(settings, jid)
+        _update_job_status(settings, jid)
+        if before == "running" and _status_of(settings, jid) != "running":
+            out["closed"] += 1
+    return out
+
+
+def _note_dead_worker(settings: Settings, job_id: int, worker: str, what: str) -> None:
+    """Remember on the job that ``worker`` died holding ``what`` (``status`` shows it as dead)."""
+    with session_scope(settings) as session:
+        job = _job(session, job_id)
+        dead = dict((job.options or {}).get("dead_workers", {}))
+        dead[worker] = f"dead (its lease on {what} expired at {utcnow():%H:%M:%S} UTC; the chunk was re-sent)"
+        job.options = {**(job.options or {}), "dead_workers": dead}
+
+
+def _status_of(settings: Settings, job_id: int) -> str:
+    with session_scope(settings) as session:
+        return _job(session, job_id).status
 
 
 def resume_job(settings: Settings, job_id: int, app: Any = None) -> int:
@@ -393,11 +543,35 @@ def job_progress(settings: Settings, job_id: int) -> JobProgress:
             elapsed_s=(end - start).total_seconds() if start and end else None,
             failed_items=failed_items[:MAX_FAILED_LISTED],
             errors=[f"chunk {c.kind}#{c.index}: {c.error}" for c in job.chunks if c.status == FAILED and c.error],
+            workers={**dict((job.options or {}).get("dead_workers", {})), **_worker_states(job.chunks)},
         )
 
 
+def _worker_states(chunks: list[models.BackfillChunk]) -> dict[str, str]:
+    now = utcnow()
+    out: dict[str, str] = {}
+    for c in chunks:
+        if c.status != RUNNING or not c.worker:
+            continue
+        left = (_aware(c.lease_expires_at) - now).total_seconds() if c.lease_expires_at else None
+        if left is not None and left > 0:
+            state = f"alive (running {c.kind}#{c.index}, lease {left:.0f} s left)"
+        else:
+            ago = f"{-left:.0f} s ago" if left is not None else "never renewed"
+            state = f"dead (no lease renewal on {c.kind}#{c.index}: expired {ago}; its chunk is re-sent)"
+        if not out.get(c.worker, "").startswith("alive"):
+            out[c.worker] = state
+    return out
+
+
 def list_jobs(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
-    """The newest jobs with their source, dataset and status."""
+    """The newest jobs with their source, dataset and status.
+
+    Raises:
+        ConfigurationError: ``limit`` below 1.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigurationError(f"--limit must be a whole number >= 1, got {limit!r}")
     with session_scope(settings) as session:
         rows = session.execute(
             select(models.BackfillJob, models.EmbeddingSource.name, models.Dataset.name)

@@ -6,16 +6,23 @@ broker: :class:`muse.errors.BackendUnavailable`, ``ConnectionError``, SQLAlchemy
 ``OperationalError``) are retried with exponential backoff; when retries run out, or on any other
 error, the chunk is marked ``failed`` with the error text. Tasks are idempotent, as ``acks_late``
 requires: a chunk already done is skipped, and every write is an upsert.
+
+When the failure cannot be recorded (the database itself is down past the retry budget) the
+task is retried again instead of being dropped, so the message outlives the outage. While a chunk
+runs its worker renews the chunk's lease (``indexer.backfill.LeaseKeeper``); every worker runs a
+watchdog thread (:func:`start_watchdog`) that re-sends chunks whose lease expired (their worker
+died) and closes jobs whose last bookkeeping step was lost.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 from typing import Any
 
 from celery import Task, shared_task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from indexer import backfill, jobs
 from indexer.celery_app import BEHAVIOURS_TASK, ENCODE_TASK, IMPORT_TASK
@@ -41,9 +48,9 @@ def is_retriable(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError, DatabaseError, DisconnectionError, BrokerError))
 
 
-def backoff_s(retries: int) -> float:
+def backoff_s(retries: int, base_s: float = BACKOFF_BASE_S) -> float:
     """Seconds to wait before retry number ``retries + 1``."""
-    delay = min(BACKOFF_BASE_S * (2**retries), BACKOFF_MAX_S)
+    delay = min(base_s * (2**retries), BACKOFF_MAX_S)
     return delay * random.uniform(0.75, 1.25)
 
 
@@ -62,29 +69,48 @@ class ChunkTask(Task):
     def run_chunk(self, chunk_id: int) -> dict[str, Any]:
         """Run the chunk and advance its job; retry on transient errors."""
         settings = self.settings
+        retries = self.request.retries
         try:
             result = backfill.run_chunk(settings, chunk_id)
         except Exception as exc:
-            if is_retriable(exc) and self.request.retries < self.max_retries:
-                delay = backoff_s(self.request.retries)
-                log.warning("chunk %d: %s; retry %d in %.1fs", chunk_id, exc, self.request.retries + 1, delay)
-                _record(settings, chunk_id, backfill.QUEUED, f"retrying: {exc}")
-                raise self.retry(exc=exc, countdown=delay) from exc
-            log.exception("chunk %d failed", chunk_id)
-            _record(settings, chunk_id, backfill.FAILED, f"{type(exc).__name__}: {exc}")
-            _advance_chunk_job(settings, chunk_id, self.app)
+            budget = int(settings.backfill_retries)
+            if is_retriable(exc) and retries < budget:
+                delay = backoff_s(retries, settings.backfill_backoff_s)
+                log.warning("chunk %d: %s; retry %d/%d in %.1fs", chunk_id, exc, retries + 1, budget, delay)
+                _record(settings, chunk_id, backfill.QUEUED, f"retrying: {exc}", hold_s=delay)
+                raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
+            if not _record(settings, chunk_id, backfill.FAILED, f"{type(exc).__name__}: {exc}"):
+                # The failure cannot be written (the database is down): keep the message alive
+                # instead of dropping the chunk's only record; once the database is back the chunk
+                # runs again (and usually succeeds: the outage was the cause).
+                delay = backoff_s(min(retries, 6), settings.backfill_backoff_s)
+                log.warning("chunk %d: cannot record its failure; trying again in %.1fs", chunk_id, delay)
+                raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
+            log.error("chunk %d failed: %s", chunk_id, exc, exc_info=not is_retriable(exc))
+            _advance_safely(settings, chunk_id, self.app)
             raise
-        _advance_chunk_job(settings, chunk_id, self.app)
+        _advance_safely(settings, chunk_id, self.app)
         if result is None:
             return {"chunk_id": chunk_id, "skipped": True}
         return {"chunk_id": chunk_id, "n_written": result.n_written, "n_failed": result.n_failed}
 
 
-def _record(settings: Settings, chunk_id: int, status: str, error: str) -> None:
+def _record(settings: Settings, chunk_id: int, status: str, error: str, hold_s: float | None = None) -> bool:
     try:
-        backfill.mark_chunk(settings, chunk_id, status, error)
+        backfill.mark_chunk(settings, chunk_id, status, error, hold_s=hold_s)
+        return True
     except Exception as e:  # the database itself may be what failed; the message stays the record
         log.error("cannot record chunk %d as %s: %s", chunk_id, status, e)
+        return False
+
+
+def _advance_safely(settings: Settings, chunk_id: int, app: Any) -> None:
+    """Advance the chunk's job; if that fails (database or broker down) the watchdog of some
+    worker finishes the step later (:func:`indexer.jobs.recover_jobs`), so the chunk is not redone."""
+    try:
+        _advance_chunk_job(settings, chunk_id, app)
+    except Exception as e:
+        log.warning("chunk %d: advancing its job failed (%s); the watchdog will do it", chunk_id, e)
 
 
 def _advance_chunk_job(settings: Settings, chunk_id: int, app: Any) -> None:
@@ -118,13 +144,113 @@ def import_vectors_chunk(self: ChunkTask, chunk_id: int) -> dict[str, Any]:
 
 @worker_process_init.connect
 def _fresh_process(**_: Any) -> None:
-    """A forked pool process must not reuse the parent's clients or models: load its own lazily.
-    (The parent process never runs chunks, so it holds no database connection to inherit.)"""
+    """A forked pool process must not reuse the parent's clients, models or database connections
+    (the parent's watchdog thread holds some): load its own lazily."""
+    from muse.db import dispose_engines
+
     backfill.reset_process_caches()
+    dispose_engines()
+
+
+_watchdog: threading.Thread | None = None
+_watchdog_stop = threading.Event()
+#: Set by the watchdog when this worker should stop warmly so its supervisor starts it afresh.
+restart_requested = threading.Event()
+#: Seconds between broker reachability checks of the watchdog.
+BROKER_CHECK_S = 2.0
+#: Seconds a warm shutdown asked for by the watchdog may take before the process exits anyway.
+RESTART_GRACE_S = 60.0
+
+
+def broker_reachable(app: Any, timeout_s: float = 3.0) -> bool:
+    """True when a fresh connection to the app's broker can be made now."""
+    url = str(app.conf.broker_url)
+    try:
+        if url.startswith(("redis://", "rediss://")):
+            import redis
+
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        with app.connection_for_write() as conn:  # AMQP connects eagerly
+            conn.ensure_connection(max_retries=1, timeout=timeout_s)
+        return True
+    except Exception as e:  # any failure means: not reachable now
+        log.debug("broker not reachable: %s", e)
+        return False
+
+
+def watchdog_loop(settings: Settings, app: Any, stop: threading.Event, supervised: bool = False) -> None:
+    """Every half lease :func:`indexer.jobs.recover_jobs` (errors are logged, never fatal).
+
+    Under a supervisor (``muse worker`` with a server broker) it also checks the broker every
+    ``BROKER_CHECK_S``: once the broker was unreachable and answers again, the worker stops warmly
+    (running chunks finish) and the supervisor starts a fresh one, because Celery's Redis consumer
+    may never resume consuming after a broker restart.
+    """
+    import os
+    import signal
+    import time
+
+    period = max(0.5, settings.backfill_lease_s / 2)
+    last_recover = 0.0
+    broker_lost = False
+    while not stop.wait(min(period, BROKER_CHECK_S) if supervised else period):
+        if supervised:
+            up = broker_reachable(app)
+            if not up and not broker_lost:
+                log.warning("watchdog: the broker %s is unreachable", settings.broker_url)
+                broker_lost = True
+            elif up and broker_lost:
+                log.warning("watchdog: the broker is back; restarting this worker so it consumes again")
+                restart_requested.set()
+                os.kill(os.getpid(), signal.SIGTERM)
+                # A consumer wedged beyond a warm shutdown: leave anyway (the leases cover the rest).
+                threading.Timer(RESTART_GRACE_S, os._exit, (75,)).start()
+                return
+        if time.monotonic() - last_recover < period:
+            continue
+        last_recover = time.monotonic()
+        try:
+            jobs.recover_jobs(settings, app)
+        except Exception as e:  # a backend may be down; try again next period
+            log.warning("watchdog: recovery pass failed: %s", e)
+
+
+#: Set (to "1") by the ``muse worker`` supervisor in its Celery child's environment.
+SUPERVISED_ENV = "MUSE_WORKER_SUPERVISED"
+
+
+def start_watchdog(settings: Settings, app: Any) -> threading.Thread:
+    """Start this worker's watchdog thread once per process."""
+    import os
+
+    global _watchdog
+    if _watchdog is None or not _watchdog.is_alive():
+        _watchdog_stop.clear()
+        supervised = os.environ.get(SUPERVISED_ENV) == "1"
+        _watchdog = threading.Thread(
+            target=watchdog_loop, args=(settings, app, _watchdog_stop, supervised), name="muse-watchdog",
+            daemon=True,
+        )
+        _watchdog.start()
+        log.info("watchdog started: recovery every %.1f s%s", max(0.5, settings.backfill_lease_s / 2),
+                 ", broker checks (supervised)" if supervised else "")
+    return _watchdog
+
+
+@worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    settings = getattr(app, "muse_settings", None) or load_settings()
+    start_watchdog(settings, jobs.get_app(settings))
 
 
 @worker_process_shutdown.connect
 @worker_shutdown.connect
 def _release(**_: Any) -> None:
     """Close Milvus clients so a Milvus Lite file is released when the worker stops."""
+    _watchdog_stop.set()
     backfill.close_stores()

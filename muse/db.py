@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from muse.errors import BackendUnavailable
@@ -20,8 +19,19 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-@functools.lru_cache(maxsize=8)
+_engines: dict[str, Engine] = {}
+
+
 def _engine_for(url: str) -> Engine:
+    if url not in _engines:
+        _engines[url] = _make_engine(url)
+    return _engines[url]
+
+
+_engine_for.cache_clear = _engines.clear  # type: ignore[attr-defined]  # tests reset engines this way
+
+
+def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -59,13 +69,43 @@ def check_database(settings: Settings) -> None:
 def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
     factory = sessionmaker(bind=get_engine(settings), expire_on_commit=False)
-    with factory() as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
+    try:
+        with factory() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                try:
+                    session.rollback()
+                except DBAPIError as e:  # the connection is gone; the original error matters
+                    log.debug("rollback failed: %s", e)
+                raise
+    except DBAPIError as e:
+        if not (isinstance(e, OperationalError | InterfaceError) or e.connection_invalidated):
             raise
+        raise BackendUnavailable(
+            f"the database at {_safe_url(settings.database_url)} is unavailable: {_first_line(e.orig or e)}"
+        ) from e
+
+
+def dispose_engines() -> None:
+    """Drop pooled connections inherited from a parent process (call after a fork)."""
+    for url in list(_engines):
+        _engines[url].dispose(close=False)
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL is shown as given (it holds no password then)
+        return url
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def alembic_config(settings: Settings):  # noqa: ANN201 - alembic.config.Config, imported lazily

@@ -141,6 +141,11 @@ class BackfillChunk(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     duration_s: Mapped[float | None] = mapped_column(Float)
+    # The worker process ("host:pid") holding the chunk and until when: it renews the lease while
+    # the chunk runs; an expired lease on a running chunk means its worker died (migration 0004).
+    worker: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    queued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     job: Mapped[BackfillJob] = relationship(back_populates="chunks")
 

@@ -43,6 +43,24 @@ ENV_VARS: dict[str, str] = {
     "MUSE_SEARCH_PARAMS": "search_params",
     "MUSE_SEQUENCE_URL": "sequence_url",
     "MUSE_GSU_ADDRESSES": "gsu_addresses",
+    "MUSE_SEARCH_CONSISTENCY": "search_consistency",
+    "MUSE_MILVUS_TIMEOUT_S": "milvus_timeout_s",
+    "MUSE_MILVUS_SEARCH_TIMEOUT_S": "milvus_search_timeout_s",
+    "MUSE_BACKFILL_LEASE_S": "backfill_lease_s",
+    "MUSE_BACKFILL_STALL_S": "backfill_stall_s",
+    "MUSE_BACKFILL_RETRIES": "backfill_retries",
+    "MUSE_BACKFILL_BACKOFF_S": "backfill_backoff_s",
+}
+#: Consistency levels a Milvus search may ask for (Milvus' names).
+CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
+#: Numeric settings and their type (environment values are converted and checked).
+NUMERIC_FIELDS: dict[str, type] = {
+    "milvus_timeout_s": float,
+    "milvus_search_timeout_s": float,
+    "backfill_lease_s": float,
+    "backfill_stall_s": float,
+    "backfill_retries": int,
+    "backfill_backoff_s": float,
 }
 
 
@@ -64,6 +82,16 @@ class Settings:
     # behaviour collection itself (server); "redis://host:6379/1" on the server deployment
     sequence_url: str = ""
     gsu_addresses: str = ""  # "host:port,host:port" of `muse serve` servers (RemoteRetriever)
+    # Consistency of Milvus-path searches: Bounded (~5x the throughput of Strong on 2.3; a write
+    # becomes visible within Milvus' bounded staleness, a few seconds). Ask for Strong per call
+    # where a read must see the write just made.
+    search_consistency: str = "Bounded"
+    milvus_timeout_s: float = 30.0  # deadline of each Milvus write, query and admin call
+    milvus_search_timeout_s: float = 5.0  # deadline of each Milvus vector search
+    backfill_lease_s: float = 60.0  # a running chunk's lease; renewed every third of it while it runs
+    backfill_stall_s: float = 600.0  # foreground `muse backfill` gives up after this long without progress
+    backfill_retries: int = 6  # retries of a chunk on backend outages (exponential backoff)
+    backfill_backoff_s: float = 2.0  # first retry delay; doubles per retry, capped at 120 s
 
     @property
     def embedded_milvus(self) -> bool:
@@ -121,6 +149,14 @@ def _parse_json_dict(name: str, raw: str) -> dict[str, Any]:
     return value
 
 
+def _parse_number(name: str, raw: str, kind: type) -> float | int:
+    try:
+        return kind(raw)
+    except ValueError as e:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigurationError(f"{name}={raw!r} must be {what}") from e
+
+
 def _validate(s: Settings) -> Settings:
     db_scheme = urlparse(s.database_url).scheme
     if db_scheme not in DATABASE_SCHEMES:
@@ -153,6 +189,17 @@ def _validate(s: Settings) -> Settings:
             f"MUSE_INDEX_TYPE={s.index_type!r} needs a GPU Milvus server, but MUSE_MILVUS_URI is "
             f"the Milvus Lite file {s.milvus_uri!r}"
         )
+    if s.search_consistency not in CONSISTENCY_LEVELS:
+        raise ConfigurationError(
+            f"MUSE_SEARCH_CONSISTENCY={s.search_consistency!r} is unknown; valid: {', '.join(CONSISTENCY_LEVELS)}"
+        )
+    for name, kind in NUMERIC_FIELDS.items():
+        value = getattr(s, name)
+        var = next(v for v, n in ENV_VARS.items() if n == name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value or value < 0:
+            raise ConfigurationError(f"{var}={value!r} must be a number >= 0")
+        if kind is int and int(value) != value:
+            raise ConfigurationError(f"{var}={value!r} must be a whole number")
     dev = s.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigurationError(f"MUSE_DEVICE={dev!r} is invalid; valid: auto, cpu, cuda, cuda:N")
@@ -191,7 +238,12 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     for var, name in ENV_VARS.items():
         if var in env and env[var] != "":
             raw = env[var]
-            values[name] = _parse_json_dict(var, raw) if name in ("index_params", "search_params") else raw
+            if name in ("index_params", "search_params"):
+                values[name] = _parse_json_dict(var, raw)
+            elif name in NUMERIC_FIELDS:
+                values[name] = _parse_number(var, raw, NUMERIC_FIELDS[name])
+            else:
+                values[name] = raw
 
     unknown = set(overrides) - fields
     if unknown:

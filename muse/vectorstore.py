@@ -37,14 +37,13 @@ from typing import Any
 import numpy as np
 
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
-from muse.settings import Settings
+from muse.settings import CONSISTENCY_LEVELS, Settings
+from muse.validation import MAX_NQ, check_id, check_ids, check_positions, check_vectors, unit_rows
 
 log = logging.getLogger(__name__)
 
 #: Largest ``limit`` (offset + limit) a Milvus query or search accepts.
 MAX_QUERY_WINDOW = 16384
-#: Consistency levels a search may ask for (Milvus names).
-CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 #: Rows per upsert request (keeps each gRPC message well under the 64 MB default).
 UPSERT_BATCH = 2000
 #: Behaviours fetched per query when paging through a user's history.
@@ -66,6 +65,62 @@ PROP_DATASET, PROP_SOURCE, PROP_VERSION, PROP_KIND = "muse.dataset", "muse.sourc
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
+class CollectionNotFound(NotFoundError):
+    """A Milvus call named a collection that does not exist (any more): it was never created or it
+    was dropped while this client held it. The store has forgotten what it cached about it."""
+
+    def __init__(self, message: str, collection: str | None) -> None:
+        super().__init__(message)
+        self.collection = collection
+
+
+#: Words in a Milvus or gRPC error that mean the server or the connection failed, not the request.
+_TRANSPORT_WORDS = (
+    "unavailable", "connect", "timeout", "timed out", "deadline", "retry", "socket", "closed channel",
+    "connection reset", "refused", "broken pipe", "eof", "transport", "not ready", "stopping",
+    "no available", "not serviceable", "shard delegator", "channel not", "node not", "offline",
+)
+#: Milvus 2.3 error codes that mean the server is not (yet) able to serve: retry later.
+_TRANSIENT_CODES = frozenset({2, 3, 4, 5, 6, 7, 8, 9, 103, *range(500, 700), *range(900, 1100)})
+#: Calls that may be re-sent at once after a reconnect (reads, and writes with deterministic keys).
+_RETRY_SAFE = frozenset(
+    {"search", "query", "has_collection", "describe_collection", "describe_index", "list_indexes",
+     "list_collections", "get_server_version", "upsert", "delete", "load_collection", "flush"}
+)
+
+
+def classify_milvus_error(exc: BaseException) -> str:
+    """``"not_loaded"``, ``"not_found"``, ``"transient"`` (server or transport), ``"input"`` (the
+    request is wrong: retrying cannot help) or ``"other"`` (not a Milvus or gRPC error)."""
+    import grpc
+    from pymilvus.exceptions import (
+        DataNotMatchException,
+        DataTypeNotMatchException,
+        MilvusException,
+        ParamError,
+        PrimaryKeyException,
+    )
+
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+            return "input"
+        return "transient"
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return "transient"
+    if not isinstance(exc, MilvusException):
+        return "other"
+    code = getattr(exc, "code", None)
+    msg = str(exc).lower()
+    if code == 101 or "not loaded" in msg:
+        return "not_loaded"
+    if code == 100 or "can't find collection" in msg or "collection not found" in msg:
+        return "not_found"
+    if isinstance(exc, (ParamError, DataNotMatchException, DataTypeNotMatchException, PrimaryKeyException)):
+        return "input"
+    if code in _TRANSIENT_CODES or any(w in msg for w in _TRANSPORT_WORDS):
+        return "transient"
+    return "input"
 @dataclass(frozen=True, order=True)
 class CollectionRef:
     """One version of one embedding source's vectors for one dataset: what a pair of collections holds.
@@ -158,10 +213,8 @@ def behaviour_pk(user_ids: np.ndarray | Sequence[int], positions: np.ndarray | S
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation in float32; all-zero rows stay zero."""
-    v = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    return v / np.where(norms > 0, norms, 1.0)
+    """Row-wise L2 normalisation (computed in float64, returned as float32); all-zero rows stay zero."""
+    return unit_rows(vectors)
 
 
 def _check_source(source: str) -> str:
@@ -173,10 +226,7 @@ def _check_source(source: str) -> str:
 
 
 def _int_list(values: np.ndarray | Sequence[int], what: str) -> list[int]:
-    arr = np.asarray(values)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ConfigurationError(f"{what} must be a 1-D sequence of integers, got dtype {arr.dtype}")
-    return [int(x) for x in arr]
+    return check_ids(values, what).tolist()
 
 
 class VectorStore:
@@ -220,7 +270,7 @@ class VectorStore:
             if self.settings.milvus_token:
                 kwargs["token"] = self.settings.milvus_token
             if not self.settings.embedded_milvus:
-                kwargs["timeout"] = 10
+                kwargs["timeout"] = min(10.0, self.settings.milvus_timeout_s or 10.0)
             return MilvusClient(**kwargs)
         except Exception as e:  # pymilvus raises several unrelated types on connect failure
             raise BackendUnavailable(f"MUSE_MILVUS_URI={uri!r}: cannot connect to Milvus: {e}") from e
@@ -253,20 +303,82 @@ class VectorStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one client call, turning transport failures into :class:`BackendUnavailable`."""
-        from pymilvus.exceptions import MilvusException
+    def _deadline(self, what: str) -> float | None:
+        """Seconds one call may take (``milvus_search_timeout_s`` for searches); None = no deadline."""
+        s = self.settings
+        if what == "search":
+            return s.milvus_search_timeout_s or None
+        if what in ("load_collection", "flush", "create_collection"):
+            return 4 * s.milvus_timeout_s if s.milvus_timeout_s else None
+        return s.milvus_timeout_s or None
 
-        try:
-            return fn(*args, **kwargs)
-        except MilvusException as e:
-            code = getattr(e, "code", None)
-            transient = (
-                code in (1, 2, 65535) or "unavailable" in str(e).lower() or "timeout" in str(e).lower()
-            )
-            if transient and not isinstance(e, (NotFoundError,)):
-                raise BackendUnavailable(f"Milvus {what} failed at {self.settings.milvus_uri!r}: {e}") from e
-            raise
+    def _reset_client(self, client: Any) -> None:
+        """Forget a client whose connection failed; the next call connects afresh."""
+        with self._lock:
+            if self._client is client and client is not None:
+                self._client = None
+                try:
+                    client.close()
+                except Exception as e:  # a broken channel may fail to close; it is dropped anyway
+                    log.debug("closing a failed Milvus client: %s", e)
+
+    def forget(self, name: str | None = None) -> None:
+        """Drop what this store cached about collection ``name`` (all collections when None)."""
+        if name is None:
+            self._loaded.clear()
+            self._dims.clear()
+        else:
+            self._loaded.discard(name)
+            self._dims.pop(name, None)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one client call with a deadline and sort its failures.
+
+        * collection not loaded (code 101, e.g. after a server restart): load it and call again once;
+        * collection gone (code 100): the store's caches about it are dropped, :class:`CollectionNotFound`;
+        * server or transport failure (gRPC UNAVAILABLE/DEADLINE_EXCEEDED, connect errors, 2.3's
+          not-ready codes): the client is dropped (the next call reconnects; a fast failure of a
+          stale connection is retried once at once), :class:`BackendUnavailable` (retriable);
+        * anything else Milvus rejects is the request's fault: :class:`ConfigurationError`.
+        """
+        method = getattr(fn, "__name__", None)
+        client = getattr(fn, "__self__", None)
+        kwargs.setdefault("timeout", self._deadline(what))
+        name = args[0] if args and isinstance(args[0], str) else None
+        reloaded = reconnected = False
+        while True:
+            t0 = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                kind = classify_milvus_error(e)
+                if kind == "other":
+                    raise
+                if kind == "not_loaded" and name and not reloaded and what != "load_collection":
+                    reloaded = True
+                    log.warning("Milvus collection %s is not loaded (server restarted?); loading it again", name)
+                    self._loaded.discard(name)
+                    self._ensure_loaded(name)
+                elif kind == "not_found":
+                    self.forget(name)
+                    raise CollectionNotFound(
+                        f"Milvus collection {name!r} does not exist (dropped?); run a backfill for its source",
+                        name,
+                    ) from e
+                elif kind in ("transient", "not_loaded"):
+                    self._reset_client(client)
+                    fast = time.monotonic() - t0 < 1.0
+                    if reconnected or not fast or method not in _RETRY_SAFE or what != method:
+                        raise BackendUnavailable(
+                            f"Milvus {what} failed at {self.settings.milvus_uri!r}: {_short(e)}"
+                        ) from e
+                    reconnected = True
+                    log.info("Milvus %s failed on a stale connection (%s); reconnecting", what, _short(e))
+                else:
+                    raise ConfigurationError(f"Milvus rejected the {what} request: {_short(e)}") from e
+                if method is not None:
+                    fn = getattr(self.client, method)
+                    client = self.client
 
     # -- names and collections ---------------------------------------------------------------
     def _check_name(self, name: str) -> str:
@@ -408,6 +520,13 @@ class VectorStore:
         self._check_identity(name, ref, kind)
         self._ensure_loaded(name)
         return name
+
+    def _check_dim(self, name: str, width: int) -> None:
+        """ConfigurationError when vectors of ``width`` do not fit collection ``name`` (cached dim)."""
+        if name not in self._dims:
+            self._dims[name] = self._vector_dim(name)
+        if width != self._dims[name]:
+            raise ConfigurationError(f"collection {name!r} holds {self._dims[name]}-d vectors, got {width}-d")
 
     def dim(self, ref: CollectionRef) -> int:
         """Vector dimension of ``ref``'s item collection (cached after the first call)."""
@@ -627,15 +746,18 @@ class VectorStore:
         categories: np.ndarray | Sequence[int],
     ) -> int:
         """Write item vectors (L2-normalised here); duplicate ids keep their last row. Returns rows written."""
-        ids = np.asarray(_int_list(item_ids, "item_ids"), dtype=np.int64)
-        cats = np.asarray(_int_list(categories, "categories"), dtype=np.int64)
-        vecs = l2_normalise(vectors)
+        ids = check_ids(item_ids, "item_ids")
+        cats = check_ids(categories, "categories")
+        vecs = l2_normalise(check_vectors(vectors, what="item vectors", allow_empty=True))
         if not (len(ids) == len(cats) == len(vecs)):
             raise ConfigurationError(
                 f"upsert_items: {len(ids)} ids, {len(cats)} categories and {len(vecs)} vectors differ in length"
             )
+        if len(ids) == 0:
+            return 0
         keep = _last_occurrence(ids)
         name = self._require(ref, ITEMS_KIND)
+        self._check_dim(name, vecs.shape[1])
         rows = [{"item_id": int(ids[i]), "category": int(cats[i]), "vector": vecs[i].tolist()} for i in keep]
         return self._upsert(name, rows)
 
@@ -648,19 +770,21 @@ class VectorStore:
         vectors: np.ndarray,
     ) -> int:
         """Write behaviour rows keyed by :func:`behaviour_pk`; a repeated (user, position) keeps its last row."""
-        users = np.asarray(_int_list(user_ids, "user_ids"), dtype=np.int64)
-        pos = np.asarray(_int_list(positions, "positions"), dtype=np.int64)
-        items = np.asarray(_int_list(item_ids, "item_ids"), dtype=np.int64)
-        vecs = l2_normalise(vectors)
+        users = check_ids(user_ids, "user_ids")
+        pos = check_positions(positions)
+        items = check_ids(item_ids, "item_ids")
+        vecs = l2_normalise(check_vectors(vectors, what="behaviour vectors", allow_empty=True))
         if not (len(users) == len(pos) == len(items) == len(vecs)):
             raise ConfigurationError(
-                "upsert_behaviours: user_ids, positions, item_ids and vectors differ in length"
+                f"upsert_behaviours: {len(users)} user_ids, {len(pos)} positions, {len(items)} item_ids and "
+                f"{len(vecs)} vectors differ in length"
             )
-        if len(pos) and pos.min() < 0:
-            raise ConfigurationError(f"upsert_behaviours: negative position {int(pos.min())}")
+        if len(pos) == 0:
+            return 0
         pks = behaviour_pk(users, pos)
         keep = _last_occurrence(pks)
         name = self._require(ref, BEHAVIOURS_KIND)
+        self._check_dim(name, vecs.shape[1])
         rows = [
             {
                 "pk": int(pks[i]),
@@ -705,7 +829,7 @@ class VectorStore:
 
     def delete_user_behaviours(self, ref: CollectionRef, user_id: int) -> None:
         name = self._require(ref, BEHAVIOURS_KIND)
-        self._call("delete", self.client.delete, name, filter=f"user_id == {int(user_id)}")
+        self._call("delete", self.client.delete, name, filter=f"user_id == {check_id(user_id, 'user_id')}")
         self.sequences.delete_user(name, int(user_id))
 
     # -- reads -----------------------------------------------------------------------------------
@@ -723,7 +847,7 @@ class VectorStore:
 
     def count_behaviours(self, ref: CollectionRef, user_id: int | None = None) -> int:
         name = self._require(ref, BEHAVIOURS_KIND)
-        return self._count(name, "" if user_id is None else f"user_id == {int(user_id)}")
+        return self._count(name, "" if user_id is None else f"user_id == {check_id(user_id, 'user_id')}")
 
     def get_item_vectors(
         self, ref: CollectionRef, item_ids: np.ndarray | Sequence[int]
@@ -759,7 +883,7 @@ class VectorStore:
         if not 0 < batch_size <= MAX_QUERY_WINDOW:
             raise ConfigurationError(f"batch_size must be in 1..{MAX_QUERY_WINDOW}, got {batch_size}")
         name = self._require(ref, BEHAVIOURS_KIND)
-        user = int(user_id)
+        user = check_id(user_id, "user_id")
         total = self._count(name, f"user_id == {user}")
         if total == 0:
             return
@@ -864,31 +988,38 @@ class VectorStore:
 
         Returns one list of hits per target, best first.
         """
-        if not 0 < k <= MAX_QUERY_WINDOW:
-            raise ValueError(f"k must be in 1..{MAX_QUERY_WINDOW}, got {k}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 < k <= MAX_QUERY_WINDOW:
+            raise ConfigurationError(f"k must be an integer in 1..{MAX_QUERY_WINDOW}, got {k!r}")
         extra: dict[str, Any] = {}
         if consistency_level is not None:
             if consistency_level not in CONSISTENCY_LEVELS:
-                raise ValueError(
+                raise ConfigurationError(
                     f"consistency_level {consistency_level!r} is unknown; valid: {', '.join(CONSISTENCY_LEVELS)}"
                 )
             extra["consistency_level"] = consistency_level
-        t = l2_normalise(np.atleast_2d(targets))
+        user = check_id(user_id, "user_id")
         name = self._require(ref, BEHAVIOURS_KIND)
-        res = self._call(
-            "search",
-            self.client.search,
-            name,
-            data=t.tolist(),
-            filter=f"user_id == {int(user_id)}",
-            limit=k,
-            output_fields=["position", "item_id"],
-            search_params={
-                "metric_type": self.settings.metric_type,
-                "params": dict(self.settings.search_params),
-            },
-            **extra,
-        )
+        if name not in self._dims:
+            self._dims[name] = self._vector_dim(name)
+        t = l2_normalise(check_vectors(targets, self._dims[name], "target vectors", allow_zero=False))
+        res: list[Any] = []
+        for lo in range(0, t.shape[0], MAX_NQ):  # Milvus takes at most MAX_NQ targets per request
+            res.extend(
+                self._call(
+                    "search",
+                    self.client.search,
+                    name,
+                    data=t[lo : lo + MAX_NQ].tolist(),
+                    filter=f"user_id == {user}",
+                    limit=int(k),
+                    output_fields=["position", "item_id"],
+                    search_params={
+                        "metric_type": self.settings.metric_type,
+                        "params": dict(self.settings.search_params),
+                    },
+                    **extra,
+                )
+            )
         out: list[list[Hit]] = []
         for hits in res:
             out.append(
@@ -913,6 +1044,16 @@ class VectorStore:
             raise BackendUnavailable(
                 f"MUSE_MILVUS_URI={self.settings.milvus_uri!r}: Milvus does not answer: {e}"
             ) from e
+
+
+def _short(exc: BaseException) -> str:
+    """One line of an exception's text (gRPC errors carry a multi-line debug string)."""
+    import grpc
+
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return f"{exc.code().name}: {exc.details() if callable(getattr(exc, 'details', None)) else ''}"
+    text = " ".join(str(exc).split())
+    return text[:500]
 
 
 def _last_occurrence(keys: np.ndarray) -> list[int]:

@@ -32,6 +32,10 @@ from muse.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: A version that stopped being live less than this many seconds ago is not dropped: readers
+#: follow a switch within their ``refresh_s`` (2 s by default) and may still be searching it.
+DROP_GRACE_S = 10.0
+
 
 @dataclass
 class VersionInfo:
@@ -236,16 +240,17 @@ def _switch(
     """Point the aliases at ``ref`` and record it live; ``previous_stack`` replaces the history
     (None: push the current live version onto it)."""
     t0 = time.perf_counter()
-    with session_scope(settings) as session:
-        ds = _dataset_row(session, ref.dataset)
-        live = session.get(models.LiveVersion, (ds.id, ref.source))
-        old = None if live is None else int(live.version)
     old_alias = store.live_version(ref.dataset, ref.source)
-    store.set_live(ref)
+    switched = False
     try:
         with session_scope(settings) as session:
             ds = _dataset_row(session, ref.dataset)
-            live = session.get(models.LiveVersion, (ds.id, ref.source))
+            # the row stays locked (PostgreSQL) until the aliases and the record agree: two
+            # promotes of one pair at once are serialised instead of leaving them apart
+            live = session.get(models.LiveVersion, (ds.id, ref.source), with_for_update=True)
+            old = None if live is None else int(live.version)
+            store.set_live(ref)
+            switched = True
             if live is None:
                 live = models.LiveVersion(dataset_id=ds.id, source_name=ref.source, version=ref.version, previous=[])
                 session.add(live)
@@ -258,7 +263,7 @@ def _switch(
             row = _record_version(session, store, ds.id, ref)
             row.promoted_at = live.promoted_at
     except BaseException:
-        if old_alias is not None and old_alias != ref.version:  # keep the alias and the record agreeing
+        if switched and old_alias is not None and old_alias != ref.version:  # keep alias and record agreeing
             store.set_live(_ref(ref.dataset, ref.source, old_alias))
         raise
     switch_s = time.perf_counter() - t0
@@ -323,6 +328,26 @@ def drop(settings: Settings, store: Any, dataset: str, source: str, version: int
         raise ConfigurationError(
             f"{ref} is the live version of {dataset}/{source}; promote another version (or roll back) first"
         )
+    with session_scope(settings) as session:
+        ds = _dataset_row(session, dataset)
+        live_row = session.get(models.LiveVersion, (ds.id, source))
+        # the version the last switch replaced: the most recently promoted one that is not live
+        replaced = session.scalars(
+            select(models.SourceVersionRecord.version)
+            .where(models.SourceVersionRecord.dataset_id == ds.id, models.SourceVersionRecord.source_name == source,
+                   models.SourceVersionRecord.promoted_at.is_not(None),
+                   models.SourceVersionRecord.version != (live_row.version if live_row is not None else -1))
+            .order_by(models.SourceVersionRecord.promoted_at.desc())
+        ).first()
+        if live_row is not None and replaced == version:
+            promoted = live_row.promoted_at
+            promoted = promoted if promoted.tzinfo else promoted.replace(tzinfo=utcnow().tzinfo)
+            ago = (utcnow() - promoted).total_seconds()
+            if ago < DROP_GRACE_S:
+                raise ConfigurationError(
+                    f"{ref} was live until {ago:.1f} s ago and readers may still be on it (they follow a switch "
+                    f"within their refresh interval); drop it in {DROP_GRACE_S - ago:.0f} s"
+                )
     if not store.has_collections(ref) and ref.version not in store.versions(dataset, source):
         with session_scope(settings) as session:
             ds = _dataset_row(session, dataset)

@@ -111,3 +111,12 @@ def milvus_settings(request: pytest.FixtureRequest, settings: Settings, unique_p
     return load_settings(
         env={}, data_dir=settings.data_dir, device="cpu", milvus_uri=uri, milvus_prefix=unique_prefix
     )
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    """The fault suite's closing figures (tests/test_faults.py), when it ran."""
+    lines = getattr(config, "muse_fault_figures", None)
+    if lines:
+        terminalreporter.section("fault suite")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -34,6 +34,7 @@ def server_settings(tmp_path, postgres_url, milvus_server_uri, redis_url, unique
     settings = load_settings(
         env={}, data_dir=tmp_path / "muse-data", device="cpu", database_url=postgres_url,
         milvus_uri=milvus_server_uri, milvus_prefix=unique_prefix, broker_url=redis_url,
+        backfill_lease_s=5.0,  # the SIGKILLed worker's chunk is re-sent 5 s after its last renewal
     )
     store = VectorStore(settings)
     try:

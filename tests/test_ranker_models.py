@@ -274,7 +274,7 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
 
     base, dataset = world
     settings = load_settings(env={}, data_dir=base.data_dir, device="cpu", milvus_uri=milvus_server_uri,
-                             milvus_prefix=unique_prefix)
+                             milvus_prefix=unique_prefix, search_consistency="Strong")  # reads its writes
     res = train(settings, "muse", dataset, source=SOURCE, model_overrides=dict(FAST),
                 train_config=TrainConfig(batch_size=64, lr_dense=2e-3, max_train=256, max_eval=64))
     loaded = load_checkpoint(get_run(settings, res.run_id).checkpoint_path)

@@ -69,7 +69,8 @@ def test_cache_and_milvus_paths_agree(populated, history_from: str) -> None:
     settings, _, item_vecs, histories = populated
     targets = [int(i) for i in ITEMS[:5]]
     with (
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus") as rm,
+        # Read-your-writes: the histories were written just before (the default is Bounded).
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Strong") as rm,
         Retriever.from_settings(
             SOURCE, settings, dataset=DATASET, path="cache", cache={"history_from": history_from}
         ) as rc,
@@ -106,7 +107,7 @@ def test_cache_and_milvus_paths_agree(populated, history_from: str) -> None:
 def test_unknown_user_gives_an_empty_result(populated) -> None:
     settings = populated[0]
     for path in ("cache", "milvus"):
-        with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path=path) as r:
+        with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path=path, consistency_level="Strong") as r:
             res = r.search(999, [int(ITEMS[0])], k=5)
             assert not res.found and len(res) == 1 and len(res[0]) == 0
             assert res.to_dict()["found"] is False
@@ -148,7 +149,7 @@ def test_appended_behaviours_visible_in_next_search(populated, history_from: str
         Retriever.from_settings(
             SOURCE, settings, dataset=DATASET, path="cache", cache={"history_from": history_from}
         ) as rc,
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus") as rm,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Strong") as rm,
     ):
         assert rc.search(12, [target], k=3)[0].behaviour_item_ids[0] != target
         rc.append_behaviours(12, [6], [target])  # the target item itself: its vector from the items

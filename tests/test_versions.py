@@ -302,6 +302,8 @@ def test_cli_list_promote_rollback_and_legacy_adopt(world, monkeypatch, capsys) 
     assert "live v1 (was v3)" in capsys.readouterr().out
     assert main(["source", "drop", A, SOURCE, "1"]) == 2
     assert "is the live version" in capsys.readouterr().err
+    assert main(["source", "drop", A, SOURCE, "3"]) == 2  # live until a moment ago
+    assert "readers may still be on it" in capsys.readouterr().err
 
     # Legacy: an old-style i2i pair written by a backfill of dataset A (a job of the old naming).
     legacy = {kind: f"{settings.milvus_prefix}_i2i_{kind}" for kind in ("items", "behaviours")}

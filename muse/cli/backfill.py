@@ -118,8 +118,9 @@ def _print_version(settings: Any, ref: Any, before: bool = False) -> None:
         return
     if live == ref.version:
         print(f"{ref} is live (collections {names})")
-    elif live is not None:
-        print(f"{ref} is not live (live: v{live}); check `muse source list --dataset {ref.dataset}`, then "
+    else:
+        state = f"live: v{live}" if live is not None else "no version is live"
+        print(f"{ref} is not live ({state}); check `muse source list --dataset {ref.dataset}`, then "
               f"`muse source promote {ref.dataset} {ref.source} {ref.version}`")
     try:
         with VectorStore(settings) as store:
@@ -184,26 +185,61 @@ def _follow(settings: Any, job_id: int, worker: Any) -> int:
     from indexer import jobs
     from muse.errors import BackendUnavailable
 
+    stall_s = float(settings.backfill_stall_s)
+    recover_every = max(1.0, settings.backfill_lease_s / 2)
     progress = jobs.job_progress(settings, job_id)
+    last_change, last_seen, last_recover = time.monotonic(), _signature(progress), 0.0
     with tqdm(total=progress.units_total, unit="row", desc=f"job {job_id}", dynamic_ncols=True) as bar:
         while True:
-            progress = jobs.job_progress(settings, job_id)
-            bar.n = progress.units_done
-            bar.set_postfix(
-                items=progress.items_written, failed=progress.items_failed,
-                behaviours=progress.behaviours_written, refresh=False,
-            )
-            bar.refresh()
-            if progress.finished:
-                break
+            now = time.monotonic()
+            try:
+                if now - last_recover >= recover_every:  # dead workers' chunks, lost messages
+                    last_recover = now
+                    jobs.recover_jobs(settings, job_id=job_id)
+                progress = jobs.job_progress(settings, job_id)
+            except BackendUnavailable as e:  # the database or broker is down: keep waiting
+                bar.set_postfix_str(f"waiting: {e}"[:80])
+                progress = None
+            if progress is not None:
+                bar.n = progress.units_done
+                bar.set_postfix(
+                    items=progress.items_written, failed=progress.items_failed,
+                    behaviours=progress.behaviours_written, refresh=False,
+                )
+                bar.refresh()
+                if progress.finished:
+                    break
+                if _signature(progress) != last_seen:
+                    last_seen, last_change = _signature(progress), now
             if worker is not None and not worker.alive():
                 raise BackendUnavailable(
                     f"the backfill worker exited with code {worker.proc.returncode} before job {job_id} "
                     f"finished; see {worker.log_path}; continue with `muse backfill resume {job_id}`"
                 )
+            if stall_s and now - last_change > stall_s:
+                raise BackendUnavailable(_stall_message(job_id, progress, stall_s))
             time.sleep(POLL_S)
     _print_summary(progress)
     return 0 if progress.status == "done" else 1
+
+
+def _signature(p: Any) -> tuple[Any, ...]:
+    """What changes whenever a chunk makes progress (counts per status, attempts, rows done)."""
+    return (p.units_done, tuple(sorted(p.chunks.items())), p.items_written, p.behaviours_written,
+            tuple(sorted(p.workers.items())))
+
+
+def _stall_message(job_id: int, progress: Any, stall_s: float) -> str:
+    if progress is None:
+        state = "the database did not answer"
+    else:
+        dead = f"; dead workers: {', '.join(progress.dead_workers)}" if progress.dead_workers else ""
+        state = f"chunks {progress.chunks}{dead}"
+    return (
+        f"job {job_id} made no progress for {stall_s:.0f} s ({state}); is a worker running "
+        f"(`muse worker`) and are the servers up? The job is kept: workers continue it when they "
+        f"run, `muse backfill status {job_id}` shows it (MUSE_BACKFILL_STALL_S sets this wait)"
+    )
 
 
 def _fmt_rate(rate: float | None) -> str:
@@ -227,6 +263,8 @@ def _print_summary(p: Any) -> None:
             print(f"    ... {p.items_failed - 20} more (`muse backfill status {p.job_id} --json`)")
     for err in p.errors[:10]:
         print(f"  error: {err}")
+    for name, state in p.workers.items():
+        print(f"  worker {name}: {state}")
 
 
 def _status(args: argparse.Namespace) -> int:

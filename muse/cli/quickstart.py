@@ -9,8 +9,9 @@ Stages, each reused when a previous run already did it (``--fresh`` starts over)
 4. backfill the first source into Milvus Lite through the filesystem queue and an embedded worker;
 5. prefetch one user's history into the retriever's cache and show the top behaviours for a target
    the user clicked: titles, categories and cosine scores;
-6. train the rankers (``--models`` x sources x ``--seeds``) and print the comparison table (mean GAUC
-   and its spread over seeds, one line per model and source), a verdict in words, and the chart's path.
+6. train the rankers (every ``--models`` on the first source, din and muse on the others, ``--seeds``
+   seeds each, through ``ranker.compare``) and print the comparison table (mean GAUC and its spread
+   over seeds, one line per model and source), a verdict in words, and the chart's path.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def _example_user(ds: Any) -> tuple[int, int]:
 
 
 def _rankers(settings: Any, dataset: str, models: list[str], sources: list[str], seeds: int) -> list[dict[str, Any]]:
-    """Every model on the first source and muse on the others, ``seeds`` seeds each, through
+    """Every model on the first source, din and muse on the others, ``seeds`` seeds each, through
     :func:`ranker.compare.compare` (which reuses matching recorded runs); one row per model and source."""
     from ranker.compare import compare
 
@@ -324,8 +325,9 @@ def _rankers(settings: Any, dataset: str, models: list[str], sources: list[str],
               f"(run {row.run_id}, {how})", flush=True)
 
     groups = [(models, sources[:1])]
-    if "muse" in models and len(sources) > 1:
-        groups.append((["muse"], sources[1:]))
+    pair = [m for m in ("din", "muse") if m in models]  # MUSE against DIN on every source
+    if pair and len(sources) > 1:
+        groups.append((pair, sources[1:]))
     rows: list[dict[str, Any]] = []
     for group_models, group_sources in groups:
         res = compare(settings, dataset, models=group_models, sources=group_sources, seeds=list(range(seeds)),

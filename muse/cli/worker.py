@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", choices=POOLS, default="prefork", help="Celery pool (default: prefork)")
     p.add_argument("--loglevel", default="INFO", help="Celery log level (default: INFO)")
     p.add_argument("--hostname", default=None, help="worker node name (default: muse-<queues>@<host>)")
+    p.add_argument("--no-supervise", dest="supervise", action="store_false",
+                   help="run Celery in this process (default with a server broker: a small supervisor "
+                   "runs it as a child and starts it again when it restarts itself after a broker outage)")
     p.set_defaults(func=_worker)
 
 
@@ -43,8 +46,10 @@ def _worker(args: argparse.Namespace) -> int:
             f"--concurrency {args.concurrency}: the Milvus Lite file {settings.milvus_uri!r} can be held by "
             "one process only; use --concurrency 1 (or --pool threads) or a Milvus server"
         )
-    app = create_app(settings)
     mode = "embedded" if is_embedded_broker(settings) else "server"
+    if mode == "server" and args.supervise:
+        return _supervise()
+    app = create_app(settings)
     hostname = args.hostname or f"muse-{'-'.join(kinds)}-{mode}-{os.getpid()}@{socket.gethostname()}"
     argv = [
         "worker",
@@ -53,7 +58,65 @@ def _worker(args: argparse.Namespace) -> int:
         "--pool", args.pool,
         "--loglevel", args.loglevel,
         "--hostname", hostname,
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        # Gossip and mingle are cluster chatter nothing here uses.
+        "--without-gossip", "--without-mingle",
     ]
-    app.worker_main(argv)
-    return 0
+    if mode == "embedded":  # the filesystem broker has no fanout exchange for worker heartbeats
+        argv.append("--without-heartbeat")
+    from indexer import tasks
+
+    try:
+        app.worker_main(argv)
+    except SystemExit:
+        if tasks.restart_requested.is_set():
+            return RESTART_EXIT
+        raise
+    return RESTART_EXIT if tasks.restart_requested.is_set() else 0
+
+
+#: Exit code of a supervised Celery child that asks to be started again.
+RESTART_EXIT = 75
+#: A child that ran at least this long is started again whatever its exit code.
+RESTART_AFTER_S = 30.0
+
+
+def _supervise() -> int:
+    """Run ``muse worker --no-supervise`` as a child and start it again when it asks to (the
+    watchdog asks after the broker was unreachable and is back: Celery's Redis consumer can stay
+    wedged after a broker restart) or when it dies after a while. SIGTERM/SIGINT are passed on and
+    end the supervisor once the child has stopped."""
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from indexer.tasks import SUPERVISED_ENV
+
+    log = logging.getLogger(__name__)
+    argv = [sys.executable, "-m", "muse.cli.main", "worker", "--no-supervise", *sys.argv[sys.argv.index("worker") + 1:]]
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen(argv, env={**os.environ, SUPERVISED_ENV: "1"})
+        code = child.wait()
+        while code is None:  # pragma: no cover - wait() returns the code
+            code = child.wait()
+        if stopping:
+            return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+        ran = time.monotonic() - started
+        if code != RESTART_EXIT and ran < RESTART_AFTER_S:
+            return code
+        log.warning("worker child exited with %s after %.0f s; starting it again", code, ran)
+        time.sleep(1.0)
