@@ -81,7 +81,7 @@ def session_scope(settings: Settings) -> Iterator[Session]:
                     log.debug("rollback failed: %s", e)
                 raise
     except DBAPIError as e:
-        if is_schema_missing(e):  # bad set-up, not an outage: say what to run
+        if schema_missing(e):  # SQLite reports a missing table as an OperationalError: not an outage
             raise ConfigurationError(
                 f"the database at {_safe_url(settings.database_url)} is not migrated to this version "
                 f"({_first_line(e.orig or e)}); run `muse db upgrade`"
@@ -91,19 +91,6 @@ def session_scope(settings: Settings) -> Iterator[Session]:
         raise BackendUnavailable(
             f"the database at {_safe_url(settings.database_url)} is unavailable: {_first_line(e.orig or e)}"
         ) from e
-
-
-#: Fragments of driver messages that mean a table or column of the schema is missing (SQLite, PostgreSQL).
-_SCHEMA_MISSING = ("no such table", "no such column", "undefinedtable", "undefinedcolumn")
-
-
-def is_schema_missing(exc: BaseException) -> bool:
-    """Whether a database error says a table or column is missing (the database is not migrated)."""
-    orig = getattr(exc, "orig", None) or exc
-    first = (str(orig).strip().splitlines() or [""])[0]
-    probe = f"{type(orig).__name__} {first}".lower()
-    return any(f in probe for f in _SCHEMA_MISSING) or (
-        "does not exist" in probe and ("relation " in probe or "column " in probe))
 
 
 def dispose_engines() -> None:
@@ -119,6 +106,20 @@ def _safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # an unparsable URL is shown as given (it holds no password then)
         return url
+
+
+#: Fragments of driver messages that mean a table or column of the schema is missing (SQLite, PostgreSQL).
+_SCHEMA_MISSING = ("no such table", "no such column", "undefinedtable", "undefinedcolumn")
+
+
+def schema_missing(exc: BaseException) -> bool:
+    """Whether a SQLAlchemy/driver error says a table or column is missing: the database is not
+    migrated (or is behind the code), which ``muse db upgrade`` fixes."""
+    orig = getattr(exc, "orig", None) or exc
+    probe = f"{type(orig).__name__} {_first_line(orig)}".lower()
+    return any(f in probe for f in _SCHEMA_MISSING) or (
+        "does not exist" in probe and ("relation " in probe or "column " in probe)
+    )
 
 
 def _first_line(exc: BaseException) -> str:

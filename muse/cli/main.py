@@ -12,7 +12,7 @@ from muse import __version__
 from muse.errors import MuseError
 
 #: Modules under ``muse.cli`` that each add one command group through ``register(subparsers)``.
-COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "source", "retrieve", "rank", "quickstart")
+COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "source", "retrieve", "serve", "rank", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +72,9 @@ def database_error_message(exc: BaseException) -> str | None:
     first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
     url = _database_url()
     where = f"the database {url}" if url else "the database"
-    from muse.db import is_schema_missing
+    from muse.db import schema_missing
 
-    if is_schema_missing(exc):
+    if schema_missing(exc):
         return f"{where} is not migrated to this version ({first}); run `muse db upgrade`"
     return f"{where} failed: {first}"
 
