@@ -400,6 +400,11 @@ class HistoryCache:
         new = encode_history(
             user, positions, item_ids, vectors, self.config.storage_dtype, self.config.device
         )
+        self._extend(user, new, _concat)
+
+    def _extend(self, user: int, new: Any, concat: Callable[[Any, Any], Any]) -> None:
+        """Append entry ``new`` to the cached history of ``user`` with ``concat`` (or drop the cached
+        one when ``new`` rewrites a position: the next use reloads it); loads in flight reload."""
         with self._lock:
             self._generation[user] = self._generation.get(user, 0) + 1
             old = self._entries.pop(user, None)
@@ -411,7 +416,7 @@ class HistoryCache:
             if np.isin(new_all, old_all).any() or len(np.unique(new_all)) < len(new):
                 log.debug("user %d: rewritten positions, history dropped from the cache", user)
                 return
-            self._insert(_concat(old, new))
+            self._insert(concat(old, new))
 
     def put(
         self, user_id: int, positions: np.ndarray, item_ids: np.ndarray, vectors: np.ndarray
@@ -826,18 +831,7 @@ class GatherCache(HistoryCache):
         """Apply behaviours just written to the sequence store (``vectors`` is ignored: the item
         table holds them)."""
         user = int(user_id)
-        new = gather_history(user, positions, item_ids, self.table)
-        with self._lock:
-            self._generation[user] = self._generation.get(user, 0) + 1
-            old = self._entries.pop(user, None)
-            if old is None:
-                return
-            self._bytes -= old.nbytes
-            old_all = np.concatenate([old.positions, old.missing_positions])
-            new_all = np.concatenate([new.positions, new.missing_positions])
-            if np.isin(new_all, old_all).any() or len(np.unique(new_all)) < len(new):
-                return  # a position was rewritten: reload on next use
-            self._insert(_concat_gathered(old, new))  # type: ignore[arg-type]
+        self._extend(user, gather_history(user, positions, item_ids, self.table), _concat_gathered)
 
     def put(  # type: ignore[override]
         self, user_id: int, positions: np.ndarray, item_ids: np.ndarray, vectors: np.ndarray | None = None
