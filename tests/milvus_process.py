@@ -47,15 +47,24 @@ PORT_KEYS = (
 )
 
 
+#: Ports this process has handed out already: never handed out twice, so servers started by one
+#: test run cannot be given each other's ports between choosing them and binding them.
+_handed_out: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports the kernel reports free right now (bound to port 0, then released)."""
+    """``n`` distinct ports the kernel reports free right now (bound to port 0, then released),
+    none of them handed out before by this process."""
     socks, ports = [], []
     try:
         while len(ports) < n:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind(("127.0.0.1", 0))
             socks.append(s)
-            ports.append(s.getsockname()[1])
+            port = s.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                ports.append(port)
     finally:
         for s in socks:
             s.close()
