@@ -1,8 +1,9 @@
-"""Ranker benchmark: training samples/s and scoring latency (100 candidates) per model, on one
-synthetic dataset with fixed-length histories (default 1,000 behaviours, K = 50, batch 100).
+"""Ranker benchmark: training samples/s per model at each batch size and torch thread count, and
+scoring latency (100 candidates), on one synthetic dataset with fixed-length histories (default
+1,000 behaviours, K = 50). Every model runs with its default ESU (the paper's set-up).
 
-    python -m bench.ranker                       # every model, 2 torch threads (run from the repo root)
-    python -m bench.ranker --models muse --history 1000 --threads 2
+    python -m bench.ranker                       # every model, batch 100 and 256, 1 and 2 threads
+    python -m bench.ranker --models muse --batches 100 --threads 2 --no-score
 
 Training runs the real pipeline (history join + in-batch GSU with the retriever's kernel + forward +
 backward + sparse/dense optimiser steps). Scoring goes through :class:`ranker.scoring.Ranker`; for
@@ -13,10 +14,12 @@ histories prefetched, as in serving).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -70,25 +73,33 @@ def make_dataset(settings: Settings, n_users: int, n_items: int, history: int, n
     return name
 
 
-def bench_model(settings: Settings, dataset: str, name: str, args: argparse.Namespace, parts: dict) -> dict:
-    """Training samples/s and scoring latency of one model."""
+def train_rate(settings: Settings, dataset: str, name: str, args: argparse.Namespace, parts: dict,
+               batch_size: int, threads: int) -> tuple[float, Any]:
+    """Training samples/s of one model (full pipeline) at ``batch_size`` with ``threads`` torch threads."""
     from muse.data.format import Dataset
 
+    torch.set_num_threads(threads)
     ds = Dataset.open(settings, dataset)
     config = make_config(name, k=args.k, max_history=args.history)
     space, histories, vectors = parts["space"], parts["histories"], parts["vectors"]
-    retrieval = model_class(name).retrieval
-    builder = BatchBuilder(space, histories, retrieval, config.k, config.recent_len, config.max_history,
-                           vectors if config.needs_vectors else None)
+    builder = BatchBuilder(space, histories, model_class(name).retrieval, config.k, config.recent_len,
+                           config.max_history, vectors if config.needs_vectors else None)
     torch.manual_seed(0)
     model = build_model(name, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
-    cfg = TrainConfig(batch_size=args.batch)
-    batches = list(iter_impression_batches(ds, "train", args.batch, shuffle=True, limit=args.batch * (args.steps + 5)))
-    train_steps(model, builder, batches[:5], cfg)  # warm-up
-    _, n, seconds = train_steps(model, builder, batches[5:], cfg)
+    cfg = TrainConfig(batch_size=batch_size)
+    batches = list(iter_impression_batches(ds, "train", batch_size, shuffle=True,
+                                           limit=batch_size * (args.steps + 3)))
+    train_steps(model, builder, batches[:3], cfg)  # warm-up
+    _, n, seconds = train_steps(model, builder, batches[3:], cfg)
+    return n / seconds, model
 
+
+def score_latency(model: Any, dataset: str, name: str, args: argparse.Namespace, parts: dict) -> tuple[float, float]:
+    """p50 and p95 milliseconds of scoring ``args.candidates`` items through :class:`Ranker`."""
+    space, histories = parts["space"], parts["histories"]
+    multimodal = model_class(name).retrieval == "multimodal"
     ranker = Ranker(LoadedRun(model, space, SOURCE, dataset, {}), histories,
-                    parts["retriever"] if retrieval == "multimodal" else None, vectors)
+                    parts["retriever"] if multimodal else None, parts["vectors"])
     rng = np.random.default_rng(1)
     users = parts["score_users"]
     times = []
@@ -99,8 +110,7 @@ def bench_model(settings: Settings, dataset: str, name: str, args: argparse.Name
         if i >= 3:  # the first calls warm up
             times.append(time.perf_counter() - t0)
     times.sort()
-    return {"model": name, "train_samples_per_s": n / seconds, "score_ms_p50": 1000 * statistics.median(times),
-            "score_ms_p95": 1000 * times[int(0.95 * (len(times) - 1))]}
+    return 1000 * statistics.median(times), 1000 * times[int(0.95 * (len(times) - 1))]
 
 
 def main() -> None:
@@ -112,14 +122,16 @@ def main() -> None:
     p.add_argument("--impressions", type=int, default=8000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--k", type=int, default=50)
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--steps", type=int, default=40, help="timed training steps per model")
+    p.add_argument("--batches", default="100,256", help="training batch sizes, comma-separated")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per model and setting")
+    p.add_argument("--no-score", action="store_true", help="skip the scoring latency (no Milvus Lite)")
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--score-calls", type=int, default=30)
     p.add_argument("--score-users", type=int, default=5, help="users backfilled into Milvus Lite for muse")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    batch_sizes = [int(b) for b in args.batches.split(",")]
+    thread_counts = [int(t) for t in args.threads.split(",")]
 
     from muse import db
     from muse.data.format import Dataset
@@ -139,31 +151,43 @@ def main() -> None:
         table = item_vector_table(settings, SOURCE, ds)  # the vectors the bench shipped with its dataset
         ids, vecs = table.item_ids[table.present], table.vectors[table.present]
         vectors = VectorTable(space, table)
-        # backfill a few users into Milvus Lite for the retriever's serving path
-        store = VectorStore(settings)
-        ref = CollectionRef(dataset, SOURCE, 1)
-        store.ensure_collections(ref, args.dim)
-        store.upsert_items(ref, ids, vecs, space.item_features[space.items.lookup(ids), 0])
-        score_users = histories.user_ids[: args.score_users]
-        for u in score_users:
-            start, length = (int(v[0]) for v in histories.rows(np.array([u])))
-            idx = histories.items[start:start + length]
-            store.upsert_behaviours(ref, np.full(length, u), np.arange(length), space.items.values[idx - 1],
-                                    vectors.vectors[idx].numpy())
-        store.close()
-        retriever = Retriever.from_settings(source=SOURCE, settings=settings, dataset=dataset, version=1)
-        retriever.prefetch([int(u) for u in score_users]).result()
+        retriever, score_users = None, histories.user_ids[: args.score_users]
+        if not args.no_score:  # backfill a few users into Milvus Lite for the retriever's serving path
+            store = VectorStore(settings)
+            ref = CollectionRef(dataset, SOURCE, 1)
+            store.ensure_collections(ref, args.dim)
+            store.upsert_items(ref, ids, vecs, space.item_features[space.items.lookup(ids), 0])
+            for u in score_users:
+                start, length = (int(v[0]) for v in histories.rows(np.array([u])))
+                idx = histories.items[start:start + length]
+                store.upsert_behaviours(ref, np.full(length, u), np.arange(length), space.items.values[idx - 1],
+                                        vectors.vectors[idx].numpy())
+            store.close()
+            retriever = Retriever.from_settings(source=SOURCE, settings=settings, dataset=dataset, version=1)
+            retriever.prefetch([int(u) for u in score_users]).result()
         print(f"setup {time.perf_counter() - t0:.1f}s: {args.users} users x {args.history} behaviours, "
-              f"{args.items} items, {args.dim}-d vectors; K={args.k}, batch {args.batch}, {args.threads} threads")
+              f"{args.items} items, {args.dim}-d vectors; K={args.k}; {args.steps} timed steps per setting; "
+              f"load average {os.getloadavg()[0]:.1f}")
         parts = {"space": space, "histories": histories, "vectors": vectors, "retriever": retriever,
                  "score_users": score_users}
-        print(f"{'model':<10} {'train samples/s':>16} {'score p50 ms':>13} {'score p95 ms':>13}   "
-              f"({args.candidates} candidates)")
+        settings_cols = [(b, t) for b in batch_sizes for t in thread_counts]
+        print(f"| model (ESU) | {' | '.join(f'batch {b}, {t} thr' for b, t in settings_cols)} | "
+              f"fastest threads @{batch_sizes[0]} |" + ("" if args.no_score else " score p50 / p95 ms |"))
+        print("|---|" + "---|" * (len(settings_cols) + 1 + (0 if args.no_score else 1)))
         for name in args.models.split(","):
-            r = bench_model(settings, dataset, name, args, parts)
-            print(f"{name:<10} {r['train_samples_per_s']:>16.0f} {r['score_ms_p50']:>13.1f} {r['score_ms_p95']:>13.1f}",
-                  flush=True)
-        retriever.close()
+            rates, model = {}, None
+            for b, t in settings_cols:
+                rates[(b, t)], model = train_rate(settings, dataset, name, args, parts, b, t)
+            best = max(thread_counts, key=lambda t: rates[(batch_sizes[0], t)])
+            cells = " | ".join(f"{rates[c]:.0f}" for c in settings_cols)
+            line = f"| {name} ({make_config(name).esu}) | {cells} | {best} |"
+            if not args.no_score:
+                torch.set_num_threads(best)
+                p50, p95 = score_latency(model, dataset, name, args, parts)
+                line += f" {p50:.1f} / {p95:.1f} |"
+            print(line, flush=True)
+        if retriever is not None:
+            retriever.close()
 
 
 if __name__ == "__main__":

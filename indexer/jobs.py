@@ -154,8 +154,8 @@ def _claim_and_send(settings: Settings, app: Any, chunks: list[tuple[int, str]],
 
 
 # -- sources and datasets ---------------------------------------------------------------------------
-def resolve_source(settings: Settings, name: str, dataset: Any) -> int:
-    """The ``embedding_sources`` row id of the newest version of ``name``.
+def resolve_source(settings: Settings, name: str, dataset: Any, version: int | None = None) -> int:
+    """The ``embedding_sources`` row id of version ``version`` of ``name`` (the newest when None).
 
     An imported source (``scl-taobao``) is registered on first use from the dataset's
     ``embeddings/<name>.parquet`` (``indexer.sources.ensure_imported``).
@@ -167,6 +167,8 @@ def resolve_source(settings: Settings, name: str, dataset: Any) -> int:
     from indexer import sources
 
     sources.check_source(name)
+    if version is not None:
+        return sources.get_version(settings, name, version).id
     if name in sources.IMPORTED_SOURCES:
         return sources.ensure_imported(settings, name, dataset).id
     return sources.get_version(settings, name).id
@@ -197,8 +199,12 @@ def create_job(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     user_chunk_size: int = DEFAULT_USER_CHUNK_SIZE,
     behaviours: bool = True,
+    version: int | None = None,
 ) -> int:
     """Create a job and its chunk rows (all ``pending``; nothing is enqueued). Returns the job id.
+
+    The job writes the collections of (dataset, source, ``version``), the newest source version
+    when None, beside any other version of the pair (see :mod:`muse.versions`).
 
     Raises:
         ConfigurationError: a chunk size below 1.
@@ -207,13 +213,14 @@ def create_job(
     if chunk_size < 1 or user_chunk_size < 1:
         raise ConfigurationError(f"chunk sizes must be >= 1, got {chunk_size} and {user_chunk_size}")
     ds, dataset_id = _dataset_row(settings, dataset)
-    source_id = resolve_source(settings, source, ds)
+    source_id = resolve_source(settings, source, ds, version)
     with session_scope(settings) as session:
         src = session.get(models.EmbeddingSource, source_id)
         job = models.BackfillJob(
             source_id=src.id, dataset_id=dataset_id, status="pending", chunk_size=int(chunk_size),
             options={"user_chunk_size": int(user_chunk_size), "behaviours": bool(behaviours),
-                     "source": src.name, "source_version": src.version, "dataset": ds.name},
+                     "source": src.name, "source_version": src.version, "dataset": ds.name,
+                     "naming": "per-version"},  # jobs without it wrote the legacy per-source collections
         )
         session.add(job)
         session.flush()
@@ -239,16 +246,18 @@ def create_job(
     return job_id
 
 
-def find_job(settings: Settings, source: str, dataset: str) -> int | None:
-    """The newest job for (source name, dataset name), or None."""
+def find_job(settings: Settings, source: str, dataset: str, version: int | None = None) -> int | None:
+    """The newest job for (source name, dataset name), of source version ``version`` when given, or None."""
     with session_scope(settings) as session:
-        return session.scalars(
+        q = (
             select(models.BackfillJob.id)
             .join(models.EmbeddingSource, models.EmbeddingSource.id == models.BackfillJob.source_id)
             .join(models.Dataset, models.Dataset.id == models.BackfillJob.dataset_id)
             .where(models.EmbeddingSource.name == source, models.Dataset.name == dataset)
-            .order_by(models.BackfillJob.id.desc())
-        ).first()
+        )
+        if version is not None:
+            q = q.where(models.EmbeddingSource.version == int(version))
+        return session.scalars(q.order_by(models.BackfillJob.id.desc())).first()
 
 
 def _job(session: Any, job_id: int) -> models.BackfillJob:
@@ -348,7 +357,11 @@ def _update_job_status(settings: Settings, job_id: int) -> None:
         from indexer.backfill import get_store
         from muse.versions import on_backfill_done
 
-        on_backfill_done(settings, job_id, get_store(settings))
+        try:
+            on_backfill_done(settings, job_id, get_store(settings))
+        except Exception as e:  # the job's rows are written; only making it live failed
+            log.error("job %d is done but recording its version failed: %s; run `muse source list`, then "
+                      "`muse source promote DATASET SOURCE VERSION`", job_id, e)
 
 
 def _queue_sizes(app: Any) -> dict[str, int] | None:

@@ -507,7 +507,7 @@ def train_source(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, total=total))
     log.info("training %s on %s: %d pairs, %d steps", source, dataset.name, task.n, total)
-    losses = _run_steps(task, optimizer, schedule, cfg, total, progress, f"{source} on {dataset.name}")
+    losses = _run_steps(task, optimizer, schedule, cfg, total, progress, f"{source} on {dataset.name} ({task.n:,} pairs)")
     recalibrate_batchnorm(task)
     mean_cos = spread_of(task)
     seconds = time.perf_counter() - t0

@@ -1,5 +1,5 @@
 """Metadata models (SQLAlchemy 2.x): datasets, items, users, embedding sources, backfill jobs and
-their chunks, ranker runs.
+their chunks, source versions and the live one per (dataset, source), ranker runs.
 
 Behaviour sequences are too large for relational rows; they live in parquet shards and Milvus.
 The naming convention gives every constraint a stable name so Alembic migrations stay reproducible.
@@ -148,6 +148,41 @@ class BackfillChunk(Base):
     queued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     job: Mapped[BackfillJob] = relationship(back_populates="chunks")
+
+
+class SourceVersionRecord(Base):
+    """One version of an embedding source's collections for one dataset (``muse source list``).
+
+    Written when a backfill of the version finishes, when a version is promoted and when legacy
+    collections are adopted; the collections themselves live in Milvus.
+    """
+
+    __tablename__ = "source_versions"
+    __table_args__ = (UniqueConstraint("dataset_id", "source_name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    source_name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("backfill_jobs.id", ondelete="SET NULL"))
+    items_collection: Mapped[str] = mapped_column(String(255))
+    behaviours_collection: Mapped[str] = mapped_column(String(255))
+    adopted_from: Mapped[str | None] = mapped_column(Text)  # legacy collection names, when adopted
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    promoted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))  # last time it became live
+
+
+class LiveVersion(Base):
+    """The live version of one (dataset, source), mirrored by the Milvus aliases, and the versions
+    that were live before it (newest last), which ``muse source rollback`` returns to."""
+
+    __tablename__ = "live_versions"
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    source_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    previous: Mapped[list[Any]] = mapped_column(default=list)
+    promoted_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class RankerRun(Base):

@@ -577,6 +577,33 @@ class VectorStore:
             out.append(LegacyCollection(name=name, source=m.group(1), kind=m.group(2)))
         return out
 
+    def adopt_legacy(self, legacy: Sequence[LegacyCollection], ref: CollectionRef) -> None:
+        """Rename legacy collections to ``ref``'s names and give them ``ref``'s identity.
+
+        Raises:
+            ConfigurationError: ``ref``'s collections exist already.
+        """
+        ref = _as_ref(ref)
+        for c in legacy:
+            target = self.collection_name(ref, c.kind)
+            if self._call("has_collection", self.client.has_collection, target):
+                raise ConfigurationError(f"cannot adopt {c.name!r} as {ref}: collection {target!r} exists already")
+        for c in legacy:
+            target = self.collection_name(ref, c.kind)
+            self._call("rename_collection", self.client.rename_collection, c.name, target)
+            self._call(
+                "alter_collection_properties", self.client.alter_collection_properties, target,
+                properties=self._identity(ref, c.kind),
+            )
+            self._loaded.discard(c.name)
+            log.info("adopted legacy collection %s as %s (%s)", c.name, target, ref)
+
+    def drop_legacy(self, legacy: Sequence[LegacyCollection]) -> None:
+        """Drop legacy collections (as listed by :meth:`legacy_collections`)."""
+        for c in legacy:
+            self._call("drop_collection", self.client.drop_collection, c.name)
+            self._loaded.discard(c.name)
+
     # -- live aliases ---------------------------------------------------------------------------
     def alias_name(self, dataset: str, source: str, kind: str) -> str:
         """The live alias ``<prefix>_<dataset>_<source>_items|_behaviours`` (an alias names one collection)."""

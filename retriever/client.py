@@ -392,10 +392,14 @@ class Retriever:
     def _live_version(self) -> int:
         version = self.store.live_version(self.dataset, self.source)
         if version is None:
+            from muse.versions import legacy_report
+
+            legacy = legacy_report(self.store.settings, self.store, self.source)
             raise NotFoundError(
                 f"{self.dataset}/{self.source} has no live version: run `muse backfill --source {self.source} "
                 f"--dataset {self.dataset}` (the first backfill becomes live) or `muse source promote "
                 f"{self.dataset} {self.source} VERSION`; `muse source list` shows the versions"
+                + (f". {legacy[0]}" if legacy else "")
             )
         return int(version)
 

@@ -48,3 +48,90 @@ def test_bad_setting_is_a_clear_error(tmp_path: Path):
     )
     assert res.returncode == 2
     assert "MUSE_BROKER_URL" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_version(tmp_path: Path):
+    import muse
+
+    res = _muse(["--version"], tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == f"muse {muse.__version__}"
+
+
+def _walk(parser, path="muse"):  # noqa: ANN001, ANN202 - argparse internals
+    """(path, parser, action) of every argument and (path, None, subparsers-action) of every command."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {c.dest: c.help for c in action._choices_actions}
+            for name, child in action.choices.items():
+                yield f"{path} {name}", None, helps.get(name)
+                yield from _walk(child, f"{path} {name}")
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or action.help is None:
+            yield path, parser, action
+
+
+def test_every_command_and_argument_has_help_text():
+    from muse.cli.main import build_parser
+
+    missing = []
+    for path, parser, item in _walk(build_parser()):
+        if parser is None:
+            if not item:
+                missing.append(f"{path} (command)")
+        elif not item.help:
+            missing.append(f"{path} {'/'.join(item.option_strings) or item.dest}")
+    assert not missing, missing
+
+
+def test_every_listing_command_has_json():
+    from muse.cli.main import build_parser
+
+    listing = {path: parser for path, parser, _ in _walk(build_parser())
+               if parser is not None and path.rsplit(" ", 1)[-1] in ("list", "models")}
+    assert {"muse data list", "muse embed list", "muse embed models", "muse backfill list", "muse rank list"} <= set(listing)
+    for path, parser in listing.items():
+        assert any("--json" in a.option_strings for a in parser._actions), path
+
+
+def test_unmigrated_database_says_run_db_upgrade(tmp_path: Path):
+    for args in (["rank", "list"], ["backfill", "list"], ["backfill", "status", "99"], ["rank", "eval", "99"],
+                 ["rank", "score", "1", "--user", "1", "--items", "1,2"], ["embed", "list"]):
+        res = _muse(args, tmp_path)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert "run `muse db upgrade`" in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+    verbose = _muse(["-v", "rank", "list"], tmp_path)  # -v adds the traceback
+    assert "Traceback" in verbose.stderr and "run `muse db upgrade`" in verbose.stderr
+
+
+def test_other_database_errors_are_one_sentence(tmp_path: Path):
+    from sqlalchemy.exc import OperationalError
+
+    from muse.cli.main import database_error_message
+
+    err = OperationalError("SELECT 1", {}, Exception("disk I/O error\nmore detail"))
+    msg = database_error_message(err)
+    assert msg is not None and msg.endswith("failed: disk I/O error") and "\n" not in msg
+    missing = OperationalError("SELECT 1", {}, Exception('relation "ranker_runs" does not exist'))
+    assert "muse db upgrade" in database_error_message(missing)
+    assert database_error_message(ValueError("x")) is None
+
+
+def test_impossible_device_names_the_setting():
+    import pytest
+
+    from muse.errors import ConfigurationError
+    from muse.settings import load_settings
+
+    settings = load_settings(env={"MUSE_DEVICE": "cuda:99"})
+    with pytest.raises(ConfigurationError, match=r"MUSE_DEVICE='cuda:99'.*set MUSE_DEVICE=cpu"):
+        settings.resolve_device()
+    assert load_settings(env={"MUSE_DEVICE": "cpu"}).resolve_device() == "cpu"
+
+
+def test_unknown_source_is_rejected_before_anything_else(tmp_path: Path):
+    res = _muse(["retrieve", "search", "--source", "sclx", "--dataset", "d", "--user", "1", "--items", "1"], tmp_path)
+    assert res.returncode == 2
+    assert "'sclx' is unknown" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "milvus.db").exists()  # no Milvus Lite file was opened

@@ -256,3 +256,55 @@ def test_cli_train_list_eval(world, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert "q2p_recall@10" in capsys.readouterr().out
     assert main(["embed", "train", "--source", "scl", "--dataset", "nope"]) == 2  # clear error, no trace
     assert "dataset 'nope' not found" in capsys.readouterr().err
+
+
+def test_default_scl_run_on_tiny_does_not_collapse(world) -> None:
+    """The tiny default (8 steps on 66 pairs) once gave every item the same vector in eval mode (mean
+    cosine 0.997) because BatchNorm's running statistics were stale; they are recomputed now."""
+    from indexer.evaluation import COLLAPSE_COSINE, mean_pair_cosine
+    from indexer.training import default_max_pairs
+
+    settings, dataset, _ = world
+    result = train_source(settings, "scl", dataset, TrainConfig())
+    train = result.source.metrics["train"]
+    assert train["steps"] == 8 and result.source.config["max_pairs"] == default_max_pairs(600) == 2400
+    assert train["mean_cosine"] < COLLAPSE_COSINE, train
+    table = sources.item_vector_table(settings, "scl", dataset, version=result.source.version)
+    assert mean_pair_cosine(table.vectors, table.present) < COLLAPSE_COSINE
+
+
+def test_collapse_and_small_set_notes() -> None:
+    from indexer.evaluation import collapse_note, mean_pair_cosine, small_set_notes
+
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal((500, 128)).astype(np.float32)
+    spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+    collapsed = spread * 0.05 + 1.0
+    collapsed /= np.linalg.norm(collapsed, axis=1, keepdims=True)
+    assert abs(mean_pair_cosine(spread)) < 0.05 and mean_pair_cosine(collapsed) > 0.99
+    assert collapse_note(mean_pair_cosine(spread)) is None
+    assert "collapsed" in collapse_note(mean_pair_cosine(collapsed))
+    assert mean_pair_cosine(spread[:1]) is None
+    notes = small_set_notes({"q2p_recall@10": 0.1, "n_queries": 14, "i2i_recall@10": 0.02, "n_pairs": 2000,
+                             "i2i_recall@10_tail": None, "n_pairs_tail": 3})
+    assert len(notes) == 1 and "14 held-out queries" in notes[0] and "0.071" in notes[0]
+
+
+def test_embed_eval_cli_reports_spread_and_too_small_sets(world) -> None:
+    import os
+    import subprocess
+    import sys
+
+    settings, dataset, _ = world
+    env = {**os.environ, "MUSE_DATA_DIR": str(settings.data_dir), "MUSE_DEVICE": "cpu"}
+    res = subprocess.run([sys.executable, "-m", "muse.cli.main", "embed", "eval", "--dataset", dataset.name,
+                          "--sources", "scl", "id"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    header = res.stdout.splitlines()[0].split()
+    assert header[-1] == "mean_cosine"
+    assert "held-out queries (< 50)" in res.stdout and "too few to compare sources" in res.stdout
+    data = json.loads(subprocess.run(
+        [sys.executable, "-m", "muse.cli.main", "embed", "eval", "--dataset", dataset.name, "--sources", "id",
+         "--json"], env=env, capture_output=True, text=True, timeout=600).stdout)
+    assert all(r["mean_cosine"] is not None for r in data["results"])
+    assert any("held-out" in n for n in data["notes"])

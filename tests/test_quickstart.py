@@ -15,13 +15,30 @@ from pathlib import Path
 
 import numpy as np
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 
-def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
+
+def _env(data_dir: Path) -> dict[str, str]:
     env = {**os.environ, "MUSE_DATA_DIR": str(data_dir), "MUSE_DEVICE": "cpu"}
     for var in ("MUSE_DATABASE_URL", "MUSE_MILVUS_URI", "MUSE_BROKER_URL", "MUSE_QUEUE_PREFIX", "MUSE_CONFIG"):
         env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "muse.cli.main", "quickstart", *args], env=env,
+    return env
+
+
+def _muse(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "muse.cli.main", *args], env=_env(data_dir),
                           capture_output=True, text=True, timeout=900, cwd=data_dir)
+
+
+def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return _muse(["quickstart", *args], data_dir)
+
+
+def _readme_snippet() -> str:
+    """The README's Python example (the first ```python block)."""
+    text = README.read_text()
+    start = text.index("```python\n") + len("```python\n")
+    return text[start:text.index("```", start)]
 
 
 def test_quickstart_tiny_end_to_end_then_reused(tmp_path: Path):
@@ -47,14 +64,29 @@ def test_quickstart_tiny_end_to_end_then_reused(tmp_path: Path):
     assert mean_cos < 0.9, out
 
     # the comparison table: a line per model and source with mean +- std, and the chart
-    assert re.search(r"^din\s+-\s+0\.\d{4} \+- 0\.\d{4}", out, re.M), out[-2000:]
-    assert re.search(r"^muse\s+scl\s+0\.\d{4} \+- 0\.\d{4}", out, re.M), out[-2000:]
+    assert re.search(r"^din \(ta\+simtier\)\s+scl\s+0\.\d{4} \+- 0\.\d{4}", out, re.M), out[-2000:]
+    assert re.search(r"^muse \(sa-ta\+simtier\)\s+scl\s+0\.\d{4} \+- 0\.\d{4}", out, re.M), out[-2000:]
     chart = Path(re.search(r"^chart: (\S+)", out, re.M).group(1))
     assert chart.is_file() and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((chart.parent / "compare.json").read_text())
-    assert {(r["model"], r["source"]) for r in saved["rows"]} == {("din", None), ("muse", "scl")}
+    assert {(r["model"], r["source"]) for r in saved["rows"]} == {("din", "scl"), ("muse", "scl")}
     assert all(0.0 < r["gauc"] < 1.0 and len(r["runs"]) == 2 for r in saved["rows"])
     assert "test users; differences between models here are noise" in out  # tiny says it is tiny
+
+    # the other commands on what the quickstart made
+    user, target = (int(x) for x in re.search(r"user (\d+): \d+ behaviours prefetched; target item (\d+)", out).groups())
+    first_line = 'dataset, user, targets = "quickstart-standard-0", 17, [5, 9]'
+    assert first_line in _readme_snippet()
+    snippet = _readme_snippet().replace(first_line, f'dataset, user, targets = "quickstart-tiny-0", {user}, [{target}]')
+    shown = subprocess.run([sys.executable, "-c", snippet], env=_env(data_dir), capture_output=True, text=True,
+                           timeout=300, cwd=data_dir)
+    assert shown.returncode == 0 and shown.stdout.startswith(f"{target} ["), shown.stdout + shown.stderr
+    unknown = _muse(["retrieve", "search", "--source", "scl", "--dataset", "quickstart-tiny-0", "--user", "999999",
+                     "--items", str(target)], data_dir)
+    assert unknown.returncode == 1 and "has no user 999999" in unknown.stdout, unknown.stdout + unknown.stderr
+    listed = _muse(["backfill", "list"], data_dir)
+    assert listed.stdout.splitlines()[0].split() == ["job", "status", "source", "dataset", "created"], listed.stdout
+    assert json.loads(_muse(["backfill", "list", "--json"], data_dir).stdout)[0]["status"] == "done"
 
     # a second run reuses everything: nothing is trained or backfilled again
     started = time.perf_counter()

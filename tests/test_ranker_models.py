@@ -203,6 +203,7 @@ def test_each_model_gets_the_esu_of_the_table(world, name: str, esu: str | None)
     assert (getattr(model, "simtier_long", None) is not None) == st_long
     assert (model.simtier_recent is not None) == st_recent
     assert model.needs_vectors == (name == "muse" or esu is None)
+    assert model_class(name).needs_vectors  # on the class: the default (the paper's) set-up
     d, n_user = 8, len(builder.space.user_fields)
     width = model.short_attention.out_dim + 2 * d + 4 * d + n_user * d  # short, recent mean, target, user
     width += 0 if name == "din" else 2 * d + (2 * d if long else 0) + (22 if st_long else 0)

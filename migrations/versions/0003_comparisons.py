@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003"
-down_revision = "0001"  # the lead re-points this to "0002" when the collections revision lands
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

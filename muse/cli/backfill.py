@@ -1,8 +1,10 @@
 """``muse backfill``: fill Milvus with a source's item and behaviour vectors through the worker queues.
 
-``muse backfill --source NAME --dataset NAME`` creates a job (or continues the unfinished one for
-the same source and dataset), enqueues its chunks, shows a progress bar read from the database and
-ends with a summary. With the embedded filesystem broker it runs its own worker subprocess (the
+``muse backfill --source NAME --dataset NAME [--version N]`` creates a job (or continues the
+unfinished one for the same source version and dataset), enqueues its chunks, shows a progress bar
+read from the database and ends with a summary. The job writes the collections of (dataset,
+source, version), beside the live version; the first version of a (dataset, source) becomes live
+when its job is done, later ones with ``muse source promote``. With the embedded filesystem broker it runs its own worker subprocess (the
 only process that opens the Milvus Lite file) and stops it at the end.
 """
 
@@ -23,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--source", help="embedding source (scl, i2i, openclip, id, scl-taobao)")
     p.add_argument("--dataset", help="dataset name (see `muse data list`)")
+    p.add_argument("--version", type=int, default=None,
+                   help="source version to write (default: the newest; see `muse embed list`)")
     p.add_argument("--chunk-size", type=int, default=512, help="items per chunk (default: 512)")
     p.add_argument("--user-chunk-size", type=int, default=64, help="users per behaviour chunk (default: 64)")
     p.add_argument("--items-only", action="store_true", help="skip the behaviour collection")
@@ -55,21 +59,77 @@ def _run(args: argparse.Namespace) -> int:
     if not args.source or not args.dataset:
         raise ConfigurationError("muse backfill needs --source NAME and --dataset NAME (or an ACTION)")
     settings = load_settings()
-    job_id = None if args.new else jobs.find_job(settings, args.source, args.dataset)
+    ref = _target(settings, args.source, args.dataset, args.version)
+    job_id = None if args.new else jobs.find_job(settings, args.source, args.dataset, ref.version)
     if job_id is not None:
         progress = jobs.job_progress(settings, job_id)
         if progress.status == "done":
-            print(f"job {job_id} ({args.source} on {args.dataset}) is already done; nothing to do (--new to rerun)")
+            print(f"job {job_id} ({ref}) is already done; nothing to do (--new to rerun)")
             _print_summary(progress)
+            _print_version(settings, ref)
             return 0
         print(f"continuing job {job_id} ({progress.status})")
     else:
         job_id = jobs.create_job(
             settings, args.source, args.dataset, chunk_size=args.chunk_size,
-            user_chunk_size=args.user_chunk_size, behaviours=not args.items_only,
+            user_chunk_size=args.user_chunk_size, behaviours=not args.items_only, version=ref.version,
         )
-        print(f"created job {job_id}: {args.source} on {args.dataset}")
-    return _drive(settings, job_id, args.detach)
+        print(f"created job {job_id}: {args.source} v{ref.version} on {args.dataset}")
+    _print_version(settings, ref, before=True)
+    code = _drive(settings, job_id, args.detach)
+    if not args.detach:
+        _print_version(settings, ref)
+    return code
+
+
+def _target(settings: Any, source: str, dataset: str, version: int | None) -> Any:
+    """The CollectionRef a backfill of ``source`` (version ``version``, the newest when None) writes."""
+    from indexer import jobs
+    from muse import models
+    from muse.data.format import Dataset
+    from muse.db import session_scope
+    from muse.vectorstore import CollectionRef
+
+    source_id = jobs.resolve_source(settings, source, Dataset.open(settings, dataset), version)
+    with session_scope(settings) as session:
+        row = session.get(models.EmbeddingSource, source_id)
+        return CollectionRef(dataset, source, int(row.version))
+
+
+def _print_version(settings: Any, ref: Any, before: bool = False) -> None:
+    """Which collections the job writes and where the version stands (the database record only:
+    the embedded Milvus Lite file belongs to the worker while it runs)."""
+    from muse import versions
+    from muse.vectorstore import VectorStore
+
+    store = VectorStore(settings)  # names only: no connection
+    names = f"{store.item_collection(ref)}, {store.behaviour_collection(ref)}"
+    live = versions.live_record(settings, ref.dataset, ref.source)
+    pair = f"{ref.dataset}/{ref.source}"
+    if before:
+        if live is None:
+            state = f"the first version of {pair}: live once the job is done"
+        elif live == ref.version:
+            state = f"the live version of {pair}"
+        else:
+            state = f"beside the live v{live} of {pair}; readers switch with `muse source promote {ref.dataset} " \
+                    f"{ref.source} {ref.version}`"
+        print(f"writing {ref} into collections {names} ({state})")
+        return
+    if live == ref.version:
+        print(f"{ref} is live (collections {names})")
+    else:
+        state = f"live: v{live}" if live is not None else "no version is live"
+        print(f"{ref} is not live ({state}); check `muse source list --dataset {ref.dataset}`, then "
+              f"`muse source promote {ref.dataset} {ref.source} {ref.version}`")
+    try:
+        with VectorStore(settings) as store:
+            for line in versions.legacy_report(settings, store, ref.source):
+                print(f"note: {line}")
+    except Exception as e:  # the hint must never fail a finished backfill
+        import logging
+
+        logging.getLogger(__name__).debug("legacy check skipped: %s", e)
 
 
 def _drive(settings: Any, job_id: int, detach: bool) -> int:

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--view-weight", type=float,
                     help="weight of the same-item two-view term, needs --augment (default 0.1 for i2i, else 0)")
     tr.add_argument("--hard-weight", type=float, help="scl: weight of the clicked-not-purchased term (default 1)")
-    tr.add_argument("--max-pairs", type=int, help="co-occurrence pairs sampled for i2i/id (default 10000)")
+    tr.add_argument("--max-pairs", type=int, help="training pairs sampled per run (default: 4 per catalogue item, at most 10000)")
     tr.add_argument("--max-steps", type=int, help="stop after this many steps")
     tr.add_argument("--seed", type=int, help="random seed (default 0)")
     tr.add_argument("--eval", action="store_true", help="run the intrinsic evaluation after training")

@@ -12,7 +12,7 @@ from muse import __version__
 from muse.errors import MuseError
 
 #: Modules under ``muse.cli`` that each add one command group through ``register(subparsers)``.
-COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "retrieve", "rank", "quickstart")
+COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "source", "retrieve", "rank", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:

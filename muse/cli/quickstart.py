@@ -9,8 +9,9 @@ Stages, each reused when a previous run already did it (``--fresh`` starts over)
 4. backfill the first source into Milvus Lite through the filesystem queue and an embedded worker;
 5. prefetch one user's history into the retriever's cache and show the top behaviours for a target
    the user clicked: titles, categories and cosine scores;
-6. train the rankers (``--models`` x sources x ``--seeds``) and print the comparison table (mean GAUC
-   and its spread over seeds, one line per model and source), a verdict in words, and the chart's path.
+6. train the rankers (every ``--models`` on the first source, din and muse on the others, ``--seeds``
+   seeds each, through ``ranker.compare``) and print the comparison table (mean GAUC and its spread
+   over seeds, one line per model and source), a verdict in words, and the chart's path.
 """
 
 from __future__ import annotations
@@ -82,18 +83,19 @@ class _Stages:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from indexer.sources import check_source
+    from muse.cli.embed import TRAINABLE
+    from muse.cli.rank import MODEL_NAMES
     from muse.errors import ConfigurationError
     from muse.settings import load_settings
-    from ranker.models import model_class
 
-    # Every name is checked before anything runs.
+    # Every name is checked before anything runs (and before torch is imported).
     for s in args.sources:
-        check_source(s)
-        if s == "scl-taobao":
-            raise ConfigurationError("--sources: scl-taobao ships with Taobao-MM; the quickstart's world trains its sources")
+        if s not in TRAINABLE:
+            raise ConfigurationError(f"--sources: embedding source {s!r} is unknown to the quickstart; "
+                                     f"valid: {', '.join(TRAINABLE)}")
     for m in args.models:
-        model_class(m)
+        if m not in MODEL_NAMES:
+            raise ConfigurationError(f"--models: model {m!r} is unknown; valid: {', '.join(MODEL_NAMES)}")
     if not args.sources:
         raise ConfigurationError("--sources is empty: give at least one, e.g. scl")
     if args.seeds < 1:
@@ -134,13 +136,13 @@ def _quickstart(args: argparse.Namespace) -> int:
     stages.end()
 
     print()
-    table = _table(rows, spreads)
+    table = _table(rows, spreads, _n_test(world.dataset))
     print(table)
     verdict = _verdict(rows, spreads, world)
     for line in verdict:
         print(line)
     out_dir.mkdir(parents=True, exist_ok=True)
-    chart = _chart(rows, spreads, out_dir / "compare.png", name)
+    chart = _chart(rows, out_dir / "compare.png", f"{name}: GAUC over {args.seeds} seed(s)")
     (out_dir / "compare.md").write_text(f"# {name}: GAUC over {args.seeds} seed(s)\n\n{table}\n" + "\n".join(verdict) + "\n")
     (out_dir / "compare.json").write_text(json.dumps({"dataset": name, "rows": rows, "sources": spreads,
                                                        "verdict": verdict}, indent=2, default=str))
@@ -163,7 +165,7 @@ def _forget(settings: Any, name: str, out_dir: Path) -> None:
         with db.session_scope(settings) as session:
             ds = session.scalars(select(models.Dataset).where(models.Dataset.name == name)).one_or_none()
             if ds is not None:
-                for model in (models.RankerRun, models.BackfillJob, models.EmbeddingSource):
+                for model in (models.Comparison, models.RankerRun, models.BackfillJob, models.EmbeddingSource):
                     for row in session.scalars(select(model).where(model.dataset_id == ds.id)):
                         if isinstance(row, models.BackfillJob):
                             for chunk in list(getattr(row, "chunks", []) or []):
@@ -259,16 +261,17 @@ def _retrieval_example(settings: Any, dataset: str, source: str, world: _World, 
         r = row_of.get(int(item))
         return "?" if r is None else f"{world.category_name(cats[r]):<16} {titles[r]}"
 
-    with Retriever.from_settings(source=source, settings=settings) as r:
+    with Retriever.from_settings(source=source, settings=settings, dataset=dataset) as r:
         lengths = r.prefetch([user]).result(timeout=120)
         full = r.search(user, [target], k=min(1000, max(k, lengths.get(user, k) or k)))
+        version = full.version
     hits = full[0]
     if not len(hits):
         print(f"      user {user} has no behaviours in {source}; the backfill did not write them")
         return
     scores = hits.scores.astype(np.float64)
     behaviour_items = hits.behaviour_item_ids.astype(np.int64)
-    print(f"      user {user}: {lengths.get(user, len(hits))} behaviours prefetched; target item {target} "
+    print(f"      {source} v{version}; user {user}: {lengths.get(user, len(hits))} behaviours prefetched; target item {target} "
           f"(clicked in the test split): {describe(target)}")
     print("      top behaviours, one line per distinct item (x N: times in the history):")
     print(f"      {'rank':>4} {'cosine':>7}  {'item':>6}  {'times':>5}  {'category':<16} title")
@@ -312,41 +315,32 @@ def _example_user(ds: Any) -> tuple[int, int]:
 
 
 def _rankers(settings: Any, dataset: str, models: list[str], sources: list[str], seeds: int) -> list[dict[str, Any]]:
-    """Train (or reuse) every model x source x seed; one row per model and source with the mean and spread."""
-    import numpy as np
+    """Every model on the first source, din and muse on the others, ``seeds`` seeds each, through
+    :func:`ranker.compare.compare` (which reuses matching recorded runs); one row per model and source."""
+    from ranker.compare import compare
 
-    from ranker.models import model_class
-    from ranker.runs import list_runs
-    from ranker.train import TrainConfig, train
+    def show(row: Any) -> None:
+        how = "reused" if row.reused else f"{row.metrics['train']['seconds']:.0f} s"
+        print(f"      {row.model:<9} {row.source or '-':<9} seed {row.seed}: GAUC {row.metrics['overall']['gauc']:.4f}  "
+              f"(run {row.run_id}, {how})", flush=True)
 
-    runs = [r for r in list_runs(settings) if r.dataset == dataset and r.status == "done"]
-    rows = []
-    for model in models:
-        per = sources if model_class(model).needs_vectors else [None]
-        for source in per:
-            gaucs, aucs, long_hist, run_ids = [], [], [], []
-            for seed in range(seeds):
-                cfg = TrainConfig(seed=seed)
-                old = [r for r in runs if (r.model, r.source, r.seed) == (model, source, seed)
-                       and (r.config.get("train") or {}) == dataclasses.asdict(cfg)]
-                if old:
-                    metrics, run_id, how = old[-1].metrics, old[-1].id, "reused"
-                else:
-                    res = train(settings, model, dataset, source=source, train_config=cfg)
-                    metrics, run_id, how = res.metrics, res.run_id, f"{res.metrics['train']['seconds']:.0f} s"
-                overall = metrics["overall"]
-                gaucs.append(overall["gauc"])
-                aucs.append(overall["auc"])
-                long_hist.append((metrics.get("long_history") or {}).get("gauc", float("nan")))
-                run_ids.append(run_id)
-                print(f"      {model:<9} {source or '-':<9} seed {seed}: GAUC {overall['gauc']:.4f}  "
-                      f"(run {run_id}, {how})", flush=True)
+    groups = [(models, sources[:1])]
+    pair = [m for m in ("din", "muse") if m in models]  # MUSE against DIN on every source
+    if pair and len(sources) > 1:
+        groups.append((pair, sources[1:]))
+    rows: list[dict[str, Any]] = []
+    for group_models, group_sources in groups:
+        res = compare(settings, dataset, models=group_models, sources=group_sources, seeds=list(range(seeds)),
+                      on_row=show, write_files=False)
+        for cell in res.result["cells"]:
+            m = cell["metrics"]
             rows.append({
-                "model": model, "source": source, "seeds": seeds, "runs": run_ids,
-                "gauc": float(np.mean(gaucs)), "gauc_std": float(np.std(gaucs, ddof=1)) if seeds > 1 else None,
-                "gauc_min": float(min(gaucs)), "gauc_max": float(max(gaucs)),
-                "auc": float(np.mean(aucs)), "gauc_long_history": float(np.nanmean(long_hist)),
-                "n_test": int(overall["n"]),
+                "model": cell["model"], "esu": cell["esu"], "source": cell["source"], "seeds": len(cell["seeds"]),
+                "runs": cell["runs"], "comparison": res.comparison_id,
+                "gauc": m["gauc"]["mean"], "gauc_std": m["gauc"]["std"] if len(cell["seeds"]) > 1 else None,
+                "gauc_min": min(v for v in m["gauc"]["values"] if v is not None),
+                "gauc_max": max(v for v in m["gauc"]["values"] if v is not None),
+                "auc": m["auc"]["mean"], "gauc_long_history": m["gauc_long_history"]["mean"],
             })
     return rows
 
@@ -355,8 +349,9 @@ def _rankers(settings: Any, dataset: str, models: list[str], sources: list[str],
 
 
 def _at_chance(row: dict[str, Any]) -> bool:
-    spread = row["gauc_std"] or 0.0
-    return row["gauc"] - 0.5 < max(CHANCE_MARGIN, 2 * spread)
+    from ranker.compare import verdict
+
+    return verdict({"mean": row["gauc"], "std": row["gauc_std"]}) == "at chance"
 
 
 def _status(row: dict[str, Any], spreads: dict[str, Any]) -> str:
@@ -367,52 +362,60 @@ def _status(row: dict[str, Any], spreads: dict[str, Any]) -> str:
     return ""
 
 
-def _table(rows: list[dict[str, Any]], spreads: dict[str, Any]) -> str:
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['model']} ({row['esu']})"
+
+
+def _table(rows: list[dict[str, Any]], spreads: dict[str, Any], n_test: int) -> str:
     seeds = rows[0]["seeds"] if rows else 0
     spread_head = "GAUC +- std" if seeds > 1 else "GAUC"
-    lines = [f"{'model':<10} {'source':<7} {spread_head:>16} {'min..max':>15} {'AUC':>7} {'GAUC long-hist':>15}  note",
-             "-" * 84]
+    lines = [f"{'model (ESU)':<24} {'source':<7} {spread_head:>16} {'min..max':>15} {'AUC':>7} {'long-hist':>9}  note",
+             "-" * 92]
     for r in rows:
         g = f"{r['gauc']:.4f}" + (f" +- {r['gauc_std']:.4f}" if r["gauc_std"] is not None else "")
-        lines.append(f"{r['model']:<10} {r['source'] or '-':<7} {g:>16} {r['gauc_min']:.4f}..{r['gauc_max']:.4f} "
-                     f"{r['auc']:>7.4f} {r['gauc_long_history']:>15.4f}  {_status(r, spreads)}")
-    lines.append(f"GAUC on {rows[0]['n_test'] if rows else 0:,} test impressions; mean over {seeds} seed(s)"
-                 + (", +- = standard deviation over the seeds" if seeds > 1 else ""))
+        lh = "-" if r["gauc_long_history"] is None else f"{r['gauc_long_history']:.4f}"
+        lines.append(f"{_label(r):<24} {r['source'] or '-':<7} {g:>16} {r['gauc_min']:.4f}..{r['gauc_max']:.4f} "
+                     f"{r['auc']:>7.4f} {lh:>9}  {_status(r, spreads)}")
+    lines.append(f"GAUC on {n_test:,} test impressions; mean over {seeds} seed(s)"
+                 + (", +- = standard deviation over the seeds" if seeds > 1 else "")
+                 + "; long-hist = GAUC of the users with the longest histories")
     return "\n".join(lines)
 
 
 def _verdict(rows: list[dict[str, Any]], spreads: dict[str, Any], world: _World) -> list[str]:
-    """What the table says, in words: the best model, MUSE against DIN, and what is not a result."""
+    """What the table says, in words: what is not a result, the best line, and MUSE against DIN."""
     out = []
     test_users = _n_test_users(world.dataset)
     if test_users < MIN_TEST_USERS:
         out.append(f"note: only {test_users} test users; differences between models here are noise "
                    "(the standard size is the one to read)")
-    valid = [r for r in rows if not _status(r, spreads)]
     for r in rows:
         if _status(r, spreads):
-            label = r["model"] + (f" ({r['source']})" if r["source"] else "")
-            out.append(f"{label}: {_status(r, spreads)}")
+            out.append(f"{_label(r)} on {r['source']}: {_status(r, spreads)}")
+    valid = [r for r in rows if not _status(r, spreads)]
     if valid:
         best = max(valid, key=lambda r: r["gauc"])
-        out.append(f"best: {best['model']}" + (f" ({best['source']})" if best["source"] else "")
-                   + f", GAUC {best['gauc']:.4f}")
-    din = next((r for r in rows if r["model"] == "din"), None)
+        out.append(f"best: {_label(best)} on {best['source']}, GAUC {best['gauc']:.4f}")
     for r in rows:
-        if r["model"] != "muse" or din is None:
+        din = next((d for d in rows if d["model"] == "din" and d["source"] == r["source"]), None)
+        if r["model"] != "muse" or din is None or _status(r, spreads):
             continue
         gap = r["gauc"] - din["gauc"]
         noise = 2 * max(r["gauc_std"] or 0.0, din["gauc_std"] or 0.0)
-        if _status(r, spreads):
-            continue
-        if gap > noise and noise > 0:
-            word = "above"
-        elif gap > 0:
-            word = "above, within the seed spread," if noise > 0 else "above (one seed: no spread)"
-        else:
+        if gap <= 0:
             word = "NOT above"
-        out.append(f"muse ({r['source']}) is {word} DIN: {gap:+.4f} GAUC")
+        elif noise == 0:
+            word = "above (one seed: no spread to compare with)"
+        elif gap > noise:
+            word = "above"
+        else:
+            word = "above, but within twice the seed spread,"
+        out.append(f"muse on {r['source']} is {word} DIN on {r['source']}: {gap:+.4f} GAUC")
     return out
+
+
+def _n_test(ds: Any) -> int:
+    return sum(b.num_rows for b in ds.iter_impressions(split="test", batch_size=65536))
 
 
 def _n_test_users(ds: Any) -> int:
@@ -422,25 +425,14 @@ def _n_test_users(ds: Any) -> int:
     return int(len(np.unique(np.concatenate(users)))) if users else 0
 
 
-def _chart(rows: list[dict[str, Any]], spreads: dict[str, Any], path: Path, title: str) -> Path:
-    """GAUC per model and source as bars from chance (0.5), with the seed spread as error bars."""
-    import matplotlib
+def _chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """The comparison's bar chart (:func:`ranker.compare.render_plot`: error bars over seeds, a line at
+    GAUC 0.5, the axis from 0 to 1) over every line of the table."""
+    from ranker.compare import render_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def spread(r: dict[str, Any], key: str) -> dict[str, Any]:
+        return {"mean": r[key], "std": r.get(f"{key}_std") or 0.0, "n": r["seeds"]}
 
-    labels = [r["model"] + (f" / {r['source']}" if r["source"] else "") for r in rows]
-    values = [r["gauc"] for r in rows]
-    errors = [r["gauc_std"] or 0.0 for r in rows]
-    colours = ["tab:gray" if _status(r, spreads) else ("tab:orange" if r["source"] else "tab:blue") for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
-    ax.barh(labels, [v - 0.5 for v in values], left=0.5, xerr=errors, color=colours, capsize=3)
-    ax.axvline(0.5, color="black", linewidth=1)
-    ax.set_xlim(0.45, max(0.75, max(values, default=0.5) + 0.05))
-    ax.set_xlabel("GAUC (test), bars from chance = 0.5; error bars: std over seeds; grey: not a result")
-    ax.set_title(title)
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    cells = [{"model": r["model"], "esu": r["esu"], "source": r["source"],
+              "metrics": {"gauc": spread(r, "gauc")}} for r in rows]
+    return render_plot({"cells": cells}, path, title)

@@ -195,9 +195,13 @@ def _score(args: argparse.Namespace) -> int:
 
     with Ranker.load(load_settings(), args.run, path=args.path, version=args.version) as ranker:
         probs = ranker.score(args.user, args.items)
+        r = ranker.retriever
+        used = {} if r is None else {"version": r.version, "collection": r.store.behaviour_collection(r.ref)}
     if args.json:
-        print(json.dumps({"user": args.user, "items": args.items, "probs": probs.tolist()}))
+        print(json.dumps({"user": args.user, "items": args.items, "probs": probs.tolist(), **used}))
         return 0
+    if used:
+        print(f"GSU on {r.ref} (collection {used['collection']})")
     for item, p in sorted(zip(args.items, probs, strict=True), key=lambda t: -t[1]):
         print(f"{item:>12} {p:.4f}")
     return 0

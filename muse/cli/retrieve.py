@@ -54,7 +54,7 @@ def _search(args: argparse.Namespace) -> int:
         return 0 if result.found else 1
     where = f"{args.dataset}/{args.source} v{result.version} (collection {collection})"
     if not result.found:
-        print(f"user {result.user_id} has no behaviours in {where}: {_who(args.user, args.source)}")
+        print(f"user {result.user_id} has no behaviours in {where}: {_who(args.user, args.source, args.dataset)}")
         return 1
     length = f", {result.history_length} behaviours" if result.history_length is not None else ""
     print(f"{where}")
@@ -71,29 +71,14 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _who(user_id: int, source: str) -> str:
-    """Whether ``user_id`` is a user of the datasets ``source`` was backfilled from."""
-    from indexer import jobs
+def _who(user_id: int, source: str, dataset: str) -> str:
+    """Whether ``user_id`` is a user of ``dataset`` at all, in words."""
     from muse.data.format import Dataset
-    from muse.errors import MuseError
     from muse.settings import load_settings
 
-    settings = load_settings()
-    try:
-        names = list(dict.fromkeys(j["dataset"] for j in jobs.list_jobs(settings, 100) if j["source"] == source))
-    except Exception:  # no database: say what can be said
-        names = []
-    if not names:
-        return f"no backfill of {source!r} is recorded (`muse backfill --source {source} --dataset NAME`)"
-    parts = []
-    for name in names:
-        try:
-            users = Dataset.open(settings, name).users().column("user_id").to_numpy()
-        except MuseError:
-            continue
-        if (users == user_id).any():
-            parts.append(f"user {user_id} is a user of dataset {name!r} but has no behaviours backfilled "
-                         f"(is the backfill finished? `muse backfill list`)")
-        else:
-            parts.append(f"dataset {name!r} has no user {user_id} (its user ids run {users.min()}..{users.max()})")
-    return "; ".join(parts) or f"the datasets backfilled for {source!r} ({', '.join(names)}) cannot be opened"
+    users = Dataset.open(load_settings(), dataset).users().column("user_id").to_numpy()
+    if (users == user_id).any():
+        return (f"user {user_id} is a user of dataset {dataset!r}, but none of their behaviours are in the "
+                f"collection (is the backfill finished? `muse backfill list`)")
+    span = f" (its user ids run {users.min()}..{users.max()})" if len(users) else ""
+    return f"dataset {dataset!r} has no user {user_id}{span}"

@@ -40,6 +40,19 @@ from ranker.models.config import FeatureSpec, ModelConfig
 RETRIEVALS = ("none", "category", "multimodal", "history")
 
 
+class NeedsVectors:
+    """``model.needs_vectors``: whether its batches need an item-vector table (multimodal GSU or
+    similarities in the ESU). On the class (``model_class("din").needs_vectors``) it answers for
+    the model's default config, the paper's set-up."""
+
+    def __get__(self, obj: CTRModel | None, cls: type[CTRModel]) -> bool:
+        if obj is None:
+            from ranker.models.registry import make_config
+
+            return make_config(cls.name).needs_vectors
+        return obj.config.needs_vectors
+
+
 class CTRModel(nn.Module):
     """Embeddings + short-sequence attention + long path (GSU + ESU) + MLP tower.
 
@@ -73,10 +86,7 @@ class CTRModel(nn.Module):
         )
         self.tower = MLPTower(width, config.tower, config.activation)
 
-    @property
-    def needs_vectors(self) -> bool:
-        """Whether the batches need an item-vector table (multimodal GSU or similarities in the ESU)."""
-        return self.config.needs_vectors
+    needs_vectors = NeedsVectors()
 
     @property
     def esu(self) -> str:
