@@ -6,7 +6,7 @@ the number of distinct keys).
 The suite starts servers of its own, so it can kill them: a Milvus 2.3 server
 (:class:`tests.milvus_process.MilvusProcess`), a PostgreSQL cluster and a Redis server
 (:mod:`tests.fault_servers`), each on free ports, stopped by PID. Real Celery worker subprocesses
-run the chunks. The job: the ``tiny`` simworld (600 items, 60 users) with 20 item chunks and 10
+run the chunks. The job: the ``tiny`` simworld (600 items, 60 users) with 60 item chunks and 20
 behaviour chunks, so each fault lands mid-job. Leases are 3 s here (60 s by default).
 
 At the end the suite prints its closing figures: faults injected, jobs recovered with no manual
@@ -35,7 +35,7 @@ from tests.milvus_process import MilvusProcess
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
-CHUNK, USER_CHUNK = 30, 6
+CHUNK, USER_CHUNK = 10, 3  # 60 item and 20 behaviour chunks: every fault lands mid-job
 JOB_TIMEOUT_S = 150.0
 FAULT_SETTINGS: dict[str, Any] = {
     "backfill_lease_s": 3.0,
@@ -160,6 +160,42 @@ class Run:
         raise AssertionError(f"job {self.job_id}: {what} not reached in {timeout:.0f} s: {self.progress()}\n"
                              + "\n".join(worker_log(w.log_path) for w in self.workers))
 
+    def kill_a_worker_holding_a_chunk(self) -> WorkerProcess:
+        """SIGKILL the worker (its whole process group) that holds a running chunk: the worker is
+        frozen first and the chunk checked to be still its, so the kill lands mid-chunk."""
+        import os
+        import signal
+
+        from sqlalchemy import select
+
+        from muse import models
+        from muse.db import session_scope
+
+        def holders() -> list[tuple[int, str]]:
+            with session_scope(self.settings) as session:
+                return [tuple(r) for r in session.execute(
+                    select(models.BackfillChunk.id, models.BackfillChunk.worker).where(
+                        models.BackfillChunk.job_id == self.job_id, models.BackfillChunk.status == "running",
+                        models.BackfillChunk.worker.is_not(None)))]
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for chunk_id, holder in holders():
+                try:
+                    group = os.getpgid(int(holder.rsplit(":", 1)[1]))
+                except (ProcessLookupError, ValueError):
+                    continue
+                for w in self.workers:
+                    if w.pid != group or not w.alive():
+                        continue
+                    os.killpg(group, signal.SIGSTOP)
+                    if (chunk_id, holder) in holders():
+                        w.kill()
+                        return w
+                    os.killpg(group, signal.SIGCONT)
+            time.sleep(0.02)
+        raise AssertionError("no worker was seen holding a running chunk")
+
     def mid_job(self) -> Any:
         return self.wait(lambda p: 2 * CHUNK <= p.items_processed and p.chunks.get("running", 0) >= 1,
                          60, "mid-job (2 item chunks done, one running)")
@@ -238,10 +274,10 @@ def run(servers, world, tmp_path, monkeypatch) -> Iterator[Run]:
 def test_worker_sigkilled_mid_job(run: Run) -> None:
     """The dead worker's chunk keeps its lease until it expires; the other worker's watchdog re-sends
     it; ``status`` shows the dead worker as dead meanwhile."""
-    a, _b = run.worker(), run.worker()
+    run.worker(), run.worker()
     run.start_job()
     run.mid_job()
-    a.kill()
+    run.kill_a_worker_holding_a_chunk()
     p = run.finish("worker SIGKILL")
     assert p.dead_workers, f"`status` does not show the killed worker as dead: {p.workers}"
 
