@@ -16,7 +16,20 @@ For history length L in {1K, 10K, 100K} and 1 or 100 targets per request, K = 50
 
 The behaviours (random unit vectors, 128-d) are written once under the prefix ``musebench`` and
 reused by later runs; a run that writes them flushes (seals) them before measuring, so Milvus
-searches its steady state, not freshly written growing segments. Usage: ``python bench/gsu.py [--device cpu|cuda] [--json]``.
+searches its steady state, not freshly written growing segments.
+
+The **prefetch table** (``--tables prefetch``) measures loading a user *cold* (not cached) into the
+cache, for 1K, 10K and 100K-behaviour users whose behaviours are items of a 100K-item source:
+
+* ``old``: the user's behaviour vectors read from the Milvus behaviour collection;
+* ``new/<store>``: the user's item-id sequence read from a sequence store, then a gather from the
+  item table already on the device. Stores: ``milvus`` (a query of the behaviour collection's scalar
+  fields), ``postgres`` (one row per user with ``bigint[]`` position and item columns), ``redis``
+  (packed int64 chunks, the server deployment) and ``file`` (a local file, the embedded one);
+
+p50/p99 over repeated cold loads, the search time of a cached 100K user on both layouts, and the
+device bytes per cached user beyond the shared item table. Usage:
+``python bench/gsu.py --milvus-uri http://127.0.0.1:PORT [--tables search,prefetch] [--device cpu|cuda] [--json]``.
 """
 
 from __future__ import annotations
@@ -236,6 +249,240 @@ def run(
     }
 
 
+# -- prefetch ------------------------------------------------------------------------------------
+PREFETCH_SOURCE = "gsuprefetch"
+PREFETCH_REF = CollectionRef("gsuprefetch", PREFETCH_SOURCE, 1)  # also live, for `muse serve` (bench/serve.py)
+N_ITEMS = 100_000
+PREFETCH_USER_OF = {n: 910_000 + n for n in LENGTHS}
+STORES = ("milvus", "postgres", "redis", "file")
+
+
+class PostgresSequences:
+    """The PostgreSQL candidate: one row per user, positions and item ids as ``bigint[]`` columns."""
+
+    def __init__(self, url: str, table: str = "musebench_sequences") -> None:
+        import psycopg2
+
+        self.table = table
+        self.conn = psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://"))
+        self.conn.autocommit = True
+        with self.conn.cursor() as cur:
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (collection text, user_id bigint, positions bigint[], "
+                "item_ids bigint[], PRIMARY KEY (collection, user_id))"
+            )
+
+    def put(self, collection: str, user: int, positions: np.ndarray, items: np.ndarray) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO {self.table} VALUES (%s, %s, %s, %s) ON CONFLICT (collection, user_id) "
+                "DO UPDATE SET positions = EXCLUDED.positions, item_ids = EXCLUDED.item_ids",
+                (collection, int(user), positions.tolist(), items.tolist()),
+            )
+
+    def get(self, collection: str, user: int) -> tuple[np.ndarray, np.ndarray]:
+        with self.conn.cursor() as cur:
+            cur.execute(
+                f"SELECT positions, item_ids FROM {self.table} WHERE collection = %s AND user_id = %s",
+                (collection, int(user)),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.asarray(row[0], np.int64), np.asarray(row[1], np.int64)
+
+    def drop(self) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {self.table}")
+        self.conn.close()
+
+
+def percentiles(fn: Callable[[], Any], reps: int, budget_s: float, device: str) -> tuple[float, float, int]:
+    """p50 and p99 wall time (ms) of ``fn`` over up to ``reps`` runs within ``budget_s``."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99)), len(times)
+
+
+def populate_items(store: VectorStore, progress: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The prefetch bench's item collection (written once, reused): ``(item_ids, vectors, wrote)``."""
+    store.ensure_collections(PREFETCH_REF, DIM)
+    if store.live_version(PREFETCH_REF.dataset, PREFETCH_SOURCE) is None:
+        store.set_live(PREFETCH_REF)
+    rng = np.random.default_rng(5)
+    item_ids = np.arange(1, N_ITEMS + 1, dtype=np.int64) * 13
+    item_vecs = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
+    wrote = False
+    if store.count_items(PREFETCH_REF) != N_ITEMS:
+        progress(f"writing {N_ITEMS} items ...")
+        for start in range(0, N_ITEMS, 20_000):
+            sl = slice(start, start + 20_000)
+            store.upsert_items(PREFETCH_REF, item_ids[sl], item_vecs[sl], np.zeros(len(item_ids[sl]), np.int64))
+        wrote = True
+    return item_ids, item_vecs, wrote
+
+
+def populate_users(store: VectorStore, item_ids: np.ndarray, item_vecs: np.ndarray, lengths: tuple[int, ...],
+                   progress: Callable[[str], None]) -> tuple[dict[int, int], bool]:
+    """The prefetch bench's users (behaviours = items of the bench source, written once):
+    ``({length: user_id}, wrote)``."""
+    users = {n: PREFETCH_USER_OF[n] for n in lengths}
+    wrote = False
+    for n, user in users.items():
+        urng = np.random.default_rng(n + 1)
+        seq_items = item_ids[urng.integers(0, N_ITEMS, n)]
+        if store.count_behaviours(PREFETCH_REF, user) != n:
+            progress(f"writing {n} behaviours of user {user} ...")
+            store.delete_user_behaviours(PREFETCH_REF, user)
+            for start in range(0, n, 20_000):
+                sl = slice(start, min(n, start + 20_000))
+                store.upsert_behaviours(
+                    PREFETCH_REF, np.full(sl.stop - sl.start, user), np.arange(sl.start, sl.stop),
+                    seq_items[sl], item_vecs[(seq_items[sl] // 13) - 1],
+                )
+            wrote = True
+    return users, wrote
+
+
+def run_prefetch(
+    device: str,
+    milvus_uri: str,
+    redis_url: str,
+    postgres_url: str,
+    progress: Callable[[str], None],
+    lengths: tuple[int, ...] = LENGTHS,
+    storage_dtype: str = "float32",
+) -> dict[str, Any]:
+    from muse.sequences import FileSequences
+    from retriever.cache import GatherCache, ItemTable
+
+    data_dir = tempfile.mkdtemp(prefix="musebench-")
+    settings = load_settings(
+        env={}, data_dir=data_dir, milvus_uri=milvus_uri, milvus_prefix="musebench", device=device,
+        sequence_url=redis_url,
+    )
+    store = VectorStore(settings)
+    item_ids, item_vecs, wrote = populate_items(store, progress)
+    collection = store.behaviour_collection(PREFETCH_REF)
+    redis_seq = store.sequences
+    file_seq = FileSequences(settings.path("sequences"))
+    pg = PostgresSequences(postgres_url)
+    users, wrote_users = populate_users(store, item_ids, item_vecs, lengths, progress)
+    wrote = wrote or wrote_users
+    for n, user in users.items():
+        pos, items = store.query_sequence(collection, user)
+        assert len(pos) == n
+        if len(redis_seq.get(collection, user)[0]) != n:  # behaviours written by an older run
+            redis_seq.delete_user(collection, user)
+            redis_seq.write(collection, np.full(n, user), pos, items)
+        file_seq.write(collection, np.full(n, user), pos, items)
+        pg.put(collection, user, pos, items)
+    if wrote:
+        store.flush(PREFETCH_REF, reload=True)
+
+    loaders: dict[str, Callable[[int], tuple[np.ndarray, np.ndarray]]] = {
+        "milvus": lambda u: store.query_sequence(collection, u),
+        "postgres": lambda u: pg.get(collection, u),
+        "redis": lambda u: redis_seq.get(collection, u),
+        "file": lambda u: file_seq.get(collection, u),
+    }
+    progress("loading the item table ...")
+    table_t0 = time.perf_counter()
+    table = ItemTable(lambda ids: store.get_item_vectors(PREFETCH_REF, ids), DIM, storage_dtype, device)
+    table.load(item_ids)
+    table_s = time.perf_counter() - table_t0
+    cfg = CacheConfig(storage_dtype=storage_dtype, device=device)
+    new = {name: GatherCache(fn, table, cfg) for name, fn in loaders.items()}
+    old = HistoryCache(store_loader(store, PREFETCH_REF, 8192), DIM, CacheConfig(storage_dtype=storage_dtype, device=device))
+
+    def cold(cache: HistoryCache, user: int) -> Callable[[], Any]:
+        def fn() -> Any:
+            cache.invalidate(user)
+            return cache.prefetch([user]).result()
+
+        return fn
+
+    rows = []
+    for n, user in users.items():
+        progress(f"prefetch L={n} ...")
+        row: dict[str, Any] = {"L": n}
+        row["old"] = percentiles(cold(old, user), 5 if n >= 100_000 else 10, 20, device)
+        for name, cache in new.items():
+            row[name] = percentiles(cold(cache, user), 30, 8, device)
+        ref = old.get(user)
+        got = new["redis"].get(user)
+        assert np.array_equal(ref.positions, got.positions)
+        rows.append(row)
+    # Search on a cached longest user: per-user vectors (old) vs a gather from the table (new).
+    big = users[max(lengths)]
+    rng = np.random.default_rng(1)
+    targets = torch.from_numpy(rng.normal(size=(100, DIM)).astype(np.float32))
+    targets = (targets / targets.norm(dim=1, keepdim=True)).to(device)
+    search = {}
+    for b in N_TARGETS:
+        t = targets[:b]
+        ms = timeit({"old": lambda t=t: old.get(big).topk(t, K), "new": lambda t=t: new["redis"].get(big).topk(t, K)}, device)
+        search[b] = ms
+        a, g = old.get(big).topk(t, K), new["redis"].get(big).topk(t, K)
+        assert recall(a.indices.cpu(), g.indices.cpu()) == 1.0
+    result = {
+        "device": device,
+        "storage_dtype": storage_dtype,
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+        "search_ms": search,
+        "old_device_bytes": old.get(big).device_bytes,
+        "new_device_bytes": new["redis"].get(big).device_bytes,
+        "new_host_bytes": new["redis"].get(big).nbytes - new["redis"].get(big).device_bytes,
+        "item_table_bytes": table.device_bytes,
+        "item_table_rows": len(table),
+        "item_table_load_s": table_s,
+        "longest": max(lengths),
+        "milvus_uri": milvus_uri,
+        "redis_url": redis_url,
+    }
+    for c in (*new.values(), old):
+        c.close()
+    pg.drop()
+    store.close()
+    return result
+
+
+def prefetch_table(res: dict[str, Any]) -> str:
+    head = f"{'L':>7} " + " ".join(f"{name:>21}" for name in ("old: milvus vectors", *(f"new: {s}" for s in STORES)))
+    sub = f"{'':>7} " + " ".join(f"{'p50 / p99 ms':>21}" for _ in range(1 + len(STORES)))
+    lines = ["cold prefetch of one user (ms)", head, sub, "-" * len(head)]
+    for r in res["rows"]:
+        cells = [f"{r[k][0]:>9.1f} / {r[k][1]:>9.1f}" for k in ("old", *STORES)]
+        lines.append(f"{r['L']:>7} " + " ".join(cells))
+    lines.append("")
+    for r in res["rows"]:
+        best = min(STORES, key=lambda s: r[s][0])
+        lines.append(
+            f"L={r['L']}: fastest store {best} ({r[best][0]:.1f} ms p50), old/new {r['old'][0] / r[best][0]:.0f}x"
+        )
+    lines.append(
+        f"device bytes per cached {res['longest']}-behaviour user: old {res['old_device_bytes'] / 2**20:.2f} MiB, "
+        f"new {res['new_device_bytes'] / 2**20:.3f} MiB (+ {res['new_host_bytes'] / 2**20:.2f} MiB host ids); "
+        f"shared item table {res['item_table_rows']} items, {res['item_table_bytes'] / 2**20:.1f} MiB on the device "
+        f"(loaded in {res['item_table_load_s']:.1f} s)"
+    )
+    lines.append(
+        "search of the cached longest user (ms), old per-user vectors vs new gather: "
+        + ", ".join(f"{b} targets {ms['old']:.2f} vs {ms['new']:.2f}" for b, ms in res["search_ms"].items())
+    )
+    lines.append(
+        f"device {res['device']}, storage {res['storage_dtype']}, torch threads {res['torch_threads']}, "
+        f"milvus {res['milvus_uri']}, redis {res['redis_url']}"
+    )
+    return "\n".join(lines)
+
+
 def table(res: dict[str, Any]) -> str:
     cmp_dt = res["compressed_dtype"]
     head = (
@@ -290,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--lengths", default=",".join(map(str, LENGTHS)), help="history lengths (subset of 1000,10000,100000)"
     )
+    p.add_argument("--tables", default="search,prefetch", help="tables to measure: search, prefetch or both")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="Redis of the sequence-store candidate")
+    p.add_argument(
+        "--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test", help="PostgreSQL of that candidate"
+    )
+    p.add_argument("--dtype", default="float32", help="storage dtype of the prefetch table's caches")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -312,8 +565,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: --lengths {unknown} not among {sorted(USER_OF)}", file=sys.stderr)
         return 2
-    res = run(args.device, args.milvus_uri, lambda msg: print(msg, file=sys.stderr), lengths)
-    print(json.dumps(res, indent=2) if args.json else table(res))
+    tables = {t.strip() for t in args.tables.split(",")}
+    progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    out: dict[str, Any] = {}
+    if "search" in tables:
+        out["search"] = run(args.device, args.milvus_uri, progress, lengths)
+    if "prefetch" in tables:
+        out["prefetch"] = run_prefetch(
+            args.device, args.milvus_uri, args.redis_url, args.postgres_url, progress, lengths, args.dtype
+        )
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print("\n\n".join((table if name == "search" else prefetch_table)(res) for name, res in out.items()))
     return 0
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from muse.errors import BackendUnavailable
+from muse.errors import BackendUnavailable, ConfigurationError
 from muse.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,11 @@ def session_scope(settings: Settings) -> Iterator[Session]:
                     log.debug("rollback failed: %s", e)
                 raise
     except DBAPIError as e:
+        if schema_missing(e):  # SQLite reports a missing table as an OperationalError: not an outage
+            raise ConfigurationError(
+                f"the database at {_safe_url(settings.database_url)} is not migrated to this version "
+                f"({_first_line(e.orig or e)}); run `muse db upgrade`"
+            ) from e
         if not _is_outage(e):
             raise
         raise BackendUnavailable(
@@ -112,6 +117,20 @@ def _safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # an unparsable URL is shown as given (it holds no password then)
         return url
+
+
+#: Fragments of driver messages that mean a table or column of the schema is missing (SQLite, PostgreSQL).
+_SCHEMA_MISSING = ("no such table", "no such column", "undefinedtable", "undefinedcolumn")
+
+
+def schema_missing(exc: BaseException) -> bool:
+    """Whether a SQLAlchemy/driver error says a table or column is missing: the database is not
+    migrated (or is behind the code), which ``muse db upgrade`` fixes."""
+    orig = getattr(exc, "orig", None) or exc
+    probe = f"{type(orig).__name__} {_first_line(orig)}".lower()
+    return any(f in probe for f in _SCHEMA_MISSING) or (
+        "does not exist" in probe and ("relation " in probe or "column " in probe)
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -41,6 +41,8 @@ ENV_VARS: dict[str, str] = {
     "MUSE_INDEX_TYPE": "index_type",
     "MUSE_INDEX_PARAMS": "index_params",
     "MUSE_SEARCH_PARAMS": "search_params",
+    "MUSE_SEQUENCE_URL": "sequence_url",
+    "MUSE_GSU_ADDRESSES": "gsu_addresses",
     "MUSE_SEARCH_CONSISTENCY": "search_consistency",
     "MUSE_MILVUS_TIMEOUT_S": "milvus_timeout_s",
     "MUSE_MILVUS_SEARCH_TIMEOUT_S": "milvus_search_timeout_s",
@@ -76,6 +78,10 @@ class Settings:
     index_type: str = "FLAT"  # one of CPU_INDEX_TYPES or GPU_INDEX_TYPES
     index_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"nlist": 128}
     search_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"nprobe": 16}
+    # users' item-id sequences (muse.sequences): "" -> file under data_dir (embedded) or the Milvus
+    # behaviour collection itself (server); "redis://host:6379/1" on the server deployment
+    sequence_url: str = ""
+    gsu_addresses: str = ""  # "host:port,host:port" of `muse serve` servers (RemoteRetriever)
     # Consistency of Milvus-path searches: Bounded (~5x the throughput of Strong on 2.3; a write
     # becomes visible within Milvus' bounded staleness, a few seconds). Ask for Strong per call
     # where a read must see the write just made.

@@ -243,6 +243,7 @@ class VectorStore:
         self._loaded: set[str] = set()
         self._server_version: tuple[int, int] | None = None
         self._dims: dict[str, int] = {}
+        self._sequences: Any = None
 
     # -- connection ---------------------------------------------------------------------------
     @property
@@ -274,8 +275,21 @@ class VectorStore:
         except Exception as e:  # pymilvus raises several unrelated types on connect failure
             raise BackendUnavailable(f"MUSE_MILVUS_URI={uri!r}: cannot connect to Milvus: {e}") from e
 
+    @property
+    def sequences(self) -> Any:
+        """The users' item-id sequences (:mod:`muse.sequences`), written with every behaviour."""
+        with self._lock:
+            if self._sequences is None:
+                from muse.sequences import open_sequences
+
+                self._sequences = open_sequences(self.settings, self)
+            return self._sequences
+
     def close(self) -> None:
         with self._lock:
+            if self._sequences is not None:
+                self._sequences.close()
+                self._sequences = None
             if self._client is not None:
                 try:
                     self._client.close()
@@ -538,7 +552,8 @@ class VectorStore:
         )
 
     def drop_collections(self, ref: CollectionRef) -> None:
-        """Drop both collections of ``ref`` (those that exist)."""
+        """Drop both collections of ``ref`` (those that exist) and its users' sequences."""
+        self.sequences.drop(self.collection_name(ref, BEHAVIOURS_KIND))
         for kind in (ITEMS_KIND, BEHAVIOURS_KIND):
             name = self.collection_name(ref, kind)
             if self._call("has_collection", self.client.has_collection, name):
@@ -781,8 +796,12 @@ class VectorStore:
             for i in keep
         ]
         if self._upsert_misroutes_partition_keys():
-            return self._replace(name, rows)
-        return self._upsert(name, rows)
+            written = self._replace(name, rows)
+        else:
+            written = self._upsert(name, rows)
+        # The same rows go to the sequence store, after Milvus: a retried write repeats both.
+        self.sequences.write(name, users[keep], pos[keep], items[keep])
+        return written
 
     def _upsert_misroutes_partition_keys(self) -> bool:
         """Milvus 2.3 servers route upserted rows to the wrong partition-key bucket, so a filtered
@@ -811,6 +830,7 @@ class VectorStore:
     def delete_user_behaviours(self, ref: CollectionRef, user_id: int) -> None:
         name = self._require(ref, BEHAVIOURS_KIND)
         self._call("delete", self.client.delete, name, filter=f"user_id == {check_id(user_id, 'user_id')}")
+        self.sequences.delete_user(name, int(user_id))
 
     # -- reads -----------------------------------------------------------------------------------
     def _query(self, name: str, filter_expr: str, fields: list[str], limit: int) -> Any:
@@ -897,6 +917,50 @@ class VectorStore:
         # sorted() materialises pymilvus' lazy result list; sorting it in place would detach the
         # vectors from their rows.
         return sorted(rows, key=lambda r: r["position"])
+
+    def query_sequence(self, collection: str, user_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """One user's ``(positions, item_ids)`` from a behaviour collection's scalar fields (no
+        vectors), sorted by position: pages of :data:`MAX_QUERY_WINDOW` positions, up to
+        :data:`FETCH_PARALLEL` at once."""
+        user = int(user_id)
+        self._ensure_loaded(collection)
+        total = self._count(collection, f"user_id == {user}")
+        pos_parts: list[np.ndarray] = []
+        item_parts: list[np.ndarray] = []
+        seen, low, size = 0, 0, MAX_QUERY_WINDOW
+
+        def page(lo: int) -> list[dict[str, Any]]:
+            expr = f"user_id == {user} and position >= {lo} and position < {lo + size}"
+            return self._query(collection, expr, ["position", "item_id"], size)
+
+        with ThreadPoolExecutor(FETCH_PARALLEL, thread_name_prefix="muse-seq") as pool:
+            while seen < total and low < (1 << 40):
+                n_pages = min(FETCH_PARALLEL, max(1, -(-(total - seen) // size)))
+                for rows in pool.map(page, [low + i * size for i in range(n_pages)]):
+                    seen += len(rows)
+                    pos_parts.append(np.fromiter((r["position"] for r in rows), np.int64, len(rows)))
+                    item_parts.append(np.fromiter((r["item_id"] for r in rows), np.int64, len(rows)))
+                low += n_pages * size
+        if not pos_parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        pos, items = np.concatenate(pos_parts), np.concatenate(item_parts)
+        order = np.argsort(pos, kind="stable")
+        return pos[order], items[order]
+
+    def user_sequence(self, ref: CollectionRef, user_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """One user's ``(positions, item_ids)`` from the sequence store, sorted by position. A user
+        whose behaviours predate the sequence store (none there, rows in Milvus) is rebuilt from
+        the behaviour collection's scalar fields once and written back."""
+        name = self._require(ref, BEHAVIOURS_KIND)
+        pos, items = self.sequences.get(name, int(user_id))
+        from muse.sequences import MilvusSequences
+
+        if len(pos) == 0 and not isinstance(self.sequences, MilvusSequences):
+            pos, items = self.query_sequence(name, int(user_id))
+            if len(pos):
+                log.info("user %d: sequence rebuilt from %s (%d behaviours)", int(user_id), name, len(pos))
+                self.sequences.write(name, np.full(len(pos), int(user_id)), pos, items)
+        return pos, items
 
     def fetch_user_behaviours(
         self, ref: CollectionRef, user_id: int, batch_size: int = FETCH_BATCH

@@ -1,5 +1,17 @@
 """Device cache of user behaviour histories: byte-bounded LRU, asynchronous single-flight prefetch.
 
+Two ways to build a history (``CacheConfig.history_from``):
+
+* ``"items"`` (default, the serving path): the source's item vectors are held **once** on the
+  device in an :class:`ItemTable` (L2-normalised, in the storage dtype), and a user's history is
+  only the rows of that table its item-id sequence points to (int32 on the device, 4 bytes a
+  behaviour; positions and item ids on the host). The sequence comes from the sequence store
+  (:mod:`muse.sequences`, milliseconds for 100K behaviours), so a prefetch reads no vectors. A
+  search gathers the rows and runs the same :func:`retriever.kernels.gsu_topk`
+  (:class:`GatheredHistory`, :class:`GatherCache`).
+* ``"behaviours"`` (the original path): the user's behaviour vectors are read from the Milvus
+  behaviour collection and kept per user (:class:`CachedHistory`).
+
 A cached history holds the user's behaviour vectors on the cache's device, L2-normalised once at
 load time and stored as float32 or a compressed dtype (bfloat16, float16, or int8 with a per-row
 scale), beside the positions and item ids (on the host) and a mask of behaviours that have a
@@ -41,6 +53,9 @@ DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
 }
 
+#: How a cache builds a history: a gather from the item table, or the behaviour collection's vectors.
+HISTORY_FROM = ("items", "behaviours")
+
 
 class BatchLike(Protocol):
     positions: np.ndarray
@@ -60,6 +75,7 @@ class CacheConfig:
     device: str = "cpu"  # torch device of the cached vectors (settings.resolve_device())
     load_batch_size: int = 8192  # behaviours per store query when loading a history
     prefetch_workers: int = 2  # threads that load histories in the background
+    history_from: str = "items"  # items: gather from the shared item table | behaviours: per-user vectors
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in DTYPES:
@@ -70,6 +86,10 @@ class CacheConfig:
             raise ConfigurationError(f"capacity_bytes must be positive, got {self.capacity_bytes}")
         if self.load_batch_size <= 0:
             raise ConfigurationError(f"load_batch_size must be positive, got {self.load_batch_size}")
+        if self.history_from not in HISTORY_FROM:
+            raise ConfigurationError(
+                f"history_from {self.history_from!r} is unknown; valid: {', '.join(HISTORY_FROM)}"
+            )
         if self.prefetch_workers <= 0:
             raise ConfigurationError(f"prefetch_workers must be positive, got {self.prefetch_workers}")
 
@@ -445,3 +465,385 @@ class HistoryCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- the item-table path ---------------------------------------------------------------------------
+_EMPTY = np.iinfo(np.int64).min
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class IdIndex:
+    """Item id -> row: an open-addressing hash table (linear probing, Fibonacci hashing, load
+    <= 1/2) looked up for a whole array at once in numpy: a 100K-id lookup is a handful of
+    vector operations where a binary search (``np.searchsorted``) makes 17 dependent random reads
+    per id. The id ``-2**63`` is reserved as the empty marker."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        bits = max(10, int(np.ceil(np.log2(max(capacity, 1) * 2))))
+        self._alloc(bits)
+        self.n = 0
+
+    def _alloc(self, bits: int) -> None:
+        self.bits = bits
+        self.mask = (1 << bits) - 1
+        self.keys = np.full(1 << bits, _EMPTY, np.int64)
+        self.vals = np.zeros(1 << bits, np.int64)
+
+    def _slots(self, ids: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return ((ids.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids``, -1 where absent."""
+        keys, vals = self.keys, self.vals
+        mask = len(keys) - 1
+        bits = mask.bit_length()
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.full(len(ids), -1, np.int64)
+        with np.errstate(over="ignore"):
+            slot = ((ids.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - bits)).astype(np.int64)
+        k = keys[slot]
+        hit = k == ids
+        out[hit] = vals[slot[hit]]
+        todo = np.flatnonzero(~hit & (k != _EMPTY))
+        slot = (slot[todo] + 1) & mask
+        while len(todo):
+            k = keys[slot]
+            hit = k == ids[todo]
+            out[todo[hit]] = vals[slot[hit]]
+            more = ~hit & (k != _EMPTY)
+            todo = todo[more]
+            slot = (slot[more] + 1) & mask
+        return out
+
+    def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Insert ids not yet present (unique) with their rows."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        if (self.n + len(ids)) * 2 > len(self.keys):
+            old_k, old_v = self.keys, self.vals
+            present = old_k != _EMPTY
+            bits = self.bits
+            while (self.n + len(ids)) * 2 > (1 << bits):
+                bits += 1
+            self._alloc(bits)
+            self.n = 0
+            self._insert(old_k[present], old_v[present])
+        self._insert(ids, rows)
+
+    def _insert(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        slot = self._slots(ids)
+        while len(ids):
+            free = self.keys[slot] == _EMPTY
+            # among the ids aiming at one free slot, the first takes it
+            _, first = np.unique(slot[free], return_index=True)
+            take = np.flatnonzero(free)[first]
+            self.keys[slot[take]] = ids[take]
+            self.vals[slot[take]] = rows[take]
+            self.n += len(take)
+            rest = np.ones(len(ids), bool)
+            rest[take] = False
+            ids, rows, slot = ids[rest], rows[rest], (slot[rest] + 1) & self.mask
+
+
+ItemFetcher = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+SequenceLoader = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+class ItemTable:
+    """A source's item vectors, once, on the device: L2-normalised, in the storage dtype (int8 with a
+    per-row scale). Grows on demand: rows are looked up by item id and items not seen yet are read
+    through ``fetch`` (``ids -> (found_ids, vectors)``, e.g. ``VectorStore.get_item_vectors``) and
+    appended. Items without a vector are remembered as absent until :meth:`forget_absent`.
+
+    Thread-safe; rows never move, so a history's rows stay valid while the table grows.
+    """
+
+    def __init__(
+        self,
+        fetch: ItemFetcher,
+        dim: int,
+        storage_dtype: str = "float32",
+        device: str = "cpu",
+        initial_rows: int = 1024,
+    ) -> None:
+        if storage_dtype not in DTYPES:
+            raise ConfigurationError(f"storage_dtype {storage_dtype!r} is unknown; valid: {', '.join(DTYPES)}")
+        self.dim = int(dim)
+        self.storage_dtype = storage_dtype
+        self.device = device
+        self._fetch = fetch
+        self._lock = threading.Lock()
+        self._dtype = DTYPES[storage_dtype]
+        self.vectors = torch.zeros((initial_rows, self.dim), dtype=self._dtype, device=device)
+        self.scale: torch.Tensor | None = (
+            torch.zeros(initial_rows, dtype=torch.float32, device=device) if self._dtype == torch.int8 else None
+        )
+        self.rows = 0
+        self._index = IdIndex(initial_rows)  # item id -> row
+        self._absent: set[int] = set()
+        self.fetched = 0  # items read through fetch
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes the table holds on the device (allocated rows, vectors and int8 scales)."""
+        n = self.vectors.element_size() * self.vectors.nelement()
+        if self.scale is not None:
+            n += self.scale.element_size() * self.scale.nelement()
+        return int(n)
+
+    def _encode(self, vectors: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        v = l2_normalise(torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device))
+        if self._dtype == torch.int8:
+            return quantise_int8(v)
+        return v.to(self._dtype), None
+
+    def add(self, item_ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert or overwrite items (all-zero vectors are recorded as absent)."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        vecs = np.asarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
+        if len(ids) == 0:
+            return
+        ids, first = np.unique(ids[::-1], return_index=True)  # last occurrence wins
+        vecs = vecs[::-1][first]
+        has = np.any(vecs != 0, axis=1)
+        q, scale = self._encode(vecs[has])
+        with self._lock:
+            self._absent.update(ids[~has].tolist())
+            ids = ids[has]
+            if self._absent:
+                self._absent.difference_update(ids.tolist())
+            known = self._index.get(ids)
+            new = known < 0
+            n_new = int(new.sum())
+            if self.rows + n_new > self.vectors.shape[0]:
+                cap = max(self.rows + n_new, 2 * self.vectors.shape[0])
+                grown = torch.zeros((cap, self.dim), dtype=self._dtype, device=self.device)
+                grown[: self.rows] = self.vectors[: self.rows]
+                self.vectors = grown
+                if self.scale is not None:
+                    gs = torch.zeros(cap, dtype=torch.float32, device=self.device)
+                    gs[: self.rows] = self.scale[: self.rows]
+                    self.scale = gs
+            rows = known.copy()
+            rows[new] = np.arange(self.rows, self.rows + n_new)
+            self.rows += n_new
+            idx = torch.from_numpy(rows).to(self.device)
+            self.vectors.index_copy_(0, idx, q)
+            if self.scale is not None and scale is not None:
+                self.scale.index_copy_(0, idx, scale)
+            if n_new:
+                self._index.put(ids[new], rows[new])
+
+    def _lookup(self, item_ids: np.ndarray) -> np.ndarray:
+        """Rows of ``item_ids`` (-1 where not in the table)."""
+        with self._lock:  # not during a put
+            return self._index.get(item_ids)
+
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """int64 rows of ``item_ids`` in the table, -1 for items without a vector; items not seen
+        before are fetched first."""
+        items = np.asarray(item_ids, dtype=np.int64)
+        rows = self._lookup(items)
+        unknown = np.unique(items[rows < 0])
+        if len(unknown):
+            with self._lock:
+                unknown = np.asarray([i for i in unknown.tolist() if i not in self._absent], np.int64)
+            if len(unknown):
+                found, vecs = self._fetch(unknown)
+                self.fetched += len(unknown)
+                self.add(found, vecs)
+                with self._lock:
+                    self._absent.update(set(unknown.tolist()) - set(np.asarray(found).tolist()))
+                rows = self._lookup(items)
+        return rows
+
+    def load(self, item_ids: np.ndarray, batch: int = 4096, parallel: int = 4) -> int:
+        """Read the given items into the table (e.g. every item of a dataset at start-up), ``parallel``
+        batches at a time; returns rows."""
+        ids = np.unique(np.asarray(item_ids, dtype=np.int64))
+        batches = [ids[start : start + batch] for start in range(0, len(ids), batch)]
+        with ThreadPoolExecutor(parallel, thread_name_prefix="muse-items") as pool:
+            list(pool.map(self.rows_of, batches))
+        return self.rows
+
+    def forget_absent(self) -> None:
+        """Forget which items had no vector (after a backfill wrote more items)."""
+        with self._lock:
+            self._absent.clear()
+
+
+@dataclass
+class GatheredHistory:
+    """One user's history as rows of the shared :class:`ItemTable`, sorted by position.
+
+    Only behaviours whose item has a vector are kept as rows (``n``); the others are counted in
+    ``missing_positions`` (they never rank ahead of a real behaviour). The device holds only the
+    int32 rows: 4 bytes a behaviour.
+    """
+
+    user_id: int
+    positions: np.ndarray  # int64 [n], host
+    item_ids: np.ndarray  # int64 [n], host
+    rows: torch.Tensor  # int32 [n], device: rows of table.vectors
+    missing_positions: np.ndarray  # int64 [m], host
+    table: ItemTable
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0] + self.missing_positions.shape[0])
+
+    @property
+    def device_bytes(self) -> int:
+        return int(self.rows.element_size() * self.rows.nelement())
+
+    @property
+    def nbytes(self) -> int:
+        return self.device_bytes + int(
+            self.positions.nbytes + self.item_ids.nbytes + self.missing_positions.nbytes
+        )
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """``[n, d]`` storage-dtype vectors (a gather from the table)."""
+        return self.table.vectors.index_select(0, self.rows)
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return None if self.table.scale is None else self.table.scale.index_select(0, self.rows)
+
+    def topk(self, targets: torch.Tensor, k: int) -> TopK:
+        """As :meth:`CachedHistory.topk`: gather the rows into this thread's scratch buffer (a fresh
+        allocation of 100K rows costs more in page faults than the gather), then :func:`gsu_topk`."""
+        if targets.device != self.rows.device:
+            targets = targets.to(self.rows.device)
+        table = self.table
+        vectors = torch.index_select(table.vectors, 0, self.rows, out=_scratch(table.vectors, len(self.rows), 0))
+        scale = None
+        if table.scale is not None:
+            scale = torch.index_select(table.scale, 0, self.rows, out=_scratch(table.scale, len(self.rows), 1))
+        return gsu_topk(targets, vectors, k, None, normalized=True, history_scale=scale)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(like: torch.Tensor, n: int, slot: int) -> torch.Tensor:
+    """This thread's reusable ``[n, *like.shape[1:]]`` buffer of ``like``'s dtype and device."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    key = (slot, like.dtype, like.device, tuple(like.shape[1:]))
+    buf = bufs.get(key)
+    if buf is None or buf.shape[0] < n:
+        buf = torch.empty((max(n, 1024), *like.shape[1:]), dtype=like.dtype, device=like.device)
+        bufs[key] = buf
+    return buf[:n]
+
+
+def gather_history(
+    user_id: int, positions: np.ndarray, item_ids: np.ndarray, table: ItemTable
+) -> GatheredHistory:
+    """A :class:`GatheredHistory` from a sequence (positions need not be sorted)."""
+    pos = np.asarray(positions, dtype=np.int64)
+    items = np.asarray(item_ids, dtype=np.int64)
+    if len(pos) != len(items):
+        raise ConfigurationError(
+            f"history of user {user_id}: {len(pos)} positions and {len(items)} item ids do not match"
+        )
+    if len(pos) > 1 and np.any(pos[1:] < pos[:-1]):
+        order = np.argsort(pos, kind="stable")
+        pos, items = pos[order], items[order]
+    rows = table.rows_of(items)
+    has = rows >= 0
+    missing = pos[~has]
+    if not has.all():
+        pos, items, rows = pos[has], items[has], rows[has]
+    return _by_row(int(user_id), pos, items, rows, missing, table)
+
+
+def _by_row(
+    user: int, pos: np.ndarray, items: np.ndarray, rows: np.ndarray, missing: np.ndarray, table: ItemTable
+) -> GatheredHistory:
+    """A :class:`GatheredHistory` of behaviours already in position order. (Row order would make the
+    gather walk the table forwards, ~1.5x faster on CPU, but then equal scores, a repeated item,
+    would be ordered by the table's fill order, which differs between processes.)"""
+    return GatheredHistory(user, pos, items, torch.from_numpy(rows.astype(np.int32)).to(table.device), missing, table)
+
+
+def _concat_gathered(a: GatheredHistory, b: GatheredHistory) -> GatheredHistory:
+    pos = np.concatenate([a.positions, b.positions])
+    order = np.argsort(pos, kind="stable")
+    rows = np.concatenate([a.rows.cpu().numpy(), b.rows.cpu().numpy()]).astype(np.int64)
+    return _by_row(
+        a.user_id,
+        pos[order],
+        np.concatenate([a.item_ids, b.item_ids])[order],
+        rows[order],
+        np.sort(np.concatenate([a.missing_positions, b.missing_positions])),
+        a.table,
+    )
+
+
+def sequence_loader(store: Any, ref: Any) -> SequenceLoader:
+    """A loader of ``(positions, item_ids)`` of one :class:`muse.vectorstore.CollectionRef` through
+    ``VectorStore.user_sequence``."""
+
+    def load(user_id: int) -> tuple[np.ndarray, np.ndarray]:
+        return store.user_sequence(ref, int(user_id))
+
+    return load
+
+
+class GatherCache(HistoryCache):
+    """:class:`HistoryCache` whose histories are gathers from a shared :class:`ItemTable`.
+
+    Args:
+        sequences: ``user_id -> (positions, item_ids)`` (see :func:`sequence_loader`).
+        table: the item table (its dtype and device are the cache's).
+        config: capacity and prefetch workers; ``storage_dtype``/``device`` must match the table.
+    """
+
+    def __init__(self, sequences: SequenceLoader, table: ItemTable, config: CacheConfig | None = None) -> None:
+        config = config or CacheConfig(storage_dtype=table.storage_dtype, device=table.device)
+        super().__init__(lambda u: (), table.dim, config)
+        self.table = table
+        self._sequences = sequences
+
+    def _load(self, user: int) -> GatheredHistory:  # type: ignore[override]
+        positions, items = self._sequences(user)
+        entry = gather_history(user, positions, items, self.table)
+        with self._lock:
+            self._loads += 1
+        log.debug("gathered user %d: %d behaviours, %d bytes", user, len(entry), entry.nbytes)
+        return entry
+
+    def append_behaviours(  # type: ignore[override]
+        self, user_id: int, positions: np.ndarray, item_ids: np.ndarray, vectors: np.ndarray | None = None
+    ) -> None:
+        """Apply behaviours just written to the sequence store (``vectors`` is ignored: the item
+        table holds them)."""
+        user = int(user_id)
+        new = gather_history(user, positions, item_ids, self.table)
+        with self._lock:
+            self._generation[user] = self._generation.get(user, 0) + 1
+            old = self._entries.pop(user, None)
+            if old is None:
+                return
+            self._bytes -= old.nbytes
+            old_all = np.concatenate([old.positions, old.missing_positions])
+            new_all = np.concatenate([new.positions, new.missing_positions])
+            if np.isin(new_all, old_all).any() or len(np.unique(new_all)) < len(new):
+                return  # a position was rewritten: reload on next use
+            self._insert(_concat_gathered(old, new))  # type: ignore[arg-type]
+
+    def put(  # type: ignore[override]
+        self, user_id: int, positions: np.ndarray, item_ids: np.ndarray, vectors: np.ndarray | None = None
+    ) -> GatheredHistory:
+        entry = gather_history(user_id, positions, item_ids, self.table)
+        with self._lock:
+            self._generation[entry.user_id] = self._generation.get(entry.user_id, 0) + 1
+            self._insert(entry)  # type: ignore[arg-type]
+        return entry

@@ -11,8 +11,10 @@ A retriever reads one (dataset, source) pair. Without ``version`` it follows the
 cached histories and target vectors of the old version. Every request runs on one version from
 start to end (target vectors and behaviours alike) and its result says which (``result.version``).
 
-Two paths with the same results: ``path="cache"`` (default) keeps users' histories in a device
-cache (:class:`retriever.cache.HistoryCache`) and runs one matrix product + topk;
+Two paths with the same results: ``path="cache"`` (default) keeps the version's item vectors once
+on the device and users' histories as rows of that table in a cache
+(:class:`retriever.cache.GatherCache`; per-user vectors with ``history_from="behaviours"``) and
+runs a gather + one matrix product + topk;
 ``path="milvus"`` runs a filtered vector search per request on the Milvus behaviour collection.
 Target vectors come from the source's item collection.
 """
@@ -34,7 +36,15 @@ import torch
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import Settings, load_settings
 from muse.validation import check_id, check_ids, check_positions, check_same_length, check_vectors, unit_rows
-from retriever.cache import CacheConfig, CacheStats, HistoryCache, store_loader
+from retriever.cache import (
+    CacheConfig,
+    CacheStats,
+    GatherCache,
+    HistoryCache,
+    ItemTable,
+    sequence_loader,
+    store_loader,
+)
 from retriever.kernels import N_TIERS, simtier_counts
 from retriever.milvus_search import milvus_topk
 
@@ -155,9 +165,16 @@ class RetrieverView:
         self.item_lookups = 0  # target vectors asked for
         self.item_fetches = 0  # of those, read from Milvus
         self.cache: HistoryCache | None = None
+        self.item_table: ItemTable | None = None
         if path == "cache":
             config = cache_config or CacheConfig()
-            self.cache = HistoryCache(store_loader(store, ref, config.load_batch_size), self.dim, config)
+            if config.history_from == "items":
+                self.item_table = ItemTable(
+                    lambda ids: store.get_item_vectors(ref, ids), self.dim, config.storage_dtype, config.device
+                )
+                self.cache = GatherCache(sequence_loader(store, ref), self.item_table, config)
+            else:
+                self.cache = HistoryCache(store_loader(store, ref, config.load_batch_size), self.dim, config)
 
     @property
     def version(self) -> int:
@@ -478,6 +495,11 @@ class Retriever:
         return self._view.item_lookups
 
     @property
+    def item_table(self) -> ItemTable | None:
+        """The current version's item table (cache path, ``history_from="items"``)."""
+        return self._view.item_table
+
+    @property
     def item_fetches(self) -> int:
         return self._view.item_fetches
 
@@ -522,16 +544,41 @@ class Retriever:
                 continue
         raise BackendUnavailable(f"retriever {self.dataset}/{self.source}: the cache kept switching versions")
 
+    def preload_items(self, item_ids: Sequence[int]) -> int:
+        """Read these items' vectors into the current version's item table now (e.g. a dataset's
+        items at start-up), so that no prefetch waits for them; returns the table's rows (0 without one)."""
+        table = self._view.item_table
+        if table is None:
+            return 0
+        return table.load(np.asarray(item_ids, dtype=np.int64))
+
     def append_behaviours(
-        self, user_id: int, positions: Sequence[int], item_ids: Sequence[int], vectors: np.ndarray
+        self,
+        user_id: int,
+        positions: Sequence[int],
+        item_ids: Sequence[int],
+        vectors: np.ndarray | None = None,
     ) -> int:
-        """Write new behaviours of one user to Milvus (current version) and to a cached history;
-        returns rows written."""
+        """Write new behaviours of one user to Milvus (current version: rows and sequence) and to a
+        cached history; returns rows written. ``vectors`` default to the items' vectors.
+
+        Raises:
+            ConfigurationError: positions and item ids are not integers of the same length, or a
+                negative position. NotFoundError: ``vectors`` omitted and an item has no vector.
+        """
         user = _check_user(user_id)
         view = self.view()
         pos = check_positions(positions)
         items = check_ids(item_ids, "item_ids")
-        vecs = check_vectors(vectors, view.dim, "behaviour vectors", allow_empty=True)
+        if vectors is None:
+            found, vecs_found = view.get_item_vectors(np.unique(items))
+            by_id = {int(i): v for i, v in zip(found, vecs_found, strict=True) if np.any(v)}
+            missing = [int(i) for i in items if int(i) not in by_id]
+            if missing:
+                raise NotFoundError(f"item(s) {missing[:20]} have no {self.source!r} vector to append")
+            vecs = np.stack([by_id[int(i)] for i in items]).astype(np.float32) if len(items) else np.zeros((0, view.dim), np.float32)
+        else:
+            vecs = check_vectors(vectors, view.dim, "behaviour vectors", allow_empty=True)
         check_same_length("append_behaviours", positions=pos, item_ids=items, vectors=vecs)
         if len(pos) == 0:
             return 0
@@ -541,10 +588,13 @@ class Retriever:
         return written
 
     def forget_item_vectors(self) -> None:
-        """Drop the cached target vectors (after the version's items were re-encoded)."""
+        """Drop the cached target vectors (after the version's items were re-encoded) and the item
+        table's record of items without a vector."""
         view = self._view
         with view._items_lock:
             view._items.clear()
+        if view.item_table is not None:
+            view.item_table.forget_absent()
 
     def invalidate(self, user_id: int) -> None:
         """Forget a cached history after behaviours were written elsewhere (e.g. by a backfill)."""

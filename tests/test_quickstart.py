@@ -35,9 +35,9 @@ def _run(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _readme_snippet() -> str:
-    """The README's Python example (the first ```python block)."""
+    """The README's Python example (the first ```python block after the walk-through heading)."""
     text = README.read_text()
-    start = text.index("```python\n") + len("```python\n")
+    start = text.index("```python\n", text.index("## Walk-through")) + len("```python\n")
     return text[start:text.index("```", start)]
 
 

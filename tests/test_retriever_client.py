@@ -1,5 +1,7 @@
 """Retriever client against real Milvus (Lite and the 2.3 server): the Milvus path and the cache
-path return the same behaviours for tiny generated users, appends, single-flight, bad inputs."""
+path return the same behaviours for tiny generated users, appends, single-flight, bad inputs. The
+cache path builds histories both ways: a gather from the item table by the sequence store's item
+ids (the default) and from the behaviour collection's vectors."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ DATASET = "ds-r"
 REF = CollectionRef(DATASET, SOURCE, 1)
 LENGTHS = {11: 80, 12: 6}  # user 12 is shorter than k
 MISSING = {11: [5, 40, 41]}  # behaviours stored without a vector
-ITEMS = np.arange(1000, 1010, dtype=np.int64)  # 1009 is stored without a vector
+ITEMS = np.arange(1000, 1200, dtype=np.int64)
+NO_VECTOR = [1009, 1100, 1101, 1102]  # items stored without a vector
+HISTORY_FROM = ("items", "behaviours")
 
 
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -32,14 +36,16 @@ def populated(milvus_settings: Settings):
     store = VectorStore(milvus_settings)
     store.ensure_collections(REF, DIM)
     item_vecs = _unit(rng, len(ITEMS))
-    item_vecs[-1] = 0.0
+    item_vecs[np.asarray(NO_VECTOR) - 1000] = 0.0
     store.upsert_items(REF, ITEMS, item_vecs, np.zeros(len(ITEMS), dtype=np.int64))
     histories = {}
+    pool = [int(i) for i in ITEMS[10:] if int(i) not in NO_VECTOR]  # targets ITEMS[:10] not in histories
     for user, n in LENGTHS.items():
-        vecs = _unit(rng, n)
-        vecs[MISSING.get(user, [])] = 0.0
         pos = np.arange(n, dtype=np.int64)
-        items = rng.integers(1, 10**9, n)
+        items = rng.choice(pool, n, replace=False)  # distinct items: no tied scores
+        for p, item in zip(MISSING.get(user, []), NO_VECTOR[1:]):
+            items[p] = item
+        vecs = item_vecs[items - 1000]  # as the backfill writes them: the items' vectors
         store.upsert_behaviours(REF, np.full(n, user), pos, items, vecs)
         histories[user] = (pos, items, vecs)
     store.set_live(REF)
@@ -58,13 +64,16 @@ def _reference(target: np.ndarray, vecs: np.ndarray, k: int) -> np.ndarray:
     return order[np.isfinite(s[order])][:k]
 
 
-def test_cache_and_milvus_paths_agree(populated) -> None:
+@pytest.mark.parametrize("history_from", HISTORY_FROM)
+def test_cache_and_milvus_paths_agree(populated, history_from: str) -> None:
     settings, _, item_vecs, histories = populated
     targets = [int(i) for i in ITEMS[:5]]
     with (
         # Read-your-writes: the histories were written just before (the default is Bounded).
         Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Strong") as rm,
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="cache") as rc,
+        Retriever.from_settings(
+            SOURCE, settings, dataset=DATASET, path="cache", cache={"history_from": history_from}
+        ) as rc,
     ):
         for user, k in ((11, 10), (11, 50), (12, 50)):
             a, b = rm.search(user, targets, k=k), rc.search(user, targets, k=k)
@@ -132,18 +141,21 @@ def test_bad_inputs_raise_clear_errors(populated) -> None:
         Retriever.from_settings(SOURCE, settings, dataset="other-ds")
 
 
-def test_appended_behaviours_visible_in_next_search(populated) -> None:
-    settings, _, item_vecs, _ = populated
+@pytest.mark.parametrize("history_from", HISTORY_FROM)
+def test_appended_behaviours_visible_in_next_search(populated, history_from: str) -> None:
+    settings = populated[0]
     target = int(ITEMS[2])
     with (
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="cache") as rc,
+        Retriever.from_settings(
+            SOURCE, settings, dataset=DATASET, path="cache", cache={"history_from": history_from}
+        ) as rc,
         Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Strong") as rm,
     ):
-        assert rc.search(12, [target], k=3)[0].behaviour_item_ids[0] != 77
-        rc.append_behaviours(12, [6], [77], item_vecs[2:3] * 2.0)  # the exact target direction
+        assert rc.search(12, [target], k=3)[0].behaviour_item_ids[0] != target
+        rc.append_behaviours(12, [6], [target])  # the target item itself: its vector from the items
         for r in (rc, rm):
             hit = r.search(12, [target], k=3)[0]
-            assert hit.behaviour_item_ids[0] == 77 and hit.positions[0] == 6
+            assert hit.behaviour_item_ids[0] == target and hit.positions[0] == 6
             assert hit.scores[0] == pytest.approx(1.0, abs=1e-5)
         assert rc.stats().loads == 1  # extended in place, not reloaded
         assert rc.search(12, [target], k=50).history_length == 7

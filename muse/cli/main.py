@@ -12,7 +12,7 @@ from muse import __version__
 from muse.errors import MuseError
 
 #: Modules under ``muse.cli`` that each add one command group through ``register(subparsers)``.
-COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "source", "retrieve", "rank", "quickstart")
+COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "source", "retrieve", "serve", "rank", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,10 +60,6 @@ def _explain(args: argparse.Namespace, line: str) -> None:
     print(line, file=sys.stderr)
 
 
-#: Fragments of driver messages that mean a table or column of the schema is missing (SQLite, PostgreSQL).
-_SCHEMA_MISSING = ("no such table", "no such column", "undefinedtable", "undefinedcolumn")
-
-
 def database_error_message(exc: BaseException) -> str | None:
     """One sentence for a SQLAlchemy error (None for any other exception).
 
@@ -76,10 +72,9 @@ def database_error_message(exc: BaseException) -> str | None:
     first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
     url = _database_url()
     where = f"the database {url}" if url else "the database"
-    probe = f"{type(orig).__name__} {first}".lower()
-    missing = any(f in probe for f in _SCHEMA_MISSING) or (
-        "does not exist" in probe and ("relation " in probe or "column " in probe))
-    if missing:
+    from muse.db import schema_missing
+
+    if schema_missing(exc):
         return f"{where} is not migrated to this version ({first}); run `muse db upgrade`"
     return f"{where} failed: {first}"
 

@@ -1,0 +1,421 @@
+"""The GSU retrieval service: ``muse serve`` runs one :class:`GsuServer` per shard of users.
+
+The server owns one in-process :class:`retriever.client.Retriever` on the cache path: the source's
+item-vector table once on its device and a byte-bounded LRU of users' histories (rows of that
+table). Ranking processes on any machine share it through
+:class:`retriever.remote.RemoteRetriever`, which has the same methods, results and errors.
+
+RPCs (``retriever/gsu.proto``): Prefetch, Search, AppendBehaviours, Invalidate, Stats, plus the
+standard ``grpc.health.v1`` health service. Errors map as follows, with the in-process message as
+the status details: :class:`~muse.errors.ConfigurationError` (bad input) -> INVALID_ARGUMENT,
+:class:`~muse.errors.NotFoundError` -> NOT_FOUND, :class:`~muse.errors.BackendUnavailable`
+(Milvus, Redis) -> UNAVAILABLE, anything else -> INTERNAL (logged with its traceback).
+
+Prometheus metrics are served on their own HTTP port: ``muse_gsu_requests_total{method,code}``,
+``muse_gsu_request_seconds{method}`` (histogram), ``muse_gsu_cache_{hits,misses,loads,evictions}_total``,
+``muse_gsu_cache_{entries,bytes,capacity_bytes}``, ``muse_gsu_item_table_{rows,bytes}`` and
+``muse_gsu_prefetch_queue`` (users queued or loading).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from muse.errors import BackendUnavailable, ConfigurationError, MuseError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "muse.gsu.v1.Gsu"
+PROTO = Path(__file__).with_name("gsu.proto")
+#: Largest gRPC message either side accepts (a 100-target reply of k = 16384 stays below it).
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+def regenerate(out_dir: Path) -> list[Path]:
+    """Run ``grpc_tools.protoc`` on :data:`PROTO` into ``out_dir/retriever/`` (needs grpcio-tools);
+    returns the generated files. The committed ``gsu_pb2*.py`` are this function's output."""
+    from grpc_tools import protoc
+
+    root = PROTO.parent.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rc = protoc.main(
+        ["protoc", f"-I{root}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", str(PROTO.relative_to(root))]
+    )
+    if rc != 0:
+        raise RuntimeError(f"protoc failed on {PROTO} (exit {rc})")
+    return [out_dir / "retriever" / "gsu_pb2.py", out_dir / "retriever" / "gsu_pb2_grpc.py"]
+
+
+def _status_of(exc: BaseException) -> Any:
+    import grpc
+
+    if isinstance(exc, (ConfigurationError, ValueError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, BackendUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+class _Metrics:
+    """The server's Prometheus registry (one per server, so several may live in one process)."""
+
+    def __init__(self, retriever: Any, queue: Callable[[], int]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "muse_gsu_requests", "GSU RPCs served", ["method", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "muse_gsu_request_seconds",
+            "GSU RPC latency",
+            ["method"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=self.registry,
+        )
+
+        class CacheCollector:
+            def collect(self) -> Iterator[Any]:
+                st = retriever.stats()
+                if st is not None:
+                    for name in ("hits", "misses", "loads", "evictions"):
+                        yield CounterMetricFamily(f"muse_gsu_cache_{name}", f"history cache {name}", value=getattr(st, name))
+                    for name in ("entries", "bytes", "capacity_bytes"):
+                        yield GaugeMetricFamily(f"muse_gsu_cache_{name}", f"history cache {name}", value=getattr(st, name))
+                table = retriever.item_table
+                yield GaugeMetricFamily("muse_gsu_item_table_rows", "items in the device item table",
+                                        value=len(table) if table is not None else 0)
+                yield GaugeMetricFamily("muse_gsu_item_table_bytes", "device bytes of the item table",
+                                        value=table.device_bytes if table is not None else 0)
+                yield GaugeMetricFamily("muse_gsu_prefetch_queue", "users queued or loading", value=queue())
+
+        self.registry.register(CacheCollector())
+
+    def serve(self, port: int, host: str) -> Any:
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server
+
+
+class GsuServicer:
+    """The RPC handlers over one :class:`~retriever.client.Retriever` (see the module docstring)."""
+
+    def __init__(self, retriever: Any, dataset: str | None = None, max_concurrent_searches: int | None = None) -> None:
+        import os
+
+        from retriever import gsu_pb2
+
+        self.pb = gsu_pb2
+        # Searches running at once: more than the cores only thrash (each product already uses
+        # torch's intra-op threads) and each running search holds a gather buffer.
+        self._searches = threading.BoundedSemaphore(max_concurrent_searches or max(2, os.cpu_count() or 2))
+        self.retriever = retriever
+        self.dataset = dataset or ""
+        self._queued = 0
+        self._queue_lock = threading.Lock()
+        self.metrics = _Metrics(retriever, lambda: self._queued)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _run(self, method: str, context: Any, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return fn()
+        except MuseError as e:
+            status = _status_of(e)
+            code = status.name
+            context.abort(status, str(e))
+        except ValueError as e:  # numpy/torch conversions of bad input
+            code = "INVALID_ARGUMENT"
+            import grpc
+
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            code = "INTERNAL"
+            log.exception("%s failed", method)
+            import grpc
+
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        finally:
+            self.metrics.requests.labels(method, code).inc()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+
+    def _track(self, fut: Any, n: int) -> Any:
+        with self._queue_lock:
+            self._queued += n
+
+        def done(f: Any) -> None:
+            with self._queue_lock:
+                self._queued -= n
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("prefetch failed: %s", f.exception())
+
+        fut.add_done_callback(done)
+        return fut
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    def Prefetch(self, request: Any, context: Any) -> Any:
+        def run() -> Any:
+            users = list(request.user_ids)
+            fut = self._track(self.retriever.prefetch(users), len(users))
+            if not request.wait:
+                return self.pb.PrefetchReply(queued=len(users))
+            lengths = fut.result()
+            return self.pb.PrefetchReply(queued=len(users), lengths={int(u): int(n) for u, n in lengths.items()})
+
+        return self._run("Prefetch", context, run)
+
+    def Search(self, request: Any, context: Any) -> Any:
+        def run() -> Any:
+            k = int(request.k)
+            if len(request.target_vectors):
+                dim = int(request.dim)
+                flat = np.asarray(request.target_vectors, dtype=np.float32)
+                if dim <= 0 or flat.shape[0] % dim:
+                    raise ConfigurationError(
+                        f"targets must be [B, {self.retriever.dim}], got {flat.shape[0]} values for dim {dim}"
+                    )
+                with self._searches:
+                    res = self.retriever.search_vectors(request.user_id, flat.reshape(-1, dim), k=k)
+            else:
+                with self._searches:
+                    res = self.retriever.search(request.user_id, list(request.target_item_ids), k=k)
+            return result_to_reply(self.pb, res)
+
+        return self._run("Search", context, run)
+
+    def AppendBehaviours(self, request: Any, context: Any) -> Any:
+        def run() -> Any:
+            vectors = None
+            if len(request.vectors):
+                dim = int(request.dim) or self.retriever.dim
+                flat = np.asarray(request.vectors, dtype=np.float32)
+                if flat.shape[0] % dim:
+                    raise ConfigurationError(
+                        f"append_behaviours: {flat.shape[0]} vector values do not split into rows of {dim}"
+                    )
+                vectors = flat.reshape(-1, dim)
+            n = self.retriever.append_behaviours(
+                request.user_id, list(request.positions), list(request.item_ids), vectors
+            )
+            return self.pb.AppendReply(written=int(n))
+
+        return self._run("AppendBehaviours", context, run)
+
+    def Invalidate(self, request: Any, context: Any) -> Any:
+        def run() -> Any:
+            for u in request.user_ids:
+                self.retriever.invalidate(int(u))
+            return self.pb.InvalidateReply()
+
+        return self._run("Invalidate", context, run)
+
+    def Stats(self, request: Any, context: Any) -> Any:
+        def run() -> Any:
+            st = self.retriever.stats()
+            table = self.retriever.item_table
+            fields = {}
+            if st is not None:
+                fields = {f: getattr(st, f) for f in ("hits", "misses", "loads", "evictions", "entries", "bytes", "capacity_bytes")}
+            return self.pb.StatsReply(
+                **fields,
+                item_table_rows=len(table) if table is not None else 0,
+                item_table_bytes=table.device_bytes if table is not None else 0,
+                prefetch_queue=self._queued,
+                source=self.retriever.source,
+                dataset=self.retriever.dataset,
+                dim=self.retriever.dim,
+                path=self.retriever.path,
+                version=self.retriever.version,
+            )
+
+        return self._run("Stats", context, run)
+
+
+def result_to_reply(pb: Any, res: Any) -> Any:
+    """A :class:`~retriever.client.SearchResult` as a ``SearchReply``."""
+    targets = [
+        pb.TargetHits(
+            has_item_id=t.item_id is not None,
+            item_id=int(t.item_id) if t.item_id is not None else 0,
+            behaviour_item_ids=t.behaviour_item_ids.tolist(),
+            positions=t.positions.tolist(),
+            scores=t.scores.tolist(),
+            simtier=t.simtier.tolist(),
+        )
+        for t in res.targets
+    ]
+    return pb.SearchReply(
+        user_id=res.user_id,
+        found=res.found,
+        path=res.path,
+        k=res.k,
+        targets=targets,
+        history_length=-1 if res.history_length is None else int(res.history_length),
+        dataset=res.dataset,
+        source=res.source,
+        version=int(res.version),
+    )
+
+
+def reply_to_result(reply: Any) -> Any:
+    """A ``SearchReply`` as a :class:`~retriever.client.SearchResult` (same dtypes as in process)."""
+    from retriever.client import SearchResult, TargetHits
+
+    targets = tuple(
+        TargetHits(
+            int(t.item_id) if t.has_item_id else None,
+            np.asarray(t.behaviour_item_ids, dtype=np.int64),
+            np.asarray(t.positions, dtype=np.int64),
+            np.asarray(t.scores, dtype=np.float32),
+            np.asarray(t.simtier, dtype=np.float32),
+        )
+        for t in reply.targets
+    )
+    return SearchResult(
+        int(reply.user_id),
+        bool(reply.found),
+        reply.path,
+        int(reply.k),
+        targets,
+        None if reply.history_length < 0 else int(reply.history_length),
+        reply.dataset,
+        reply.source,
+        int(reply.version),
+    )
+
+
+class GsuServer:
+    """A running GSU gRPC server (and its metrics HTTP server) over one retriever.
+
+    Args:
+        retriever: a :class:`~retriever.client.Retriever` (closed by :meth:`stop`).
+        port: gRPC port (0: pick a free one; see :attr:`port`).
+        metrics_port: Prometheus HTTP port (0: pick one; None: no metrics server).
+        host: address to bind.
+        workers: RPC threads.
+        max_concurrent_searches: searches run at once (default: the CPU count, at least 2).
+    """
+
+    def __init__(
+        self,
+        retriever: Any,
+        port: int = 50051,
+        metrics_port: int | None = 0,
+        host: str = "127.0.0.1",
+        workers: int = 16,
+        dataset: str | None = None,
+        max_concurrent_searches: int | None = None,
+    ) -> None:
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        from retriever import gsu_pb2_grpc
+
+        self.retriever = retriever
+        self.servicer = GsuServicer(retriever, dataset, max_concurrent_searches)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="muse-gsu"),
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        gsu_pb2_grpc.add_GsuServicer_to_server(self.servicer, self._server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise ConfigurationError(f"cannot bind the GSU server to {host}:{port} (port in use?)")
+        self.host, self.port = host, bound
+        self._health_pb2 = health_pb2
+        self._metrics_server = None
+        self.metrics_port: int | None = None
+        if metrics_port is not None:
+            self._metrics_server = self.servicer.metrics.serve(metrics_port, host)
+            self.metrics_port = int(self._metrics_server.server_address[1])
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> GsuServer:
+        self._server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, self._health_pb2.HealthCheckResponse.SERVING)
+        log.info("GSU server on %s (metrics on %s)", self.address, self.metrics_port)
+        return self
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.retriever.close()
+
+
+def serve(
+    source: str,
+    dataset: str,
+    version: int | None = None,
+    port: int = 50051,
+    metrics_port: int | None = 9108,
+    cache_bytes: int | None = None,
+    host: str = "0.0.0.0",
+    storage_dtype: str | None = None,
+    settings: Any = None,
+    preload_items: bool = True,
+) -> GsuServer:
+    """Build and start a server for ``dataset``/``source`` (the live version unless ``version`` pins
+    one). When the dataset's folder is on this machine its items are preloaded into the item table,
+    so that no prefetch waits for item vectors; otherwise they load on demand.
+
+    Raises:
+        NotFoundError: no collections or no live version for (dataset, source). ConfigurationError: bad options.
+    """
+    from muse.settings import load_settings
+    from retriever.client import Retriever
+
+    settings = settings or load_settings()
+    cache: dict[str, Any] = {}
+    if cache_bytes is not None:
+        cache["capacity_bytes"] = int(cache_bytes)
+    if storage_dtype:
+        cache["storage_dtype"] = storage_dtype
+    retriever = Retriever.from_settings(source, settings, dataset=dataset, version=version, path="cache", cache=cache)
+    try:
+        if preload_items:
+            from muse.data.format import Dataset
+
+            try:
+                item_ids = Dataset.open(settings, dataset).item_ids()
+            except NotFoundError:
+                log.info("dataset %s has no folder here: item vectors load on demand", dataset)
+            else:
+                t0 = time.perf_counter()
+                rows = retriever.preload_items(item_ids)
+                log.info("item table: %d of %d items in %.1f s", rows, len(item_ids), time.perf_counter() - t0)
+        return GsuServer(retriever, port=port, metrics_port=metrics_port, host=host, dataset=dataset).start()
+    except BaseException:
+        retriever.close()
+        raise
+
+
+__all__ = ["GsuServer", "GsuServicer", "PROTO", "SERVICE_NAME", "regenerate", "serve"]
