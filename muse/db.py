@@ -86,11 +86,22 @@ def session_scope(settings: Settings) -> Iterator[Session]:
                 f"the database at {_safe_url(settings.database_url)} is not migrated to this version "
                 f"({_first_line(e.orig or e)}); run `muse db upgrade`"
             ) from e
-        if not (isinstance(e, OperationalError | InterfaceError) or e.connection_invalidated):
+        if not _is_outage(e):
             raise
         raise BackendUnavailable(
             f"the database at {_safe_url(settings.database_url)} is unavailable: {_first_line(e.orig or e)}"
         ) from e
+
+
+#: OperationalError texts that are about the schema, not the server (the CLI says `muse db upgrade`).
+_SCHEMA_ERRORS = ("no such table", "no such column", "does not exist", "syntax error")
+
+
+def _is_outage(e: DBAPIError) -> bool:
+    """True when the database could not be reached or dropped the connection (worth a retry)."""
+    if e.connection_invalidated or isinstance(e, InterfaceError):
+        return True
+    return isinstance(e, OperationalError) and not any(w in str(e.orig or e).lower() for w in _SCHEMA_ERRORS)
 
 
 def dispose_engines() -> None:

@@ -6,7 +6,7 @@ the number of distinct keys).
 The suite starts servers of its own, so it can kill them: a Milvus 2.3 server
 (:class:`tests.milvus_process.MilvusProcess`), a PostgreSQL cluster and a Redis server
 (:mod:`tests.fault_servers`), each on free ports, stopped by PID. Real Celery worker subprocesses
-run the chunks. The job: the ``tiny`` simworld (600 items, 60 users) with 20 item chunks and 10
+run the chunks. The job: the ``tiny`` simworld (600 items, 60 users) with 60 item chunks and 20
 behaviour chunks, so each fault lands mid-job. Leases are 3 s here (60 s by default).
 
 At the end the suite prints its closing figures: faults injected, jobs recovered with no manual
@@ -35,7 +35,7 @@ from tests.milvus_process import MilvusProcess
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
-CHUNK, USER_CHUNK = 30, 6
+CHUNK, USER_CHUNK = 10, 3  # 60 item and 20 behaviour chunks: every fault lands mid-job
 JOB_TIMEOUT_S = 150.0
 FAULT_SETTINGS: dict[str, Any] = {
     "backfill_lease_s": 3.0,
@@ -44,7 +44,11 @@ FAULT_SETTINGS: dict[str, Any] = {
     "milvus_timeout_s": 10.0,
     "milvus_search_timeout_s": 3.0,
 }
-FIGURES: dict[str, Any] = {"faults": [], "recovered": 0, "expected": 0, "found": 0, "duplicated": 0}
+FIGURES: dict[str, Any] = {"faults": [], "jobs": 0, "recovered": 0, "expected": 0, "found": 0, "duplicated": 0}
+
+
+class _NoProgress:
+    chunks: dict[str, int] = {}
 
 
 class Servers:
@@ -80,7 +84,7 @@ def _print_figures(request: pytest.FixtureRequest) -> None:
     lines = [
         "fault suite closing figures:",
         f"  faults injected: {len(f['faults'])} ({', '.join(f['faults'])})",
-        f"  jobs recovered with no manual step: {f['recovered']}/{len(f['faults'])}",
+        f"  jobs recovered with no manual step: {f['recovered']}/{f['jobs']}",
         f"  rows expected {f['expected']:,}, found {f['found']:,}, duplicated {f['duplicated']:,}",
     ]
     request.config.muse_fault_figures = lines  # printed in the terminal summary (tests/conftest.py)
@@ -123,6 +127,7 @@ class Run:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.workers: list[WorkerProcess] = []
         self.job_id: int | None = None
+        self.faults: list[str] = []
 
     def worker(self, **overrides: Any) -> WorkerProcess:
         settings = _settings(self.servers, self.data_dir, self.prefix, **overrides)
@@ -155,18 +160,68 @@ class Run:
         raise AssertionError(f"job {self.job_id}: {what} not reached in {timeout:.0f} s: {self.progress()}\n"
                              + "\n".join(worker_log(w.log_path) for w in self.workers))
 
+    def kill_a_worker_holding_a_chunk(self) -> WorkerProcess:
+        """SIGKILL the worker (its whole process group) that holds a running chunk: the worker is
+        frozen first and the chunk checked to be still its, so the kill lands mid-chunk."""
+        import os
+        import signal
+
+        from sqlalchemy import select
+
+        from muse import models
+        from muse.db import session_scope
+
+        def holders() -> list[tuple[int, str]]:
+            with session_scope(self.settings) as session:
+                return [tuple(r) for r in session.execute(
+                    select(models.BackfillChunk.id, models.BackfillChunk.worker).where(
+                        models.BackfillChunk.job_id == self.job_id, models.BackfillChunk.status == "running",
+                        models.BackfillChunk.worker.is_not(None)))]
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for chunk_id, holder in holders():
+                try:
+                    group = os.getpgid(int(holder.rsplit(":", 1)[1]))
+                except (ProcessLookupError, ValueError):
+                    continue
+                for w in self.workers:
+                    if w.pid != group or not w.alive():
+                        continue
+                    os.killpg(group, signal.SIGSTOP)
+                    if (chunk_id, holder) in holders():
+                        w.kill()
+                        return w
+                    os.killpg(group, signal.SIGCONT)
+            time.sleep(0.02)
+        raise AssertionError("no worker was seen holding a running chunk")
+
     def mid_job(self) -> Any:
         return self.wait(lambda p: 2 * CHUNK <= p.items_processed and p.chunks.get("running", 0) >= 1,
                          60, "mid-job (2 item chunks done, one running)")
 
-    def finish(self, fault: str) -> Any:
+    def fault(self, name: str) -> None:
+        """Count one injected fault of this run's job."""
+        self.faults.append(name)
+        FIGURES["faults"].append(name)
+
+    def more_progress(self, chunks: int = 2) -> Any:
+        """Wait until ``chunks`` more chunks are done (the job is still mid-way: the next fault)."""
+        done = (self.progress() or _NoProgress()).chunks.get("done", 0)
+        return self.wait(lambda p: p.chunks.get("done", 0) >= done + chunks and not p.finished, 90,
+                         f"{chunks} more chunks done")
+
+    def finish(self, fault: str | None = None) -> Any:
         """Wait for ``done`` (no manual step), then check exact, duplicate-free counts."""
+        if fault is not None:
+            self.fault(fault)
+        fault = " + ".join(self.faults)
         p = self.wait(lambda p: p.finished, JOB_TIMEOUT_S, "a finished job")
         logs = "\n".join(worker_log(w.log_path) for w in self.workers)
         assert p.status == "done", f"{fault}: job ended {p.status}: {p.errors}\n{logs}"
         n_items, n_behaviours = self.dataset.n_items, expected_behaviours(self.dataset)
         found_items, unique_items, found_bhv, unique_bhv = count_rows(self.settings, self.dataset, self.ref)
-        FIGURES["faults"].append(fault)
+        FIGURES["jobs"] += 1
         FIGURES["recovered"] += 1
         FIGURES["expected"] += n_items + n_behaviours
         FIGURES["found"] += found_items + found_bhv
@@ -219,10 +274,10 @@ def run(servers, world, tmp_path, monkeypatch) -> Iterator[Run]:
 def test_worker_sigkilled_mid_job(run: Run) -> None:
     """The dead worker's chunk keeps its lease until it expires; the other worker's watchdog re-sends
     it; ``status`` shows the dead worker as dead meanwhile."""
-    a, _b = run.worker(), run.worker()
+    run.worker(), run.worker()
     run.start_job()
     run.mid_job()
-    a.kill()
+    run.kill_a_worker_holding_a_chunk()
     p = run.finish("worker SIGKILL")
     assert p.dead_workers, f"`status` does not show the killed worker as dead: {p.workers}"
 
@@ -247,26 +302,15 @@ def test_resume_while_chunks_run_then_collections_dropped(run: Run) -> None:
     with VectorStore(run.settings) as store:
         store.drop_live(run.dataset.name, SOURCE)
         store.drop_collections(run.ref)
+    run.faults = []
     run.start_job()
     run.finish("collections dropped under running workers")
 
 
-def test_milvus_killed_then_restarted(run: Run) -> None:
-    """Chunks retry through the outage; after the restart the collections are loaded again (code
-    101) and the job finishes. A client meanwhile only ever sees MuseErrors."""
-    run.worker()
-    run.start_job()
-    run.mid_job()
-    run.servers.milvus.kill()
-    seen = _client_errors_during(run.settings, run.ref, 4.0)
-    run.servers.milvus.start()
-    seen += _client_errors_during(run.settings, run.ref, 3.0)
-    assert all(isinstance(e, MuseError) for e in seen), [type(e) for e in seen]
-    run.finish("Milvus killed and restarted")
-
-
-def test_milvus_frozen(run: Run) -> None:
-    """A SIGSTOPped Milvus: each call in flight ends at its deadline (search: 3 s here)."""
+def test_milvus_frozen_then_killed_and_restarted(run: Run) -> None:
+    """Two Milvus faults in one job. Frozen (SIGSTOP): each call in flight ends at its deadline
+    (search: 3 s here). Then killed and started again: chunks retry through the outage, after the
+    restart the collections are loaded again (code 101); a client meanwhile only sees MuseErrors."""
     run.worker()
     run.start_job()
     run.mid_job()
@@ -286,30 +330,35 @@ def test_milvus_frozen(run: Run) -> None:
     assert took < FAULT_SETTINGS["milvus_search_timeout_s"] + 4.0, f"a frozen search took {took:.1f} s"
     if run.servers.milvus.proc.poll() is not None:  # 2.3 standalone may exit when its etcd lease lapsed
         run.servers.milvus.start()
-    run.finish("Milvus frozen")
+    run.fault("Milvus frozen")
+    run.more_progress()
+    run.servers.milvus.kill()
+    seen = _client_errors_during(run.settings, run.ref, 4.0)
+    run.servers.milvus.start()
+    seen += _client_errors_during(run.settings, run.ref, 3.0)
+    assert all(isinstance(e, MuseError) for e in seen), [type(e) for e in seen]
+    run.fault("Milvus killed and restarted")
+    run.finish()
 
 
-def test_postgres_down_longer_than_the_retry_budget(run: Run) -> None:
-    """The worker's retry budget here is ~0.5 s; PostgreSQL stays down 8 s. No failure can be
-    recorded, so the messages are kept (retried) until the database is back and the job finishes."""
+def test_postgres_down_past_the_retry_budget_then_redis_restarted(run: Run) -> None:
+    """Two faults in one job. The worker's retry budget here is ~0.5 s and PostgreSQL stays down
+    8 s: no failure can be recorded, so the messages are kept (retried) until the database is back.
+    Then the broker is killed for 5 s and started again: the worker's watchdog sees it come back
+    and has the supervisor start a fresh Celery child (Celery's Redis consumer can stay wedged)."""
     run.worker(backfill_retries=1)
     run.start_job()
     run.mid_job()
     run.servers.postgres.kill()
     time.sleep(8)
     run.servers.postgres.start()
-    run.finish("PostgreSQL down past the retry budget")
-
-
-def test_redis_restarted(run: Run) -> None:
-    """The broker is killed for 5 s and started again: the worker reconnects and consumes the rest."""
-    run.worker()
-    run.start_job()
-    run.mid_job()
+    run.fault("PostgreSQL down past the retry budget")
+    run.more_progress()
     run.servers.redis.kill()
     time.sleep(5)
     run.servers.redis.start()
-    run.finish("Redis killed and restarted")
+    run.fault("Redis killed and restarted")
+    run.finish()
 
 
 def test_behaviour_chunks_not_sent_when_item_chunks_failed(run: Run) -> None:

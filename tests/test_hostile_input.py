@@ -23,7 +23,7 @@ DATASET = "hostile-ds"
 REF = CollectionRef(DATASET, SOURCE, 1)
 USER = 21
 N = 40
-ITEMS = np.arange(500, 510, dtype=np.int64)
+ITEMS = np.arange(500, 560, dtype=np.int64)
 NAN = float("nan")
 INF = float("inf")
 
@@ -33,9 +33,12 @@ def world(milvus_settings: Settings):
     rng = np.random.default_rng(3)
     store = VectorStore(milvus_settings)
     store.ensure_collections(REF, DIM)
-    store.upsert_items(REF, ITEMS, rng.normal(size=(len(ITEMS), DIM)), np.zeros(len(ITEMS), np.int64))
-    vecs = rng.normal(size=(N, DIM)).astype(np.float32)
-    store.upsert_behaviours(REF, np.full(N, USER), np.arange(N), rng.integers(1, 10**6, N), vecs)
+    item_vecs = rng.normal(size=(len(ITEMS), DIM)).astype(np.float32)
+    item_vecs /= np.linalg.norm(item_vecs, axis=1, keepdims=True)
+    store.upsert_items(REF, ITEMS, item_vecs, np.zeros(len(ITEMS), np.int64))
+    picked = rng.choice(len(ITEMS), N, replace=False)  # as a backfill writes them: the items' vectors
+    vecs = item_vecs[picked]
+    store.upsert_behaviours(REF, np.full(N, USER), np.arange(N), ITEMS[picked], vecs)
     try:
         yield milvus_settings, store, vecs
     finally:
