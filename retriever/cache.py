@@ -99,6 +99,12 @@ class CacheConfig:
         return config_from_dict(cls, values, "cache options")
 
 
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by ``tensors`` (None entries, e.g. no int8 scales, count 0)."""
+    return int(sum(t.element_size() * t.nelement() for t in tensors if t is not None))
+
+
 @dataclass
 class CachedHistory:
     """One user's history as stored in the cache, sorted by position.
@@ -121,10 +127,7 @@ class CachedHistory:
     @property
     def device_bytes(self) -> int:
         """Bytes of the tensors on the cache's device (vectors and int8 scales)."""
-        n = self.vectors.element_size() * self.vectors.nelement()
-        if self.scale is not None:
-            n += self.scale.element_size() * self.scale.nelement()
-        return int(n)
+        return tensor_bytes(self.vectors, self.scale)
 
     @property
     def nbytes(self) -> int:
@@ -595,10 +598,7 @@ class ItemTable:
     @property
     def device_bytes(self) -> int:
         """Bytes the table holds on the device (allocated rows, vectors and int8 scales)."""
-        n = self.vectors.element_size() * self.vectors.nelement()
-        if self.scale is not None:
-            n += self.scale.element_size() * self.scale.nelement()
-        return int(n)
+        return tensor_bytes(self.vectors, self.scale)
 
     def _encode(self, vectors: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         v = l2_normalise(torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device))
@@ -702,7 +702,7 @@ class GatheredHistory:
 
     @property
     def device_bytes(self) -> int:
-        return int(self.rows.element_size() * self.rows.nelement())
+        return tensor_bytes(self.rows)
 
     @property
     def nbytes(self) -> int:

@@ -47,6 +47,17 @@ def require_server(name: str, available: bool) -> None:
     pytest.skip(msg)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tests share 2 CPUs with others: one intra-op thread avoids spin-waiting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Embedded settings under a temporary data dir: SQLite, Milvus Lite, filesystem broker, CPU."""

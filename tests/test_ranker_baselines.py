@@ -5,22 +5,17 @@ similarities of what it retrieved) must beat the ID-only strawman (``--esu ta``)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench.taobao_mm_synth import SynthConfig, generate
 from muse.settings import Settings, load_settings
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread: None) -> None:
+    """One intra-op thread for the whole module (the shared fixture in conftest)."""
 
 
 @pytest.fixture(scope="module")

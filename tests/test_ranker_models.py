@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,8 @@ FAST = {"tower": (32, 16), "k": 20, "recent_len": 10}  # small model so the file
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tests share 2 CPUs with others: one intra-op thread avoids spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread: None) -> None:
+    """One intra-op thread for the whole module (the shared fixture in conftest)."""
 
 
 @pytest.fixture(scope="module")
