@@ -3,6 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY muse ./muse
+COPY muse_cli ./muse_cli
 COPY indexer ./indexer
 COPY retriever ./retriever
 COPY ranker ./ranker

@@ -30,7 +30,7 @@ def _run(data_dir: Path, size: str, extra: list[str]) -> tuple[float, str]:
     for var in ("MUSE_DATABASE_URL", "MUSE_MILVUS_URI", "MUSE_BROKER_URL", "MUSE_QUEUE_PREFIX", "MUSE_CONFIG"):
         env.pop(var, None)
     started = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "muse.cli.main", "quickstart", "--size", size, *extra],
+    res = subprocess.run([sys.executable, "-m", "muse_cli", "quickstart", "--size", size, *extra],
                          env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if res.returncode:

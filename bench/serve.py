@@ -109,7 +109,7 @@ def run(milvus_uri: str, redis_url: str, seconds: float, n_targets: int, lengths
     log = open(Path(data_dir) / "server.log", "wb")
     progress(f"starting muse serve on 127.0.0.1:{port} ...")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "muse.cli.main", "serve", "--dataset", PREFETCH_REF.dataset, "--source", PREFETCH_SOURCE, "--host", "127.0.0.1",
+        [sys.executable, "-m", "muse_cli", "serve", "--dataset", PREFETCH_REF.dataset, "--source", PREFETCH_SOURCE, "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", "-1", "--ready-file", str(ready)],
         env={**os.environ, **env, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")},
         stdout=log, stderr=subprocess.STDOUT,

@@ -196,7 +196,7 @@ def worker_command(
 ) -> list[str]:
     """The command line of a ``muse worker`` subprocess run by this interpreter."""
     return [
-        sys.executable, "-m", "muse.cli.main", "worker",
+        sys.executable, "-m", "muse_cli", "worker",
         "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", pool, "--loglevel", loglevel,
     ]
 

@@ -1,7 +1,7 @@
-"""MUSE core: settings, errors, metadata database, Milvus access, data sources and the CLI.
+"""MUSE core: settings, errors, metadata database, Milvus access and data sources.
 
 The three stages (``indexer``, ``retriever``, ``ranker``) depend on this package; it never
-imports them at module level.
+imports them. The command line (``muse_cli``) sits above all of them.
 """
 
 import os as _os

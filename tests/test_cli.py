@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from muse.cli.main import COMMAND_MODULES
+from muse_cli.main import COMMAND_MODULES
 
 
 def _muse(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MUSE_DATA_DIR": str(data_dir), "MUSE_DEVICE": "cpu"}
     return subprocess.run(
-        [sys.executable, "-m", "muse.cli.main", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "muse_cli", *args], env=env, capture_output=True, text=True, timeout=120
     )
 
 
@@ -24,7 +24,7 @@ def test_help_lists_every_command_without_heavy_imports(tmp_path: Path):
         assert f"    {name}" in res.stdout, name
     # lazy imports: building the parser must not import torch, pymilvus or celery
     probe = (
-        "import sys; from muse.cli.main import build_parser; build_parser(); "
+        "import sys; from muse_cli.main import build_parser; build_parser(); "
         "print(sorted(m for m in ('torch', 'pymilvus', 'celery', 'pyarrow') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
@@ -44,7 +44,7 @@ def test_db_upgrade_and_current(tmp_path: Path):
 def test_bad_setting_is_a_clear_error(tmp_path: Path):
     env = {**os.environ, "MUSE_DATA_DIR": str(tmp_path), "MUSE_BROKER_URL": "kafka://x"}
     res = subprocess.run(
-        [sys.executable, "-m", "muse.cli.main", "db", "current"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "muse_cli", "db", "current"], env=env, capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 2
     assert "MUSE_BROKER_URL" in res.stderr and "Traceback" not in res.stderr
@@ -72,7 +72,7 @@ def _walk(parser, path="muse"):  # noqa: ANN001, ANN202 - argparse internals
 
 
 def test_every_command_and_argument_has_help_text():
-    from muse.cli.main import build_parser
+    from muse_cli.main import build_parser
 
     missing = []
     for path, parser, item in _walk(build_parser()):
@@ -85,7 +85,7 @@ def test_every_command_and_argument_has_help_text():
 
 
 def test_every_listing_command_has_json():
-    from muse.cli.main import build_parser
+    from muse_cli.main import build_parser
 
     listing = {path: parser for path, parser, _ in _walk(build_parser())
                if parser is not None and path.rsplit(" ", 1)[-1] in ("list", "models")}
@@ -108,7 +108,7 @@ def test_unmigrated_database_says_run_db_upgrade(tmp_path: Path):
 def test_other_database_errors_are_one_sentence(tmp_path: Path):
     from sqlalchemy.exc import OperationalError
 
-    from muse.cli.main import database_error_message
+    from muse_cli.main import database_error_message
 
     err = OperationalError("SELECT 1", {}, Exception("disk I/O error\nmore detail"))
     msg = database_error_message(err)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from muse.cli.main import main
+from muse_cli.main import main
 from tests.conftest import TAOBAO_DEMO_DIR
 
 

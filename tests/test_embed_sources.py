@@ -238,7 +238,7 @@ def test_bad_options_are_rejected(world) -> None:
 
 
 def test_cli_train_list_eval(world, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from muse.cli.main import main
+    from muse_cli.main import main
 
     settings, dataset, _ = world
     monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
@@ -297,14 +297,14 @@ def test_embed_eval_cli_reports_spread_and_too_small_sets(world) -> None:
 
     settings, dataset, _ = world
     env = {**os.environ, "MUSE_DATA_DIR": str(settings.data_dir), "MUSE_DEVICE": "cpu"}
-    res = subprocess.run([sys.executable, "-m", "muse.cli.main", "embed", "eval", "--dataset", dataset.name,
+    res = subprocess.run([sys.executable, "-m", "muse_cli", "embed", "eval", "--dataset", dataset.name,
                           "--sources", "scl", "id"], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     header = res.stdout.splitlines()[0].split()
     assert header[-1] == "mean_cosine"
     assert "held-out queries (< 50)" in res.stdout and "too few to compare sources" in res.stdout
     data = json.loads(subprocess.run(
-        [sys.executable, "-m", "muse.cli.main", "embed", "eval", "--dataset", dataset.name, "--sources", "id",
+        [sys.executable, "-m", "muse_cli", "embed", "eval", "--dataset", dataset.name, "--sources", "id",
          "--json"], env=env, capture_output=True, text=True, timeout=600).stdout)
     assert all(r["mean_cosine"] is not None for r in data["results"])
     assert any("held-out" in n for n in data["notes"])

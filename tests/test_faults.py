@@ -417,7 +417,7 @@ def test_foreground_backfill_without_workers_stops_waiting(run: Run) -> None:
            QUEUE_PREFIX_ENV: f"{run.prefix}-"}
     t0 = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-m", "muse.cli.main", "backfill", "--source", SOURCE, "--dataset", run.dataset.name,
+        [sys.executable, "-m", "muse_cli", "backfill", "--source", SOURCE, "--dataset", run.dataset.name,
          "--new", "--chunk-size", "300"],
         env=env, capture_output=True, text=True, timeout=120,
     )

@@ -142,7 +142,7 @@ def test_cli_bad_input_is_one_sentence(tmp_path, argv: list[str]) -> None:
     env = {**os.environ, "MUSE_DATA_DIR": str(tmp_path / "d"), "MUSE_DEVICE": "cpu"}
     for var in ("MUSE_DATABASE_URL", "MUSE_MILVUS_URI", "MUSE_BROKER_URL"):
         env.pop(var, None)
-    res = subprocess.run([sys.executable, "-m", "muse.cli.main", *argv], env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "muse_cli", *argv], env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2, res
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

@@ -22,7 +22,7 @@ def _muse(settings, *args: str, timeout: float = 300) -> subprocess.CompletedPro
     env.update(settings_env(settings))
     env.pop(QUEUE_PREFIX_ENV, None)
     return subprocess.run(
-        [sys.executable, "-m", "muse.cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "muse_cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -182,7 +182,7 @@ def test_enqueue_cancel_resume_bookkeeping(world):
 
 
 def test_worker_cli_rejects_bad_options(settings, capsys, monkeypatch):
-    from muse.cli.main import main
+    from muse_cli.main import main
 
     assert main(["worker", "--queues", "gpu,tpu"]) == 2
     assert "'tpu'" in capsys.readouterr().err

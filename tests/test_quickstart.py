@@ -26,7 +26,7 @@ def _env(data_dir: Path) -> dict[str, str]:
 
 
 def _muse(args: list[str], data_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "muse.cli.main", *args], env=_env(data_dir),
+    return subprocess.run([sys.executable, "-m", "muse_cli", *args], env=_env(data_dir),
                           capture_output=True, text=True, timeout=900, cwd=data_dir)
 
 

@@ -307,7 +307,7 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
 
 
 def test_cli_train_list_eval_and_compare(world, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:
-    from muse.cli.main import main
+    from muse_cli.main import main
 
     settings, dataset = world
     monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))

@@ -174,7 +174,7 @@ def test_concurrent_prefetch_loads_a_user_once(populated) -> None:
 def test_cli_search_prints_json_and_table(populated, monkeypatch, capsys) -> None:
     import json
 
-    from muse.cli.main import main
+    from muse_cli.main import main
 
     settings = populated[0]
     monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))

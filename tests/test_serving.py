@@ -56,7 +56,7 @@ class ServerProcess:
         ready = self.tmp / f"ready-{time.monotonic_ns()}"
         log = open(self.tmp / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "muse.cli.main", "serve", "--dataset", DATASET, "--source", SOURCE, "--host", "127.0.0.1",
+            [sys.executable, "-m", "muse_cli", "serve", "--dataset", DATASET, "--source", SOURCE, "--host", "127.0.0.1",
              "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--ready-file", str(ready)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
@@ -341,7 +341,7 @@ def test_gathered_history_memory_and_results() -> None:
 
 
 def test_serve_cli_names_an_unknown_source(settings, monkeypatch, capsys) -> None:
-    from muse.cli.main import main
+    from muse_cli.main import main
 
     monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
     assert main(["serve", "--dataset", "nope", "--source", "scl", "--port", "0", "--metrics-port", "-1"]) == 2

@@ -278,7 +278,7 @@ def test_cli_list_promote_rollback_and_legacy_adopt(world, monkeypatch, capsys) 
     from pymilvus import DataType, MilvusClient
 
     from muse import models
-    from muse.cli.main import main
+    from muse_cli.main import main
     from muse.db import session_scope
     from muse.vectorstore import NUM_PARTITIONS
 

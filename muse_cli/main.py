@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from muse import __version__
 from muse.errors import MuseError
 
-#: Modules under ``muse.cli`` that each add one command group through ``register(subparsers)``.
+#: Modules under ``muse_cli`` that each add one command group through ``register(subparsers)``.
 COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "source", "retrieve", "serve", "rank", "quickstart")
 
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(f"muse.cli.{name}").register(sub)
+        importlib.import_module(f"muse_cli.{name}").register(sub)
     return parser
 
 

@@ -167,7 +167,7 @@ def _detach_embedded(settings: Any, job_id: int) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "muse.cli.main", "backfill", "resume", str(job_id)],
+            [sys.executable, "-m", "muse_cli", "backfill", "resume", str(job_id)],
             env={**os.environ, **settings_env(settings)}, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )

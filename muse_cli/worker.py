@@ -95,7 +95,7 @@ def _supervise() -> int:
     from indexer.tasks import SUPERVISED_ENV
 
     log = logging.getLogger(__name__)
-    argv = [sys.executable, "-m", "muse.cli.main", "worker", "--no-supervise", *sys.argv[sys.argv.index("worker") + 1:]]
+    argv = [sys.executable, "-m", "muse_cli", "worker", "--no-supervise", *sys.argv[sys.argv.index("worker") + 1:]]
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 

@@ -83,8 +83,8 @@ class _Stages:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from muse.cli.embed import TRAINABLE
-    from muse.cli.rank import MODEL_NAMES
+    from muse_cli.embed import TRAINABLE
+    from muse_cli.rank import MODEL_NAMES
     from muse.errors import ConfigurationError
     from muse.settings import load_settings
 
@@ -237,7 +237,7 @@ def _source(settings: Any, source: str, dataset: str) -> dict[str, Any]:
 
 
 def _backfill(source: str, dataset: str) -> None:
-    from muse.cli.main import main
+    from muse_cli.main import main
     from muse.errors import BackendUnavailable
 
     code = main(["backfill", "--source", source, "--dataset", dataset])
