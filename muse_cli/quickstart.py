@@ -83,10 +83,10 @@ class _Stages:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from muse_cli.embed import TRAINABLE
-    from muse_cli.rank import MODEL_NAMES
     from muse.errors import ConfigurationError
     from muse.settings import load_settings
+    from muse_cli.embed import TRAINABLE
+    from muse_cli.rank import MODEL_NAMES
 
     # Every name is checked before anything runs (and before torch is imported).
     for s in args.sources:
@@ -237,8 +237,8 @@ def _source(settings: Any, source: str, dataset: str) -> dict[str, Any]:
 
 
 def _backfill(source: str, dataset: str) -> None:
-    from muse_cli.main import main
     from muse.errors import BackendUnavailable
+    from muse_cli.main import main
 
     code = main(["backfill", "--source", source, "--dataset", dataset])
     if code:

@@ -278,9 +278,9 @@ def test_cli_list_promote_rollback_and_legacy_adopt(world, monkeypatch, capsys) 
     from pymilvus import DataType, MilvusClient
 
     from muse import models
-    from muse_cli.main import main
     from muse.db import session_scope
     from muse.vectorstore import NUM_PARTITIONS
+    from muse_cli.main import main
 
     settings, store, _ = world
     if not settings.embedded_milvus:
