@@ -6,8 +6,15 @@ import argparse
 import json
 from typing import Any
 
-TRAINABLE = ("scl", "i2i", "openclip", "id")
-ALL_SOURCES = ("scl", "i2i", "openclip", "id", "scl-taobao")
+from muse_cli.config_files import add_config_option
+from muse_cli.registries import LazyChoices, all_sources, imported_sources, trainable_sources
+
+#: The source names the options accept, read from the indexer's registry when first needed.
+TRAINABLE = LazyChoices(trainable_sources)
+ALL_SOURCES = LazyChoices(all_sources)
+IMPORTED = LazyChoices(imported_sources)
+#: The effective ``muse embed train`` options, written beside the checkpoint of the version it registers.
+OPTIONS_FILE = "train-options.toml"
 METRIC_COLUMNS = (
     "q2p_recall@10", "q2p_recall@10_tail", "q2p_recall@50", "q2p_recall@50_tail",
     "i2i_recall@10", "i2i_recall@10_tail", "coverage", "mean_cosine",
@@ -19,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     esub = p.add_subparsers(dest="embed_command", metavar="ACTION", required=True)
 
     tr = esub.add_parser("train", help="train a source on a dataset and register a new version")
-    tr.add_argument("--source", required=True, choices=TRAINABLE, help="source to train")
-    tr.add_argument("--dataset", required=True, help="dataset name (see `muse data list`)")
+    tr.add_argument("--source", choices=TRAINABLE, metavar="SOURCE", help="source to train (required): %(choices)s")
+    tr.add_argument("--dataset", help="dataset name (required; see `muse data list`)")
     tr.add_argument("--epochs", type=int, help="passes over the training pairs (default 8 for scl, 10 for id, else 2)")
     tr.add_argument("--model", help="open_clip architecture (default muse-tiny-rn; see `muse embed models`)")
     tr.add_argument("--pretrained", help="local open_clip weights file to start from (never downloaded)")
@@ -38,22 +45,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--max-steps", type=int, help="stop after this many steps")
     tr.add_argument("--seed", type=int, help="random seed (default 0)")
     tr.add_argument("--eval", action="store_true", help="run the intrinsic evaluation after training")
-    tr.set_defaults(func=_train)
+    add_config_option(tr, "muse embed train", _train, required=("source", "dataset"))
 
     ls = esub.add_parser("list", help="list registered source versions")
-    ls.add_argument("--source", choices=ALL_SOURCES, help="only this source (default: all)")
+    ls.add_argument("--source", choices=ALL_SOURCES, metavar="SOURCE", help="only this source: %(choices)s (default: all)")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=_list)
 
     im = esub.add_parser("import", help="register the vectors a dataset ships (embeddings/scl-taobao.parquet)")
     im.add_argument("--dataset", required=True, help="dataset name (see `muse data list`)")
-    im.add_argument("--source", default="scl-taobao", choices=("scl-taobao",), help="imported source (default scl-taobao)")
+    im.add_argument("--source", default="scl-taobao", choices=IMPORTED, metavar="SOURCE",
+                    help="imported source: %(choices)s (default scl-taobao)")
     im.set_defaults(func=_import)
 
     ev = esub.add_parser("eval", help="intrinsic evaluation (recall@K) of sources on held-out users")
     ev.add_argument("--dataset", required=True, help="dataset name (see `muse data list`)")
-    ev.add_argument("--sources", nargs="+", choices=ALL_SOURCES,
-                    help="sources to evaluate, latest versions (default: every registered one)")
+    ev.add_argument("--sources", nargs="+", choices=ALL_SOURCES, metavar="SOURCE",
+                    help="sources to evaluate, latest versions: %(choices)s (default: every registered one)")
     ev.add_argument("--max-queries", type=int, default=2000, help="held-out search sessions scored")
     ev.add_argument("--max-pairs", type=int, default=2000, help="held-out co-occurrence pairs scored")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -79,6 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict({k: v for k, v in options.items() if v is not None})
     result = train_source(settings, args.source, args.dataset, cfg, progress=True)
     row = result.source
+    options_file = _write_options(row.checkpoint_path, args)
     train = row.metrics["train"]
     from indexer.evaluation import collapse_note
 
@@ -86,7 +95,7 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"{row.name} v{row.version}: {train['steps']} steps on {result.n_pairs} pairs in {train['seconds']:.1f}s, "
         f"loss {train['loss_first']:.3f} -> {train['loss_last']:.3f}, mean cosine between random items "
-        f"{'-' if cos is None else format(cos, '.3f')}\ncheckpoint: {row.checkpoint_path}"
+        f"{'-' if cos is None else format(cos, '.3f')}\ncheckpoint: {row.checkpoint_path}\noptions:    {options_file}"
     )
     note = collapse_note(cos)
     if note:
@@ -96,6 +105,21 @@ def _train(args: argparse.Namespace) -> int:
 
         _print_table([evaluate_source(settings, args.source, args.dataset, version=row.version)])
     return 0
+
+
+def _write_options(checkpoint: Any, args: argparse.Namespace) -> Any:
+    """The effective options (the --config file merged with the flags) as :data:`OPTIONS_FILE` beside
+    the new version's checkpoint, a file ``--config`` accepts again. The registered config (``muse
+    embed list --json``) holds every resolved training value; this file holds what was asked for."""
+    from pathlib import Path
+
+    from muse_cli.config_files import dumps_toml
+
+    path = Path(checkpoint).parent / OPTIONS_FILE
+    path.write_text(dumps_toml(args.effective_config, comment="muse embed train --config FILE: the options of "
+                                                             f"{args.source} on {args.dataset}"
+                                                             + (f" (from {args.config})" if args.config else "")))
+    return path
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -146,9 +170,8 @@ def _eval(args: argparse.Namespace) -> int:
     sources = args.sources
     if not sources:
         registered = {v.name for v in list_versions(settings)}
-        sources = [s for s in ALL_SOURCES if s in registered and s != "scl-taobao"]
-        if dataset.embeddings_path("scl-taobao") is not None:
-            sources.append("scl-taobao")
+        sources = [s for s in ALL_SOURCES if s in registered and s not in IMPORTED]
+        sources += [s for s in IMPORTED if dataset.embeddings_path(s) is not None]
     data = load_eval_data(dataset, max_queries=args.max_queries, max_pairs=args.max_pairs)
     rows: list[dict[str, Any]] = []
     for name in tqdm(sources, desc="evaluating", unit="source", disable=args.json):

@@ -30,8 +30,7 @@ WORLD_OVERRIDES: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": ("tiny", {}),
     "standard": ("small", {"n_items": 5_000, "n_users": 800, "max_history": 500}),
 }
-DEFAULT_MODELS = ("din", "sim-hard", "sim-soft", "twin", "muse")
-DEFAULT_SOURCES = ("scl", "id")
+DEFAULT_SOURCES = ("scl", "id")  # the models default to every registered one (ranker.models.list_models)
 #: A GAUC within this distance of 0.5 (or within two spreads of it) is reported as chance.
 CHANCE_MARGIN = 0.01
 #: Fewer test users than this and the comparison is noise; the verdict says so.
@@ -56,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sources", type=_csv, default=list(DEFAULT_SOURCES),
                    help=f"embedding sources to train and compare, comma-separated (default {','.join(DEFAULT_SOURCES)}); "
                         "the first one is backfilled and used for the retrieval example")
-    p.add_argument("--models", type=_csv, default=list(DEFAULT_MODELS),
-                   help=f"rankers, comma-separated (default {','.join(DEFAULT_MODELS)})")
+    p.add_argument("--models", type=_csv, default=None,
+                   help="rankers, comma-separated (default: every model of `muse rank train --model`)")
     p.add_argument("--seeds", type=int, default=3, help="ranker seeds per model and source; the spread is over them (default 3)")
     p.add_argument("--fresh", action="store_true", help="delete what an earlier quickstart made and start over")
     p.set_defaults(func=_quickstart)
@@ -85,17 +84,19 @@ class _Stages:
 def _quickstart(args: argparse.Namespace) -> int:
     from muse.errors import ConfigurationError
     from muse.settings import load_settings
-    from muse_cli.embed import TRAINABLE
-    from muse_cli.rank import MODEL_NAMES
+    from muse_cli.registries import model_names, trainable_sources
 
-    # Every name is checked before anything runs (and before torch is imported).
+    # Every name is checked against the registries before anything runs.
+    trainable, models = trainable_sources(), model_names()
+    if args.models is None:
+        args.models = list(models)
     for s in args.sources:
-        if s not in TRAINABLE:
+        if s not in trainable:
             raise ConfigurationError(f"--sources: embedding source {s!r} is unknown to the quickstart; "
-                                     f"valid: {', '.join(TRAINABLE)}")
+                                     f"valid: {', '.join(trainable)}")
     for m in args.models:
-        if m not in MODEL_NAMES:
-            raise ConfigurationError(f"--models: model {m!r} is unknown; valid: {', '.join(MODEL_NAMES)}")
+        if m not in models:
+            raise ConfigurationError(f"--models: model {m!r} is unknown; valid: {', '.join(models)}")
     if not args.sources:
         raise ConfigurationError("--sources is empty: give at least one, e.g. scl")
     if args.seeds < 1:

@@ -7,16 +7,23 @@ import argparse
 import json
 from typing import Any
 
-MODEL_NAMES = ("din", "sim-hard", "sim-soft", "twin", "muse")  # checked again by ranker.models
-ESU_NAMES = ("ta", "simtier", "ta+simtier", "sa-ta", "sa-ta+simtier")
+from muse_cli.config_files import add_config_option
+from muse_cli.registries import LazyChoices, esu_variants, model_names
+
+#: The names ``--model`` and ``--esu`` accept, read from ``ranker.models`` when first needed.
+MODEL_CHOICES = LazyChoices(model_names)
+ESU_CHOICES = LazyChoices(esu_variants)
+#: ``muse compare``'s defaults, applied after a ``--config`` file is merged (the parser's are None).
+COMPARE_SOURCES = ("scl",)
+COMPARE_SEEDS = 1
 
 
 def _csv(raw: str) -> list[str]:
     return [x.strip() for x in raw.split(",") if x.strip()]
 
 
-def _add_train_options(p: argparse.ArgumentParser, dataset_required: bool = True) -> None:
-    p.add_argument("--dataset", required=dataset_required, help="dataset name (see `muse data list`)")
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", help="dataset name (see `muse data list`)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the train split (default 1)")
     p.add_argument("--batch-size", type=int, default=None, help="impressions per step (default 256)")
     p.add_argument("--seed", type=int, default=None, help="seed of weights and shuffle (default 0)")
@@ -38,13 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="rank_command", metavar="ACTION", required=True)
 
     t = rsub.add_parser("train", help="train a model, evaluate it on the test split and record the run")
-    t.add_argument("--model", required=True, choices=MODEL_NAMES, help="model to train")
+    t.add_argument("--model", choices=MODEL_CHOICES, metavar="MODEL",
+                   help="model to train (required): %(choices)s")
     t.add_argument("--source", default=None, help="embedding source of the GSU (muse): scl, i2i, openclip, id, ...")
-    t.add_argument("--esu", default=None, choices=ESU_NAMES,
-                   help="ESU variant (default: the model's, as the paper sets it up; ta = the classic ID-only ESU)")
+    t.add_argument("--esu", default=None, choices=ESU_CHOICES, metavar="ESU",
+                   help="ESU variant: %(choices)s (default: the model's, as the paper sets it up; "
+                        "ta = the classic ID-only ESU)")
     _add_train_options(t)
     t.add_argument("--json", action="store_true", help="print the run's metrics as JSON")
-    t.set_defaults(func=_train)
+    add_config_option(t, "muse rank train", _train, required=("model", "dataset"))
 
     e = rsub.add_parser("eval", help="re-evaluate a run from its checkpoint: AUC, GAUC, logloss and slices")
     e.add_argument("run", type=int, help="run id (see `muse rank list`)")
@@ -56,6 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = rsub.add_parser("list", help="list the recorded runs")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=_list)
+
+    sh = rsub.add_parser("show", help="one run: its record and the options it was trained with (as a --config file)")
+    sh.add_argument("run", type=int, help="run id (see `muse rank list`)")
+    sh.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    sh.set_defaults(func=_show)
 
     s = rsub.add_parser("score", help="click probabilities of candidate items for a user (the scoring API)")
     s.add_argument("run", type=int, help="run id (see `muse rank list`)")
@@ -69,20 +83,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser("compare", help="the embedding-source x model matrix over seeds: train what is missing, "
                                        "reuse matching runs, store and plot the result")
-    c.add_argument("--models", type=_csv, default=list(MODEL_NAMES), help="comma-separated (default all)")
-    c.add_argument("--sources", type=_csv, default=["scl"],
-                   help="embedding sources for the models whose GSU or ESU uses one (default scl)")
+    c.add_argument("--models", type=_csv, default=None, help="comma-separated (default all)")
+    c.add_argument("--sources", type=_csv, default=None,
+                   help=f"embedding sources for the models whose GSU or ESU uses one (default {','.join(COMPARE_SOURCES)})")
     c.add_argument("--esu", type=_csv, default=None,
-                   help=f"ESU variants, comma-separated: default (each model's, the paper's set-up), "
-                        f"{', '.join(ESU_NAMES)}; a variant is trained for every model that accepts it")
-    c.add_argument("--seeds", type=int, default=1, help="number of seeds: --seed, --seed + 1, ... (default 1)")
+                   help="ESU variants, comma-separated: default (each model's, the paper's set-up) or any "
+                        "variant of `muse rank train --esu`; a variant is trained for every model that accepts it")
+    c.add_argument("--seeds", type=int, default=None,
+                   help=f"number of seeds: --seed, --seed + 1, ... (default {COMPARE_SEEDS})")
     c.add_argument("--no-reuse", action="store_true", help="train every run again instead of reusing matching runs")
     c.add_argument("--out", default=None, help="output folder (default $MUSE_DATA_DIR/ranker/compare-DATASET)")
     c.add_argument("--show", type=int, default=None, metavar="ID", help="print stored comparison ID again")
     c.add_argument("--list", action="store_true", help="list the stored comparisons")
     c.add_argument("--json", action="store_true", help="write the comparison as JSON to stdout")
-    _add_train_options(c, dataset_required=False)
-    c.set_defaults(func=_compare)
+    _add_train_options(c)
+    add_config_option(c, "muse compare", _compare)
 
 
 def parse_settings(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -144,8 +159,10 @@ def _train(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.train import train
 
-    res = train(load_settings(), args.model, args.dataset, source=args.source, esu=args.esu,
+    settings = load_settings()
+    res = train(settings, args.model, args.dataset, source=args.source, esu=args.esu,
                 train_config=_train_config(args), model_overrides=_overrides(args), progress=True)
+    _record_options(settings, res.run_id, args)
     if args.json:
         print(json.dumps({"run": res.run_id, **res.metrics}, indent=2, default=str))
         return 0
@@ -186,6 +203,28 @@ def _list(args: argparse.Namespace) -> int:
         g = f"{gauc:.4f}" if isinstance(gauc, float) else "-"
         print(f"{r.id:>4} {r.model:<9} {r.esu or '-':<14} {r.source or '-':<11} {r.dataset:<20} {r.seed:>4} "
               f"{r.status:<7} {g:>7}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from muse.settings import load_settings
+    from muse_cli.config_files import dumps_toml
+    from ranker.runs import get_run
+
+    r = get_run(load_settings(), args.run)
+    if args.json:
+        print(json.dumps(r.__dict__, indent=2, default=str))
+        return 0
+    print(f"run {r.id}: {r.model} (esu {r.esu or '-'}) on {r.dataset}, source {r.source or '-'}, seed {r.seed}, "
+          f"{r.status}; checkpoint {r.checkpoint_path or '-'}")
+    _print_metrics(r.metrics)
+    cli = r.config.get("cli")
+    if not cli:
+        print("options: not recorded (a run from before `--config`, or not started by `muse rank train`)")
+        return 0
+    print(f"options ({cli.get('command')}{' --config ' + cli['file'] if cli.get('file') else ''}, "
+          "merged with the flags; usable as --config FILE):")
+    print(dumps_toml(cli.get("options") or {}), end="")
     return 0
 
 
@@ -230,9 +269,14 @@ def _compare(args: argparse.Namespace) -> int:
         else:
             print(f"comparison {result['id']} ({result['created_at'][:19]})")
             print(render_table(result), end="")
+            _print_compare_config(result)
         return 0
     if not args.dataset:
         raise ConfigurationError("muse compare needs --dataset NAME (or --show ID / --list)")
+    if args.sources is None:
+        args.sources = list(COMPARE_SOURCES)
+    if args.seeds is None:
+        args.seeds = COMPARE_SEEDS
     if args.seeds < 1:
         raise ConfigurationError(f"--seeds {args.seeds} must be >= 1")
     cfg = _train_config(args)
@@ -252,11 +296,59 @@ def _compare(args: argparse.Namespace) -> int:
     res = compare(settings, args.dataset, models=args.models, sources=args.sources, esus=args.esu,
                   train_config=cfg, model_overrides=_overrides(args),
                   out_dir=Path(args.out) if args.out else None, on_row=show, progress=not args.json,
-                  seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads)
+                  seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads,
+                  config=_compare_config(args))
+    config_path = None if res.table_path is None else _write_compare_config(res.table_path.parent, args)
     if args.json:
         print(json.dumps(res.result, indent=2, default=str))
         return 0
     print(f"comparison {res.comparison_id}")
     print(res.table, end="")
-    print(f"table {res.table_path}\nplot  {res.plot_path}")
+    print(f"table  {res.table_path}\nplot   {res.plot_path}\nconfig {config_path}")
     return 0
+
+
+# runs as data: the effective options (--config file merged with the flags) stored with the run ---------
+
+
+def _options_record(command: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What a run stores of its invocation: the command, the --config file given (if any) and the
+    effective options (the file merged with the flags; options at their default are left out)."""
+    return {"command": command, "file": args.config, "options": dict(args.effective_config)}
+
+
+def _record_options(settings: Any, run_id: int | None, args: argparse.Namespace) -> None:
+    """Store the effective ``muse rank train`` options in the run's row and as ``run-<id>.toml`` beside
+    its checkpoint (``muse rank show RUN`` prints them; the file can be given to ``--config`` again)."""
+    if run_id is None:
+        return
+    from muse_cli.config_files import dumps_toml
+    from ranker.runs import record_run_options
+
+    record = _options_record("muse rank train", args)
+    text = dumps_toml(record["options"], comment=f"muse rank train --config FILE: the options of run {run_id}")
+    record_run_options(settings, run_id, record, text)
+
+
+def _compare_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a ``muse compare`` matrix as stored with the comparison (``spec.config``)."""
+    return _options_record("muse compare", args)
+
+
+def _print_compare_config(result: dict[str, Any]) -> None:
+    cli = (result.get("spec") or {}).get("config")
+    if cli:
+        from muse_cli.config_files import dumps_toml
+
+        print(f"\noptions ({cli.get('command')}{' --config ' + cli['file'] if cli.get('file') else ''}, "
+              "merged with the flags; usable as --config FILE):")
+        print(dumps_toml(cli.get("options") or {}), end="")
+
+
+def _write_compare_config(out_dir: Any, args: argparse.Namespace) -> Any:
+    """``compare.toml`` beside ``compare.md``: the matrix, to give to ``muse compare --config`` again."""
+    from muse_cli.config_files import dumps_toml
+
+    path = out_dir / "compare.toml"
+    path.write_text(dumps_toml(args.effective_config, comment="muse compare --config FILE: this comparison's matrix"))
+    return path

@@ -310,7 +310,7 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
             model_overrides: dict[str, Any] | None = None, out_dir: Path | None = None,
             on_row: Callable[[CompareRow], None] | None = None, progress: bool = False,
             seeds: Sequence[int] | None = None, reuse: bool = True, threads: int | None = None,
-            write_files: bool = True) -> CompareResult:
+            write_files: bool = True, config: dict[str, Any] | None = None) -> CompareResult:
     """Train (or reuse) and evaluate every combination for every seed; store and write the result.
 
     Args:
@@ -321,6 +321,8 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
         threads: the torch thread count used (recorded; the CLI picks the fastest).
         out_dir: where to write (default ``$MUSE_DATA_DIR/ranker/compare-<dataset>``).
         on_row: called after each run (the CLI prints progress).
+        config: how the comparison was asked for (the CLI's ``--config`` file merged with its flags),
+            stored with it as ``spec["config"]`` (:func:`with_config`).
     """
     import torch
 
@@ -351,6 +353,7 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
     spec = {"dataset": dataset, "models": models, "sources": list(sources), "esus": list(esus or ["default"]),
             "seeds": seed_list, "train": dataclasses.asdict(cfg) | {"seed": None}, "overrides": overrides,
             "threads": threads or torch.get_num_threads()}
+    spec = with_config(spec, config)
     used_sources = sorted({r.source for r in rows if r.source})
     result = aggregate(rows, spec, intrinsic_metrics(settings, used_sources, dataset))
     comparison_id = save_comparison(settings, dataset, result, rows)
@@ -367,6 +370,14 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
         plot_path = render_plot(result, out_dir / "compare.png",
                                 f"{dataset}: comparison {comparison_id} ({len(seed_list)} seed(s))")
     return CompareResult(comparison_id, result, rows, table, table_path, json_path, plot_path)
+
+
+def with_config(spec: dict[str, Any], config: dict[str, Any] | None) -> dict[str, Any]:
+    """``spec`` with the matrix's description (``muse compare --config`` merged with the flags) under
+    ``"config"``; unchanged without one. The ``comparisons.spec`` JSON column holds it (no new column)."""
+    if not config:
+        return spec
+    return {**spec, "config": dict(config)}
 
 
 def pick_threads(settings: Settings, dataset: str, models: Sequence[str] | None, sources: Sequence[str],

@@ -2,6 +2,9 @@
 
 A checkpoint (``$MUSE_DATA_DIR/ranker/run-<id>.pt``) holds everything needed to score again:
 the model name, its config, the feature spec and vocabularies, the source name and the weights.
+A run started by ``muse rank train`` also keeps the options it was started with (the ``--config``
+file merged with the flags): in its row (``config["cli"]``) and as ``run-<id>.toml`` beside the
+checkpoint, a file ``--config`` accepts again.
 """
 
 from __future__ import annotations
@@ -89,6 +92,30 @@ def finish_run(settings: Settings, run_id: int, *, status: str, metrics: dict[st
         if checkpoint is not None:
             row.checkpoint_path = str(checkpoint)
         row.finished_at = dt.datetime.now(dt.timezone.utc)
+
+
+def options_path(settings: Settings, run_id: int) -> Path:
+    """Where run ``run_id`` keeps the options it was started with (TOML, beside its checkpoint)."""
+    return settings.path("ranker", f"run-{run_id}.toml")
+
+
+def record_run_options(settings: Settings, run_id: int, record: dict[str, Any], text: str | None = None) -> Path | None:
+    """Store how a run was started: ``record`` (the command, the ``--config`` file and the effective
+    options) goes into the row's config under ``"cli"``, ``text`` (the options as a TOML file) into
+    :func:`options_path`. The model and train configs beside it are untouched, so run reuse
+    (``ranker.compare.find_reusable_run``) is not affected. Returns the file written (None without text)."""
+    with session_scope(settings) as session:
+        row = session.get(models.RankerRun, run_id)
+        if row is None:
+            raise NotFoundError(f"ranker run {run_id} does not exist")
+        row.config = {**dict(row.config or {}), "cli": _jsonable(record)}
+    if text is None:
+        return None
+    path = options_path(settings, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    log.info("run %d: options written to %s", run_id, path)
+    return path
 
 
 @dataclass(frozen=True)
