@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -148,19 +149,49 @@ def default_max_pairs(n_items: int | None) -> int:
     return max(256, min(MAX_PAIRS, PAIRS_PER_ITEM * int(n_items)))
 
 
-#: Values of the options a :class:`TrainConfig` leaves at None, for every source ...
-GENERIC_DEFAULTS: dict[str, Any] = {"epochs": 2, "temperature": 0.07, "augment": False, "view_weight": 0.0}
-#: ... and where a source differs. i2i positives (co-occurring items) share the colour only a third
-#: of the time: at temperature 0.07 the best the loss can do with such noisy positives is a near
-#: collapse (all cosines within ~0.1), so i2i uses 0.2 plus augmented views of each item as extra
-#: positives, which keep different items apart (measured in docs/embeddings.md).
-#: scl has few pairs (one per search session that ends in a purchase: 3,316 on ``small``), so it
-#: makes more passes over them; id steps cost milliseconds, so it makes more too.
-SOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "i2i": {"temperature": 0.2, "augment": True, "view_weight": 0.1},
-    "scl": {"epochs": 8},
-    "id": {"epochs": 10},
-}
+#: Folder of the per-source training defaults: ``generic.toml`` (every source) and ``<source>.toml``
+#: (where a source differs), with the reasons for the values beside them.
+TRAIN_DEFAULTS_DIR = Path(__file__).resolve().parent / "train_defaults"
+GENERIC_DEFAULTS_NAME = "generic"
+
+
+@functools.cache
+def load_train_defaults(directory: Path = TRAIN_DEFAULTS_DIR) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(generic defaults, source -> its differing defaults) from ``directory``'s TOML files, read once.
+
+    Raises:
+        ConfigurationError: a file is not valid TOML, or names a key that is not a field of
+            :class:`TrainConfig`.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    generic: dict[str, Any] = {}
+    per_source: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(directory).glob("*.toml")):
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigurationError(f"training defaults {path} are not valid TOML: {e}") from None
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ConfigurationError(f"training defaults {path}: unknown key(s) {', '.join(unknown)}; "
+                                     f"valid: {', '.join(sorted(fields))}")
+        if path.stem == GENERIC_DEFAULTS_NAME:
+            generic = values
+        else:
+            per_source[path.stem] = values
+    if not generic:
+        raise ConfigurationError(f"training defaults: {directory}/{GENERIC_DEFAULTS_NAME}.toml is missing or empty")
+    return generic, per_source
+
+
+#: Values of the options a :class:`TrainConfig` leaves at None, for every source (``generic.toml``) ...
+#: ... and where a source differs (``<source>.toml``); the files say why (:data:`TRAIN_DEFAULTS_DIR`).
+GENERIC_DEFAULTS, SOURCE_DEFAULTS = load_train_defaults()
 
 
 @dataclass(frozen=True)

@@ -268,8 +268,8 @@ def _compare(args: argparse.Namespace) -> int:
             print(json.dumps(result, indent=2, default=str))
         else:
             print(f"comparison {result['id']} ({result['created_at'][:19]})")
-            print(render_table(result), end="")
             _print_compare_config(result)
+            print(render_table(result), end="")
         return 0
     if not args.dataset:
         raise ConfigurationError("muse compare needs --dataset NAME (or --show ID / --list)")
@@ -340,9 +340,9 @@ def _print_compare_config(result: dict[str, Any]) -> None:
     if cli:
         from muse_cli.config_files import dumps_toml
 
-        print(f"\noptions ({cli.get('command')}{' --config ' + cli['file'] if cli.get('file') else ''}, "
+        print(f"options ({cli.get('command')}{' --config ' + cli['file'] if cli.get('file') else ''}, "
               "merged with the flags; usable as --config FILE):")
-        print(dumps_toml(cli.get("options") or {}), end="")
+        print(dumps_toml(cli.get("options") or {}))
 
 
 def _write_compare_config(out_dir: Any, args: argparse.Namespace) -> Any:
