@@ -422,3 +422,50 @@ def test_runs_are_recorded_in_postgresql_with_nan_metrics(postgres_url: str, tmp
     assert info.status == "done" and info.seed == 3 and info.config["model"]["tower"] == [8, 4]
     assert info.metrics["overall"] == {"auc": None, "gauc": 0.61}
     assert [r.id for r in list_runs(settings)] == [run]
+
+
+def test_cli_runs_from_config_files_store_their_options(world, monkeypatch: pytest.MonkeyPatch, capsys,
+                                                       tmp_path: Path) -> None:
+    """``muse rank train --config`` / ``muse compare --config``: flags override the file, the effective
+    options are stored with the run (row + run-<id>.toml) and with the comparison (spec.config +
+    compare.toml), and a stored file trains the same set-up again."""
+    from muse_cli.config_files import tomllib
+    from muse_cli.main import main
+    from ranker.runs import get_run, options_path
+
+    settings, dataset = world
+    monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("MUSE_DEVICE", "cpu")
+    run_file = tmp_path / "din.toml"
+    run_file.write_text(f'model = "din"\nesu = "ta"\ndataset = "{dataset}"\nmax_train = 300\nmax_eval = 200\nbatch_size = 64\n'
+                        "k = 20\nepochs = 3\n[set]\ntower = [32, 16]\n")
+    assert main(["rank", "train", "--config", str(run_file), "--epochs", "1", "--json"]) == 0
+    run = get_run(settings, json.loads(capsys.readouterr().out)["run"])
+    assert run.config["train"]["epochs"] == 1 and run.config["train"]["batch_size"] == 64
+    assert run.config["model"]["tower"] == [32, 16] and run.config["model"]["k"] == 20
+    cli = run.config["cli"]
+    assert cli["command"] == "muse rank train" and cli["file"] == str(run_file)
+    assert cli["options"] == {"model": "din", "esu": "ta", "dataset": dataset, "epochs": 1, "batch_size": 64,
+                              "max_train": 300, "max_eval": 200, "k": 20, "set": {"tower": [32, 16]}, "json": True}
+    stored = options_path(settings, run.id)
+    assert tomllib.loads(stored.read_text()) == cli["options"]
+    assert main(["rank", "show", str(run.id)]) == 0
+    shown = capsys.readouterr().out
+    assert f"run {run.id}: din" in shown and "epochs = 1" in shown and "[set]" in shown
+    assert main(["rank", "train", "--config", str(stored)]) == 0  # the stored file is a valid --config
+    again = get_run(settings, json.loads(capsys.readouterr().out)["run"])  # json = true is stored too
+    assert (again.config["model"], again.config["train"]) == (run.config["model"], run.config["train"])
+
+    matrix = tmp_path / "matrix.toml"
+    matrix.write_text(f'dataset = "{dataset}"\nmodels = ["din"]\nesu = ["ta"]\nseeds = 1\nthreads = 1\n'
+                      f'max_train = 300\nmax_eval = 200\nbatch_size = 64\nk = 20\nepochs = 1\nout = "{tmp_path}"\n'
+                      "[set]\ntower = [32, 16]\n")
+    assert main(["compare", "--config", str(matrix), "--seeds", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["spec"]["seeds"] == [0, 1] and result["spec"]["models"] == ["din"]
+    assert result["spec"]["config"]["options"]["seeds"] == 2 and result["spec"]["config"]["file"] == str(matrix)
+    assert result["cells"][0]["reused"] == 1  # seed 0 is the run above: same set-up
+    written = tomllib.loads((tmp_path / "compare.toml").read_text())
+    assert written == {**result["spec"]["config"]["options"], "json": True}
+    assert main(["compare", "--show", str(result["id"])]) == 0
+    assert "seeds = 2" in capsys.readouterr().out
