@@ -258,6 +258,32 @@ def test_cli_train_list_eval(world, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert "dataset 'nope' not found" in capsys.readouterr().err
 
 
+def test_cli_train_from_a_config_file_stores_its_options(world, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from muse_cli.config_files import tomllib
+    from muse_cli.embed import OPTIONS_FILE
+    from muse_cli.main import main
+
+    settings, dataset, _ = world
+    monkeypatch.setenv("MUSE_DATA_DIR", str(settings.data_dir))
+    path = tmp_path / "id.toml"
+    path.write_text(f'source = "id"\ndataset = "{dataset.name}"\nmax_steps = 5\nbatch_size = 16\nlr = 0.002\n')
+    assert main(["embed", "train", "--config", str(path), "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 steps" in out and OPTIONS_FILE in out
+    row = sources.list_versions(settings, "id")[-1]
+    assert row.config["batch_size"] == 16 and row.config["lr"] == 0.002 and row.config["max_steps"] == 2
+    written = Path(row.checkpoint_path).parent / OPTIONS_FILE
+    assert tomllib.loads(written.read_text()) == {"source": "id", "dataset": dataset.name, "max_steps": 2,
+                                                  "batch_size": 16, "lr": 0.002}
+    assert main(["embed", "train", "--config", str(written)]) == 0  # the stored file is a valid --config
+    assert sources.list_versions(settings, "id")[-1].version == row.version + 1
+    path.write_text('source = "id"\ndataset = "x"\nbatch = 16\n')
+    assert main(["embed", "train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'batch'" in err and "batch_size" in err and "Traceback" not in err
+
+
 def test_default_scl_run_on_tiny_does_not_collapse(world) -> None:
     """The tiny default (8 steps on 66 pairs) once gave every item the same vector in eval mode (mean
     cosine 0.997) because BatchNorm's running statistics were stale; they are recomputed now."""
