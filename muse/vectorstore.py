@@ -677,9 +677,8 @@ class VectorStore:
     def flush(self, ref: CollectionRef, reload: bool = False, timeout_s: float = 300.0) -> None:
         """Seal the rows written so far into persisted, indexed segments (both collections of ``ref``).
 
-        A server searches freshly written rows in growing segments by brute force (on Milvus 2.3,
-        100 targets over a 100K-row user: ~1 s growing against ~0.2 s sealed and indexed). This
-        flushes, then waits until the index covers every row. With ``reload`` the collections are
+        A server searches freshly written rows in growing segments by brute force, several times
+        slower than sealed, indexed ones (see docs/retriever.md, GSU timings). This flushes, then waits until the index covers every row. With ``reload`` the collections are
         then released and loaded again, so the query nodes serve the sealed segments at once
         instead of switching over on their own a little later (searches fail while it reloads:
         for benchmarks and bulk loads, not for a serving deployment).

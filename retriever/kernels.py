@@ -41,9 +41,9 @@ CPU_CHUNK_ROWS = 8192
 #: * with up to :data:`RERANK_MAX_TARGETS_CPU` targets, for at least :data:`RERANK_MIN_ROWS_CPU`
 #:   rows: a memory-bound product, where half storage halves the traffic;
 #: * with more targets, for at least :data:`RERANK_MIN_ROWS_MANY_TARGETS_CPU` rows, when this CPU
-#:   multiplies halves natively faster than float32 (AMX; measured once, see
-#:   :func:`retriever.score_products.native_half_is_faster`). Measured on a 2-core Sapphire Rapids
-#:   with 100 targets: 10K rows 2.9 ms reranked vs 2.6 ms up-cast, 100K rows 14 ms vs 30 ms.
+#:   multiplies halves natively faster than float32 (AMX; measured once per process, see
+#:   :func:`retriever.score_products.native_half_is_faster`). The timings behind the thresholds:
+#:   see docs/retriever.md, GSU timings.
 RERANK_MAX_TARGETS_CPU = 16
 RERANK_MIN_ROWS_CPU = 4096
 RERANK_MIN_ROWS_MANY_TARGETS_CPU = 32_768
