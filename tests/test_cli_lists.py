@@ -34,7 +34,8 @@ def _choices(path: tuple[str, ...], option: str) -> list[str]:
     (("embed", "import"), "--source", IMPORTED_SOURCES),
     (("rank", "train"), "--model", tuple(list_models())),
     (("rank", "train"), "--esu", ESU_VARIANTS),
-], ids=lambda v: " ".join(v) if isinstance(v, tuple) and all(isinstance(x, str) for x in v) and len(v) < 3 else None)
+], ids=["embed-train-source", "embed-list-source", "embed-eval-sources", "embed-import-source", "rank-train-model",
+        "rank-train-esu"])
 def test_cli_choices_are_the_registries(path: tuple[str, ...], option: str, registry: tuple[str, ...]) -> None:
     assert _choices(path, option) == list(registry)
 
