@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from muse.arrays import check_k, l2_normalise
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import CONSISTENCY_LEVELS, Settings
-from muse.validation import MAX_NQ, check_id, check_ids, check_positions, check_vectors, unit_rows
+from muse.validation import MAX_NQ, check_id, check_ids, check_positions, check_vectors
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +211,6 @@ def behaviour_pk(user_ids: np.ndarray | Sequence[int], positions: np.ndarray | S
     with np.errstate(over="ignore"):
         mixed = _splitmix64(_splitmix64(users) ^ pos)
     return (mixed >> np.uint64(1)).astype(np.int64)
-
-
-def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation (computed in float64, returned as float32); all-zero rows stay zero."""
-    return unit_rows(vectors)
 
 
 def _check_source(source: str) -> str:
@@ -988,8 +984,7 @@ class VectorStore:
 
         Returns one list of hits per target, best first.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 < k <= MAX_QUERY_WINDOW:
-            raise ConfigurationError(f"k must be an integer in 1..{MAX_QUERY_WINDOW}, got {k!r}")
+        k = check_k(k, MAX_QUERY_WINDOW)
         extra: dict[str, Any] = {}
         if consistency_level is not None:
             if consistency_level not in CONSISTENCY_LEVELS:

@@ -33,9 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from muse.arrays import check_k, l2_normalise
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import Settings, load_settings
-from muse.validation import check_id, check_ids, check_positions, check_same_length, check_vectors, unit_rows
+from muse.validation import check_id, check_ids, check_positions, check_same_length, check_vectors
+from muse.vectorstore import MAX_QUERY_WINDOW
 from retriever.cache import (
     CacheConfig,
     CacheStats,
@@ -113,14 +115,6 @@ class SearchResult:
             "version": self.version,
             "targets": [t.to_dict() for t in self.targets],
         }
-
-
-def _check_k(k: Any) -> int:
-    from muse.vectorstore import MAX_QUERY_WINDOW
-
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_QUERY_WINDOW:
-        raise ConfigurationError(f"k must be an integer in 1..{MAX_QUERY_WINDOW}, got {k!r}")  # a ValueError
-    return int(k)
 
 
 def _check_user(user_id: Any) -> int:
@@ -207,7 +201,7 @@ class RetrieverView:
             no_vector = [i for i in wanted if not np.any(fetched[i])]
             if no_vector:
                 raise NotFoundError(f"target item(s) {no_vector[:20]} have no {self.ref.source!r} vector")
-            fetched = {i: (v / np.linalg.norm(v)).astype(np.float32) for i, v in fetched.items()}
+            fetched = {i: l2_normalise(v) for i, v in fetched.items()}
             by_id.update(fetched)
             with self._items_lock:
                 self.item_fetches += len(wanted)
@@ -219,16 +213,16 @@ class RetrieverView:
 
     def search(self, user_id: int, target_item_ids: Sequence[int], k: int = 50) -> SearchResult:
         """As :meth:`Retriever.search`, on this view's version."""
-        k = _check_k(k)
+        k = check_k(k, MAX_QUERY_WINDOW)
         user = _check_user(user_id)
         ids = _check_items(target_item_ids)
         return self._search(user, self.target_vectors(ids), k, ids)
 
     def search_vectors(self, user_id: int, targets: np.ndarray, k: int = 50) -> SearchResult:
         """As :meth:`Retriever.search_vectors`, on this view's version."""
-        k = _check_k(k)
+        k = check_k(k, MAX_QUERY_WINDOW)
         user = _check_user(user_id)
-        t = unit_rows(check_vectors(targets, self.dim, "target vectors", allow_zero=False))  # [B, d]
+        t = l2_normalise(check_vectors(targets, self.dim, "target vectors", allow_zero=False))  # [B, d]
         return self._search(user, t, k, [None] * t.shape[0])
 
     def _search(self, user: int, targets: np.ndarray, k: int, ids: Sequence[int | None]) -> SearchResult:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from muse.arrays import check_k
 from retriever.block_topk import MIN_LENGTH as BLOCK_TOPK_MIN_LENGTH
 from retriever.block_topk import topk_columns, topk_rows
 from retriever.score_products import native_half_is_faster, score_buffer, scores_into_buffer
@@ -87,12 +88,6 @@ def quantise_int8(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return k
-
-
 def _scores_2d(
     targets: torch.Tensor, history: torch.Tensor, history_scale: torch.Tensor | None, chunk_rows: int | None
 ) -> torch.Tensor:
@@ -153,9 +148,9 @@ def gsu_topk(
         :class:`TopK` with float32 scores (best first), int64 indices into the history and a bool mask.
 
     Raises:
-        ValueError: ``k`` is not a positive int, or the shapes or dtypes do not fit together.
+        ValueError: ``k`` is not a positive int (ConfigurationError, a ValueError), or the shapes or dtypes do not fit together.
     """
-    _check_k(k)
+    k = check_k(k)
     if (
         normalized
         and valid is None

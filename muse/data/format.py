@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from muse.arrays import lookup_sorted
 from muse.errors import DataError, NotFoundError
 from muse.settings import Settings
 
@@ -413,8 +414,7 @@ class Dataset:
         out: dict[int, bytes] = {}
         if len(wanted) == 0 or len(ids) == 0:
             return out
-        pos = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
-        hit = ids[pos] == wanted
+        pos, hit = lookup_sorted(ids, wanted)
         targets = sorted(set(zip(shard_no[pos[hit]].tolist(), groups[pos[hit]].tolist())))
         value_set = pa.array(wanted[hit])
         for s, rg in targets:
