@@ -337,8 +337,7 @@ class VectorStore:
           stale connection is retried once at once), :class:`BackendUnavailable` (retriable);
         * anything else Milvus rejects is the request's fault: :class:`ConfigurationError`.
         """
-        method = getattr(fn, "__name__", None)
-        client = getattr(fn, "__self__", None)
+        method, client = fn.__name__, fn.__self__  # fn is always a bound method of the client
         kwargs.setdefault("timeout", self._deadline(what))
         name = args[0] if args and isinstance(args[0], str) else None
         reloaded = reconnected = False
@@ -372,9 +371,8 @@ class VectorStore:
                     log.info("Milvus %s failed on a stale connection (%s); reconnecting", what, _short(e))
                 else:
                     raise ConfigurationError(f"Milvus rejected the {what} request: {_short(e)}") from e
-                if method is not None:
-                    fn = getattr(self.client, method)
-                    client = self.client
+                fn = getattr(self.client, method)
+                client = self.client
 
     # -- names and collections ---------------------------------------------------------------
     def _check_name(self, name: str) -> str:

@@ -36,6 +36,7 @@ import torch
 from muse.arrays import check_k, l2_normalise
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import Settings, load_settings
+from muse.simtier import N_TIERS
 from muse.validation import check_id, check_ids, check_positions, check_same_length, check_vectors
 from muse.vectorstore import MAX_QUERY_WINDOW
 from retriever.cache import (
@@ -47,7 +48,7 @@ from retriever.cache import (
     sequence_loader,
     store_loader,
 )
-from retriever.kernels import N_TIERS, simtier_counts
+from retriever.kernels import simtier_counts
 from retriever.milvus_search import milvus_topk
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ Conventions (see ``docs/method.md``):
 * padded behaviours and behaviours without a vector (``valid`` false, or an all-zero row) score
   :data:`MISSING_SCORE` (-1.1, below any cosine) and rank after every real behaviour;
 * ``k`` larger than the history returns the whole history, the extra slots marked invalid;
-* SimTier tier id = ``ceil(cos * 10) + 10`` in :data:`N_TIERS` = 22 slots, counted only over
+* SimTier tier id = ``ceil(cos * 10) + 10`` in :data:`muse.simtier.N_TIERS` = 22 slots, counted only over
   valid retrieved scores.
 """
 
@@ -22,14 +22,13 @@ from typing import NamedTuple
 import torch
 
 from muse.arrays import check_k
+from muse.simtier import N_TIERS
 from retriever.block_topk import MIN_LENGTH as BLOCK_TOPK_MIN_LENGTH
 from retriever.block_topk import topk_columns, topk_rows
 from retriever.score_products import native_half_is_faster, score_buffer, scores_into_buffer
 
 #: Score given to padding and to behaviours without a vector: below every cosine (-1).
 MISSING_SCORE = -1.1
-#: SimTier slots: tier id = ceil(cos * 10) + 10 lies in 0..20 for cos in [-1, 1]; slot 21 is spare.
-N_TIERS = 22
 #: Storage dtypes a history may have.
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 #: History rows up-cast to float32 per matrix product when the history is stored compressed on CPU:

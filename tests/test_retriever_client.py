@@ -10,9 +10,9 @@ import pytest
 
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
+from muse.simtier import N_TIERS
 from muse.vectorstore import CollectionRef, VectorStore
 from retriever.client import Retriever
-from retriever.kernels import N_TIERS
 
 DIM = 16
 SOURCE = "scl"

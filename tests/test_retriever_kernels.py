@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from retriever.kernels import MISSING_SCORE, N_TIERS, gsu_topk, quantise_int8, simtier_counts
+from muse.simtier import N_TIERS
+from retriever.kernels import MISSING_SCORE, gsu_topk, quantise_int8, simtier_counts
 
 
 def ref_topk(targets: np.ndarray, history: np.ndarray, k: int, valid: np.ndarray | None = None):
