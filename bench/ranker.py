@@ -7,7 +7,7 @@ scoring latency (100 candidates), on one synthetic dataset with fixed-length his
 
 Training runs the real pipeline (history join + in-batch GSU with the retriever's kernel + forward +
 backward + sparse/dense optimiser steps). Scoring goes through :class:`ranker.scoring.Ranker`; for
-``muse`` with a :class:`retriever.client.Retriever` on a Milvus Lite file (device-cache path,
+``muse`` with a :class:`retriever.client.Retriever` on a Milvus Lite file (device-cache backend,
 histories prefetched, as in serving).
 """
 

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("run", type=int, help="run id (see `muse rank list`)")
     s.add_argument("--user", type=int, required=True, help="user id")
     s.add_argument("--items", type=lambda r: [int(x) for x in _csv(r)], required=True, help="e.g. 1,2,3")
-    s.add_argument("--path", choices=("cache", "milvus"), default="cache", help="retriever path (muse)")
+    s.add_argument("--backend", choices=("cache", "milvus"), default="cache", help="retriever backend (muse)")
     s.add_argument("--version", type=int, default=None,
                    help="source version the retriever reads (muse; default: the live one of the run's dataset)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -193,7 +193,7 @@ def _score(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.scoring import Ranker
 
-    with Ranker.load(load_settings(), args.run, path=args.path, version=args.version) as ranker:
+    with Ranker.load(load_settings(), args.run, backend=args.backend, version=args.version) as ranker:
         probs = ranker.score(args.user, args.items)
         r = ranker.retriever
         used = {} if r is None else {"version": r.version, "collection": r.store.behaviour_collection(r.ref)}

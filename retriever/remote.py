@@ -179,7 +179,7 @@ class RemoteRetriever:
     def _server_info(self) -> dict[str, Any]:
         if self._info is None:
             reply = self._call(self.addresses[0], "Stats", self.pb.StatsRequest())
-            self._info = {"source": reply.source, "dataset": reply.dataset, "dim": int(reply.dim), "path": reply.path}
+            self._info = {"source": reply.source, "dataset": reply.dataset, "dim": int(reply.dim), "backend": reply.backend}
         return self._info
 
     @property
@@ -200,8 +200,8 @@ class RemoteRetriever:
         return int(self._call(self.addresses[0], "Stats", self.pb.StatsRequest()).version)
 
     @property
-    def path(self) -> str:
-        return str(self._server_info()["path"])
+    def backend(self) -> str:
+        return str(self._server_info()["backend"])
 
     @property
     def store(self) -> Any:

@@ -256,10 +256,10 @@ def test_train_eval_record_and_score(world, name: str) -> None:
 
 
 @pytest.mark.milvus_server
-@pytest.mark.parametrize("path", ["cache", "milvus"])
-def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, unique_prefix: str, path: str) -> None:
+@pytest.mark.parametrize("backend", ["cache", "milvus"])
+def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, unique_prefix: str, backend: str) -> None:
     """Item and behaviour vectors backfilled into the real Milvus server; the API's scores (GSU on
-    the retriever's cache or Milvus path) equal offline evaluation on the same user and candidates."""
+    the retriever's cache or Milvus backend) equal offline evaluation on the same user and candidates."""
     from muse.data.format import Dataset
     from muse.vectorstore import CollectionRef, VectorStore
     from ranker.evaluate import predict
@@ -292,7 +292,7 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
                                     table.vectors[idx[has]].numpy())
         store.set_live(ref)
         candidates = items[::9][:30]
-        with Ranker.load(settings, res.run_id, path=path) as ranker:
+        with Ranker.load(settings, res.run_id, backend=backend) as ranker:
             assert ranker.retriever.ref == ref  # the live version of the run's dataset and source
             for u in users:
                 online = ranker.score(int(u), candidates, batch_size=16)
