@@ -1,7 +1,7 @@
 """Intrinsic evaluation of embedding sources on the held-out users of a dataset.
 
 Metrics (each overall and on the long-tail slice, i.e. target items seen fewer than
-:data:`indexer.pairs.LONG_TAIL_MAX_SEEN` times in the training histories):
+:data:`indexer.pairs.LONG_TAIL_HISTORY_COUNT` times in the training histories):
 
 - ``q2p_recall@10`` / ``q2p_recall@50``: a search query's vector ranks every item of the dataset;
   a hit when the purchased item is in the top K. Needs a text tower trained on text, so it is
@@ -119,7 +119,7 @@ def small_set_notes(metrics: dict[str, Any]) -> list[str]:
 
 
 def _long_tail(seen: dict[int, int], item_ids: np.ndarray) -> np.ndarray:
-    return np.fromiter((seen.get(int(i), 0) < pairs_mod.LONG_TAIL_MAX_SEEN for i in item_ids), bool,
+    return np.fromiter((seen.get(int(i), 0) < pairs_mod.LONG_TAIL_HISTORY_COUNT for i in item_ids), bool,
                        count=len(item_ids))
 
 

@@ -24,9 +24,13 @@ from muse.errors import ConfigurationError, DataError
 log = logging.getLogger(__name__)
 
 HELDOUT_PERCENT = 10
-#: Items seen fewer times than this in the training histories count as long-tail.
-LONG_TAIL_MAX_SEEN = 5
-SPLITS = ("train", "test")
+#: Items that occur fewer times than this in the training users' histories count as long-tail
+#: (intrinsic evaluation; the ranker's long tail counts train impressions:
+#: :data:`ranker.metrics.LONG_TAIL_IMPRESSIONS`).
+LONG_TAIL_HISTORY_COUNT = 5
+#: The user splits by :func:`is_heldout`: "train" = training users, "test" = held-out users (not the
+#: dataset's impression splits, :data:`muse.data.format.IMPRESSION_SPLITS`).
+USER_SPLITS = ("train", "test")
 
 
 def is_heldout(user_ids: np.ndarray) -> np.ndarray:
@@ -36,8 +40,8 @@ def is_heldout(user_ids: np.ndarray) -> np.ndarray:
 
 
 def _user_mask(user_ids: np.ndarray, split: str) -> np.ndarray:
-    if split not in SPLITS:
-        raise ConfigurationError(f"split={split!r} is unknown; valid: {', '.join(SPLITS)}")
+    if split not in USER_SPLITS:
+        raise ConfigurationError(f"split={split!r} is unknown; valid: {', '.join(USER_SPLITS)}")
     held = is_heldout(user_ids)
     return held if split == "test" else ~held
 

@@ -95,9 +95,9 @@ def parse_settings(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     import dataclasses
 
     from muse.errors import ConfigurationError
-    from ranker.train import TrainConfig
+    from ranker.train import RankTrainConfig
 
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_keys = {f.name for f in dataclasses.fields(RankTrainConfig)}
     train_values: dict[str, Any] = {}
     model_values: dict[str, Any] = {}
     for item in items:
@@ -116,12 +116,12 @@ def parse_settings(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 def _train_config(args: argparse.Namespace) -> Any:
     import torch
 
-    from ranker.train import TrainConfig
+    from ranker.train import RankTrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     train_values, _ = parse_settings(args.settings)
-    return TrainConfig.from_dict({"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+    return RankTrainConfig.from_dict({"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
                                   "max_train": args.max_train, "max_eval": args.max_eval,
                                   "lr_dense": args.lr, "lr_embedding": args.sparse_lr, **train_values})
 

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 KINDS = ("taobao-mm", "simworld")
-SPLITS = ("train", "test")
+#: The splits of the impressions as the dataset stores them (column ``split``).
+IMPRESSION_SPLITS = ("train", "test")
 META_FILE = "meta.json"
 COMPRESSION = "zstd"
 
@@ -465,8 +466,8 @@ class Dataset:
         self, split: str | None = None, batch_size: int = 65_536
     ) -> Iterator[pa.RecordBatch]:
         """Stream labelled impressions, optionally of one split (``train``/``test``)."""
-        if split is not None and split not in SPLITS:
-            raise DataError(f"split {split!r} is unknown; valid: {', '.join(SPLITS)} (or None for all)")
+        if split is not None and split not in IMPRESSION_SPLITS:
+            raise DataError(f"split {split!r} is unknown; valid: {', '.join(IMPRESSION_SPLITS)} (or None for all)")
         for shard in _shards(self.path / "impressions"):
             for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_size):
                 if split is not None:
