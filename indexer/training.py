@@ -213,7 +213,7 @@ class ImageBank:
         x = self.preprocessor.to_unit(self.pixels[rows], device)  # [B, 3, S, S] in [0, 1]
         if augment is not None:
             x = augment_images(x, augment)
-        return self.preprocessor.normalize(x)
+        return self.preprocessor.normalise(x)
 
 
 def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

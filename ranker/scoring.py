@@ -155,7 +155,7 @@ class Ranker:
         rec_vec = l2_normalise(rec_vec)
         n, r = target_vec.shape[0], len(raw_ids)
         present = (rmask & rec_vec.any(dim=-1)).expand(n, r) & target_vec.any(dim=-1, keepdim=True)  # [B, R]
-        top = gsu_topk(target_vec, rec_vec.expand(n, r, -1), r, valid=present, normalized=True)
+        top = gsu_topk(target_vec, rec_vec.expand(n, r, -1), r, valid=present, normalised=True)
         sim = torch.empty_like(top.scores).scatter_(1, top.indices, top.scores)  # [B, R] in sequence order
         return {"recent_sim": sim, "recent_sim_mask": present.clone()}
 

@@ -115,7 +115,7 @@ def gsu_topk(
     k: int,
     valid: torch.Tensor | None = None,
     *,
-    normalized: bool = False,
+    normalised: bool = False,
     history_scale: torch.Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> TopK:
@@ -132,7 +132,7 @@ def gsu_topk(
         k: number of behaviours to keep per target (positive int).
         valid: bool mask of real behaviours (false = padding or no vector); default all true.
             All-zero rows are treated as missing too.
-        normalized: the caller guarantees that the targets and the history rows are already
+        normalised: the caller guarantees that the targets and the history rows are already
             L2-normalised and that rows without a vector are masked in ``valid`` or absent (the
             device cache does this once at load time), so the kernel skips the normalisation and
             zero-row passes; with ``valid=None`` it is then one matrix product + ``topk`` (for a
@@ -151,7 +151,7 @@ def gsu_topk(
     """
     k = check_k(k)
     if (
-        normalized
+        normalised
         and valid is None
         and history_scale is None
         and history.dtype == torch.float32
@@ -172,24 +172,24 @@ def gsu_topk(
     if history.dtype == torch.int8 and history_scale is None:
         raise ValueError("an int8 history needs history_scale (see quantise_int8)")
     if history.dim() == 2:
-        return _topk_single(targets, history, k, valid, normalized, history_scale, chunk_rows)
+        return _topk_single(targets, history, k, valid, normalised, history_scale, chunk_rows)
     if history.dim() == 3:
-        return _topk_batched(targets, history, k, valid, normalized, history_scale)
+        return _topk_batched(targets, history, k, valid, normalised, history_scale)
     raise ValueError(f"history must be [L, d] or [N, L, d], got shape {tuple(history.shape)}")
 
 
-def _valid_mask(history: torch.Tensor, valid: torch.Tensor | None, normalized: bool) -> torch.Tensor | None:
+def _valid_mask(history: torch.Tensor, valid: torch.Tensor | None, normalised: bool) -> torch.Tensor | None:
     """``valid`` and-ed with "row is non-zero" (skipped when the caller already did it); None when
     every row is known to be valid."""
     lead = history.shape[:-1]
-    if valid is None and normalized:
+    if valid is None and normalised:
         return None
     if valid is None:
         valid = torch.ones(lead, dtype=torch.bool, device=history.device)
     elif tuple(valid.shape) != tuple(lead):
         raise ValueError(f"valid has shape {tuple(valid.shape)}, expected {tuple(lead)} for the history")
     valid = valid.to(device=history.device, dtype=torch.bool)
-    if not normalized:
+    if not normalised:
         valid = valid & (history != 0).any(dim=-1)  # [..., L]
     return valid
 
@@ -250,7 +250,7 @@ def _topk_single(
     history: torch.Tensor,
     k: int,
     valid: torch.Tensor | None,
-    normalized: bool,
+    normalised: bool,
     history_scale: torch.Tensor | None,
     chunk_rows: int | None,
 ) -> TopK:
@@ -260,10 +260,10 @@ def _topk_single(
         raise ValueError(
             f"targets {tuple(targets.shape)} do not fit history {tuple(history.shape)} (need [B, d] and [L, d])"
         )
-    mask = _valid_mask(history, valid, normalized)  # [L] or None
-    t = t.to(history.device).float() if normalized else l2_normalise(t.to(history.device))  # [B, d]
+    mask = _valid_mask(history, valid, normalised)  # [L] or None
+    t = t.to(history.device).float() if normalised else l2_normalise(t.to(history.device))  # [B, d]
     h = history
-    if not normalized:
+    if not normalised:
         if history_scale is not None:
             h = history.float() * history_scale.float().unsqueeze(-1)  # [L, d]
             history_scale = None
@@ -292,7 +292,7 @@ def _topk_batched(
     history: torch.Tensor,
     k: int,
     valid: torch.Tensor | None,
-    normalized: bool,
+    normalised: bool,
     history_scale: torch.Tensor | None,
 ) -> TopK:
     n, _, d = history.shape
@@ -303,13 +303,13 @@ def _topk_batched(
             f"targets {tuple(targets.shape)} do not fit history {tuple(history.shape)} "
             "(need [N, d] or [N, T, d] with [N, L, d])"
         )
-    mask = _valid_mask(history, valid, normalized)  # [N, L] or None
+    mask = _valid_mask(history, valid, normalised)  # [N, L] or None
     h = history.float()  # [N, L, d]
     if history_scale is not None:
         h = h * history_scale.float().unsqueeze(-1)  # [N, L, d]
-    if not normalized:
+    if not normalised:
         h = l2_normalise(h)  # [N, L, d]
-    t = t.to(h.device).float() if normalized else l2_normalise(t.to(h.device))  # [N, T, d]
+    t = t.to(h.device).float() if normalised else l2_normalise(t.to(h.device))  # [N, T, d]
     scores = torch.bmm(t, h.transpose(1, 2))  # [N, T, L]
     out = _finish(scores, None if mask is None else mask.unsqueeze(1), k)  # [N, T, K]
     if one_target:
