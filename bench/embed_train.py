@@ -1,7 +1,7 @@
 """Training cost of every embedding source with its default options, against its budget.
 
 Generates (or reuses) a simworld under ``--data-dir``, trains each source with the defaults
-(``indexer.training.TrainConfig()``: the step count follows the data, see ``default_max_pairs``) and
+(``indexer.training.EmbedTrainConfig()``: the step count follows the data, see ``default_max_pairs``) and
 prints per source: pairs, steps, wall seconds, seconds per step, the mean cosine between random items
 (> 0.9 = collapsed) and the ratio of the wall time to the budget (``tiny``: 60 s, ``small``: 300 s per
 source, on 2 CPUs). The load average at the start and the end is printed too: the machine may be shared.
@@ -34,7 +34,7 @@ def main() -> None:
     os.environ.setdefault("MUSE_DEVICE", "cpu")
     import torch
 
-    from indexer.training import TrainConfig, train_source
+    from indexer.training import EmbedTrainConfig, train_source
     from muse import db
     from muse.data.simworld import generate_simworld
     from muse.settings import load_settings
@@ -54,7 +54,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for source in [s.strip() for s in args.sources.split(",") if s.strip()]:
         t0 = time.perf_counter()
-        res = train_source(settings, source, name, TrainConfig())
+        res = train_source(settings, source, name, EmbedTrainConfig())
         wall = time.perf_counter() - t0
         m = res.source.metrics["train"]
         cos = m.get("mean_cosine")

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from muse.arrays import l2_normalise
 from muse.settings import load_settings
 from muse.vectorstore import CollectionRef, VectorStore
 from retriever.cache import CacheConfig, HistoryCache, store_loader
@@ -140,8 +141,7 @@ def run(
     store = VectorStore(settings)
     populate(store, lengths, progress)
     rng = np.random.default_rng(1)
-    targets_np = rng.normal(size=(max(N_TARGETS), DIM)).astype(np.float32)
-    targets_np /= np.linalg.norm(targets_np, axis=1, keepdims=True)
+    targets_np = l2_normalise(rng.normal(size=(max(N_TARGETS), DIM)).astype(np.float32))
     targets = torch.from_numpy(targets_np).to(device)
 
     caches = {
@@ -421,8 +421,7 @@ def run_prefetch(
     # Search on a cached longest user: per-user vectors (old) vs a gather from the table (new).
     big = users[max(lengths)]
     rng = np.random.default_rng(1)
-    targets = torch.from_numpy(rng.normal(size=(100, DIM)).astype(np.float32))
-    targets = (targets / targets.norm(dim=1, keepdim=True)).to(device)
+    targets = torch.from_numpy(l2_normalise(rng.normal(size=(100, DIM)).astype(np.float32))).to(device)
     search = {}
     for b in N_TARGETS:
         t = targets[:b]

@@ -2,7 +2,7 @@
 
 Sets up one tiny simworld dataset with two versions of the imported ``scl-taobao`` source (random
 16-d vectors, real backfill jobs run in this process), then starts reader threads (one per
-retriever path, ``refresh_s`` 0.2 s) searching one user in a loop and alternates
+retriever backend, ``refresh_s`` 0.2 s) searching one user in a loop and alternates
 ``muse.versions.promote`` between the two versions ``--switches`` times. Prints per switch and in
 total: the promote's checks (job status, row counts) and switch (aliases + database record) time,
 how long until each reader's results came from the new version, and the requests served, failed
@@ -94,29 +94,29 @@ def main() -> None:
         user, targets = 3, [int(i) for i in Dataset.open(settings, name).item_ids()[:4]]
         want = {}
         for v in (v1, v2):
-            with Retriever.from_settings(SOURCE, settings, dataset=name, version=v, path="milvus") as r:
+            with Retriever.from_settings(SOURCE, settings, dataset=name, version=v, backend="milvus") as r:
                 want[v] = [h.behaviour_item_ids.tolist() for h in r.search(user, targets, k=args.k)]
-        readers = {path: Retriever.from_settings(SOURCE, settings, dataset=name, path=path, refresh_s=0.2,
-                                                 consistency_level="Bounded" if path == "milvus" else None)
-                   for path in ("cache", "milvus")}
-        seen = {path: [] for path in readers}
-        failed = {path: 0 for path in readers}
-        mixed = {path: 0 for path in readers}
+        readers = {backend: Retriever.from_settings(SOURCE, settings, dataset=name, backend=backend, refresh_s=0.2,
+                                                 consistency_level="Bounded" if backend == "milvus" else None)
+                   for backend in ("cache", "milvus")}
+        seen = {backend: [] for backend in readers}
+        failed = {backend: 0 for backend in readers}
+        mixed = {backend: 0 for backend in readers}
         stop = threading.Event()
 
-        def read(path: str) -> None:
-            r = readers[path]
+        def read(backend: str) -> None:
+            r = readers[backend]
             while not stop.is_set():
                 try:
                     res = r.search(user, targets, k=args.k)
                 except Exception:
-                    failed[path] += 1
+                    failed[backend] += 1
                     continue
                 if [h.behaviour_item_ids.tolist() for h in res] != want.get(res.version):
-                    mixed[path] += 1
-                seen[path].append((time.monotonic(), res.version))
+                    mixed[backend] += 1
+                seen[backend].append((time.monotonic(), res.version))
 
-        threads = [threading.Thread(target=read, args=(path,), daemon=True) for path in readers]
+        threads = [threading.Thread(target=read, args=(backend,), daemon=True) for backend in readers]
         for t in threads:
             t.start()
         time.sleep(1.0)
@@ -128,8 +128,8 @@ def main() -> None:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not all(s and s[-1][1] == target for s in seen.values()):
                 time.sleep(0.02)
-            follow = {path: min((ts for ts, v in s if v == target and ts >= t0), default=float("nan")) - t0
-                      for path, s in seen.items()}
+            follow = {backend: min((ts for ts, v in s if v == target and ts >= t0), default=float("nan")) - t0
+                      for backend, s in seen.items()}
             rows.append((res.previous, target, res.check_s, res.switch_s, follow["cache"], follow["milvus"]))
             target = v1 if target == v2 else v2
             time.sleep(0.5)
@@ -147,8 +147,8 @@ def main() -> None:
         print(f"v{prev}->v{new:<4} {check_s * 1000:>10.0f} {switch_s * 1000:>10.0f} {fc:>16.2f} {fm:>17.2f}")
     sw = [r[3] * 1000 for r in rows]
     print(f"switch ms: median {statistics.median(sw):.0f}, max {max(sw):.0f}")
-    for path in seen:
-        print(f"{path:<7} requests {len(seen[path]):>6}  failed {failed[path]}  mixed {mixed[path]}")
+    for backend in seen:
+        print(f"{backend:<7} requests {len(seen[backend]):>6}  failed {failed[backend]}  mixed {mixed[backend]}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ scoring latency (100 candidates), on one synthetic dataset with fixed-length his
 
 Training runs the real pipeline (history join + in-batch GSU with the retriever's kernel + forward +
 backward + sparse/dense optimiser steps). Scoring goes through :class:`ranker.scoring.Ranker`; for
-``muse`` with a :class:`retriever.client.Retriever` on a Milvus Lite file (device-cache path,
+``muse`` with a :class:`retriever.client.Retriever` on a Milvus Lite file (device-cache backend,
 histories prefetched, as in serving).
 """
 
@@ -31,7 +31,7 @@ from ranker.data import BatchBuilder, FeatureSpace, HistoryStore, VectorTable, i
 from ranker.models import FeatureSpec, build_model, list_models, make_config, model_class
 from ranker.runs import LoadedRun
 from ranker.scoring import Ranker
-from ranker.train import TrainConfig, train_steps
+from ranker.train import RankTrainConfig, train_steps
 
 SOURCE = "scl-taobao"  # shipped-vector source: the bench writes the vectors itself
 
@@ -86,7 +86,7 @@ def train_rate(settings: Settings, dataset: str, name: str, args: argparse.Names
                            config.max_history, vectors if config.needs_vectors else None)
     torch.manual_seed(0)
     model = build_model(name, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
-    cfg = TrainConfig(batch_size=batch_size)
+    cfg = RankTrainConfig(batch_size=batch_size)
     batches = list(iter_impression_batches(ds, "train", batch_size, shuffle=True,
                                            limit=batch_size * (args.steps + 3)))
     train_steps(model, builder, batches[:3], cfg)  # warm-up

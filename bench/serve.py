@@ -1,11 +1,11 @@
 """GSU service throughput and latency on loopback: ``muse serve`` + ``RemoteRetriever`` beside the
-in-process ``Retriever`` (cache path) and the Milvus filtered-search path, in one run.
+in-process ``Retriever`` (cache backend) and the Milvus filtered-search backend, in one run.
 
 For users of 1K, 10K and 100K behaviours (the prefetch bench's users of ``bench/gsu.py``, written
-once under the prefix ``musebench``) and 1, 8 and 32 concurrent client threads, each path runs
+once under the prefix ``musebench``) and 1, 8 and 32 concurrent client threads, each backend runs
 ``search(user, [target], k=50)`` (``--targets`` targets per request) for ``--seconds`` seconds:
 QPS and p50/p99 latency per request. Cached users (prefetched first) on the cache paths; the Milvus
-path searches at ``Bounded`` consistency (no time-tick wait). Bounded in time: about
+backend searches at ``Bounded`` consistency (no time-tick wait). Bounded in time: about
 ``3 paths x 9 cells x --seconds`` plus start-up.
 
 Usage: ``python bench/serve.py --milvus-uri http://127.0.0.1:PORT [--seconds 2] [--json]``.
@@ -119,9 +119,9 @@ def run(milvus_uri: str, redis_url: str, seconds: float, n_targets: int, lengths
             if proc.poll() is not None:
                 raise RuntimeError(f"muse serve exited: {(Path(data_dir) / 'server.log').read_text()[-2000:]}")
             time.sleep(0.1)
-        local = Retriever(store, PREFETCH_SOURCE, dataset=PREFETCH_REF.dataset, path="cache")
+        local = Retriever(store, PREFETCH_SOURCE, dataset=PREFETCH_REF.dataset, backend="cache")
         milvus = Retriever(
-            store, PREFETCH_SOURCE, dataset=PREFETCH_REF.dataset, path="milvus", consistency_level="Bounded"
+            store, PREFETCH_SOURCE, dataset=PREFETCH_REF.dataset, backend="milvus", consistency_level="Bounded"
         )
         remote = RemoteRetriever([f"127.0.0.1:{port}"], timeout_s=30, settings=settings)
         progress("prefetching the users (in process and on the server) ...")
@@ -130,7 +130,7 @@ def run(milvus_uri: str, redis_url: str, seconds: float, n_targets: int, lengths
         progress(f"  in-process item table loaded in {time.perf_counter() - t0:.1f} s")
         local.prefetch(list(users.values())).result()
         remote.prefetch(list(users.values())).result()
-        # Warm every path's target-vector LRU (a miss is a Milvus query, at Strong consistency).
+        # Warm every backend's target-vector LRU (a miss is a Milvus query, at Strong consistency).
         every = sorted({i for t in targets for i in t})
         for r in (local, remote, milvus):
             r.search(users[min(users)], every, K)
@@ -187,7 +187,7 @@ def table(res: dict[str, Any]) -> str:
     lines.append(
         f"search(user, {res['targets']} target(s), k={res['k']}), {res['seconds']} s per cell; latency in ms; "
         f"server cache {res['server_cache']}; {res['cpus']} CPUs, torch threads {res['torch_threads']}; "
-        f"milvus path at Bounded consistency on {res['milvus_uri']}"
+        f"milvus backend at Bounded consistency on {res['milvus_uri']}"
     )
     return "\n".join(lines)
 

@@ -210,7 +210,7 @@ def check(users: int, seeds: list[int], batch_size: int = 256, threads: int = 1,
     from muse import db
     from muse.data.taobao_mm import SCL_SOURCE, import_taobao_mm
     from muse.settings import load_settings
-    from ranker.train import TrainConfig, train
+    from ranker.train import RankTrainConfig, train
 
     torch.set_num_threads(threads)
     results = []
@@ -229,7 +229,7 @@ def check(users: int, seeds: list[int], batch_size: int = 256, threads: int = 1,
             for seed in seeds:
                 t1 = time.perf_counter()
                 res = train(settings, model, "tb-synth", source=SCL_SOURCE, esu=esu,
-                            train_config=TrainConfig(batch_size=batch_size, seed=seed))
+                            train_config=RankTrainConfig(batch_size=batch_size, seed=seed))
                 gaucs.append(res.metrics["overall"]["gauc"])
                 secs.append(time.perf_counter() - t1)
             row = {"label": label, "model": model, "esu": esu, "gauc": gaucs, "mean": float(np.mean(gaucs)),

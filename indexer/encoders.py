@@ -236,14 +236,14 @@ class ImagePreprocessor:
 
     def to_tensor(self, batch: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
         """``uint8 [B, 3, S, S]`` -> normalised ``float32 [B, 3, S, S]`` on ``device``."""
-        return self.normalize(self.to_unit(batch, device))
+        return self.normalise(self.to_unit(batch, device))
 
     @staticmethod
     def to_unit(batch: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
         """``uint8 [B, 3, S, S]`` -> ``float32 [B, 3, S, S]`` in [0, 1] on ``device``."""
         return torch.as_tensor(batch).to(device=device, dtype=torch.float32) / 255.0
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """``float32 [B, 3, S, S]`` in [0, 1] -> the model's normalised input (per-channel mean/std)."""
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)

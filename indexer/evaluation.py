@@ -1,7 +1,7 @@
 """Intrinsic evaluation of embedding sources on the held-out users of a dataset.
 
 Metrics (each overall and on the long-tail slice, i.e. target items seen fewer than
-:data:`indexer.pairs.LONG_TAIL_MAX_SEEN` times in the training histories):
+:data:`indexer.pairs.LONG_TAIL_HISTORY_COUNT` times in the training histories):
 
 - ``q2p_recall@10`` / ``q2p_recall@50``: a search query's vector ranks every item of the dataset;
   a hit when the purchased item is in the top K. Needs a text tower trained on text, so it is
@@ -34,6 +34,7 @@ from indexer.sources import (
     open_dataset,
     update_metrics,
 )
+from muse.arrays import l2_normalise, lookup
 from muse.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def small_set_notes(metrics: dict[str, Any]) -> list[str]:
 
 
 def _long_tail(seen: dict[int, int], item_ids: np.ndarray) -> np.ndarray:
-    return np.fromiter((seen.get(int(i), 0) < pairs_mod.LONG_TAIL_MAX_SEEN for i in item_ids), bool,
+    return np.fromiter((seen.get(int(i), 0) < pairs_mod.LONG_TAIL_HISTORY_COUNT for i in item_ids), bool,
                        count=len(item_ids))
 
 
@@ -156,11 +157,7 @@ def _rate(hits: np.ndarray, mask: np.ndarray | None = None) -> float | None:
 
 def _rows(table: ItemVectors, item_ids: np.ndarray) -> np.ndarray:
     """Corpus row of each item id (-1 when not in the dataset)."""
-    order = np.argsort(table.item_ids, kind="stable")
-    sorted_ids = table.item_ids[order]
-    pos = np.clip(np.searchsorted(sorted_ids, item_ids), 0, max(len(sorted_ids) - 1, 0))
-    found = sorted_ids[pos] == item_ids
-    return np.where(found, order[pos], -1)
+    return lookup(table.item_ids, item_ids)
 
 
 def score_vectors(
@@ -201,11 +198,9 @@ def random_baseline(dataset: Any, data: EvalData, dim: int = 128, seed: int = 0)
     """The metrics of random unit vectors for items and queries (what "no signal" scores)."""
     rng = np.random.default_rng(seed)
     ids = dataset.item_ids()
-    vecs = rng.standard_normal((len(ids), dim)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vecs = l2_normalise(rng.standard_normal((len(ids), dim)).astype(np.float32))
     table = ItemVectors(ids, vecs, np.ones(len(ids), bool))
-    qv = rng.standard_normal((len(data.queries), dim)).astype(np.float32)
-    qv /= np.maximum(np.linalg.norm(qv, axis=1, keepdims=True), 1e-12)
+    qv = l2_normalise(rng.standard_normal((len(data.queries), dim)).astype(np.float32))
     return score_vectors(data, table, qv)
 
 

@@ -54,7 +54,7 @@ class QueueInfoNCE(nn.Module):
     batches (512 keys) lets the encoder lower the loss by moving *all* current vectors away from the
     queue, which collapses items onto one drifting point (measured on simworld ``small``: cosines
     between different items 0.97+ after 20 steps). Training therefore defaults to ``queue_size=0``;
-    i2i can fill the queue from a momentum key encoder instead (``TrainConfig.momentum``).
+    i2i can fill the queue from a momentum key encoder instead (``EmbedTrainConfig.momentum``).
     """
 
     def __init__(self, dim: int, queue_size: int = 4096, temperature: float = 0.07) -> None:

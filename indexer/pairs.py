@@ -18,14 +18,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from muse.data.pairs import iter_cooccurrence_pairs
 from muse.errors import ConfigurationError, DataError
 
 log = logging.getLogger(__name__)
 
 HELDOUT_PERCENT = 10
-#: Items seen fewer times than this in the training histories count as long-tail.
-LONG_TAIL_MAX_SEEN = 5
-SPLITS = ("train", "test")
+#: Items that occur fewer times than this in the training users' histories count as long-tail
+#: (intrinsic evaluation; the ranker's long tail counts train impressions:
+#: :data:`ranker.metrics.LONG_TAIL_IMPRESSIONS`).
+LONG_TAIL_HISTORY_COUNT = 5
+#: The user splits by :func:`is_heldout`: "train" = training users, "test" = held-out users (not the
+#: dataset's impression splits, :data:`muse.data.format.IMPRESSION_SPLITS`).
+USER_SPLITS = ("train", "test")
 
 
 def is_heldout(user_ids: np.ndarray) -> np.ndarray:
@@ -35,8 +40,8 @@ def is_heldout(user_ids: np.ndarray) -> np.ndarray:
 
 
 def _user_mask(user_ids: np.ndarray, split: str) -> np.ndarray:
-    if split not in SPLITS:
-        raise ConfigurationError(f"split={split!r} is unknown; valid: {', '.join(SPLITS)}")
+    if split not in USER_SPLITS:
+        raise ConfigurationError(f"split={split!r} is unknown; valid: {', '.join(USER_SPLITS)}")
     held = is_heldout(user_ids)
     return held if split == "test" else ~held
 
@@ -86,19 +91,10 @@ def cooccurrence_pairs(
     rng = np.random.default_rng(seed)
     parts: list[np.ndarray] = []
     total = 0
-    for batch in dataset.iter_histories(batch_size=2048):
-        users = batch.column(batch.schema.get_field_index("user_id")).to_numpy().astype(np.int64)
-        keep_user = _user_mask(users, split)
-        values, rows = _list_column(batch, "item_ids")
-        keep = keep_user[rows]
-        values, rows = values[keep], rows[keep]
-        for d in range(1, window + 1):
-            same_user = rows[:-d] == rows[d:]  # [m - d]
-            a, b = values[:-d][same_user], values[d:][same_user]
-            distinct = a != b
-            pair = np.stack([a[distinct], b[distinct]], axis=1)  # [p, 2]
-            parts.append(pair)
-            total += len(pair)
+    batches = iter_cooccurrence_pairs(dataset, window, batch_size=2048, keep_users=lambda u: _user_mask(u, split))
+    for pair in batches:  # [p, 2] per batch of users
+        parts.append(pair)
+        total += len(pair)
         if max_pairs is not None and total > 4 * max_pairs:  # bound memory on long histories
             merged = np.concatenate(parts)
             parts = [merged[rng.choice(len(merged), size=2 * max_pairs, replace=False)]]

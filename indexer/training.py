@@ -57,7 +57,7 @@ TRAINABLE_SOURCES = TRAINED_SOURCES + (ID_SOURCE,)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class EmbedTrainConfig:
     """Options of one training run (defaults sized so ``small`` trains in minutes on 2 CPUs)."""
 
     epochs: int | None = None  # passes over the (sampled) pairs; None = the source's default (8 scl, 10 id, else 2)
@@ -97,9 +97,9 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, values: dict[str, Any]) -> EmbedTrainConfig:
         """Build from a dict, rejecting unknown keys and bad values."""
-        return config_from_dict(cls, values, "keys of TrainConfig")
+        return config_from_dict(cls, values, "keys of EmbedTrainConfig")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_hard", "window", "max_pairs", "dim"):  # None = default
@@ -122,7 +122,7 @@ class TrainConfig:
         if self.view_weight and self.augment is False:
             raise ConfigurationError("view_weight > 0 needs augment=True (two views of one image are identical)")
 
-    def for_source(self, source: str, n_items: int | None = None) -> TrainConfig:
+    def for_source(self, source: str, n_items: int | None = None) -> EmbedTrainConfig:
         """This config with every option left at None set to ``source``'s default (:data:`SOURCE_DEFAULTS`);
         ``max_pairs`` scales with ``n_items``, the dataset's catalogue size (:func:`default_max_pairs`)."""
         defaults = {**GENERIC_DEFAULTS, **SOURCE_DEFAULTS.get(source, {}), "max_pairs": default_max_pairs(n_items)}
@@ -161,14 +161,14 @@ def load_train_defaults(directory: Path = TRAIN_DEFAULTS_DIR) -> tuple[dict[str,
 
     Raises:
         ConfigurationError: a file is not valid TOML, or names a key that is not a field of
-            :class:`TrainConfig`.
+            :class:`EmbedTrainConfig`.
     """
     try:
         import tomllib
     except ModuleNotFoundError:  # pragma: no cover - Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(EmbedTrainConfig)}
     generic: dict[str, Any] = {}
     per_source: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(directory).glob("*.toml")):
@@ -189,7 +189,7 @@ def load_train_defaults(directory: Path = TRAIN_DEFAULTS_DIR) -> tuple[dict[str,
     return generic, per_source
 
 
-#: Values of the options a :class:`TrainConfig` leaves at None, for every source (``generic.toml``) ...
+#: Values of the options a :class:`EmbedTrainConfig` leaves at None, for every source (``generic.toml``) ...
 #: ... and where a source differs (``<source>.toml``); the files say why (:data:`TRAIN_DEFAULTS_DIR`).
 GENERIC_DEFAULTS, SOURCE_DEFAULTS = load_train_defaults()
 
@@ -244,7 +244,7 @@ class ImageBank:
         x = self.preprocessor.to_unit(self.pixels[rows], device)  # [B, 3, S, S] in [0, 1]
         if augment is not None:
             x = augment_images(x, augment)
-        return self.preprocessor.normalize(x)
+        return self.preprocessor.normalise(x)
 
 
 def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -326,10 +326,10 @@ class _Views:
     """Augmentation and the same-item term of a run: two random views of an item image are positives.
 
     ``rng`` is None when augmentation is off (``ImageBank.batch`` then returns the plain images).
-    Tasks get their config from :meth:`TrainConfig.for_source`, so no option here is None.
+    Tasks get their config from :meth:`EmbedTrainConfig.for_source`, so no option here is None.
     """
 
-    def __init__(self, cfg: TrainConfig, device: str) -> None:
+    def __init__(self, cfg: EmbedTrainConfig, device: str) -> None:
         self.rng = torch.Generator().manual_seed(cfg.seed + 1) if cfg.augment else None
         self.weight = cfg.view_weight
         self.criterion = QueueInfoNCE(cfg.dim, 0, cfg.temperature).to(device) if self.weight > 0 else None
@@ -349,7 +349,7 @@ class _Views:
 class _ClipTask(_Task):
     """OpenCLIP: item image <-> title, symmetric CLIP loss."""
 
-    def __init__(self, model: ClipEncoder, dataset: Any, cfg: TrainConfig, device: str, tokenizer: Any) -> None:
+    def __init__(self, model: ClipEncoder, dataset: Any, cfg: EmbedTrainConfig, device: str, tokenizer: Any) -> None:
         tp = pairs_mod.title_pairs(dataset)
         keep_n = _sample(len(tp.item_ids), cfg.max_pairs, cfg.seed)
         tp = pairs_mod.TitlePairs(tp.item_ids[keep_n], [tp.titles[i] for i in keep_n])
@@ -407,7 +407,7 @@ def _flip_half(pairs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class _I2ITask(_Task):
     """I2I: image of an item <-> image of a co-occurring item, InfoNCE with a negative queue."""
 
-    def __init__(self, model: ClipEncoder, dataset: Any, cfg: TrainConfig, device: str) -> None:
+    def __init__(self, model: ClipEncoder, dataset: Any, cfg: EmbedTrainConfig, device: str) -> None:
         raw = pairs_mod.cooccurrence_pairs(dataset, "train", cfg.window, cfg.max_pairs, cfg.seed)
         self.bank = ImageBank(dataset, raw.ravel(), ImagePreprocessor.for_model(model.clip))
         pairs = raw[self.bank.has(raw).all(axis=1)]
@@ -439,7 +439,7 @@ class _I2ITask(_Task):
 class _IdTask(_Task):
     """ID: learned vector of an item <-> vector of a co-occurring item (same pairs as I2I, no content)."""
 
-    def __init__(self, model: IdEmbedding, dataset: Any, cfg: TrainConfig, device: str) -> None:
+    def __init__(self, model: IdEmbedding, dataset: Any, cfg: EmbedTrainConfig, device: str) -> None:
         raw = pairs_mod.cooccurrence_pairs(dataset, "train", cfg.window, cfg.max_pairs, cfg.seed)
         _, known = model.rows(raw.ravel())
         keep = known.reshape(-1, 2).all(axis=1)
@@ -459,7 +459,7 @@ class _SclTask(_Task):
     """SCL: query text <-> image of the purchased item (InfoNCE + queue), plus a triplet term that
     pushes the query away from items clicked but not purchased in the same session."""
 
-    def __init__(self, model: ClipEncoder, dataset: Any, cfg: TrainConfig, device: str, tokenizer: Any) -> None:
+    def __init__(self, model: ClipEncoder, dataset: Any, cfg: EmbedTrainConfig, device: str, tokenizer: Any) -> None:
         sp = pairs_mod.search_pairs(dataset, "train", cfg.max_hard)
         keep_n = _sample(len(sp.purchased), cfg.max_pairs, cfg.seed)
         sp = pairs_mod.SearchPairs([sp.queries[i] for i in keep_n], sp.purchased[keep_n], sp.hard_negatives[keep_n])
@@ -495,7 +495,7 @@ class _SclTask(_Task):
         return loss
 
 
-def _build_task(source: str, dataset: Any, cfg: TrainConfig, device: str) -> _Task:
+def _build_task(source: str, dataset: Any, cfg: EmbedTrainConfig, device: str) -> _Task:
     if source == ID_SOURCE:
         model: torch.nn.Module = IdEmbedding(np.sort(dataset.item_ids()), cfg.dim).to(device)
         return _IdTask(model, dataset, cfg, device)  # type: ignore[arg-type]
@@ -508,7 +508,7 @@ def _build_task(source: str, dataset: Any, cfg: TrainConfig, device: str) -> _Ta
 
 
 def train_source(
-    settings: Settings, source: str, dataset: Any, config: TrainConfig | None = None, progress: bool = False
+    settings: Settings, source: str, dataset: Any, config: EmbedTrainConfig | None = None, progress: bool = False
 ) -> TrainResult:
     """Train ``source`` on ``dataset`` (a Dataset or its name), save and register a new version.
 
@@ -521,7 +521,7 @@ def train_source(
         raise ConfigurationError(f"cannot train source {source!r}; trainable: {', '.join(TRAINABLE_SOURCES)}")
     check_registry(settings)  # fail now, not after minutes of training
     dataset = open_dataset(settings, dataset)
-    cfg = (config or TrainConfig()).for_source(source, len(dataset.item_ids()))
+    cfg = (config or EmbedTrainConfig()).for_source(source, len(dataset.item_ids()))
     if cfg.momentum > 0 and source != "i2i":
         log.warning("momentum=%s is used by i2i only; %s trains without a key encoder", cfg.momentum, source)
     device = settings.resolve_device()
@@ -642,7 +642,7 @@ def _lr_factor(step: int, total: int) -> float:
 
 
 def _run_steps(
-    task: _Task, optimizer: torch.optim.Optimizer, schedule: Any, cfg: TrainConfig, total: int,
+    task: _Task, optimizer: torch.optim.Optimizer, schedule: Any, cfg: EmbedTrainConfig, total: int,
     progress: bool, desc: str,
 ) -> list[float]:
     from tqdm import tqdm

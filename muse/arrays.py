@@ -44,6 +44,6 @@ def check_k(k: object, limit: int | None = None) -> int:
     """``k`` as an int in ``1..limit`` (no upper bound when ``limit`` is None); ConfigurationError
     (a ValueError) naming the value otherwise. A bool is refused even though it is an int."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or (limit is not None and k > limit):
-        span = f"1..{limit}" if limit is not None else ">= 1"
-        raise ConfigurationError(f"k must be an integer in {span}, got {k!r}")
+        wanted = f"an integer in 1..{limit}" if limit is not None else "a positive integer"
+        raise ConfigurationError(f"k must be {wanted}, got {k!r}")
     return int(k)

@@ -12,8 +12,11 @@ from muse.errors import ConfigurationError
 T = TypeVar("T")
 
 
-def config_from_dict(cls: type[T], values: Mapping[str, Any], what: str | None = None) -> T:
-    """Build the dataclass ``cls`` from ``values``.
+def config_from_dict(
+    cls: type[T], values: Mapping[str, Any], what: str | None = None, drop_none: bool = False
+) -> T:
+    """Build the dataclass ``cls`` from ``values``. With ``drop_none`` a key whose value is ``None``
+    keeps the field's default (a command-line option left unset); it must still be a field.
 
     Raises:
         ConfigurationError: ``values`` has keys that are not fields of ``cls`` (the message names
@@ -23,4 +26,6 @@ def config_from_dict(cls: type[T], values: Mapping[str, Any], what: str | None =
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ConfigurationError(f"unknown {what or cls.__name__ + ' keys'} {unknown}; valid: {sorted(valid)}")
+    if drop_none:
+        values = {k: v for k, v in values.items() if v is not None}
     return cls(**values)

@@ -146,11 +146,3 @@ def check_same_length(what: str, **arrays: Any) -> int:
         shown = ", ".join(f"{v} {k}" for k, v in lengths.items())
         raise ConfigurationError(f"{what}: lengths differ ({shown})")
     return next(iter(lengths.values())) if lengths else 0
-
-
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation computed in float64 (so 1e30-sized vectors keep their direction),
-    returned as float32; all-zero rows stay zero."""
-    v = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    return (v / np.where(norms > 0, norms, 1.0)).astype(np.float32)

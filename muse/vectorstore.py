@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from muse.arrays import check_k, l2_normalise
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import CONSISTENCY_LEVELS, Settings
-from muse.validation import MAX_NQ, check_id, check_ids, check_positions, check_vectors, unit_rows
+from muse.validation import MAX_NQ, check_id, check_ids, check_positions, check_vectors
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +213,6 @@ def behaviour_pk(user_ids: np.ndarray | Sequence[int], positions: np.ndarray | S
     return (mixed >> np.uint64(1)).astype(np.int64)
 
 
-def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation (computed in float64, returned as float32); all-zero rows stay zero."""
-    return unit_rows(vectors)
-
-
 def _check_source(source: str) -> str:
     if not _SOURCE_NAME.match(source):
         raise ConfigurationError(
@@ -341,8 +337,7 @@ class VectorStore:
           stale connection is retried once at once), :class:`BackendUnavailable` (retriable);
         * anything else Milvus rejects is the request's fault: :class:`ConfigurationError`.
         """
-        method = getattr(fn, "__name__", None)
-        client = getattr(fn, "__self__", None)
+        method, client = fn.__name__, fn.__self__  # fn is always a bound method of the client
         kwargs.setdefault("timeout", self._deadline(what))
         name = args[0] if args and isinstance(args[0], str) else None
         reloaded = reconnected = False
@@ -376,9 +371,8 @@ class VectorStore:
                     log.info("Milvus %s failed on a stale connection (%s); reconnecting", what, _short(e))
                 else:
                     raise ConfigurationError(f"Milvus rejected the {what} request: {_short(e)}") from e
-                if method is not None:
-                    fn = getattr(self.client, method)
-                    client = self.client
+                fn = getattr(self.client, method)
+                client = self.client
 
     # -- names and collections ---------------------------------------------------------------
     def _check_name(self, name: str) -> str:
@@ -987,8 +981,7 @@ class VectorStore:
 
         Returns one list of hits per target, best first.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 < k <= MAX_QUERY_WINDOW:
-            raise ConfigurationError(f"k must be an integer in 1..{MAX_QUERY_WINDOW}, got {k!r}")
+        k = check_k(k, MAX_QUERY_WINDOW)
         extra: dict[str, Any] = {}
         if consistency_level is not None:
             if consistency_level not in CONSISTENCY_LEVELS:

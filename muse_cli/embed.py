@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from indexer.training import TrainConfig, train_source
+    from indexer.training import EmbedTrainConfig, train_source
     from muse.settings import load_settings
 
     settings = load_settings()
@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
         "view_weight": args.view_weight, "hard_weight": args.hard_weight, "max_pairs": args.max_pairs, "max_steps": args.max_steps,
         "seed": args.seed,
     }
-    cfg = TrainConfig.from_dict({k: v for k, v in options.items() if v is not None})
+    cfg = EmbedTrainConfig.from_dict({k: v for k, v in options.items() if v is not None})
     result = train_source(settings, args.source, args.dataset, cfg, progress=True)
     row = result.source
     options_file = _write_options(row.checkpoint_path, args)

@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("run", type=int, help="run id (see `muse rank list`)")
     s.add_argument("--user", type=int, required=True, help="user id")
     s.add_argument("--items", type=lambda r: [int(x) for x in _csv(r)], required=True, help="e.g. 1,2,3")
-    s.add_argument("--path", choices=("cache", "milvus"), default="cache", help="retriever path (muse)")
+    s.add_argument("--backend", choices=("cache", "milvus"), default="cache", help="retriever backend (muse)")
     s.add_argument("--version", type=int, default=None,
                    help="source version the retriever reads (muse; default: the live one of the run's dataset)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -110,9 +110,9 @@ def parse_settings(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     import dataclasses
 
     from muse.errors import ConfigurationError
-    from ranker.train import TrainConfig
+    from ranker.train import RankTrainConfig
 
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_keys = {f.name for f in dataclasses.fields(RankTrainConfig)}
     train_values: dict[str, Any] = {}
     model_values: dict[str, Any] = {}
     for item in items:
@@ -131,12 +131,12 @@ def parse_settings(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 def _train_config(args: argparse.Namespace) -> Any:
     import torch
 
-    from ranker.train import TrainConfig
+    from ranker.train import RankTrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     train_values, _ = parse_settings(args.settings)
-    return TrainConfig.from_dict({"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+    return RankTrainConfig.from_dict({"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
                                   "max_train": args.max_train, "max_eval": args.max_eval,
                                   "lr_dense": args.lr, "lr_embedding": args.sparse_lr, **train_values})
 
@@ -232,7 +232,7 @@ def _score(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.scoring import Ranker
 
-    with Ranker.load(load_settings(), args.run, path=args.path, version=args.version) as ranker:
+    with Ranker.load(load_settings(), args.run, backend=args.backend, version=args.version) as ranker:
         probs = ranker.score(args.user, args.items)
         r = ranker.retriever
         used = {} if r is None else {"version": r.version, "collection": r.store.behaviour_collection(r.ref)}

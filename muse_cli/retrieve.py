@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--items", type=_item_list, required=True, help="target item ids, e.g. 1,2,3")
     s.add_argument("--k", type=int, default=50, help="behaviours per target (default 50)")
     s.add_argument(
-        "--path",
+        "--backend",
         choices=("cache", "milvus"),
         default="cache",
         help="device cache (default) or Milvus filtered search; both give the same results",
@@ -45,7 +45,7 @@ def _search(args: argparse.Namespace) -> int:
 
     check_source(args.source)  # an unknown source fails here, before any server is asked
     with Retriever.from_settings(
-        source=args.source, dataset=args.dataset, version=args.version, path=args.path
+        source=args.source, dataset=args.dataset, version=args.version, backend=args.backend
     ) as r:
         result = r.search(args.user, args.items, k=args.k)
         collection = r.store.behaviour_collection(r.ref)
@@ -58,7 +58,7 @@ def _search(args: argparse.Namespace) -> int:
         return 1
     length = f", {result.history_length} behaviours" if result.history_length is not None else ""
     print(f"{where}")
-    print(f"user {result.user_id} ({result.path} path{length}), top {result.k}:")
+    print(f"user {result.user_id} ({result.backend} backend{length}), top {result.k}:")
     for hits in result:
         print(f"target item {hits.item_id}: {len(hits)} behaviours")
         print(f"  {'rank':>4} {'position':>9} {'item':>12} {'cosine':>8}")

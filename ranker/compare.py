@@ -29,7 +29,7 @@ from sqlalchemy import select
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
 from ranker.models import ESU_VARIANTS, list_models, make_config, model_class
-from ranker.train import TrainConfig, train
+from ranker.train import RankTrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def list_comparisons(settings: Settings) -> list[dict[str, Any]]:
 
 
 def compare(settings: Settings, dataset: str, models: Sequence[str] | None = None, sources: Sequence[str] = ("scl",),
-            esus: Sequence[str] | None = None, train_config: TrainConfig | None = None,
+            esus: Sequence[str] | None = None, train_config: RankTrainConfig | None = None,
             model_overrides: dict[str, Any] | None = None, out_dir: Path | None = None,
             on_row: Callable[[CompareRow], None] | None = None, progress: bool = False,
             seeds: Sequence[int] | None = None, reuse: bool = True, threads: int | None = None,
@@ -326,7 +326,7 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
     """
     import torch
 
-    cfg = train_config or TrainConfig()
+    cfg = train_config or RankTrainConfig()
     models = list(models or list_models())
     todo = plan(models, list(sources), esus)
     seed_list = list(seeds) if seeds else [cfg.seed]
@@ -381,7 +381,7 @@ def with_config(spec: dict[str, Any], config: dict[str, Any] | None) -> dict[str
 
 
 def pick_threads(settings: Settings, dataset: str, models: Sequence[str] | None, sources: Sequence[str],
-                 esus: Sequence[str] | None, train_config: TrainConfig | None = None,
+                 esus: Sequence[str] | None, train_config: RankTrainConfig | None = None,
                  model_overrides: dict[str, Any] | None = None, candidates: Sequence[int] = (1, 2),
                  steps: int = 6) -> int:
     """Time a few training steps of the comparison's heaviest model with each torch thread count of
@@ -397,7 +397,7 @@ def pick_threads(settings: Settings, dataset: str, models: Sequence[str] | None,
     from ranker.models import FeatureSpec, build_model
     from ranker.train import train_steps
 
-    cfg = train_config or TrainConfig()
+    cfg = train_config or RankTrainConfig()
     counts = [n for n in candidates if n <= (os.cpu_count() or 1)] or [1]
     if len(counts) == 1:
         torch.set_num_threads(counts[0])

@@ -297,7 +297,7 @@ class BatchBuilder:
         hist_idx = history[..., 0]  # [B, L]
         valid = mask & table.present[hist_idx] & target_ok  # [B, L]
         hist_vec = table.gather(hist_idx, scratch=True)  # [B, L, d], only read by the kernel
-        top = gsu_topk(target_vec, hist_vec, self.k, valid=valid, normalized=True)
+        top = gsu_topk(target_vec, hist_vec, self.k, valid=valid, normalised=True)
         long = torch.gather(history, 1, top.indices.unsqueeze(-1).expand(-1, -1, 2))  # [B, K, 2]
         return {"long": long, "long_mask": top.valid, "long_sim": top.scores,
                 **self._recent_sim(target_vec, batch)}
@@ -308,7 +308,7 @@ class BatchBuilder:
         rec_idx = batch["recent"][..., 0]  # [B, R]
         target_ok = table.present[batch["target"][:, 0]].unsqueeze(1)  # [B, 1]
         rmask = batch["recent_mask"] & table.present[rec_idx] & target_ok  # [B, R]
-        top = gsu_topk(target_vec, table.gather(rec_idx), rec_idx.shape[1], valid=rmask, normalized=True)  # sorted
+        top = gsu_topk(target_vec, table.gather(rec_idx), rec_idx.shape[1], valid=rmask, normalised=True)  # sorted
         sim = torch.empty_like(top.scores).scatter_(1, top.indices, top.scores)  # back to sequence order
         return {"recent_sim": sim, "recent_sim_mask": rmask}
 

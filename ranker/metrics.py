@@ -9,8 +9,10 @@ import numpy as np
 
 from muse.errors import DataError
 
-#: A target is long-tail when it was an impression target fewer than this many times in train.
-LONG_TAIL_MAX_SEEN = 5
+#: A target is long-tail when it was an impression target fewer than this many times in train
+#: (the embedding evaluation's long tail counts history occurrences instead:
+#: ``indexer.pairs.LONG_TAIL_HISTORY_COUNT``).
+LONG_TAIL_IMPRESSIONS = 5
 #: Impressions whose history is at least this quantile of the evaluated histories form the slice
 #: "long_history".
 LONG_HISTORY_QUANTILE = 0.75
@@ -102,14 +104,14 @@ def evaluate_predictions(
     hist_lens: np.ndarray,
     train_item_counts: dict[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Overall metrics and the slices ``long_tail`` (targets seen < LONG_TAIL_MAX_SEEN times in train,
+    """Overall metrics and the slices ``long_tail`` (targets seen < LONG_TAIL_IMPRESSIONS times in train,
     when ``train_item_counts`` is given) and ``long_history`` (history length >= the
     LONG_HISTORY_QUANTILE quantile)."""
     out: dict[str, Any] = {"overall": summary(user_ids, labels, probs)}
     if train_item_counts is not None:
         seen = np.fromiter((train_item_counts.get(int(i), 0) for i in item_ids), np.int64, len(item_ids))
-        tail = seen < LONG_TAIL_MAX_SEEN
-        out["long_tail"] = {**summary(user_ids[tail], labels[tail], probs[tail]), "max_seen": LONG_TAIL_MAX_SEEN - 1}
+        tail = seen < LONG_TAIL_IMPRESSIONS
+        out["long_tail"] = {**summary(user_ids[tail], labels[tail], probs[tail]), "max_seen": LONG_TAIL_IMPRESSIONS - 1}
     if len(hist_lens):
         threshold = int(np.quantile(hist_lens, LONG_HISTORY_QUANTILE))
         long = hist_lens >= threshold

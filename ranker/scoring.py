@@ -56,10 +56,10 @@ class Ranker:
 
     @classmethod
     def load(
-        cls, settings: Settings, run_id: int, retriever: Any = None, path: str = "cache", version: int | None = None
+        cls, settings: Settings, run_id: int, retriever: Any = None, backend: str = "cache", version: int | None = None
     ) -> Ranker:
         """Load run ``run_id``. For MUSE a :class:`~retriever.client.Retriever` on the run's dataset and
-        source is opened (``path`` ``cache`` or ``milvus``) unless one is given: on source ``version``,
+        source is opened (``backend`` ``cache`` or ``milvus``) unless one is given: on source ``version``,
         or following the live version when None.
 
         Raises:
@@ -76,7 +76,7 @@ class Ranker:
             from retriever.client import Retriever
 
             retriever = Retriever.from_settings(
-                source=loaded.source, settings=settings, dataset=loaded.dataset, version=version, path=path
+                source=loaded.source, settings=settings, dataset=loaded.dataset, version=version, backend=backend
             )
             log.info("ranker run %d scores with %s", run_id, retriever.ref)
         vectors = None
@@ -155,7 +155,7 @@ class Ranker:
         rec_vec = l2_normalise(rec_vec)
         n, r = target_vec.shape[0], len(raw_ids)
         present = (rmask & rec_vec.any(dim=-1)).expand(n, r) & target_vec.any(dim=-1, keepdim=True)  # [B, R]
-        top = gsu_topk(target_vec, rec_vec.expand(n, r, -1), r, valid=present, normalized=True)
+        top = gsu_topk(target_vec, rec_vec.expand(n, r, -1), r, valid=present, normalised=True)
         sim = torch.empty_like(top.scores).scatter_(1, top.indices, top.scores)  # [B, R] in sequence order
         return {"recent_sim": sim, "recent_sim_mask": present.clone()}
 

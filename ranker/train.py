@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class RankTrainConfig:
     """How to train (the model's own settings live in its model config)."""
 
     epochs: int = 1  # passes over the train split (the paper: one)
@@ -45,7 +45,7 @@ class TrainConfig:
                 raise ConfigurationError(f"{name}={getattr(self, name)!r} must be > 0")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, values: dict[str, Any]) -> RankTrainConfig:
         return config_from_dict(cls, {k: v for k, v in values.items() if v is not None})
 
 
@@ -60,7 +60,7 @@ class TrainResult:
     samples_per_s: float
 
 
-def make_optimisers(model: CTRModel, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+def make_optimisers(model: CTRModel, cfg: RankTrainConfig) -> list[torch.optim.Optimizer]:
     """The embedding tables at ``lr_embedding`` (SparseAdam for sparse-gradient tables, Adam for the
     rest) and every other weight with Adam at ``lr_dense``."""
     tables = [m for m in model.embeddings.tables.values()]
@@ -74,7 +74,7 @@ def make_optimisers(model: CTRModel, cfg: TrainConfig) -> list[torch.optim.Optim
     return optimisers
 
 
-def train_steps(model: CTRModel, builder: BatchBuilder, batches: Any, cfg: TrainConfig,
+def train_steps(model: CTRModel, builder: BatchBuilder, batches: Any, cfg: RankTrainConfig,
                 progress: Any = None) -> tuple[list[float], int, float]:
     """Train on raw impression ``batches``; return (losses per step, samples, seconds).
 
@@ -106,7 +106,7 @@ def train_steps(model: CTRModel, builder: BatchBuilder, batches: Any, cfg: Train
 
 
 def train(settings: Settings, model: str, dataset: str, source: str | None = None, esu: str | None = None,
-          train_config: TrainConfig | None = None, model_overrides: dict[str, Any] | None = None,
+          train_config: RankTrainConfig | None = None, model_overrides: dict[str, Any] | None = None,
           progress: bool = False, record: bool = True) -> TrainResult:
     """Train ``model`` on ``dataset`` (GSU source ``source`` for muse), evaluate it on the test split,
     save a checkpoint and record the run.
@@ -127,7 +127,7 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
     from ranker.evaluate import evaluate, train_item_counts
     from ranker.runs import checkpoint_path, create_run, finish_run, save_checkpoint
 
-    cfg = train_config or TrainConfig()
+    cfg = train_config or RankTrainConfig()
     cls = model_class(model)
     overrides = dict(model_overrides or {})
     if esu is not None:
@@ -177,7 +177,7 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
     return TrainResult(run_id, metrics, ckpt, losses, n_samples / max(seconds, 1e-9))
 
 
-def _progress_bar(ds: Any, cfg: TrainConfig) -> Any:
+def _progress_bar(ds: Any, cfg: RankTrainConfig) -> Any:
     from tqdm import tqdm
 
     total = sum(rb.num_rows for rb in ds.iter_impressions(split="train"))  # one cheap pass

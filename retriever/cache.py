@@ -141,7 +141,7 @@ class CachedHistory:
         indices point into :attr:`positions` / :attr:`item_ids`."""
         if targets.device != self.vectors.device:
             targets = targets.to(self.vectors.device)
-        return gsu_topk(targets, self.vectors, k, None, normalized=True, history_scale=self.scale)
+        return gsu_topk(targets, self.vectors, k, None, normalised=True, history_scale=self.scale)
 
 
 @dataclass(frozen=True)
@@ -729,7 +729,7 @@ class GatheredHistory:
         scale = None
         if table.scale is not None:
             scale = torch.index_select(table.scale, 0, self.rows, out=_scratch(table.scale, len(self.rows), 1))
-        return gsu_topk(targets, vectors, k, None, normalized=True, history_scale=scale)
+        return gsu_topk(targets, vectors, k, None, normalised=True, history_scale=scale)
 
 
 _SCRATCH = threading.local()

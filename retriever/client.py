@@ -11,11 +11,11 @@ A retriever reads one (dataset, source) pair. Without ``version`` it follows the
 cached histories and target vectors of the old version. Every request runs on one version from
 start to end (target vectors and behaviours alike) and its result says which (``result.version``).
 
-Two paths with the same results: ``path="cache"`` (default) keeps the version's item vectors once
+Two backends with the same results: ``backend="cache"`` (default) keeps the version's item vectors once
 on the device and users' histories as rows of that table in a cache
 (:class:`retriever.cache.GatherCache`; per-user vectors with ``history_from="behaviours"``) and
 runs a gather + one matrix product + topk;
-``path="milvus"`` runs a filtered vector search per request on the Milvus behaviour collection.
+``backend="milvus"`` runs a filtered vector search per request on the Milvus behaviour collection.
 Target vectors come from the source's item collection.
 """
 
@@ -33,9 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from muse.arrays import check_k, l2_normalise
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import Settings, load_settings
-from muse.validation import check_id, check_ids, check_positions, check_same_length, check_vectors, unit_rows
+from muse.simtier import N_TIERS
+from muse.validation import check_id, check_ids, check_positions, check_same_length, check_vectors
+from muse.vectorstore import MAX_QUERY_WINDOW
 from retriever.cache import (
     CacheConfig,
     CacheStats,
@@ -45,12 +48,12 @@ from retriever.cache import (
     sequence_loader,
     store_loader,
 )
-from retriever.kernels import N_TIERS, simtier_counts
+from retriever.kernels import simtier_counts
 from retriever.milvus_search import milvus_topk
 
 log = logging.getLogger(__name__)
 
-PATHS = ("cache", "milvus")
+BACKENDS = ("cache", "milvus")
 #: Seconds between checks of the live alias (a promote is followed at most this much later).
 REFRESH_S = 2.0
 
@@ -84,10 +87,10 @@ class SearchResult:
 
     user_id: int
     found: bool  # False: the user has no behaviours in this source (every target list is empty)
-    path: str  # "cache" or "milvus"
+    backend: str  # "cache" or "milvus"
     k: int
     targets: tuple[TargetHits, ...] = field(default_factory=tuple)
-    history_length: int | None = None  # behaviours of the user (known on the cache path)
+    history_length: int | None = None  # behaviours of the user (known on the cache backend)
     dataset: str = ""
     source: str = ""
     version: int = 0  # the source version every vector of this result came from
@@ -105,7 +108,7 @@ class SearchResult:
         return {
             "user_id": self.user_id,
             "found": self.found,
-            "path": self.path,
+            "backend": self.backend,
             "k": self.k,
             "history_length": self.history_length,
             "dataset": self.dataset,
@@ -113,14 +116,6 @@ class SearchResult:
             "version": self.version,
             "targets": [t.to_dict() for t in self.targets],
         }
-
-
-def _check_k(k: Any) -> int:
-    from muse.vectorstore import MAX_QUERY_WINDOW
-
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_QUERY_WINDOW:
-        raise ConfigurationError(f"k must be an integer in 1..{MAX_QUERY_WINDOW}, got {k!r}")  # a ValueError
-    return int(k)
 
 
 def _check_user(user_id: Any) -> int:
@@ -147,18 +142,18 @@ class RetrieverView:
         self,
         store: Any,
         ref: Any,
-        path: str,
+        backend: str,
         cache_config: CacheConfig | None,
         item_cache_items: int,
         consistency_level: str | None,
     ) -> None:
         self.store = store
         self.ref = ref
-        self.path = path
+        self.backend = backend
         self.consistency_level = consistency_level
         self.dim = int(store.open_collections(ref))  # NotFoundError for missing collections
         # Unit target vectors by item id (LRU, at most item_cache_items): item vectors change only
-        # with the version, and a Milvus query per request would dominate the cache path.
+        # with the version, and a Milvus query per request would dominate the cache backend.
         self._items: OrderedDict[int, np.ndarray] = OrderedDict()
         self._items_lock = threading.Lock()
         self.item_cache_items = item_cache_items
@@ -166,7 +161,7 @@ class RetrieverView:
         self.item_fetches = 0  # of those, read from Milvus
         self.cache: HistoryCache | None = None
         self.item_table: ItemTable | None = None
-        if path == "cache":
+        if backend == "cache":
             config = cache_config or CacheConfig()
             if config.history_from == "items":
                 self.item_table = ItemTable(
@@ -207,7 +202,7 @@ class RetrieverView:
             no_vector = [i for i in wanted if not np.any(fetched[i])]
             if no_vector:
                 raise NotFoundError(f"target item(s) {no_vector[:20]} have no {self.ref.source!r} vector")
-            fetched = {i: (v / np.linalg.norm(v)).astype(np.float32) for i, v in fetched.items()}
+            fetched = {i: l2_normalise(v) for i, v in fetched.items()}
             by_id.update(fetched)
             with self._items_lock:
                 self.item_fetches += len(wanted)
@@ -219,26 +214,26 @@ class RetrieverView:
 
     def search(self, user_id: int, target_item_ids: Sequence[int], k: int = 50) -> SearchResult:
         """As :meth:`Retriever.search`, on this view's version."""
-        k = _check_k(k)
+        k = check_k(k, MAX_QUERY_WINDOW)
         user = _check_user(user_id)
         ids = _check_items(target_item_ids)
         return self._search(user, self.target_vectors(ids), k, ids)
 
     def search_vectors(self, user_id: int, targets: np.ndarray, k: int = 50) -> SearchResult:
         """As :meth:`Retriever.search_vectors`, on this view's version."""
-        k = _check_k(k)
+        k = check_k(k, MAX_QUERY_WINDOW)
         user = _check_user(user_id)
-        t = unit_rows(check_vectors(targets, self.dim, "target vectors", allow_zero=False))  # [B, d]
+        t = l2_normalise(check_vectors(targets, self.dim, "target vectors", allow_zero=False))  # [B, d]
         return self._search(user, t, k, [None] * t.shape[0])
 
     def _search(self, user: int, targets: np.ndarray, k: int, ids: Sequence[int | None]) -> SearchResult:
-        if self.path == "cache":
+        if self.backend == "cache":
             return self._search_cache(user, targets, k, ids)
         return self._search_milvus(user, targets, k, ids)
 
     def _result(self, user: int, found: bool, k: int, hits: list[TargetHits], length: int | None) -> SearchResult:
         return SearchResult(
-            user, found, self.path, k, tuple(hits), length, self.ref.dataset, self.ref.source, self.version
+            user, found, self.backend, k, tuple(hits), length, self.ref.dataset, self.ref.source, self.version
         )
 
     def _search_cache(
@@ -292,10 +287,10 @@ class Retriever:
         dataset: the dataset whose collections are read.
         version: a fixed source version; None follows the live version (the live alias), checked
             every ``refresh_s`` seconds and at once by :meth:`refresh`.
-        path: ``"cache"`` (device cache, the serving hot path) or ``"milvus"`` (filtered search).
-        cache_config: the cache's capacity, storage dtype and device (cache path only).
+        backend: ``"cache"`` (device cache, the serving hot path) or ``"milvus"`` (filtered search).
+        cache_config: the cache's capacity, storage dtype and device (cache backend only).
         item_cache_items: target item vectors kept (LRU) between requests; 0 reads them every time.
-        consistency_level: Milvus path only: None = the settings' ``search_consistency``
+        consistency_level: Milvus backend only: None = the settings' ``search_consistency``
             (default ``Bounded``: 187 against 35 req/s for ``Strong`` on a 2.3 server; a search may
             miss writes of the last few seconds). ``Strong`` sees every finished write (read your
             writes; each search first waits 200-400 ms for the time tick).
@@ -313,7 +308,7 @@ class Retriever:
         *,
         dataset: str,
         version: int | None = None,
-        path: str = "cache",
+        backend: str = "cache",
         cache_config: CacheConfig | None = None,
         item_cache_items: int = 100_000,
         consistency_level: str | None = None,
@@ -321,8 +316,8 @@ class Retriever:
     ) -> None:
         from muse.vectorstore import CONSISTENCY_LEVELS, CollectionRef
 
-        if path not in PATHS:
-            raise ConfigurationError(f"retriever path {path!r} is unknown; valid: {', '.join(PATHS)}")
+        if backend not in BACKENDS:
+            raise ConfigurationError(f"retriever backend {backend!r} is unknown; valid: {', '.join(BACKENDS)}")
         if consistency_level is not None and consistency_level not in CONSISTENCY_LEVELS:
             raise ConfigurationError(
                 f"consistency_level {consistency_level!r} is unknown; valid: {', '.join(CONSISTENCY_LEVELS)}"
@@ -334,7 +329,7 @@ class Retriever:
         self.store = store
         self.source = source
         self.dataset = dataset
-        self.path = path
+        self.backend = backend
         settings = getattr(store, "settings", None)
         self.consistency_level = consistency_level or getattr(settings, "search_consistency", None)
         self.item_cache_items = item_cache_items
@@ -356,7 +351,7 @@ class Retriever:
         *,
         dataset: str,
         version: int | None = None,
-        path: str = "cache",
+        backend: str = "cache",
         cache: CacheConfig | dict[str, Any] | None = None,
         item_cache_items: int = 100_000,
         consistency_level: str | None = None,
@@ -369,16 +364,16 @@ class Retriever:
             settings: default :func:`muse.settings.load_settings`.
             dataset: dataset name, e.g. ``"demo-tiny-0"``.
             version: a fixed source version; None follows the live one.
-            path: ``"cache"`` or ``"milvus"``.
+            backend: ``"cache"`` or ``"milvus"``.
             cache: cache options (a :class:`CacheConfig` or a dict of its fields; unknown keys rejected).
                 The device defaults to the settings' device.
             item_cache_items: target item vectors kept in memory between requests (0: none).
-            consistency_level: Milvus path: None (the settings' ``search_consistency``, default
+            consistency_level: Milvus backend: None (the settings' ``search_consistency``, default
                 ``Bounded``), ``Strong``, ``Session`` or ``Eventually``.
             refresh_s: seconds between checks of the live alias.
 
         Raises:
-            ConfigurationError: unknown path or cache option. NotFoundError: no such collections,
+            ConfigurationError: unknown backend or cache option. NotFoundError: no such collections,
             or no live version.
         """
         from muse.vectorstore import VectorStore
@@ -395,7 +390,7 @@ class Retriever:
                 source,
                 dataset=dataset,
                 version=version,
-                path=path,
+                backend=backend,
                 cache_config=cache,
                 item_cache_items=item_cache_items,
                 consistency_level=consistency_level,
@@ -422,7 +417,7 @@ class Retriever:
 
     def _open(self, ref: Any) -> RetrieverView:
         return RetrieverView(
-            self.store, ref, self.path, self._cache_config, self.item_cache_items, self.consistency_level
+            self.store, ref, self.backend, self._cache_config, self.item_cache_items, self.consistency_level
         )
 
     def refresh(self) -> bool:
@@ -496,7 +491,7 @@ class Retriever:
 
     @property
     def item_table(self) -> ItemTable | None:
-        """The current version's item table (cache path, ``history_from="items"``)."""
+        """The current version's item table (cache backend, ``history_from="items"``)."""
         return self._view.item_table
 
     @property
@@ -530,7 +525,7 @@ class Retriever:
     # -- cache management ---------------------------------------------------------------------
     def prefetch(self, user_ids: Sequence[int]) -> Future:
         """Load the users' histories into the cache in the background (a done Future on the Milvus
-        path). The Future resolves to ``{user_id: history length}``."""
+        backend). The Future resolves to ``{user_id: history length}``."""
         users = [_check_user(u) for u in user_ids]
         for _ in range(3):
             view = self.view()
@@ -602,7 +597,7 @@ class Retriever:
             self._view.cache.invalidate(_check_user(user_id))
 
     def stats(self) -> CacheStats | None:
-        """Cache hit/miss/byte counters of the current version (None on the Milvus path)."""
+        """Cache hit/miss/byte counters of the current version (None on the Milvus backend)."""
         return self._view.cache.stats() if self._view.cache is not None else None
 
     def close(self) -> None:
@@ -616,4 +611,4 @@ class Retriever:
         self.close()
 
 
-__all__ = ["N_TIERS", "PATHS", "Retriever", "RetrieverView", "SearchResult", "TargetHits"]
+__all__ = ["BACKENDS", "N_TIERS", "Retriever", "RetrieverView", "SearchResult", "TargetHits"]

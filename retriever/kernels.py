@@ -11,7 +11,7 @@ Conventions (see ``docs/method.md``):
 * padded behaviours and behaviours without a vector (``valid`` false, or an all-zero row) score
   :data:`MISSING_SCORE` (-1.1, below any cosine) and rank after every real behaviour;
 * ``k`` larger than the history returns the whole history, the extra slots marked invalid;
-* SimTier tier id = ``ceil(cos * 10) + 10`` in :data:`N_TIERS` = 22 slots, counted only over
+* SimTier tier id = ``ceil(cos * 10) + 10`` in :data:`muse.simtier.N_TIERS` = 22 slots, counted only over
   valid retrieved scores.
 """
 
@@ -21,14 +21,14 @@ from typing import NamedTuple
 
 import torch
 
+from muse.arrays import check_k
+from muse.simtier import N_TIERS
 from retriever.block_topk import MIN_LENGTH as BLOCK_TOPK_MIN_LENGTH
 from retriever.block_topk import topk_columns, topk_rows
 from retriever.score_products import native_half_is_faster, score_buffer, scores_into_buffer
 
 #: Score given to padding and to behaviours without a vector: below every cosine (-1).
 MISSING_SCORE = -1.1
-#: SimTier slots: tier id = ceil(cos * 10) + 10 lies in 0..20 for cos in [-1, 1]; slot 21 is spare.
-N_TIERS = 22
 #: Storage dtypes a history may have.
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 #: History rows up-cast to float32 per matrix product when the history is stored compressed on CPU:
@@ -87,12 +87,6 @@ def quantise_int8(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return k
-
-
 def _scores_2d(
     targets: torch.Tensor, history: torch.Tensor, history_scale: torch.Tensor | None, chunk_rows: int | None
 ) -> torch.Tensor:
@@ -121,7 +115,7 @@ def gsu_topk(
     k: int,
     valid: torch.Tensor | None = None,
     *,
-    normalized: bool = False,
+    normalised: bool = False,
     history_scale: torch.Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> TopK:
@@ -138,7 +132,7 @@ def gsu_topk(
         k: number of behaviours to keep per target (positive int).
         valid: bool mask of real behaviours (false = padding or no vector); default all true.
             All-zero rows are treated as missing too.
-        normalized: the caller guarantees that the targets and the history rows are already
+        normalised: the caller guarantees that the targets and the history rows are already
             L2-normalised and that rows without a vector are masked in ``valid`` or absent (the
             device cache does this once at load time), so the kernel skips the normalisation and
             zero-row passes; with ``valid=None`` it is then one matrix product + ``topk`` (for a
@@ -153,11 +147,11 @@ def gsu_topk(
         :class:`TopK` with float32 scores (best first), int64 indices into the history and a bool mask.
 
     Raises:
-        ValueError: ``k`` is not a positive int, or the shapes or dtypes do not fit together.
+        ValueError: ``k`` is not a positive int (ConfigurationError, a ValueError), or the shapes or dtypes do not fit together.
     """
-    _check_k(k)
+    k = check_k(k)
     if (
-        normalized
+        normalised
         and valid is None
         and history_scale is None
         and history.dtype == torch.float32
@@ -178,24 +172,24 @@ def gsu_topk(
     if history.dtype == torch.int8 and history_scale is None:
         raise ValueError("an int8 history needs history_scale (see quantise_int8)")
     if history.dim() == 2:
-        return _topk_single(targets, history, k, valid, normalized, history_scale, chunk_rows)
+        return _topk_single(targets, history, k, valid, normalised, history_scale, chunk_rows)
     if history.dim() == 3:
-        return _topk_batched(targets, history, k, valid, normalized, history_scale)
+        return _topk_batched(targets, history, k, valid, normalised, history_scale)
     raise ValueError(f"history must be [L, d] or [N, L, d], got shape {tuple(history.shape)}")
 
 
-def _valid_mask(history: torch.Tensor, valid: torch.Tensor | None, normalized: bool) -> torch.Tensor | None:
+def _valid_mask(history: torch.Tensor, valid: torch.Tensor | None, normalised: bool) -> torch.Tensor | None:
     """``valid`` and-ed with "row is non-zero" (skipped when the caller already did it); None when
     every row is known to be valid."""
     lead = history.shape[:-1]
-    if valid is None and normalized:
+    if valid is None and normalised:
         return None
     if valid is None:
         valid = torch.ones(lead, dtype=torch.bool, device=history.device)
     elif tuple(valid.shape) != tuple(lead):
         raise ValueError(f"valid has shape {tuple(valid.shape)}, expected {tuple(lead)} for the history")
     valid = valid.to(device=history.device, dtype=torch.bool)
-    if not normalized:
+    if not normalised:
         valid = valid & (history != 0).any(dim=-1)  # [..., L]
     return valid
 
@@ -256,7 +250,7 @@ def _topk_single(
     history: torch.Tensor,
     k: int,
     valid: torch.Tensor | None,
-    normalized: bool,
+    normalised: bool,
     history_scale: torch.Tensor | None,
     chunk_rows: int | None,
 ) -> TopK:
@@ -266,10 +260,10 @@ def _topk_single(
         raise ValueError(
             f"targets {tuple(targets.shape)} do not fit history {tuple(history.shape)} (need [B, d] and [L, d])"
         )
-    mask = _valid_mask(history, valid, normalized)  # [L] or None
-    t = t.to(history.device).float() if normalized else l2_normalise(t.to(history.device))  # [B, d]
+    mask = _valid_mask(history, valid, normalised)  # [L] or None
+    t = t.to(history.device).float() if normalised else l2_normalise(t.to(history.device))  # [B, d]
     h = history
-    if not normalized:
+    if not normalised:
         if history_scale is not None:
             h = history.float() * history_scale.float().unsqueeze(-1)  # [L, d]
             history_scale = None
@@ -298,7 +292,7 @@ def _topk_batched(
     history: torch.Tensor,
     k: int,
     valid: torch.Tensor | None,
-    normalized: bool,
+    normalised: bool,
     history_scale: torch.Tensor | None,
 ) -> TopK:
     n, _, d = history.shape
@@ -309,13 +303,13 @@ def _topk_batched(
             f"targets {tuple(targets.shape)} do not fit history {tuple(history.shape)} "
             "(need [N, d] or [N, T, d] with [N, L, d])"
         )
-    mask = _valid_mask(history, valid, normalized)  # [N, L] or None
+    mask = _valid_mask(history, valid, normalised)  # [N, L] or None
     h = history.float()  # [N, L, d]
     if history_scale is not None:
         h = h * history_scale.float().unsqueeze(-1)  # [N, L, d]
-    if not normalized:
+    if not normalised:
         h = l2_normalise(h)  # [N, L, d]
-    t = t.to(h.device).float() if normalized else l2_normalise(t.to(h.device))  # [N, T, d]
+    t = t.to(h.device).float() if normalised else l2_normalise(t.to(h.device))  # [N, T, d]
     scores = torch.bmm(t, h.transpose(1, 2))  # [N, T, L]
     out = _finish(scores, None if mask is None else mask.unsqueeze(1), k)  # [N, T, K]
     if one_target:

@@ -1,4 +1,4 @@
-"""The Milvus path of the GSU: filtered vector search on a source's behaviour collection.
+"""The Milvus backend of the GSU: filtered vector search on a source's behaviour collection.
 
 All targets of a request go in one ``search`` call filtered on ``user_id == u`` (a typed int),
 limit K. Behaviours stored without a vector (all-zero rows) must rank last, as in the kernels;

@@ -28,9 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from muse.arrays import check_k
 from muse.errors import BackendUnavailable, ConfigurationError, MuseError, NotFoundError
+from muse.vectorstore import MAX_QUERY_WINDOW
 from retriever.cache import CacheStats
-from retriever.client import SearchResult, _check_items, _check_k, _check_user
+from retriever.client import SearchResult, _check_items, _check_user
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ class RemoteRetriever:
     def _server_info(self) -> dict[str, Any]:
         if self._info is None:
             reply = self._call(self.addresses[0], "Stats", self.pb.StatsRequest())
-            self._info = {"source": reply.source, "dataset": reply.dataset, "dim": int(reply.dim), "path": reply.path}
+            self._info = {"source": reply.source, "dataset": reply.dataset, "dim": int(reply.dim), "backend": reply.backend}
         return self._info
 
     @property
@@ -198,8 +200,8 @@ class RemoteRetriever:
         return int(self._call(self.addresses[0], "Stats", self.pb.StatsRequest()).version)
 
     @property
-    def path(self) -> str:
-        return str(self._server_info()["path"])
+    def backend(self) -> str:
+        return str(self._server_info()["backend"])
 
     @property
     def store(self) -> Any:
@@ -217,8 +219,7 @@ class RemoteRetriever:
         """As :meth:`retriever.client.Retriever.search`, on the user's server."""
         from retriever.service import reply_to_result
 
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            _check_k(k)  # raises the in-process message
+        k = check_k(k, MAX_QUERY_WINDOW)  # the in-process check and message
         user = _check_user(user_id)
         ids = list(target_item_ids) if not isinstance(target_item_ids, (int, np.integer)) else [target_item_ids]
         if ids:
@@ -230,8 +231,7 @@ class RemoteRetriever:
         """As :meth:`retriever.client.Retriever.search_vectors`."""
         from retriever.service import reply_to_result
 
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            _check_k(k)
+        k = check_k(k, MAX_QUERY_WINDOW)
         user = _check_user(user_id)
         t = np.atleast_2d(np.asarray(targets, dtype=np.float32))
         if t.ndim != 2 or t.size == 0:

@@ -1,6 +1,6 @@
 """The GSU retrieval service: ``muse serve`` runs one :class:`GsuServer` per shard of users.
 
-The server owns one in-process :class:`retriever.client.Retriever` on the cache path: the source's
+The server owns one in-process :class:`retriever.client.Retriever` on the cache backend: the source's
 item-vector table once on its device and a byte-bounded LRU of users' histories (rows of that
 table). Ranking processes on any machine share it through
 :class:`retriever.remote.RemoteRetriever`, which has the same methods, results and errors.
@@ -237,7 +237,7 @@ class GsuServicer:
                 source=self.retriever.source,
                 dataset=self.retriever.dataset,
                 dim=self.retriever.dim,
-                path=self.retriever.path,
+                backend=self.retriever.backend,
                 version=self.retriever.version,
             )
 
@@ -260,7 +260,7 @@ def result_to_reply(pb: Any, res: Any) -> Any:
     return pb.SearchReply(
         user_id=res.user_id,
         found=res.found,
-        path=res.path,
+        backend=res.backend,
         k=res.k,
         targets=targets,
         history_length=-1 if res.history_length is None else int(res.history_length),
@@ -287,7 +287,7 @@ def reply_to_result(reply: Any) -> Any:
     return SearchResult(
         int(reply.user_id),
         bool(reply.found),
-        reply.path,
+        reply.backend,
         int(reply.k),
         targets,
         None if reply.history_length < 0 else int(reply.history_length),
@@ -399,7 +399,7 @@ def serve(
         cache["capacity_bytes"] = int(cache_bytes)
     if storage_dtype:
         cache["storage_dtype"] = storage_dtype
-    retriever = Retriever.from_settings(source, settings, dataset=dataset, version=version, path="cache", cache=cache)
+    retriever = Retriever.from_settings(source, settings, dataset=dataset, version=version, backend="cache", cache=cache)
     try:
         if preload_items:
             from muse.data.format import Dataset

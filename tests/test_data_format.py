@@ -219,5 +219,8 @@ def test_cooccurrence_pairs(settings: Settings) -> None:
     got = np.concatenate(list(iter_cooccurrence_pairs(ds, window=2)))
     # window 1: (1,2) (2,3) [(2,2) dropped] and user 11: (4,1); window 2: (1,2) (2,3); never across users
     assert sorted(map(tuple, got.tolist())) == [(1, 2), (1, 2), (2, 3), (2, 3), (4, 1)]
+    only_11 = list(iter_cooccurrence_pairs(ds, window=2, keep_users=lambda users: users == 11))
+    assert [p.tolist() for p in only_11] == [[[4, 1]]]  # the other user's histories are not paired
+    assert list(iter_cooccurrence_pairs(ds, window=2, keep_users=lambda users: users < 0)) == []
     with pytest.raises(DataError, match="window must be >= 1"):
         list(iter_cooccurrence_pairs(ds, window=0))

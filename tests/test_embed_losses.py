@@ -106,9 +106,9 @@ def test_queued_stale_copies_of_the_positive_are_masked() -> None:
 
 
 def test_queue_size_is_capped_below_the_number_of_pairs(caplog: pytest.LogCaptureFixture) -> None:
-    from indexer.training import QUEUE_MAX_SHARE, TrainConfig, effective_queue_size
+    from indexer.training import QUEUE_MAX_SHARE, EmbedTrainConfig, effective_queue_size
 
-    assert TrainConfig().queue_size == 0  # in-batch negatives by default
+    assert EmbedTrainConfig().queue_size == 0  # in-batch negatives by default
     with caplog.at_level("WARNING", logger="indexer.training"):
         assert effective_queue_size(4096, 3316, "scl") == int(3316 * QUEUE_MAX_SHARE) < 3316
     assert "queue_size=4096" in caplog.text and "3316 training pairs" in caplog.text
@@ -158,17 +158,17 @@ def test_momentum_key_encoder_is_an_ema_of_the_online_weights() -> None:
 
 
 def test_train_config_fills_source_defaults() -> None:
-    from indexer.training import TrainConfig
+    from indexer.training import EmbedTrainConfig
 
-    i2i = TrainConfig().for_source("i2i")
+    i2i = EmbedTrainConfig().for_source("i2i")
     assert (i2i.temperature, i2i.augment, i2i.view_weight) == (0.2, True, 0.1)
-    scl = TrainConfig().for_source("scl")
+    scl = EmbedTrainConfig().for_source("scl")
     assert (scl.temperature, scl.augment, scl.view_weight, scl.epochs) == (0.07, False, 0.0, 8)
-    assert TrainConfig().for_source("openclip").epochs == 2 and TrainConfig(epochs=3).for_source("scl").epochs == 3
-    mine = TrainConfig(temperature=0.5, augment=False, view_weight=0.0).for_source("i2i")
+    assert EmbedTrainConfig().for_source("openclip").epochs == 2 and EmbedTrainConfig(epochs=3).for_source("scl").epochs == 3
+    mine = EmbedTrainConfig(temperature=0.5, augment=False, view_weight=0.0).for_source("i2i")
     assert (mine.temperature, mine.augment, mine.view_weight) == (0.5, False, 0.0)  # explicit values win
-    assert TrainConfig(view_weight=0.3).for_source("openclip").augment is True  # the view term needs views
+    assert EmbedTrainConfig(view_weight=0.3).for_source("openclip").augment is True  # the view term needs views
     with pytest.raises(ConfigurationError, match="needs augment"):
-        TrainConfig(view_weight=0.3, augment=False)
+        EmbedTrainConfig(view_weight=0.3, augment=False)
     with pytest.raises(ConfigurationError, match="momentum=-0.1"):
-        TrainConfig(momentum=-0.1)
+        EmbedTrainConfig(momentum=-0.1)

@@ -20,7 +20,7 @@ from PIL import Image
 from indexer import sources
 from indexer.encoders import DEFAULT_MODEL, EncoderConfig, ItemEncoder, build_clip_encoder
 from indexer.evaluation import evaluate_source, load_eval_data, random_baseline
-from indexer.training import TrainConfig, TrainResult, train_source
+from indexer.training import EmbedTrainConfig, TrainResult, train_source
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings, load_settings
 
@@ -37,7 +37,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, object, d
     settings = load_settings(env={}, data_dir=tmp_path_factory.mktemp("embed") / "muse-data", device="cpu")
     db.upgrade(settings)
     dataset = generate_simworld(settings, size="tiny", seed=0)
-    results = {src: train_source(settings, src, dataset, TrainConfig(**QUICK)) for src in TRAINED}
+    results = {src: train_source(settings, src, dataset, EmbedTrainConfig(**QUICK)) for src in TRAINED}
     return settings, dataset, results
 
 
@@ -99,7 +99,7 @@ def test_id_source_lookup_and_new_version(world) -> None:
     assert res.ok_index.tolist() == [0, 1, 2, 3] and 4 in res.failed
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-5)
     first = results["id"].source.version
-    second = train_source(settings, "id", dataset, TrainConfig(**{**QUICK, "seed": 1})).source
+    second = train_source(settings, "id", dataset, EmbedTrainConfig(**{**QUICK, "seed": 1})).source
     assert second.version == first + 1
     old = sources.item_vector_table(settings, "id", dataset, version=first)
     new = sources.item_vector_table(settings, "id", dataset)
@@ -195,7 +195,7 @@ def test_default_is_the_resnet_config_with_batchnorm_and_unit_outputs(world) -> 
 def test_i2i_with_momentum_queue_on_the_vit_config_trains_and_reloads(world) -> None:
     # muse-tiny (ViT) stays usable; the MoCo key encoder and its queue train end to end.
     settings, dataset, _ = world
-    cfg = TrainConfig(**{**QUICK, "model": "muse-tiny", "momentum": 0.9, "view_weight": 0.5})
+    cfg = EmbedTrainConfig(**{**QUICK, "model": "muse-tiny", "momentum": 0.9, "view_weight": 0.5})
     result = train_source(settings, "i2i", dataset, cfg)
     assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3]), result.losses
     row = sources.get_version(settings, "i2i")
@@ -228,9 +228,9 @@ def test_output_width_other_than_embed_dim_gets_a_linear_head() -> None:
 def test_bad_options_are_rejected(world) -> None:
     settings, dataset, _ = world
     with pytest.raises(ConfigurationError, match="unknown keys.*bogus"):
-        TrainConfig.from_dict({"bogus": 1})
+        EmbedTrainConfig.from_dict({"bogus": 1})
     with pytest.raises(ConfigurationError, match="batch_size=1"):
-        TrainConfig(batch_size=1)
+        EmbedTrainConfig(batch_size=1)
     with pytest.raises(ConfigurationError, match="cannot train source 'scl-taobao'"):
         train_source(settings, "scl-taobao", dataset)
     with pytest.raises(ConfigurationError, match="unknown; valid"):
@@ -291,7 +291,7 @@ def test_default_scl_run_on_tiny_does_not_collapse(world) -> None:
     from indexer.training import default_max_pairs
 
     settings, dataset, _ = world
-    result = train_source(settings, "scl", dataset, TrainConfig())
+    result = train_source(settings, "scl", dataset, EmbedTrainConfig())
     train = result.source.metrics["train"]
     assert train["steps"] == 8 and result.source.config["max_pairs"] == default_max_pairs(600) == 2400
     assert train["mean_cosine"] < COLLAPSE_COSINE, train

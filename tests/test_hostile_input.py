@@ -75,26 +75,26 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("path", ["cache", "milvus"])
-def test_hostile_client_input_is_a_clear_configuration_error(world, path: str) -> None:
+@pytest.mark.parametrize("backend", ["cache", "milvus"])
+def test_hostile_client_input_is_a_clear_configuration_error(world, backend: str) -> None:
     settings, _, _ = world
-    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, version=1, path=path,
+    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, version=1, backend=backend,
                                  consistency_level="Strong") as r:
         for case, call, fragment in HOSTILE:
             with pytest.raises(ConfigurationError) as info:
                 call(r)
-            assert fragment in str(info.value), f"{path}/{case}: {info.value}"
+            assert fragment in str(info.value), f"{backend}/{case}: {info.value}"
             assert not isinstance(info.value, BackendUnavailable), case
         # The store still answers after all of that.
         assert len(r.search(USER, [int(ITEMS[0])], k=5)[0]) == 5
 
 
-@pytest.mark.parametrize("path", ["cache", "milvus"])
-def test_huge_vectors_and_many_targets(world, path: str) -> None:
+@pytest.mark.parametrize("backend", ["cache", "milvus"])
+def test_huge_vectors_and_many_targets(world, backend: str) -> None:
     """A 1e30-sized target ranks like its unit vector (not five 0.0 scores); more targets than one
     Milvus request takes (16,384) are split into batches."""
     settings, _, vecs = world
-    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, version=1, path=path,
+    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, version=1, backend=backend,
                                  consistency_level="Strong") as r:
         unit = r.search_vectors(USER, _target(), k=5)[0]
         huge = r.search_vectors(USER, _target(1e30), k=5)[0]

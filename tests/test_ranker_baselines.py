@@ -44,10 +44,10 @@ def test_generator_writes_the_raw_schema_and_the_oracle(synth, tmp_path: Path) -
 
 def test_sim_hard_with_the_papers_esu_beats_the_id_only_esu(synth) -> None:
     from muse.data.taobao_mm import SCL_SOURCE
-    from ranker.train import TrainConfig, train
+    from ranker.train import RankTrainConfig, train
 
     settings, info = synth
-    cfg = TrainConfig(batch_size=100, seed=0)
+    cfg = RankTrainConfig(batch_size=100, seed=0)
     paper = train(settings, "sim-hard", "tb-synth", source=SCL_SOURCE, train_config=cfg, record=False)
     classic = train(settings, "sim-hard", "tb-synth", esu="ta", train_config=cfg, record=False)
     g_paper, g_ta = paper.metrics["overall"]["gauc"], classic.metrics["overall"]["gauc"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from muse.errors import DataError
-from ranker.metrics import LONG_TAIL_MAX_SEEN, auc, evaluate_predictions, gauc, logloss
+from ranker.metrics import LONG_TAIL_IMPRESSIONS, auc, evaluate_predictions, gauc, logloss
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -58,7 +58,7 @@ def test_slices_select_long_tail_targets_and_long_histories() -> None:
     labels = np.array([1, 0, 0, 1, 1, 0, 1, 0.0])
     probs = np.linspace(0.1, 0.8, 8)
     hist = np.array([5, 5, 9, 9, 100, 100, 200, 200])
-    counts = {10: 50, 11: LONG_TAIL_MAX_SEEN - 1, 12: 1}  # 13 never seen
+    counts = {10: 50, 11: LONG_TAIL_IMPRESSIONS - 1, 12: 1}  # 13 never seen
     out = evaluate_predictions(users, items, labels, probs, hist, counts)
     assert out["overall"]["n"] == 8
     assert out["long_tail"]["n"] == 5  # items 11, 12, 13

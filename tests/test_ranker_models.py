@@ -17,7 +17,7 @@ from muse.errors import ConfigurationError, DataError
 from muse.settings import Settings, load_settings
 from ranker.data import iter_impression_batches, open_builder
 from ranker.models import ESU_VARIANTS, FeatureSpec, build_model, list_models, make_config, model_class
-from ranker.train import TrainConfig, train_steps
+from ranker.train import RankTrainConfig, train_steps
 
 SOURCE = "scl-taobao"  # vectors shipped with the dataset (written by the fixture)
 DIM = 16
@@ -84,7 +84,7 @@ def test_model_learns_and_gradients_reach_every_parameter(world, name: str, over
     torch.manual_seed(0)
     model = build_model(name, FeatureSpec(builder.space.vocab_sizes(), builder.space.user_fields), config)
     raw = next(iter_impression_batches(ds, "train", 128, shuffle=True))
-    losses, n, _ = train_steps(model, builder, [raw] * 30, TrainConfig(lr_dense=5e-3, lr_embedding=5e-3))
+    losses, n, _ = train_steps(model, builder, [raw] * 30, RankTrainConfig(lr_dense=5e-3, lr_embedding=5e-3))
     assert n == 30 * 128
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
     # one more step to look at the gradients of every parameter
@@ -155,7 +155,7 @@ def test_nan_loss_stops_training_with_the_step(world) -> None:
         model.tower.net[-1].bias.fill_(float("nan"))
     raw = next(iter_impression_batches(ds, "train", 16))
     with pytest.raises(DataError, match="step 0"):
-        train_steps(model, builder, [raw], TrainConfig())
+        train_steps(model, builder, [raw], RankTrainConfig())
 
 
 def test_muse_needs_a_source(world) -> None:
@@ -226,7 +226,7 @@ def test_train_eval_record_and_score(world, name: str) -> None:
 
     settings, dataset = world
     res = train(settings, name, dataset, source=SOURCE, model_overrides=dict(FAST),
-                train_config=TrainConfig(batch_size=64, lr_dense=2e-3))
+                train_config=RankTrainConfig(batch_size=64, lr_dense=2e-3))
     info = get_run(settings, res.run_id)
     assert info.status == "done" and info.model == name and Path(info.checkpoint_path).exists()
     assert info.source == SOURCE and info.esu == make_config(name).esu  # every default ESU uses the vectors
@@ -256,10 +256,10 @@ def test_train_eval_record_and_score(world, name: str) -> None:
 
 
 @pytest.mark.milvus_server
-@pytest.mark.parametrize("path", ["cache", "milvus"])
-def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, unique_prefix: str, path: str) -> None:
+@pytest.mark.parametrize("backend", ["cache", "milvus"])
+def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, unique_prefix: str, backend: str) -> None:
     """Item and behaviour vectors backfilled into the real Milvus server; the API's scores (GSU on
-    the retriever's cache or Milvus path) equal offline evaluation on the same user and candidates."""
+    the retriever's cache or Milvus backend) equal offline evaluation on the same user and candidates."""
     from muse.data.format import Dataset
     from muse.vectorstore import CollectionRef, VectorStore
     from ranker.evaluate import predict
@@ -271,7 +271,7 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
     settings = load_settings(env={}, data_dir=base.data_dir, device="cpu", milvus_uri=milvus_server_uri,
                              milvus_prefix=unique_prefix, search_consistency="Strong")  # reads its writes
     res = train(settings, "muse", dataset, source=SOURCE, model_overrides=dict(FAST),
-                train_config=TrainConfig(batch_size=64, lr_dense=2e-3, max_train=256, max_eval=64))
+                train_config=RankTrainConfig(batch_size=64, lr_dense=2e-3, max_train=256, max_eval=64))
     loaded = load_checkpoint(get_run(settings, res.run_id).checkpoint_path)
     ds = Dataset.open(settings, dataset)
     builder = open_builder(settings, ds, "multimodal", loaded.model.config, SOURCE, loaded.space)
@@ -292,7 +292,7 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
                                     table.vectors[idx[has]].numpy())
         store.set_live(ref)
         candidates = items[::9][:30]
-        with Ranker.load(settings, res.run_id, path=path) as ranker:
+        with Ranker.load(settings, res.run_id, backend=backend) as ranker:
             assert ranker.retriever.ref == ref  # the live version of the run's dataset and source
             for u in users:
                 online = ranker.score(int(u), candidates, batch_size=16)
@@ -395,7 +395,7 @@ def test_taobao_mm_demo_trains_with_shipped_scl_vectors(tmp_path: Path) -> None:
     db.upgrade(settings)
     ds = import_taobao_mm(settings, demo)
     for name in ("din", "muse"):
-        res = train(settings, name, ds.name, source="scl-taobao", train_config=TrainConfig(batch_size=4))
+        res = train(settings, name, ds.name, source="scl-taobao", train_config=RankTrainConfig(batch_size=4))
         assert res.losses and np.isfinite(res.losses).all()
         assert res.metrics["overall"]["n"] > 0 and math.isfinite(res.metrics["overall"]["logloss"])
 

@@ -1,6 +1,6 @@
-"""Retriever client against real Milvus (Lite and the 2.3 server): the Milvus path and the cache
-path return the same behaviours for tiny generated users, appends, single-flight, bad inputs. The
-cache path builds histories both ways: a gather from the item table by the sequence store's item
+"""Retriever client against real Milvus (Lite and the 2.3 server): the Milvus backend and the cache
+backend return the same behaviours for tiny generated users, appends, single-flight, bad inputs. The
+cache backend builds histories both ways: a gather from the item table by the sequence store's item
 ids (the default) and from the behaviour collection's vectors."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
+from muse.simtier import N_TIERS
 from muse.vectorstore import CollectionRef, VectorStore
 from retriever.client import Retriever
-from retriever.kernels import N_TIERS
 
 DIM = 16
 SOURCE = "scl"
@@ -70,9 +70,9 @@ def test_cache_and_milvus_paths_agree(populated, history_from: str) -> None:
     targets = [int(i) for i in ITEMS[:5]]
     with (
         # Read-your-writes: the histories were written just before (the default is Bounded).
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Strong") as rm,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="milvus", consistency_level="Strong") as rm,
         Retriever.from_settings(
-            SOURCE, settings, dataset=DATASET, path="cache", cache={"history_from": history_from}
+            SOURCE, settings, dataset=DATASET, backend="cache", cache={"history_from": history_from}
         ) as rc,
     ):
         for user, k in ((11, 10), (11, 50), (12, 50)):
@@ -96,7 +96,7 @@ def test_cache_and_milvus_paths_agree(populated, history_from: str) -> None:
         # Target vectors are read from Milvus once, then served from the client's item LRU.
         assert (rc.item_lookups, rc.item_fetches) == (15, 5)
         # Without the Strong wait (serving setting), once the writes are visible: the same results.
-        with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Bounded") as rb:
+        with Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="milvus", consistency_level="Bounded") as rb:
             for user in (11, 12):
                 a, b = rb.search(user, targets, k=50), rc.search(user, targets, k=50)
                 for ha, hb in zip(a, b, strict=True):
@@ -106,8 +106,8 @@ def test_cache_and_milvus_paths_agree(populated, history_from: str) -> None:
 
 def test_unknown_user_gives_an_empty_result(populated) -> None:
     settings = populated[0]
-    for path in ("cache", "milvus"):
-        with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path=path, consistency_level="Strong") as r:
+    for backend in ("cache", "milvus"):
+        with Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend=backend, consistency_level="Strong") as r:
             res = r.search(999, [int(ITEMS[0])], k=5)
             assert not res.found and len(res) == 1 and len(res[0]) == 0
             assert res.to_dict()["found"] is False
@@ -115,7 +115,7 @@ def test_unknown_user_gives_an_empty_result(populated) -> None:
 
 def test_bad_inputs_raise_clear_errors(populated) -> None:
     settings = populated[0]
-    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="cache") as r:
+    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="cache") as r:
         with pytest.raises(NotFoundError, match=r"\[4242\] not found"):
             r.search(11, [int(ITEMS[0]), 4242], k=5)
         with pytest.raises(NotFoundError, match=r"\[1009\] have no 'scl' vector"):
@@ -127,10 +127,10 @@ def test_bad_inputs_raise_clear_errors(populated) -> None:
             r.search("11 or user_id > 0", [int(ITEMS[0])])
         with pytest.raises(ConfigurationError, match="empty"):
             r.search(11, [])
-    with pytest.raises(ConfigurationError, match="path 'gpu' is unknown"):
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="gpu")
+    with pytest.raises(ConfigurationError, match="backend 'gpu' is unknown"):
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="gpu")
     with pytest.raises(ConfigurationError, match="consistency_level 'Weak' is unknown"):
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Weak")
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="milvus", consistency_level="Weak")
     with pytest.raises(ConfigurationError, match="unknown cache options"):
         Retriever.from_settings(SOURCE, settings, dataset=DATASET, cache={"size": 1})
     with pytest.raises(NotFoundError, match="ds-r/nosuchsource has no live version"):
@@ -147,9 +147,9 @@ def test_appended_behaviours_visible_in_next_search(populated, history_from: str
     target = int(ITEMS[2])
     with (
         Retriever.from_settings(
-            SOURCE, settings, dataset=DATASET, path="cache", cache={"history_from": history_from}
+            SOURCE, settings, dataset=DATASET, backend="cache", cache={"history_from": history_from}
         ) as rc,
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Strong") as rm,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="milvus", consistency_level="Strong") as rm,
     ):
         assert rc.search(12, [target], k=3)[0].behaviour_item_ids[0] != target
         rc.append_behaviours(12, [6], [target])  # the target item itself: its vector from the items
@@ -163,7 +163,7 @@ def test_appended_behaviours_visible_in_next_search(populated, history_from: str
 
 def test_concurrent_prefetch_loads_a_user_once(populated) -> None:
     settings = populated[0]
-    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="cache", cache={"prefetch_workers": 4}) as r:
+    with Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="cache", cache={"prefetch_workers": 4}) as r:
         futures = [r.prefetch([11]) for _ in range(4)] + [r.prefetch([11, 12, 999])]
         assert [f.result(timeout=60) for f in futures][-1] == {11: 80, 12: 6, 999: 0}
         r.search(11, [int(ITEMS[0])], k=5)
@@ -181,13 +181,13 @@ def test_cli_search_prints_json_and_table(populated, monkeypatch, capsys) -> Non
     monkeypatch.setenv("MUSE_MILVUS_URI", settings.milvus_uri)
     monkeypatch.setenv("MUSE_MILVUS_PREFIX", settings.milvus_prefix)
     args = ["retrieve", "search", "--source", SOURCE, "--dataset", DATASET, "--user", "12", "--items", f"{ITEMS[0]},{ITEMS[1]}"]
-    assert main([*args, "--k", "4", "--path", "milvus", "--json"]) == 0
+    assert main([*args, "--k", "4", "--backend", "milvus", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["found"] and [len(t["positions"]) for t in out["targets"]] == [4, 4]
     assert out["version"] == 1 and out["collection"].endswith("_ds_r_scl_v1_behaviours")
     assert main([*args, "--k", "4"]) == 0
     text = capsys.readouterr().out
-    assert "cache path, 6 behaviours" in text and "simtier" in text
+    assert "cache backend, 6 behaviours" in text and "simtier" in text
     assert "ds-r/scl v1 (collection " in text
     assert main([*args[:-1], "4242", "--k", "4"]) == 2
     assert "[4242] not found" in capsys.readouterr().err

@@ -101,9 +101,9 @@ def test_score_buffer_is_reused_per_thread_and_results_do_not_alias_it() -> None
     np.testing.assert_allclose(
         scores_into_buffer(t1, history, transposed=True).numpy(), (history @ t1.T).numpy(), atol=1e-6
     )
-    first = gsu_topk(t1, history, 10, normalized=True)
+    first = gsu_topk(t1, history, 10, normalised=True)
     kept = first.scores.clone(), first.indices.clone()
-    gsu_topk(t2, history, 10, normalized=True)  # overwrites the buffer
+    gsu_topk(t2, history, 10, normalised=True)  # overwrites the buffer
     assert torch.equal(first.scores, kept[0]) and torch.equal(first.indices, kept[1])
     ref = torch.topk(t1 @ history.T, 10, dim=1)
     assert torch.equal(first.indices, ref.indices)
@@ -138,7 +138,7 @@ def test_many_targets_over_half_history_agree_on_both_product_paths(
     targets = rng.normal(size=(40, 32))
     targets /= np.linalg.norm(targets, axis=1, keepdims=True)
     stored = torch.from_numpy(history).to(dtype)
-    got = gsu_topk(torch.from_numpy(targets).float(), stored, 50, normalized=True)
+    got = gsu_topk(torch.from_numpy(targets).float(), stored, 50, normalised=True)
     exact = targets @ stored.double().numpy().T  # what the stored (rounded) rows score exactly
     ref = np.argsort(-exact, axis=1)[:, :50]
     recall = np.mean([len(set(g) & set(r)) / 50 for g, r in zip(got.indices.tolist(), ref.tolist())])

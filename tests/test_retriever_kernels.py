@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from retriever.kernels import MISSING_SCORE, N_TIERS, gsu_topk, quantise_int8, simtier_counts
+from muse.simtier import N_TIERS
+from retriever.kernels import MISSING_SCORE, gsu_topk, quantise_int8, simtier_counts
 
 
 def ref_topk(targets: np.ndarray, history: np.ndarray, k: int, valid: np.ndarray | None = None):
@@ -118,7 +119,7 @@ def test_compressed_storage_close_to_float32(dtype: torch.dtype, n_targets: int)
     history = rng.normal(size=(5000, 32)).astype(np.float32)  # >= RERANK_MIN_ROWS_CPU
     history /= np.linalg.norm(history, axis=1, keepdims=True)
     targets = rng.normal(size=(n_targets, 32)).astype(np.float32)
-    targets /= np.linalg.norm(targets, axis=1, keepdims=True)  # normalized=True covers both sides
+    targets /= np.linalg.norm(targets, axis=1, keepdims=True)  # normalised=True covers both sides
     h = torch.from_numpy(history)
     scale = None
     if dtype == torch.int8:
@@ -126,7 +127,7 @@ def test_compressed_storage_close_to_float32(dtype: torch.dtype, n_targets: int)
     else:
         stored = h.to(dtype)
     got = gsu_topk(
-        torch.from_numpy(targets), stored, 20, normalized=True, history_scale=scale, chunk_rows=700
+        torch.from_numpy(targets), stored, 20, normalised=True, history_scale=scale, chunk_rows=700
     )
     scores, order, _ = ref_topk(targets, history, 20)
     tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.int8: 1e-2}[dtype]
@@ -143,7 +144,7 @@ def test_compressed_storage_close_to_float32(dtype: torch.dtype, n_targets: int)
         torch.from_numpy(targets),
         stored[:5],
         9,
-        normalized=True,
+        normalised=True,
         history_scale=None if scale is None else scale[:5],
     )
     assert short.valid.sum(dim=1).tolist() == [5] * n_targets and torch.all(
@@ -197,7 +198,7 @@ def test_bad_shapes_raise() -> None:
         simtier_counts(torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.bool))
 
 
-def test_batched_normalized_input_skips_normalisation_and_agrees() -> None:
+def test_batched_normalised_input_skips_normalisation_and_agrees() -> None:
     """The ranker's fast path: unit vectors, missing behaviours only in ``valid`` (one bmm + topk)."""
     rng = np.random.default_rng(6)
     n, length, d = 4, 30, 8
@@ -207,7 +208,7 @@ def test_batched_normalized_input_skips_normalisation_and_agrees() -> None:
     targets = rng.normal(size=(n, d)).astype(np.float32)
     targets /= np.linalg.norm(targets, axis=-1, keepdims=True)
     h, v, t = torch.from_numpy(history), torch.from_numpy(valid), torch.from_numpy(targets)
-    fast = gsu_topk(t, h, 12, v, normalized=True)
+    fast = gsu_topk(t, h, 12, v, normalised=True)
     slow = gsu_topk(t * 3.0, h * 2.0, 12, v)
     assert torch.equal(fast.valid, slow.valid) and torch.equal(
         fast.indices[fast.valid], slow.indices[slow.valid]

@@ -152,10 +152,10 @@ def test_training_defaults_load_from_the_data_files_with_the_old_values() -> Non
     for key, value in OLD_GENERIC.items():
         assert type(training.GENERIC_DEFAULTS[key]) is type(value)
     for source in ("scl", "i2i", "openclip", "id"):
-        cfg = training.TrainConfig().for_source(source, 600)
+        cfg = training.EmbedTrainConfig().for_source(source, 600)
         want = {**OLD_GENERIC, **OLD_SOURCES.get(source, {})}
         assert {k: getattr(cfg, k) for k in want} == want, source
-    explicit = training.TrainConfig(epochs=1, temperature=0.5).for_source("i2i", 600)
+    explicit = training.EmbedTrainConfig(epochs=1, temperature=0.5).for_source("i2i", 600)
     assert (explicit.epochs, explicit.temperature, explicit.augment) == (1, 0.5, True)
 
 
@@ -171,7 +171,7 @@ def test_training_defaults_files_are_checked_and_shipped(tmp_path: Path) -> None
         training.load_train_defaults(tmp_path)
     with pytest.raises(ConfigurationError, match="generic.toml is missing"):
         training.load_train_defaults(tmp_path / "empty")
-    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(training.EmbedTrainConfig)}
     files = sorted(training.TRAIN_DEFAULTS_DIR.glob("*.toml"))
     assert [f.stem for f in files] == ["generic", "i2i", "id", "scl"]
     for f in files:  # every value explained: each file starts with a comment

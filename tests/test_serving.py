@@ -147,8 +147,8 @@ def test_served_search_equals_in_process(served) -> None:
     settings, _, server = served
     targets = [int(i) for i in ITEMS[:4]]
     with (
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="cache") as local,
-        Retriever.from_settings(SOURCE, settings, dataset=DATASET, path="milvus", consistency_level="Strong") as milvus,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="cache") as local,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="milvus", consistency_level="Strong") as milvus,
         RemoteRetriever([server.address], timeout_s=3.0, settings=settings) as remote,
     ):
         assert remote.dim == DIM and remote.source == SOURCE

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from muse.arrays import l2_normalise
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings, load_settings
-from muse.vectorstore import CollectionRef, VectorStore, behaviour_pk, l2_normalise
+from muse.vectorstore import CollectionRef, VectorStore, behaviour_pk
 
 DIM = 16
 REF = CollectionRef("ds-a", "scl", 1)

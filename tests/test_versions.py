@@ -179,7 +179,7 @@ def _reference(store, ref: CollectionRef, user: int, targets: list[int], k: int)
 
 
 def test_promote_and_rollback_switch_a_running_retriever_with_no_failed_request(world) -> None:
-    """Reader threads (cache and Milvus paths) search in a loop while v3 is promoted: no request
+    """Reader threads (cache and Milvus backends) search in a loop while v3 is promoted: no request
     fails, every result is wholly one version's (its version's exact top-k), and both readers
     follow the switch within a few seconds. Then rollback switches back."""
     from muse import versions
@@ -194,7 +194,7 @@ def test_promote_and_rollback_switch_a_running_retriever_with_no_failed_request(
     want = {v: _reference(store, ref, user, targets, k) for v, ref in refs.items()}
     assert want[1] != want[3]  # the versions hold different vectors
 
-    readers = {p: Retriever.from_settings(SOURCE, settings, dataset=A, path=p, refresh_s=0.2,
+    readers = {p: Retriever.from_settings(SOURCE, settings, dataset=A, backend=p, refresh_s=0.2,
                                           consistency_level="Bounded" if p == "milvus" else None)
                for p in ("cache", "milvus")}
     seen: dict[str, list[tuple[float, int]]] = {p: [] for p in readers}
@@ -202,19 +202,19 @@ def test_promote_and_rollback_switch_a_running_retriever_with_no_failed_request(
     wrong: list[str] = []
     stop = threading.Event()
 
-    def read(path: str) -> None:
-        r = readers[path]
+    def read(backend: str) -> None:
+        r = readers[backend]
         while not stop.is_set():
             try:
                 res = r.search(user, targets, k=k)
             except Exception as e:  # any failed request is what this test counts
-                failures.append(f"{path}: {type(e).__name__}: {e}")
+                failures.append(f"{backend}: {type(e).__name__}: {e}")
                 continue
             got = [h.behaviour_item_ids.tolist() for h in res]
             if got != want.get(res.version):
-                wrong.append(f"{path}: a v{res.version} result that is not v{res.version}'s top-k: {got} != "
+                wrong.append(f"{backend}: a v{res.version} result that is not v{res.version}'s top-k: {got} != "
                              f"{want.get(res.version)}")
-            seen[path].append((time.monotonic(), res.version))
+            seen[backend].append((time.monotonic(), res.version))
 
     try:
         assert all(r.search(user, targets, k=k).version == 1 for r in readers.values())
@@ -237,10 +237,10 @@ def test_promote_and_rollback_switch_a_running_retriever_with_no_failed_request(
               f"after {', '.join(f'{p} {s:.2f} s' for p, s in noticed.items())}; requests "
               f"{sum(len(s) for s in seen.values())}, failed {len(failures)}")
         assert failures == [] and wrong == []
-        for path, s in seen.items():
+        for backend, s in seen.items():
             order = [v for _, v in s]
-            assert order == sorted(order) and order[0] == 1 and order[-1] == 3, path  # one switch, no flapping
-            assert noticed[path] < 5.0
+            assert order == sorted(order) and order[0] == 1 and order[-1] == 3, backend  # one switch, no flapping
+            assert noticed[backend] < 5.0
         assert versions.live_record(settings, A, SOURCE) == 3 and store.live_version(A, SOURCE) == 3
 
         back = versions.rollback(settings, store, A, SOURCE)
@@ -251,7 +251,7 @@ def test_promote_and_rollback_switch_a_running_retriever_with_no_failed_request(
         with pytest.raises(ConfigurationError, match="nothing to roll back to"):
             versions.rollback(settings, store, A, SOURCE)
         # a pinned reader stays on its version whatever is live
-        with Retriever.from_settings(SOURCE, settings, dataset=A, version=3, path="milvus") as pinned:
+        with Retriever.from_settings(SOURCE, settings, dataset=A, version=3, backend="milvus") as pinned:
             assert not pinned.refresh() and pinned.search(user, targets, k=k).version == 3
     finally:
         stop.set()
@@ -344,7 +344,7 @@ def test_cli_list_promote_rollback_and_legacy_adopt(world, monkeypatch, capsys) 
     assert f"as {A}/i2i v{i2i.version}, live" in capsys.readouterr().out
     ref = CollectionRef(A, "i2i", i2i.version)
     assert store.legacy_collections() == [] and store.count_behaviours(ref, 8) == 5
-    with Retriever.from_settings("i2i", settings, dataset=A, path="milvus") as r:
+    with Retriever.from_settings("i2i", settings, dataset=A, backend="milvus") as r:
         res = r.search(8, [2], k=1)
         assert res.version == i2i.version and res[0].positions.tolist() == [2]
     assert main(["source", "adopt", "i2i", "--drop"]) == 2

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from muse.arrays import lookup_sorted
 from muse.errors import DataError, NotFoundError
 from muse.settings import Settings
 
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 KINDS = ("taobao-mm", "simworld")
-SPLITS = ("train", "test")
+#: The splits of the impressions as the dataset stores them (column ``split``).
+IMPRESSION_SPLITS = ("train", "test")
 META_FILE = "meta.json"
 COMPRESSION = "zstd"
 
@@ -413,8 +415,7 @@ class Dataset:
         out: dict[int, bytes] = {}
         if len(wanted) == 0 or len(ids) == 0:
             return out
-        pos = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
-        hit = ids[pos] == wanted
+        pos, hit = lookup_sorted(ids, wanted)
         targets = sorted(set(zip(shard_no[pos[hit]].tolist(), groups[pos[hit]].tolist())))
         value_set = pa.array(wanted[hit])
         for s, rg in targets:
@@ -465,8 +466,8 @@ class Dataset:
         self, split: str | None = None, batch_size: int = 65_536
     ) -> Iterator[pa.RecordBatch]:
         """Stream labelled impressions, optionally of one split (``train``/``test``)."""
-        if split is not None and split not in SPLITS:
-            raise DataError(f"split {split!r} is unknown; valid: {', '.join(SPLITS)} (or None for all)")
+        if split is not None and split not in IMPRESSION_SPLITS:
+            raise DataError(f"split {split!r} is unknown; valid: {', '.join(IMPRESSION_SPLITS)} (or None for all)")
         for shard in _shards(self.path / "impressions"):
             for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_size):
                 if split is not None:

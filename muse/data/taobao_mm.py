@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from muse.arrays import lookup_sorted
 from muse.data.format import Dataset, DatasetWriter, check_name, datasets_root
 from muse.errors import DataError, NotFoundError
 from muse.settings import Settings
@@ -55,14 +56,6 @@ ROW_BATCH = 262_144  # sample / item rows per batch
 
 
 USER_COLUMNS = [USER, *USER_FEATURES, HIST_ITEMS, HIST_CATS]
-
-
-def _find(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(found, position)`` of ``ids`` in the sorted array ``sorted_ids`` (position clipped when absent)."""
-    if len(sorted_ids) == 0:
-        return np.zeros(len(ids), dtype=bool), np.zeros(len(ids), dtype=np.int64)
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return sorted_ids[pos] == ids, pos
 
 
 def _first_rows(ids: np.ndarray) -> np.ndarray:
@@ -135,7 +128,7 @@ def _digests(
         lens.append(length.astype(np.int64))
         full.append(_row_hashes(batch, everything))
         if prefix_of is not None:
-            found, pos = _find(prefix_of[0], uid)
+            pos, found = lookup_sorted(prefix_of[0], uid)
             prefix.append(_row_hashes(batch, np.where(found, prefix_of[1][pos], everything)))
     cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
     return cat(uids, np.int64), cat(lens, np.int64), cat(full, np.uint64), cat(prefix, np.uint64)
@@ -147,7 +140,7 @@ def _fresh_ids(taken: np.ndarray, n: int, seed: int) -> np.ndarray:
     out = np.zeros(0, dtype=np.int64)
     while len(out) < n:
         cand = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=2 * n, dtype=np.int64)
-        cand = cand[(cand != 0) & ~_find(taken, cand)[0]]
+        cand = cand[(cand != 0) & ~lookup_sorted(taken, cand)[1]]
         out = np.unique(np.concatenate([out, cand]))
     return rng.permutation(out)[:n]
 
@@ -160,7 +153,7 @@ class _UserMap:
         self.ids, self.row_ids, self.lengths = sample_ids[order], row_ids[order], lengths[order]
 
     def lookup(self, uid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        found, pos = _find(self.ids, uid)
+        pos, found = lookup_sorted(self.ids, uid)
         if len(self.ids) == 0:
             return found, uid, np.zeros(len(uid), dtype=np.int64)
         return found, self.row_ids[pos], self.lengths[pos]
@@ -306,13 +299,13 @@ def import_taobao_mm(
     tr_keys, tr_key_len, tr_key_hash = tr_keys[order], tr_key_len[order], tr_key_hash[order]
     te_uid, te_len, _, te_prefix = _digests(test_files, (tr_keys, tr_key_len))
     te_first = _first_rows(te_uid)
-    in_train, pos = _find(tr_keys, te_uid)
+    pos, in_train = lookup_sorted(tr_keys, te_uid)
     same_prefix = in_train & (te_len >= tr_key_len[pos]) & (te_prefix == tr_key_hash[pos])
     identical = te_first & same_prefix & (te_len == tr_key_len[pos])
     extends = te_first & same_prefix & (te_len > tr_key_len[pos])
     conflict = te_first & in_train & ~same_prefix
     extended_users = np.sort(te_uid[extends])
-    keep_train = tr_first & ~_find(extended_users, tr_uid)[0]
+    keep_train = tr_first & ~lookup_sorted(extended_users, tr_uid)[1]
     keep_test = te_first & ~identical
     all_ids = np.union1d(tr_uid, te_uid)
     alias = np.zeros(len(te_uid), dtype=np.int64)
@@ -404,7 +397,7 @@ def import_taobao_mm(
                 row_uid = np.where(fallback, row_uid2, np.where(found, row_uid, uid))
                 hist_len = np.where(fallback, hist_len2, np.where(found, hist_len, 0)).astype(np.int32)
                 iid = batch.column(ITEM).to_numpy().astype(np.int64)
-                n_imp_items_without_features += int((~_find(item_ids_sorted, iid)[0]).sum())
+                n_imp_items_without_features += int((~lookup_sorted(item_ids_sorted, iid)[1]).sum())
                 n_imp_without_history += int((~found & ~found2).sum())
                 n_imp_other_split += int(fallback.sum())
                 n_clicks += int(labels.sum())

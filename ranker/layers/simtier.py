@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: Tier slots for tier = ceil(cos * 10) + 10 with cos in [-1, 1].
-N_TIERS = 22
+from muse.simtier import N_TIERS
 
 
 class SimTier(nn.Module):

@@ -36,9 +36,6 @@ from ranker.layers import (
 )
 from ranker.models.config import FeatureSpec, ModelConfig
 
-#: What the data pipeline must put in the batch for a model's long-sequence path.
-RETRIEVALS = ("none", "category", "multimodal", "history")
-
 
 class NeedsVectors:
     """``model.needs_vectors``: whether its batches need an item-vector table (multimodal GSU or

@@ -11,7 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from muse.configs import config_from_dict
 from muse.errors import ConfigurationError
+from muse.simtier import N_TIERS
 
 #: ESU variants (TA, SimTier, both; SA-TA, SA-TA + SimTier). "ta" alone is the classic ID-only ESU.
 ESU_VARIANTS = ("ta", "simtier", "ta+simtier", "sa-ta", "sa-ta+simtier")
@@ -46,7 +48,7 @@ class ModelConfig:
     sparse_min_rows: int = 1_000_000  # tables with at least this many rows get sparse gradients (SparseAdam)
     # the ESU (see docs/ranker.md, "What each model sees"); each model's default is the paper's set-up
     esu: str = "sa-ta+simtier"  # one of the model's esu_choices
-    n_tiers: int = 22  # SimTier slots, tier = ceil(cos * 10) + 10
+    n_tiers: int = N_TIERS  # SimTier slots, tier = ceil(cos * 10) + 10
     temperature: float = 0.1  # initial SA-TA temperature on the multimodal cosine
     simtier_init: float | str = "uniform"  # per-tier SimTier weights: "uniform" = U(0, 1) as the release, or a constant
 
@@ -136,19 +138,9 @@ class MUSEConfig(ModelConfig):
 
 
 def build_config(cls: type[ModelConfig], overrides: dict[str, Any]) -> ModelConfig:
-    """``cls(**overrides)`` with unknown keys rejected, naming the valid ones."""
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(overrides) - valid
-    if unknown:
-        raise ConfigurationError(
-            f"unknown {cls.__name__} keys {sorted(unknown)}; valid: {sorted(valid)}"
-        )
-    return cls(**field_defaults_filter(overrides))
-
-
-def field_defaults_filter(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Drop ``None`` values so a CLI option left unset keeps the dataclass default."""
-    return {k: v for k, v in overrides.items() if v is not None}
+    """``cls(**overrides)`` with unknown keys rejected, naming the valid ones; ``None`` values keep
+    the dataclass default (a CLI option left unset). One builder: :func:`muse.configs.config_from_dict`."""
+    return config_from_dict(cls, overrides, drop_none=True)
 
 
 __all__ = [
