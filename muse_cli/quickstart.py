@@ -215,7 +215,7 @@ class _World:
 def _source(settings: Any, source: str, dataset: str) -> dict[str, Any]:
     """The latest version of ``source`` trained on ``dataset`` (training one when there is none)."""
     from indexer.evaluation import collapse_note
-    from indexer.sources import dataset_row_id, list_versions
+    from indexer.source_registry import dataset_row_id, list_versions
     from indexer.training import train_source
 
     ds_id = dataset_row_id(settings, dataset)

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from test_indexer_helpers import SOURCE, corrupt_image, expected_behaviours, make_tiny_world, ref_of
 
-from indexer import backfill, jobs
+from indexer import backfill, jobs, worker_context
 from indexer.celery_app import (
     BEHAVIOURS_TASK,
     ENCODE_TASK,
-    QUEUE_PREFIX_ENV,
     celery_config,
     queue_name,
     settings_env,
@@ -25,8 +24,8 @@ from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import load_settings
 
 
-def test_celery_config_is_reliable_and_embedded(settings, monkeypatch):
-    monkeypatch.delenv(QUEUE_PREFIX_ENV, raising=False)
+def test_celery_config_is_reliable_and_embedded(settings):
+    assert settings.queue_prefix == ""
     conf = celery_config(settings)
     assert conf["task_acks_late"] is True
     assert conf["task_reject_on_worker_lost"] is True
@@ -38,8 +37,11 @@ def test_celery_config_is_reliable_and_embedded(settings, monkeypatch):
     assert conf["broker_url"] == "filesystem://"
     for key in ("data_folder_in", "data_folder_out", "processed_folder"):
         assert opts[key].startswith(str(settings.broker_dir.absolute()))
-    monkeypatch.setenv(QUEUE_PREFIX_ENV, "t1-")
-    assert celery_config(settings)["task_routes"][ENCODE_TASK]["queue"] == "t1-gpu"
+    prefixed = load_settings(env={"MUSE_QUEUE_PREFIX": "t1-"}, data_dir=settings.data_dir, device="cpu")
+    assert prefixed.queue_prefix == "t1-"
+    assert celery_config(prefixed)["task_routes"][ENCODE_TASK]["queue"] == "t1-gpu"
+    assert celery_config(settings, queue_prefix="t2-")["task_routes"][ENCODE_TASK]["queue"] == "t2-gpu"
+    assert queue_name("cpu", prefixed.queue_prefix) == "t1-cpu"
     with pytest.raises(ConfigurationError, match="'tpu'"):
         queue_name("tpu")
 
@@ -54,8 +56,7 @@ def world(settings):
     try:
         yield settings, dataset
     finally:
-        backfill.close_stores()  # release the Milvus Lite file
-        backfill.reset_process_caches()
+        worker_context.reset()  # closes the Milvus clients: releases the Milvus Lite file
 
 
 def _chunks(settings, job_id):
@@ -124,7 +125,7 @@ def test_chunks_in_process_are_idempotent_and_fail_only_the_corrupt_item(world):
     assert attempts[first_items] == 2
 
     # The stored vector is the encoder's output for that item.
-    from indexer.sources import encode_items
+    from indexer.encode import encode_items
 
     ids = dataset.item_ids()[:3]
     found, stored = store.get_item_vectors(ref, ids)
@@ -162,7 +163,7 @@ def test_enqueue_cancel_resume_bookkeeping(world):
     assert jobs.job_progress(settings, job_id).status == "cancelled"
     assert backfill.run_chunk(settings, sent[0][1]) is None  # workers skip a cancelled job
 
-    assert jobs.resume_job(settings, job_id) == 2
+    assert jobs.enqueue_job(settings, job_id) == 2
     for _, chunk_id in queued_messages(settings, consume=True):
         backfill.run_chunk(settings, chunk_id)
         jobs.advance_job(settings, job_id)
@@ -177,7 +178,7 @@ def test_enqueue_cancel_resume_bookkeeping(world):
     assert progress.status == "done"
     assert progress.items_written == dataset.n_items
     assert progress.behaviours_written == expected_behaviours(dataset)
-    assert jobs.resume_job(settings, job_id) == 0
+    assert jobs.enqueue_job(settings, job_id) == 0
     assert queued_messages(settings) == []
 
 
@@ -230,7 +231,7 @@ def test_failing_chunk_fails_the_job_and_resume_finishes_it(world):
     assert _chunks(settings, job_id)[0][4] == "failed"
 
     hidden.rename(items)
-    assert jobs.resume_job(settings, job_id) == 1
+    assert jobs.enqueue_job(settings, job_id) == 1
     (_, chunk_id), = queued_messages(settings, consume=True)
     assert app.tasks[ENCODE_TASK].apply(args=[chunk_id]).successful()
     progress = jobs.job_progress(settings, job_id)
