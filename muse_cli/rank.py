@@ -144,8 +144,10 @@ def _train(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.train import train
 
-    res = train(load_settings(), args.model, args.dataset, source=args.source, esu=args.esu,
-                train_config=_train_config(args), model_overrides=_overrides(args), progress=True)
+    settings = load_settings()
+    res = train(settings, args.model, args.dataset, source=args.source, esu=args.esu,
+                train_config=_train_config(args), model_overrides=_overrides(args), progress=True,
+                vectors=_train_vectors(settings, args))
     if args.json:
         print(json.dumps({"run": res.run_id, **res.metrics}, indent=2, default=str))
         return 0
@@ -160,7 +162,9 @@ def _eval(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.evaluate import evaluate_run
 
-    metrics = evaluate_run(load_settings(), args.run, split=args.split, limit=args.limit)
+    settings = load_settings()
+    metrics = evaluate_run(settings, args.run, split=args.split, limit=args.limit,
+                           vectors_for=_vectors_for(settings))
     if args.json:
         print(json.dumps(metrics, indent=2, default=str))
         return 0
@@ -193,7 +197,9 @@ def _score(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.scoring import Ranker
 
-    with Ranker.load(load_settings(), args.run, path=args.path, version=args.version) as ranker:
+    settings = load_settings()
+    with Ranker.load(settings, args.run, path=args.path, version=args.version,
+                     vectors_for=_vectors_for(settings)) as ranker:
         probs = ranker.score(args.user, args.items)
         r = ranker.retriever
         used = {} if r is None else {"version": r.version, "collection": r.store.behaviour_collection(r.ref)}
@@ -240,7 +246,8 @@ def _compare(args: argparse.Namespace) -> int:
     if threads is None:
         from ranker.compare import pick_threads
 
-        threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args))
+        threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args),
+                               vectors_for=_vectors_for(settings))
         if not args.json:
             print(f"torch threads: {threads} (the faster of 1 and 2 on a short probe)", flush=True)
 
@@ -252,7 +259,8 @@ def _compare(args: argparse.Namespace) -> int:
     res = compare(settings, args.dataset, models=args.models, sources=args.sources, esus=args.esu,
                   train_config=cfg, model_overrides=_overrides(args),
                   out_dir=Path(args.out) if args.out else None, on_row=show, progress=not args.json,
-                  seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads)
+                  seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads,
+                  vectors_for=_vectors_for(settings))
     if args.json:
         print(json.dumps(res.result, indent=2, default=str))
         return 0
@@ -260,3 +268,22 @@ def _compare(args: argparse.Namespace) -> int:
     print(res.table, end="")
     print(f"table {res.table_path}\nplot  {res.plot_path}")
     return 0
+
+
+def _vectors_for(settings: Any) -> Any:
+    """``vectors_for(source, dataset)`` for the ranker: the embedding stage's one function for the
+    item vectors of a (dataset, source, version), the newest version."""
+    import functools
+
+    from indexer.item_vectors import item_vectors
+
+    return functools.partial(item_vectors, settings)
+
+
+def _train_vectors(settings: Any, args: argparse.Namespace) -> Any:
+    """The item vectors ``muse rank train`` hands the ranker: only when the model reads them."""
+    from ranker.train import model_needs_vectors
+
+    if args.source is None or not model_needs_vectors(args.model, args.esu, _overrides(args)):
+        return None
+    return _vectors_for(settings)(args.source, args.dataset)
