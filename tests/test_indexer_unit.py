@@ -273,3 +273,66 @@ def test_import_source_scl_taobao(world):
     found, stored = store.get_item_vectors(ref, ids[[0, 150]])
     expected = vectors[[0, 150]] / np.linalg.norm(vectors[[0, 150]], axis=1, keepdims=True)
     np.testing.assert_allclose(stored, expected, atol=1e-6)
+
+
+def test_item_vectors_equal_the_backfilled_milvus_vectors(world):
+    """Training reads a (dataset, source, version)'s vectors through indexer.item_vectors; serving
+    reads the backfilled Milvus collection. Both hold the same vectors, and the same items lack one."""
+    from indexer.item_vectors import item_vectors
+    from muse.arrays import lookup
+
+    settings, dataset = world
+    bad_item = int(dataset.item_ids()[11])
+    corrupt_image(dataset, bad_item)
+    job_id = jobs.create_job(settings, SOURCE, dataset.name, chunk_size=250, behaviours=False)
+    for chunk_id, *_ in _chunks(settings, job_id):
+        backfill.run_chunk(settings, chunk_id)
+    ref = ref_of(settings, dataset.name)
+    table = item_vectors(settings, ref)  # the CollectionRef names (dataset, source, version)
+    np.testing.assert_array_equal(table.item_ids, dataset.item_ids())
+    found, stored = backfill.get_store(settings).get_item_vectors(ref, table.item_ids)
+    assert sorted(found.tolist()) == sorted(table.item_ids[table.present].tolist())
+    assert bad_item not in found.tolist() and not table.present[lookup(table.item_ids, [bad_item])[0]]
+    np.testing.assert_allclose(stored, table.vectors[lookup(table.item_ids, found)], atol=1e-5)
+
+
+def test_stale_item_vector_cache_is_rebuilt_with_a_warning(world, caplog):
+    import logging
+    import os
+    from pathlib import Path
+
+    from indexer.item_vectors import cache_path, item_vectors
+    from indexer.source_registry import get_version
+
+    settings, dataset = world
+    row = get_version(settings, SOURCE)
+    first = item_vectors(settings, SOURCE, dataset)
+    cache = cache_path(settings, row, dataset)
+    assert cache.exists()
+    caplog.set_level(logging.INFO, logger="indexer.item_vectors")
+    again = item_vectors(settings, SOURCE, dataset)
+    np.testing.assert_array_equal(again.vectors, first.vectors)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # fresh: read as it is
+
+    # The version's checkpoint was rewritten: the cache no longer matches it.
+    ckpt = Path(row.checkpoint_path)
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    caplog.clear()
+    rebuilt = item_vectors(settings, SOURCE, dataset)
+    stale = [r for r in caplog.records if r.levelno == logging.WARNING and "stale" in r.getMessage()]
+    assert stale and "key changed" in stale[0].getMessage() and "checkpoint" in stale[0].getMessage()
+    np.testing.assert_allclose(rebuilt.vectors, first.vectors, atol=1e-6)
+    caplog.clear()
+    item_vectors(settings, SOURCE, dataset)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # rebuilt with the new key
+
+    # A cache whose key matches but whose item ids are not the dataset's is stale too.
+    with np.load(cache) as z:
+        parts = {k: z[k] for k in z.files}
+    parts["item_ids"] = parts["item_ids"][::-1].copy()
+    np.savez(cache, **parts)
+    caplog.clear()
+    fixed = item_vectors(settings, SOURCE, dataset)
+    assert any("item ids changed" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    np.testing.assert_array_equal(fixed.item_ids, dataset.item_ids())
