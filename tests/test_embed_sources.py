@@ -111,7 +111,7 @@ def test_id_source_lookup_and_new_version(world) -> None:
         source_registry.get_version(settings, "id", 99)
 
 
-def test_item_vector_table_is_cached_per_version(world) -> None:
+def test_item_vectors_are_cached_per_version(world) -> None:
     settings, dataset, _ = world
     table = item_vectors.item_vectors(settings, "i2i", dataset)
     assert table.vectors.shape == (dataset.n_items, 128) and table.present.all()

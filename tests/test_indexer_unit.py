@@ -195,6 +195,40 @@ def test_worker_cli_rejects_bad_options(settings, capsys, monkeypatch):
     assert "Milvus Lite" in capsys.readouterr().err
 
 
+def test_the_worker_is_started_through_the_indexer_stage(caplog):
+    """Workers run ``python -m indexer.worker`` (no dependency on the CLI); it checks its options
+    like ``muse worker`` does."""
+    from indexer.celery_app import worker_command
+    from indexer.worker import main
+
+    cmd = worker_command(("gpu",), concurrency=2, pool="solo")
+    assert cmd[1:3] == ["-m", "indexer.worker"] and "muse_cli" not in " ".join(cmd)
+    assert cmd[3:] == ["--queues", "gpu", "--concurrency", "2", "--pool", "solo", "--loglevel", "INFO"]
+    assert main(["--queues", "gpu,tpu"]) == 2
+    assert "'tpu'" in caplog.text
+
+
+def test_process_state_is_one_worker_context(world):
+    """The encoder is loaded once per process (one cache, shared by the encoding API and the
+    backfill), like the Milvus client, the dataset and the producer app; start() begins afresh."""
+    from indexer.encode import load_encoder
+
+    settings, dataset = world
+    ctx = worker_context.current()
+    assert worker_context.current() is ctx
+    encoder = backfill.get_encoder(settings, SOURCE)
+    assert load_encoder(settings, SOURCE) is encoder and len(ctx.encoders) == 1
+    assert backfill.get_store(settings) is ctx.store(settings)
+    assert jobs.get_app(settings) is jobs.get_app(settings) and len(ctx.apps) == 1
+    assert ctx.dataset(str(dataset.path)) is ctx.dataset(str(dataset.path))
+    ids, cats = ctx.item_table(str(dataset.path))
+    np.testing.assert_array_equal(ids, dataset.item_ids())
+    np.testing.assert_array_equal(backfill.categories_of(str(dataset.path), np.array([ids[5], -7])), [cats[5], -1])
+    ctx.close_stores()
+    fresh = worker_context.start()
+    assert fresh is not ctx and worker_context.current() is fresh and not fresh.encoders
+
+
 def test_retry_policy():
     from sqlalchemy.exc import OperationalError
 
