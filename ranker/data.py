@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from muse.arrays import lookup_sorted
-from muse.errors import DataError, NotFoundError
+from muse.errors import ConfigurationError, DataError, NotFoundError
 from retriever.kernels import gsu_topk, l2_normalise
 
 log = logging.getLogger(__name__)
@@ -368,6 +368,28 @@ def open_builder(dataset: Any, retrieval: str, config: Any, vectors: ItemVectors
             raise DataError("this model's GSU or ESU needs the item vectors of an embedding source (e.g. --source scl)")
         table = VectorTable(space, vectors)
     return BatchBuilder(space, histories, retrieval, config.k, config.recent_len, config.max_history, table)
+
+
+def run_vectors(model: Any, source: str | None, dataset: str, vectors_for: VectorsFor | None,
+                multimodal_from_retriever: bool = False) -> ItemVectorsLike | None:
+    """The item vectors a loaded run's model reads (None when it reads none), from ``vectors_for``.
+
+    With ``multimodal_from_retriever`` a multimodal GSU takes its vectors from the retriever instead.
+
+    Raises:
+        ConfigurationError: the model reads vectors but no ``vectors_for`` (or no source) is given.
+    """
+    needed = model.needs_vectors or model.retrieval == "multimodal"
+    if multimodal_from_retriever and model.retrieval == "multimodal":
+        needed = False
+    if not needed:
+        return None
+    if vectors_for is None or source is None:
+        raise ConfigurationError(
+            f"run of model {model.name!r} reads the item vectors of source {source!r}: pass vectors_for= "
+            "(e.g. functools.partial(item_vectors, settings) from the embedding stage)"
+        )
+    return vectors_for(source, dataset)
 
 
 _DONE = object()

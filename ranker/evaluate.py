@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from muse.settings import Settings
-from ranker.data import BatchBuilder, VectorsFor, iter_impression_batches, open_builder
+from ranker.data import BatchBuilder, VectorsFor, iter_impression_batches, open_builder, run_vectors
 from ranker.metrics import evaluate_predictions
 from ranker.models import CTRModel
 
@@ -98,26 +98,3 @@ def evaluate_run(settings: Settings, run_id: int, split: str = "test", limit: in
     finish_run(settings, run_id, status=info.status, metrics={**info.metrics, **metrics})
     return metrics
 
-
-def run_vectors(model: CTRModel, source: str | None, dataset: str, vectors_for: VectorsFor | None,
-                multimodal_from_retriever: bool = False) -> Any:
-    """The item vectors a loaded run's model reads (None when it reads none), from ``vectors_for``.
-
-    With ``multimodal_from_retriever`` a multimodal GSU takes its vectors from the retriever instead.
-
-    Raises:
-        ConfigurationError: the model reads vectors but no ``vectors_for`` (or no source) is given.
-    """
-    from muse.errors import ConfigurationError
-
-    needed = model.needs_vectors or model.retrieval == "multimodal"
-    if multimodal_from_retriever and model.retrieval == "multimodal":
-        needed = False
-    if not needed:
-        return None
-    if vectors_for is None or source is None:
-        raise ConfigurationError(
-            f"run of model {model.name!r} reads the item vectors of source {source!r}: pass vectors_for= "
-            "(e.g. functools.partial(item_vectors, settings) from the embedding stage)"
-        )
-    return vectors_for(source, dataset)

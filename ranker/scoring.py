@@ -19,7 +19,7 @@ import torch
 
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
-from ranker.data import BatchBuilder, HistoryStore, VectorsFor, VectorTable
+from ranker.data import BatchBuilder, HistoryStore, VectorsFor, VectorTable, run_vectors
 from ranker.runs import LoadedRun, get_run, load_checkpoint
 from retriever.kernels import MISSING_SCORE, gsu_topk
 
@@ -82,8 +82,6 @@ class Ranker:
                 source=loaded.source, settings=settings, dataset=loaded.dataset, version=version, path=path
             )
             log.info("ranker run %d scores with %s", run_id, retriever.ref)
-        from ranker.evaluate import run_vectors
-
         item_vectors = run_vectors(loaded.model, loaded.source, loaded.dataset, vectors_for,
                                    multimodal_from_retriever=True)
         vectors = None if item_vectors is None else VectorTable(loaded.space, item_vectors)
