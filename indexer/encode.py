@@ -49,9 +49,7 @@ def load_encoder(settings: Settings, name: str, version: int | None = None) -> I
             f"source {name!r} has no encoder (it is a lookup table); use encode_items or item_vectors. "
             f"Encoder sources: {', '.join(TRAINED_SOURCES)}"
         )
-    register_model_configs()
-    row = get_version(settings, name, version)
-    return encoder_of(settings, row)
+    return encoder_of(settings, get_version(settings, name, version))
 
 
 def encoder_of(settings: Settings, row: SourceVersion) -> ItemEncoder:
