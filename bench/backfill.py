@@ -32,7 +32,8 @@ UPSERT_SOURCE = "benchupsert"
 def ensure_encoder(settings) -> None:  # noqa: ANN001
     """Register a seeded, untrained ``openclip`` encoder unless the source has a version
     (throughput does not depend on the weights)."""
-    from indexer.sources import list_versions, register_untrained_encoder
+    from indexer.checkpoints import register_untrained_encoder
+    from indexer.source_registry import list_versions
 
     if not list_versions(settings, SOURCE):
         register_untrained_encoder(settings, SOURCE, seed=0, metrics={"note": "bench: random init"})
@@ -112,7 +113,7 @@ def main() -> None:
     print(f"dataset {dataset.name}: {dataset.n_items} items, {dataset.meta['n_behaviours']} behaviours; "
           f"device {settings.resolve_device()}; broker {settings.broker_url}; Milvus {settings.milvus_uri}")
 
-    from indexer.sources import load_encoder
+    from indexer.encode import load_encoder
 
     encoder = load_encoder(settings, SOURCE)
     images = [img for batch in dataset.iter_images(4096) for img in batch.column("image").to_pylist()]

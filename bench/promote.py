@@ -33,7 +33,7 @@ def ship(settings, name: str, seed: int, version: int | None) -> int:  # noqa: A
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from indexer import sources
+    from indexer import encode, source_registry
     from muse.data.format import EMBEDDINGS_SCHEMA, Dataset
 
     ds = Dataset.open(settings, name)
@@ -43,9 +43,9 @@ def ship(settings, name: str, seed: int, version: int | None) -> int:  # noqa: A
     path = ds.path / "embeddings" / f"{SOURCE}.parquet"
     pq.write_table(pa.table({"item_id": ids, "vector": list(vecs)}, schema=EMBEDDINGS_SCHEMA), path)
     if version is None:
-        return sources.ensure_imported(settings, SOURCE, ds).version
-    v = sources.next_version(settings, SOURCE)
-    sources.register_version(settings, SOURCE, v, kind="imported", dim=DIM, dataset_name=name,
+        return encode.ensure_imported(settings, SOURCE, ds).version
+    v = source_registry.next_version(settings, SOURCE)
+    source_registry.register_version(settings, SOURCE, v, kind="imported", dim=DIM, dataset_name=name,
                              checkpoint_path=path, config={}, metrics={})
     return v
 

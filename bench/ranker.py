@@ -146,9 +146,9 @@ def main() -> None:
         ds = Dataset.open(settings, dataset)
         space = FeatureSpace.from_dataset(ds)
         histories = HistoryStore.from_dataset(ds, space)
-        from indexer.sources import item_vector_table
+        from indexer.item_vectors import item_vectors
 
-        table = item_vector_table(settings, SOURCE, ds)  # the vectors the bench shipped with its dataset
+        table = item_vectors(settings, SOURCE, ds)  # the vectors the bench shipped with its dataset
         ids, vecs = table.item_ids[table.present], table.vectors[table.present]
         vectors = VectorTable(space, table)
         retriever, score_users = None, histories.user_ids[: args.score_users]

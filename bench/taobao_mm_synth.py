@@ -207,10 +207,11 @@ def check(users: int, seeds: list[int], batch_size: int = 256, threads: int = 1,
     print GAUC against the Bayes oracle."""
     import torch
 
+    from indexer.item_vectors import item_vectors
     from muse import db
     from muse.data.taobao_mm import SCL_SOURCE, import_taobao_mm
     from muse.settings import load_settings
-    from ranker.train import RankTrainConfig, train
+    from ranker.train import RankTrainConfig, model_needs_vectors, train
 
     torch.set_num_threads(threads)
     results = []
@@ -224,12 +225,14 @@ def check(users: int, seeds: list[int], batch_size: int = 256, threads: int = 1,
         print(f"generated and imported {users} users, {ds.meta['n_impressions']} impressions in "
               f"{time.perf_counter() - t0:.1f}s; long-term share: older {info['older_long_term_share']:.2f}, "
               f"last 50 {info['recent50_long_term_share']:.2f}; oracle test GAUC {oracle:.4f}", flush=True)
+        vectors = item_vectors(settings, SCL_SOURCE, ds)
         for label, model, esu in runs or CHECK_RUNS:
             gaucs, secs = [], []
             for seed in seeds:
                 t1 = time.perf_counter()
                 res = train(settings, model, "tb-synth", source=SCL_SOURCE, esu=esu,
-                            train_config=RankTrainConfig(batch_size=batch_size, seed=seed))
+                            train_config=RankTrainConfig(batch_size=batch_size, seed=seed),
+                            vectors=vectors if model_needs_vectors(model, esu) else None)
                 gaucs.append(res.metrics["overall"]["gauc"])
                 secs.append(time.perf_counter() - t1)
             row = {"label": label, "model": model, "esu": esu, "gauc": gaucs, "mean": float(np.mean(gaucs)),

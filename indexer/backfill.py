@@ -14,8 +14,9 @@ Every write is an upsert with a deterministic primary key, so re-running a chunk
 redelivery after a worker died, a ``resume``) never duplicates rows. Each function records its
 chunk row: status, attempts, ``n_written``, failed items with reasons, timings.
 
-Per-process caches hold the encoder (loaded once per worker process, after the fork), the Milvus
-client and the dataset's item table; :func:`reset_process_caches` clears them.
+What a worker keeps between chunks (the encoder, loaded once per process after the fork, the
+Milvus clients, the datasets with their image index and item table) lives in the process's
+:class:`indexer.worker_context.WorkerContext`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import and_, or_, select, update
 
+from indexer.worker_context import current
 from muse import models
+from muse.arrays import lookup
 from muse.db import session_scope
 from muse.errors import DataError, NotFoundError
 from muse.models import utcnow
@@ -93,131 +96,31 @@ class ChunkResult:
     duration_s: float = 0.0
 
 
-# -- per-process caches ---------------------------------------------------------------------------
-_encoders: dict[tuple[str, str, int], Any] = {}
-_stores: dict[tuple[str, str], Any] = {}
-_ensured: set[tuple[str, str, Any]] = set()
-_item_tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-_image_indexes: dict[str, ImageIndex] = {}
-
-
-def reset_process_caches() -> None:
-    """Forget cached encoders, Milvus clients and item tables (called in each new worker process)."""
-    _encoders.clear()
-    _stores.clear()
-    _ensured.clear()
-    _item_tables.clear()
-    _image_indexes.clear()
-
-
+# -- process state (indexer.worker_context) --------------------------------------------------------
 def get_encoder(settings: Settings, source: str, version: int | None = None) -> Any:
-    """The source's encoder, loaded once per process (``indexer.sources.load_encoder``)."""
-    key = (str(settings.data_dir), source, -1 if version is None else int(version))
-    if key not in _encoders:
-        from indexer.sources import load_encoder
+    """The source's encoder, loaded once per process (``indexer.encode.load_encoder``)."""
+    from indexer.encode import load_encoder
 
-        t0 = time.perf_counter()
-        _encoders[key] = load_encoder(settings, source, version)
-        log.info("loaded encoder %s v%s in %.1fs", source, version, time.perf_counter() - t0)
-    return _encoders[key]
+    return load_encoder(settings, source, version)
 
 
 def get_store(settings: Settings) -> Any:
     """A :class:`muse.vectorstore.VectorStore` per (Milvus URI, prefix), kept for the process."""
-    from muse.vectorstore import VectorStore
-
-    key = (settings.milvus_uri, settings.milvus_prefix)
-    if key not in _stores:
-        _stores[key] = VectorStore(settings)
-    return _stores[key]
+    return current().store(settings)
 
 
 def close_stores() -> None:
-    """Close the cached Milvus clients (a Milvus Lite file is released only when closed)."""
-    for store in list(_stores.values()):
-        try:
-            store.close()
-        except Exception as e:  # closing is best effort at shutdown
-            log.warning("closing Milvus client failed: %s", e)
-    _stores.clear()
-    _ensured.clear()
+    """Close the process's Milvus clients (a Milvus Lite file is released only when closed)."""
+    current().close_stores()
 
 
 def _ensure_collections(settings: Settings, ref: Any, dim: int) -> Any:
-    store = get_store(settings)
-    key = (settings.milvus_uri, settings.milvus_prefix, ref)
-    if key not in _ensured:
-        store.ensure_collections(ref, dim)
-        _ensured.add(key)
-    return store
+    return current().ensure_collections(settings, ref, dim)
 
 
 def forget_collections(settings: Settings) -> None:
     """Forget which collections this process created or loaded (they were dropped under it)."""
-    _ensured.clear()
-    for store in _stores.values():
-        store.forget()
-
-
-def _item_table(location: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(item_ids int64[n], categories int64[n])`` of a dataset in canonical order, cached."""
-    if location not in _item_tables:
-        table = pq.read_table(Path(location) / "items.parquet", columns=["item_id", "category"])
-        _item_tables[location] = (
-            table.column("item_id").to_numpy().astype(np.int64),
-            table.column("category").to_numpy().astype(np.int64),
-        )
-    return _item_tables[location]
-
-
-class ImageIndex:
-    """Where each item's image is in a dataset's ``images/part-*.parquet`` shards, so a chunk reads
-    only the row groups holding its items instead of scanning every shard (built once per process).
-    """
-
-    def __init__(self, dataset_path: Path) -> None:
-        self.shards = sorted((dataset_path / "images").glob("part-*.parquet"))
-        ids, shard_of, row_of, group_starts = [], [], [], []
-        for k, shard in enumerate(self.shards):
-            pf = pq.ParquetFile(shard)
-            col = pf.read(columns=["item_id"]).column("item_id").to_numpy().astype(np.int64)
-            ids.append(col)
-            shard_of.append(np.full(len(col), k, dtype=np.int64))
-            row_of.append(np.arange(len(col), dtype=np.int64))
-            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-            group_starts.append(np.cumsum([0, *sizes]))
-        self.item_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)  # [n_images]
-        self.shard_of = np.concatenate(shard_of) if ids else np.zeros(0, np.int64)  # [n_images]
-        self.row_of = np.concatenate(row_of) if ids else np.zeros(0, np.int64)  # [n_images]
-        self.group_starts = group_starts  # per shard: first row of each row group, then the row count
-        self.order = np.argsort(self.item_ids, kind="stable")
-
-    def load(self, item_ids: np.ndarray) -> dict[int, bytes]:
-        """Image bytes of ``item_ids`` (items without an image are absent)."""
-        out: dict[int, bytes] = {}
-        if len(self.item_ids) == 0 or len(item_ids) == 0:
-            return out
-        sorted_ids = self.item_ids[self.order]
-        pos = np.clip(np.searchsorted(sorted_ids, item_ids), 0, len(sorted_ids) - 1)
-        hit = sorted_ids[pos] == item_ids
-        where = self.order[pos[hit]]  # [n_hit] index into the flat image table
-        shards, rows = self.shard_of[where], self.row_of[where]
-        for k in np.unique(shards).tolist():
-            shard_rows = rows[shards == k]
-            starts = self.group_starts[k]
-            groups = np.unique(np.searchsorted(starts, shard_rows, side="right") - 1).tolist()
-            table = pq.ParquetFile(self.shards[k]).read_row_groups(groups)
-            wanted = set(item_ids[hit][shards == k].tolist())
-            for iid, img in zip(table.column("item_id").to_pylist(), table.column("image").to_pylist(), strict=True):
-                if iid in wanted:
-                    out[int(iid)] = img
-        return out
-
-
-def _images(location: str, item_ids: np.ndarray) -> dict[int, bytes]:
-    if location not in _image_indexes:
-        _image_indexes[location] = ImageIndex(Path(location))
-    return _image_indexes[location].load(item_ids)
+    current().forget_collections()
 
 
 # -- chunk bookkeeping ------------------------------------------------------------------------------
@@ -475,24 +378,23 @@ def encode_items_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
     """Encode items ``[spec.start, spec.stop)`` with the job's source and upsert their vectors.
 
     Trained sources encode the item images with the encoder cached in this process; lookup
-    sources (``id``) go through ``indexer.sources.encode_items``. Items without an image, or whose
+    sources (``id``) go through ``indexer.encode.encode_items``. Items without an image, or whose
     image cannot be decoded, or without a vector, are reported in ``failed_items`` with the reason.
     """
-    from muse.data.format import Dataset
-
-    ids_all, cats_all = _item_table(spec.dataset_location)
+    context = current()
+    ids_all, cats_all = context.item_table(spec.dataset_location)
     ids = ids_all[spec.start : spec.stop]  # int64[n]
     cats = cats_all[spec.start : spec.stop]  # int64[n]
-    dataset = Dataset(Path(spec.dataset_location))
+    dataset = context.dataset(spec.dataset_location)
     result = ChunkResult()
     if spec.source_kind == "trained":
         encoder = get_encoder(settings, spec.source, spec.source_version)
         store = _ensure_collections(settings, spec.ref, int(encoder.dim))
-        images = _images(spec.dataset_location, ids)
+        images = dataset.load_images(ids)  # the Dataset's image index, built once per process
         encode = encoder.encode_images
         inputs: Any = None
     else:
-        from indexer.sources import encode_items
+        from indexer.encode import encode_items
 
         store = _ensure_collections(settings, spec.ref, spec.dim)
 
@@ -538,16 +440,9 @@ def import_vectors_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
 
 def categories_of(location: str, item_ids: np.ndarray) -> np.ndarray:
     """Categories of ``item_ids`` from the dataset's item table; -1 for ids it does not hold."""
-    ids_all, cats_all = _item_table(location)
-    out = np.full(len(item_ids), -1, dtype=np.int64)
-    if len(ids_all) == 0 or len(item_ids) == 0:
-        return out
-    order = np.argsort(ids_all, kind="stable")
-    sorted_ids = ids_all[order]
-    pos = np.clip(np.searchsorted(sorted_ids, item_ids), 0, len(sorted_ids) - 1)
-    hit = sorted_ids[pos] == item_ids
-    out[hit] = cats_all[order[pos[hit]]]
-    return out
+    ids_all, cats_all = current().item_table(location)
+    rows = lookup(ids_all, item_ids)  # [n], -1 = not in the item table
+    return np.where(rows >= 0, cats_all[np.maximum(rows, 0)] if len(cats_all) else -1, -1).astype(np.int64)
 
 
 def _read_rows(path: Path, start: int, stop: int) -> pa.Table:
@@ -567,9 +462,7 @@ def _read_rows(path: Path, start: int, stop: int) -> pa.Table:
 
 def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
     """Copy item vectors into the behaviour collection for users ``[spec.start, spec.stop)``."""
-    from muse.data.format import Dataset
-
-    dataset = Dataset(Path(spec.dataset_location))
+    dataset = current().dataset(spec.dataset_location)
     store = _ensure_collections(settings, spec.ref, spec.dim)
     result = ChunkResult()
     buffer: list[tuple[np.ndarray, ...]] = []
@@ -589,11 +482,10 @@ def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
         if len(found) == 0:
             result.n_failed += len(items)
             continue
-        order = np.argsort(found)
-        idx = np.clip(np.searchsorted(found, items, sorter=order), 0, len(found) - 1)
-        has = found[order[idx]] == items  # [m] entry's item has a vector
+        rows = lookup(found, items)  # [m] row of each entry's item vector, -1 = none
+        has = rows >= 0  # [m] entry's item has a vector
         result.n_failed += int((~has).sum())
-        buffer.append((users[has], positions[has], items[has], vectors[order[idx[has]]]))
+        buffer.append((users[has], positions[has], items[has], vectors[rows[has]]))
         buffered += int(has.sum())
         if buffered >= BEHAVIOUR_UPSERT_ROWS:
             result.n_written += _flush_behaviours(store, spec.ref, buffer)

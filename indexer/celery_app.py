@@ -6,8 +6,8 @@ and ``cpu`` (copying item vectors to behaviours, imports, bookkeeping). The brok
 under ``settings.broker_dir``, which needs no server. There is no result backend: the state of a
 job lives in the ``backfill_jobs``/``backfill_chunks`` tables.
 
-``MUSE_QUEUE_PREFIX`` (optional) is prepended to both queue names, so that several deployments (or
-tests) can share one broker without taking each other's messages.
+``settings.queue_prefix`` (``MUSE_QUEUE_PREFIX``, optional) is prepended to both queue names, so that
+several deployments (or tests) can share one broker without taking each other's messages.
 
 ``celery -A indexer.celery_app worker`` works too: the module attribute ``app`` is built lazily from
 the environment.
@@ -29,12 +29,10 @@ from muse.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-#: Queue names (before ``MUSE_QUEUE_PREFIX``).
+#: Queue names (before ``settings.queue_prefix``).
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
 QUEUES = (GPU_QUEUE, CPU_QUEUE)
-#: Environment variable holding an optional prefix for the queue names.
-QUEUE_PREFIX_ENV = "MUSE_QUEUE_PREFIX"
 #: Task names (stable strings, so producers never import the task module).
 ENCODE_TASK = "muse.indexer.encode_items_chunk"
 BEHAVIOURS_TASK = "muse.indexer.copy_behaviours_chunk"
@@ -45,18 +43,18 @@ VISIBILITY_TIMEOUT_S = 3600
 BROKER_HEARTBEAT_S = 10
 
 
-def queue_name(kind: str, prefix: str | None = None) -> str:
-    """The broker queue for ``kind`` (``gpu``/``cpu``), with ``MUSE_QUEUE_PREFIX`` applied."""
+def queue_name(kind: str, prefix: str = "") -> str:
+    """The broker queue for ``kind`` (``gpu``/``cpu``) with ``prefix`` (``settings.queue_prefix``) applied."""
     if kind not in QUEUES:
         from muse.errors import ConfigurationError
 
         raise ConfigurationError(f"unknown queue {kind!r}; valid: {', '.join(QUEUES)}")
-    return f"{resolve_prefix(prefix)}{kind}"
+    return f"{prefix}{kind}"
 
 
-def resolve_prefix(prefix: str | None = None) -> str:
-    """``prefix`` if given, else ``MUSE_QUEUE_PREFIX`` (empty when unset)."""
-    return os.environ.get(QUEUE_PREFIX_ENV, "") if prefix is None else prefix
+def _prefix(settings: Settings, queue_prefix: str | None) -> str:
+    """``queue_prefix`` if given, else the settings' (``MUSE_QUEUE_PREFIX``, empty when unset)."""
+    return settings.queue_prefix if queue_prefix is None else queue_prefix
 
 
 def is_embedded_broker(settings: Settings) -> bool:
@@ -93,7 +91,7 @@ def broker_transport_options(settings: Settings, queue_prefix: str | None = None
             "health_check_interval": 10,
             "retry_on_timeout": True,
         }
-        prefix = resolve_prefix(queue_prefix)
+        prefix = _prefix(settings, queue_prefix)
         if prefix:
             options["global_keyprefix"] = prefix  # unacked and binding keys too, not only the queues
         return options
@@ -104,8 +102,9 @@ def celery_config(settings: Settings, queue_prefix: str | None = None) -> dict[s
     """The Celery configuration for ``settings`` (a plain dict, easy to inspect and test)."""
     from kombu import Exchange, Queue
 
-    gpu, cpu = queue_name(GPU_QUEUE, queue_prefix), queue_name(CPU_QUEUE, queue_prefix)
-    exchange = Exchange(f"{resolve_prefix(queue_prefix)}muse", type="direct")
+    prefix = _prefix(settings, queue_prefix)
+    gpu, cpu = queue_name(GPU_QUEUE, prefix), queue_name(CPU_QUEUE, prefix)
+    exchange = Exchange(f"{prefix}muse", type="direct")
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": broker_transport_options(settings, queue_prefix),
@@ -194,15 +193,15 @@ def worker_command(
     pool: str = "prefork",
     loglevel: str = "INFO",
 ) -> list[str]:
-    """The command line of a ``muse worker`` subprocess run by this interpreter."""
+    """The command line of an indexer worker subprocess run by this interpreter (:mod:`indexer.worker`)."""
     return [
-        sys.executable, "-m", "muse_cli", "worker",
+        sys.executable, "-m", "indexer.worker",
         "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", pool, "--loglevel", loglevel,
     ]
 
 
 class WorkerProcess:
-    """A ``muse worker`` subprocess with the given settings, in its own process group.
+    """An indexer worker subprocess (``python -m indexer.worker``, as ``muse worker`` runs) with the given settings, in its own process group.
 
     ``stop()`` asks for a warm shutdown (SIGTERM: the running chunk finishes) and kills the group
     after ``timeout``; ``kill()`` sends SIGKILL to the whole group at once (as a crash would).

@@ -24,16 +24,9 @@ import numpy as np
 import torch
 
 from indexer import pairs as pairs_mod
-from indexer.sources import (
-    IMPORTED_SOURCES,
-    ItemVectors,
-    ensure_imported,
-    get_version,
-    item_vector_table,
-    load_encoder,
-    open_dataset,
-    update_metrics,
-)
+from indexer.encode import ensure_imported, load_encoder, open_dataset
+from indexer.item_vectors import ItemVectors, item_vectors
+from indexer.source_registry import IMPORTED_SOURCES, get_version, update_metrics
 from muse.arrays import l2_normalise, lookup
 from muse.settings import Settings
 
@@ -218,7 +211,7 @@ def evaluate_source(
         row = ensure_imported(settings, source, dataset)
     else:
         row = get_version(settings, source, version)
-    table = item_vector_table(settings, source, dataset, version=row.version)
+    table = item_vectors(settings, source, dataset, version=row.version)
     query_vectors = None
     if source in TEXT_TRAINED_SOURCES and data.queries:
         query_vectors = load_encoder(settings, source, row.version).encode_texts(data.queries)

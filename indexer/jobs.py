@@ -100,19 +100,12 @@ class JobProgress:
 
 
 # -- app and enqueueing ------------------------------------------------------------------------------
-_apps: dict[tuple[Any, ...], Any] = {}
-
-
 def get_app(settings: Settings) -> Any:
-    """A producer Celery app for ``settings`` (cached per broker, database and queue prefix)."""
-    import os
+    """A producer Celery app for ``settings`` (kept in the worker context per broker, database and
+    queue prefix)."""
+    from indexer.worker_context import current
 
-    from indexer.celery_app import QUEUE_PREFIX_ENV, create_app
-
-    key = (settings.broker_url, str(settings.broker_dir), settings.database_url, os.environ.get(QUEUE_PREFIX_ENV, ""))
-    if key not in _apps:
-        _apps[key] = create_app(settings)
-    return _apps[key]
+    return current().app(settings)
 
 
 def _send(app: Any, chunk_id: int, kind: str) -> None:
@@ -158,20 +151,21 @@ def resolve_source(settings: Settings, name: str, dataset: Any, version: int | N
     """The ``embedding_sources`` row id of version ``version`` of ``name`` (the newest when None).
 
     An imported source (``scl-taobao``) is registered on first use from the dataset's
-    ``embeddings/<name>.parquet`` (``indexer.sources.ensure_imported``).
+    ``embeddings/<name>.parquet`` (``indexer.encode.ensure_imported``).
 
     Raises:
         ConfigurationError: an unknown source name (the message lists the valid ones).
         NotFoundError: the source has no version yet (the message says how to make one).
     """
-    from indexer import sources
+    from indexer.encode import ensure_imported
+    from indexer.source_registry import IMPORTED_SOURCES, check_source, get_version
 
-    sources.check_source(name)
+    check_source(name)
     if version is not None:
-        return sources.get_version(settings, name, version).id
-    if name in sources.IMPORTED_SOURCES:
-        return sources.ensure_imported(settings, name, dataset).id
-    return sources.get_version(settings, name).id
+        return get_version(settings, name, version).id
+    if name in IMPORTED_SOURCES:
+        return ensure_imported(settings, name, dataset).id
+    return get_version(settings, name).id
 
 
 def _dataset_row(settings: Settings, name: str) -> tuple[Any, int]:
@@ -453,11 +447,6 @@ def _note_dead_worker(settings: Settings, job_id: int, worker: str, what: str) -
 def _status_of(settings: Settings, job_id: int) -> str:
     with session_scope(settings) as session:
         return _job(session, job_id).status
-
-
-def resume_job(settings: Settings, job_id: int, app: Any = None) -> int:
-    """Re-enqueue the chunks of a job that are not done (a no-op on a ``done`` job)."""
-    return enqueue_job(settings, job_id, app)
 
 
 def cancel_job(settings: Settings, job_id: int) -> None:

@@ -146,9 +146,10 @@ def import_vectors_chunk(self: ChunkTask, chunk_id: int) -> dict[str, Any]:
 def _fresh_process(**_: Any) -> None:
     """A forked pool process must not reuse the parent's clients, models or database connections
     (the parent's watchdog thread holds some): load its own lazily."""
+    from indexer import worker_context
     from muse.db import dispose_engines
 
-    backfill.reset_process_caches()
+    worker_context.start()
     dispose_engines()
 
 

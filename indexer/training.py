@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from indexer import pairs as pairs_mod
+from indexer.checkpoints import CHECKPOINT_FILE, save_checkpoint
+from indexer.encode import open_dataset
 from indexer.encoders import (
     DEFAULT_MODEL,
     OUTPUT_DIM,
@@ -33,18 +35,15 @@ from indexer.encoders import (
     get_tokenizer,
 )
 from indexer.evaluation import collapse_note, mean_pair_cosine
+from indexer.id_embedding import IdEmbedding
 from indexer.losses import ClipLoss, QueueInfoNCE, hard_negative_triplet
-from indexer.sources import (
-    CHECKPOINT_FILE,
+from indexer.source_registry import (
     ID_SOURCE,
     TRAINED_SOURCES,
-    IdEmbedding,
     SourceVersion,
     check_registry,
     next_version,
-    open_dataset,
     register_version,
-    save_checkpoint,
     source_dir,
 )
 from muse.configs import config_from_dict

@@ -50,6 +50,7 @@ ENV_VARS: dict[str, str] = {
     "MUSE_BACKFILL_STALL_S": "backfill_stall_s",
     "MUSE_BACKFILL_RETRIES": "backfill_retries",
     "MUSE_BACKFILL_BACKOFF_S": "backfill_backoff_s",
+    "MUSE_QUEUE_PREFIX": "queue_prefix",
 }
 #: Consistency levels a Milvus search may ask for (Milvus' names).
 CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
@@ -92,6 +93,9 @@ class Settings:
     backfill_stall_s: float = 600.0  # foreground `muse backfill` gives up after this long without progress
     backfill_retries: int = 6  # retries of a chunk on backend outages (exponential backoff)
     backfill_backoff_s: float = 2.0  # first retry delay; doubles per retry, capped at 120 s
+    # prepended to the indexer's queue names (and Redis keys), so that several deployments (or
+    # tests) share one broker without taking each other's messages
+    queue_prefix: str = ""
 
     @property
     def embedded_milvus(self) -> bool:

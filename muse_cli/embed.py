@@ -123,7 +123,7 @@ def _write_options(checkpoint: Any, args: argparse.Namespace) -> Any:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from indexer.sources import check_registry, list_versions
+    from indexer.source_registry import check_registry, list_versions
     from muse.settings import load_settings
 
     settings = load_settings()
@@ -147,7 +147,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from indexer.sources import check_registry, ensure_imported
+    from indexer.encode import ensure_imported
+    from indexer.source_registry import check_registry
     from muse.settings import load_settings
 
     settings = load_settings()
@@ -160,8 +161,9 @@ def _import(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from indexer.encode import open_dataset
     from indexer.evaluation import evaluate_source, load_eval_data, random_baseline
-    from indexer.sources import check_registry, list_versions, open_dataset
+    from indexer.source_registry import check_registry, list_versions
     from muse.settings import load_settings
 
     settings = load_settings()

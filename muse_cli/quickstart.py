@@ -216,7 +216,7 @@ class _World:
 def _source(settings: Any, source: str, dataset: str) -> dict[str, Any]:
     """The latest version of ``source`` trained on ``dataset`` (training one when there is none)."""
     from indexer.evaluation import collapse_note
-    from indexer.sources import dataset_row_id, list_versions
+    from indexer.source_registry import dataset_row_id, list_versions
     from indexer.training import train_source
 
     ds_id = dataset_row_id(settings, dataset)
@@ -321,6 +321,9 @@ def _example_user(ds: Any) -> tuple[int, int]:
 def _rankers(settings: Any, dataset: str, models: list[str], sources: list[str], seeds: int) -> list[dict[str, Any]]:
     """Every model on the first source, din and muse on the others, ``seeds`` seeds each, through
     :func:`ranker.compare.compare` (which reuses matching recorded runs); one row per model and source."""
+    import functools
+
+    from indexer.item_vectors import item_vectors
     from ranker.compare import compare
 
     def show(row: Any) -> None:
@@ -335,7 +338,7 @@ def _rankers(settings: Any, dataset: str, models: list[str], sources: list[str],
     rows: list[dict[str, Any]] = []
     for group_models, group_sources in groups:
         res = compare(settings, dataset, models=group_models, sources=group_sources, seeds=list(range(seeds)),
-                      on_row=show, write_files=False)
+                      on_row=show, write_files=False, vectors_for=functools.partial(item_vectors, settings))
         for cell in res.result["cells"]:
             m = cell["metrics"]
             rows.append({

@@ -161,7 +161,8 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     res = train(settings, args.model, args.dataset, source=args.source, esu=args.esu,
-                train_config=_train_config(args), model_overrides=_overrides(args), progress=True)
+                train_config=_train_config(args), model_overrides=_overrides(args), progress=True,
+                vectors=_train_vectors(settings, args))
     _record_options(settings, res.run_id, args)
     if args.json:
         print(json.dumps({"run": res.run_id, **res.metrics}, indent=2, default=str))
@@ -177,7 +178,9 @@ def _eval(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.evaluate import evaluate_run
 
-    metrics = evaluate_run(load_settings(), args.run, split=args.split, limit=args.limit)
+    settings = load_settings()
+    metrics = evaluate_run(settings, args.run, split=args.split, limit=args.limit,
+                           vectors_for=_vectors_for(settings))
     if args.json:
         print(json.dumps(metrics, indent=2, default=str))
         return 0
@@ -232,7 +235,9 @@ def _score(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
     from ranker.scoring import Ranker
 
-    with Ranker.load(load_settings(), args.run, backend=args.backend, version=args.version) as ranker:
+    settings = load_settings()
+    with Ranker.load(settings, args.run, backend=args.backend, version=args.version,
+                     vectors_for=_vectors_for(settings)) as ranker:
         probs = ranker.score(args.user, args.items)
         r = ranker.retriever
         used = {} if r is None else {"version": r.version, "collection": r.store.behaviour_collection(r.ref)}
@@ -284,7 +289,8 @@ def _compare(args: argparse.Namespace) -> int:
     if threads is None:
         from ranker.compare import pick_threads
 
-        threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args))
+        threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args),
+                               vectors_for=_vectors_for(settings))
         if not args.json:
             print(f"torch threads: {threads} (the faster of 1 and 2 on a short probe)", flush=True)
 
@@ -297,7 +303,7 @@ def _compare(args: argparse.Namespace) -> int:
                   train_config=cfg, model_overrides=_overrides(args),
                   out_dir=Path(args.out) if args.out else None, on_row=show, progress=not args.json,
                   seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads,
-                  config=_compare_config(args))
+                  config=_compare_config(args), vectors_for=_vectors_for(settings))
     config_path = None if res.table_path is None else _write_compare_config(res.table_path.parent, args)
     if args.json:
         print(json.dumps(res.result, indent=2, default=str))
@@ -352,3 +358,22 @@ def _write_compare_config(out_dir: Any, args: argparse.Namespace) -> Any:
     path = out_dir / "compare.toml"
     path.write_text(dumps_toml(args.effective_config, comment="muse compare --config FILE: this comparison's matrix"))
     return path
+
+
+def _vectors_for(settings: Any) -> Any:
+    """``vectors_for(source, dataset)`` for the ranker: the embedding stage's one function for the
+    item vectors of a (dataset, source, version), the newest version."""
+    import functools
+
+    from indexer.item_vectors import item_vectors
+
+    return functools.partial(item_vectors, settings)
+
+
+def _train_vectors(settings: Any, args: argparse.Namespace) -> Any:
+    """The item vectors ``muse rank train`` hands the ranker: only when the model reads them."""
+    from ranker.train import model_needs_vectors
+
+    if args.source is None or not model_needs_vectors(args.model, args.esu, _overrides(args)):
+        return None
+    return _vectors_for(settings)(args.source, args.dataset)

@@ -19,15 +19,15 @@ def trainable_sources() -> tuple[str, ...]:
 
 
 def all_sources() -> tuple[str, ...]:
-    """Every embedding source: trained, ID and imported (``indexer.sources.SOURCES``)."""
-    from indexer.sources import SOURCES
+    """Every embedding source: trained, ID and imported (``indexer.source_registry.SOURCES``)."""
+    from indexer.source_registry import SOURCES
 
     return tuple(SOURCES)
 
 
 def imported_sources() -> tuple[str, ...]:
-    """Sources whose vectors a dataset ships (``indexer.sources.IMPORTED_SOURCES``)."""
-    from indexer.sources import IMPORTED_SOURCES
+    """Sources whose vectors a dataset ships (``indexer.source_registry.IMPORTED_SOURCES``)."""
+    from indexer.source_registry import IMPORTED_SOURCES
 
     return tuple(IMPORTED_SOURCES)
 

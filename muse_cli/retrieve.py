@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from indexer.sources import check_source
+    from indexer.source_registry import check_source
     from retriever.client import Retriever
 
     check_source(args.source)  # an unknown source fails here, before any server is asked

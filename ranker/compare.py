@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
+from ranker.data import ItemVectorsLike, VectorsFor
 from ranker.models import ESU_VARIANTS, list_models, make_config, model_class
 from ranker.train import RankTrainConfig, train
 
@@ -310,7 +311,8 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
             model_overrides: dict[str, Any] | None = None, out_dir: Path | None = None,
             on_row: Callable[[CompareRow], None] | None = None, progress: bool = False,
             seeds: Sequence[int] | None = None, reuse: bool = True, threads: int | None = None,
-            write_files: bool = True, config: dict[str, Any] | None = None) -> CompareResult:
+            write_files: bool = True, config: dict[str, Any] | None = None,
+            vectors_for: VectorsFor | None = None) -> CompareResult:
     """Train (or reuse) and evaluate every combination for every seed; store and write the result.
 
     Args:
@@ -323,6 +325,8 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
         on_row: called after each run (the CLI prints progress).
         config: how the comparison was asked for (the CLI's ``--config`` file merged with its flags),
             stored with it as ``spec["config"]`` (:func:`with_config`).
+        vectors_for: ``vectors_for(source, dataset)`` gives a source's item vectors for the runs that
+            read them (the CLI passes the embedding stage's ``item_vectors``); called once per source.
     """
     import torch
 
@@ -331,6 +335,7 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
     todo = plan(models, list(sources), esus)
     seed_list = list(seeds) if seeds else [cfg.seed]
     overrides = dict(model_overrides or {})
+    loaded_vectors: dict[str, ItemVectorsLike] = {}
     rows: list[CompareRow] = []
     for model, esu, source in todo:
         for seed in seed_list:
@@ -345,7 +350,8 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
             else:
                 log.info("compare: training %s esu=%s source=%s seed=%d", model, esu, source, seed)
                 res = train(settings, model, dataset, source=source, esu=esu, train_config=run_cfg,
-                            model_overrides=overrides, progress=progress)
+                            model_overrides=overrides, progress=progress,
+                            vectors=_vectors_of(vectors_for, source, dataset, loaded_vectors))
                 row = CompareRow(model, esu, source, res.run_id, seed, res.metrics)
             rows.append(row)
             if on_row is not None:
@@ -380,10 +386,21 @@ def with_config(spec: dict[str, Any], config: dict[str, Any] | None) -> dict[str
     return {**spec, "config": dict(config)}
 
 
+def _vectors_of(vectors_for: VectorsFor | None, source: str | None, dataset: str,
+                loaded: dict[str, ItemVectorsLike]) -> ItemVectorsLike | None:
+    """``vectors_for(source, dataset)``, once per source (None without a source or a ``vectors_for``:
+    :func:`ranker.train.train` then says what is missing when the model needs them)."""
+    if source is None or vectors_for is None:
+        return None
+    if source not in loaded:
+        loaded[source] = vectors_for(source, dataset)
+    return loaded[source]
+
+
 def pick_threads(settings: Settings, dataset: str, models: Sequence[str] | None, sources: Sequence[str],
                  esus: Sequence[str] | None, train_config: RankTrainConfig | None = None,
                  model_overrides: dict[str, Any] | None = None, candidates: Sequence[int] = (1, 2),
-                 steps: int = 6) -> int:
+                 steps: int = 6, vectors_for: VectorsFor | None = None) -> int:
     """Time a few training steps of the comparison's heaviest model with each torch thread count of
     ``candidates`` (up to the CPU count) and set and return the fastest. On a shared machine two
     threads can be several times slower than one (spin-waiting on a busy core)."""
@@ -406,7 +423,8 @@ def pick_threads(settings: Settings, dataset: str, models: Sequence[str] | None,
     model, esu, source = max(todo, key=lambda t: model_class(t[0]).retrieval == "history")  # whole-history GSU
     config = make_config(model, **{**dict(model_overrides or {}), "esu": esu})
     ds = Dataset.open(settings, dataset)
-    builder = open_builder(settings, ds, model_class(model).retrieval, config, source)
+    vectors = _vectors_of(vectors_for, source, dataset, {}) if source and config.needs_vectors else None
+    builder = open_builder(ds, model_class(model).retrieval, config, vectors)
     batches = list(iter_impression_batches(ds, "train", cfg.batch_size, limit=cfg.batch_size * (steps + 2)))
     rates: dict[int, float] = {}
     for n in counts:

@@ -14,14 +14,14 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from muse.errors import DataError, NotFoundError
+from muse.arrays import lookup_sorted
+from muse.errors import ConfigurationError, DataError, NotFoundError
 from retriever.kernels import gsu_topk, l2_normalise
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,19 @@ SHUFFLE_BUFFER = 65_536
 
 
 class ItemVectorsLike(Protocol):
-    """What :func:`indexer.sources.item_vector_table` returns: one vector per item of the dataset."""
+    """One vector per item of the dataset, under one embedding-source version: what the embedding
+    stage's ``item_vectors`` returns, handed in by the caller (the CLI); the ranker never loads or
+    computes vectors itself."""
 
     item_ids: np.ndarray  # int64 [n]
     vectors: np.ndarray  # float32 [n, d]
     present: np.ndarray  # bool [n]; False = the item has no vector (ranks last in the GSU)
 
 
-@dataclass(frozen=True)
-class ItemVectors:
-    """A plain item-vector table (same fields as the indexer's)."""
-
-    item_ids: np.ndarray
-    vectors: np.ndarray
-    present: np.ndarray
+#: ``vectors_for(source, dataset_name)``: the item vectors of an embedding source on a dataset, injected
+#: by the caller where the source is known only inside the call (a run's checkpoint, a comparison
+#: over several sources).
+VectorsFor = Callable[[str, str], ItemVectorsLike]
 
 
 class Vocab:
@@ -62,13 +61,8 @@ class Vocab:
 
     def lookup(self, raw: np.ndarray) -> np.ndarray:
         """Indices of ``raw`` (any shape); unknown values map to 0."""
-        raw = np.asarray(raw, dtype=np.int64)
-        if len(self.values) == 0:
-            return np.zeros(raw.shape, dtype=np.int64)
-        pos = np.searchsorted(self.values, raw)
-        pos_c = np.minimum(pos, len(self.values) - 1)
-        hit = self.values[pos_c] == raw
-        return np.where(hit, pos_c + 1, 0).astype(np.int64)
+        pos, hit = lookup_sorted(self.values, raw)
+        return np.where(hit, pos + 1, 0).astype(np.int64)
 
 
 class FeatureSpace:
@@ -145,8 +139,8 @@ class HistoryStore:
     def rows(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(start, length)`` of each user's history in the flat arrays; NotFoundError on unknown users."""
         user_ids = np.asarray(user_ids, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.user_ids, user_ids), len(self.user_ids) - 1)
-        bad = self.user_ids[pos] != user_ids
+        pos, found = lookup_sorted(self.user_ids, user_ids)
+        bad = ~found
         if bad.any():
             raise NotFoundError(f"user {int(user_ids[bad][0])} has no history in the dataset")
         return self.starts[pos], self.lengths[pos]
@@ -355,23 +349,47 @@ def iter_impression_batches(dataset: Any, split: str | None, batch_size: int, sh
     yield from flush(final=True)
 
 
-def open_builder(settings: Any, dataset: Any, retrieval: str, config: Any, source: str | None,
+def open_builder(dataset: Any, retrieval: str, config: Any, vectors: ItemVectorsLike | None,
                  space: FeatureSpace | None = None, with_vectors: bool | None = None) -> BatchBuilder:
     """The batch builder of one model on one dataset: feature space (built, or the checkpoint's),
-    histories, and the item-vector table of ``source`` (loaded once) when the model needs it
-    (``with_vectors``; default: the config's ``needs_vectors``, else the multimodal GSU)."""
+    histories, and the item-vector table made from ``vectors`` when the model needs it
+    (``with_vectors``; default: the config's ``needs_vectors``, else the multimodal GSU).
+
+    Raises:
+        DataError: the model needs item vectors and ``vectors`` is None.
+    """
     space = space or FeatureSpace.from_dataset(dataset)
     histories = HistoryStore.from_dataset(dataset, space)
-    vectors = None
+    table = None
     if with_vectors is None:
         with_vectors = bool(getattr(config, "needs_vectors", retrieval == "multimodal"))
     if with_vectors or retrieval == "multimodal":
-        if source is None:
-            raise DataError("this model's GSU or ESU needs an embedding source (e.g. --source scl)")
-        from indexer.sources import item_vector_table
+        if vectors is None:
+            raise DataError("this model's GSU or ESU needs the item vectors of an embedding source (e.g. --source scl)")
+        table = VectorTable(space, vectors)
+    return BatchBuilder(space, histories, retrieval, config.k, config.recent_len, config.max_history, table)
 
-        vectors = VectorTable(space, item_vector_table(settings, source, dataset))
-    return BatchBuilder(space, histories, retrieval, config.k, config.recent_len, config.max_history, vectors)
+
+def run_vectors(model: Any, source: str | None, dataset: str, vectors_for: VectorsFor | None,
+                multimodal_from_retriever: bool = False) -> ItemVectorsLike | None:
+    """The item vectors a loaded run's model reads (None when it reads none), from ``vectors_for``.
+
+    With ``multimodal_from_retriever`` a multimodal GSU takes its vectors from the retriever instead.
+
+    Raises:
+        ConfigurationError: the model reads vectors but no ``vectors_for`` (or no source) is given.
+    """
+    needed = model.needs_vectors or model.retrieval == "multimodal"
+    if multimodal_from_retriever and model.retrieval == "multimodal":
+        needed = False
+    if not needed:
+        return None
+    if vectors_for is None or source is None:
+        raise ConfigurationError(
+            f"run of model {model.name!r} reads the item vectors of source {source!r}: pass vectors_for= "
+            "(e.g. functools.partial(item_vectors, settings) from the embedding stage)"
+        )
+    return vectors_for(source, dataset)
 
 
 _DONE = object()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from muse.settings import Settings
-from ranker.data import BatchBuilder, iter_impression_batches, open_builder
+from ranker.data import BatchBuilder, VectorsFor, iter_impression_batches, open_builder, run_vectors
 from ranker.metrics import evaluate_predictions
 from ranker.models import CTRModel
 
@@ -33,10 +33,13 @@ class Predictions:
 def predict(model: CTRModel, builder: BatchBuilder, batches: Iterable[dict[str, np.ndarray]]) -> Predictions:
     """Click probabilities of ``model`` (switched to eval mode) over raw impression ``batches``."""
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     cols: dict[str, list[np.ndarray]] = {"user_id": [], "item_id": [], "label": [], "prob": [], "hist_len": []}
     for raw in batches:
         batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"])
-        cols["prob"].append(model(batch)["prob"].numpy().astype(np.float64))
+        if device.type != "cpu":
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        cols["prob"].append(model(batch)["prob"].cpu().numpy().astype(np.float64))
         for c in ("user_id", "item_id", "label", "hist_len"):
             cols[c].append(raw[c])
     arrays = {c: np.concatenate(v) if v else np.zeros(0) for c, v in cols.items()}
@@ -73,8 +76,12 @@ def evaluate(model: CTRModel, builder: BatchBuilder, dataset: Any, split: str = 
 
 
 def evaluate_run(settings: Settings, run_id: int, split: str = "test", limit: int | None = None,
-                 batch_size: int = 1024) -> dict[str, Any]:
-    """Reload run ``run_id``'s checkpoint, evaluate it on ``split`` and store the metrics in its row."""
+                 batch_size: int = 1024, vectors_for: VectorsFor | None = None) -> dict[str, Any]:
+    """Reload run ``run_id``'s checkpoint, evaluate it on ``split`` and store the metrics in its row.
+
+    ``vectors_for(source, dataset)`` gives the item vectors when the run's model reads them (the
+    caller injects it, e.g. the CLI with the embedding stage's ``item_vectors``).
+    """
     from muse.data.format import Dataset
     from muse.errors import NotFoundError
     from ranker.runs import finish_run, get_run, load_checkpoint
@@ -84,9 +91,10 @@ def evaluate_run(settings: Settings, run_id: int, split: str = "test", limit: in
         raise NotFoundError(f"ranker run {run_id} has no checkpoint (status {info.status})")
     loaded = load_checkpoint(info.checkpoint_path)
     dataset = Dataset.open(settings, loaded.dataset)
-    builder = open_builder(settings, dataset, loaded.model.retrieval, loaded.model.config, loaded.source,
-                           loaded.space)
+    vectors = run_vectors(loaded.model, loaded.source, loaded.dataset, vectors_for)
+    builder = open_builder(dataset, loaded.model.retrieval, loaded.model.config, vectors, loaded.space)
     counts = train_item_counts(dataset, loaded.train_config.get("max_train"))
     metrics = evaluate(loaded.model, builder, dataset, split, batch_size, limit, counts)
     finish_run(settings, run_id, status=info.status, metrics={**info.metrics, **metrics})
     return metrics
+

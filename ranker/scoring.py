@@ -19,9 +19,9 @@ import torch
 
 from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
-from ranker.data import BatchBuilder, HistoryStore, VectorTable
+from ranker.data import BatchBuilder, HistoryStore, VectorsFor, VectorTable, run_vectors
 from ranker.runs import LoadedRun, get_run, load_checkpoint
-from retriever.kernels import MISSING_SCORE, gsu_topk, l2_normalise
+from retriever.kernels import MISSING_SCORE, gsu_topk
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,14 @@ class Ranker:
 
     @classmethod
     def load(
-        cls, settings: Settings, run_id: int, retriever: Any = None, backend: str = "cache", version: int | None = None
+        cls, settings: Settings, run_id: int, retriever: Any = None, backend: str = "cache", version: int | None = None,
+        vectors_for: VectorsFor | None = None,
     ) -> Ranker:
         """Load run ``run_id``. For MUSE a :class:`~retriever.client.Retriever` on the run's dataset and
         source is opened (``backend`` ``cache`` or ``milvus``) unless one is given: on source ``version``,
-        or following the live version when None.
+        or following the live version when None. A baseline whose ESU reads item vectors gets them
+        from ``vectors_for(source, dataset)``, injected by the caller (the CLI passes the embedding
+        stage's ``item_vectors``).
 
         Raises:
             NotFoundError: the run, its checkpoint or its dataset does not exist.
@@ -79,12 +82,9 @@ class Ranker:
                 source=loaded.source, settings=settings, dataset=loaded.dataset, version=version, backend=backend
             )
             log.info("ranker run %d scores with %s", run_id, retriever.ref)
-        vectors = None
-        if loaded.model.retrieval != "multimodal" and loaded.model.needs_vectors:
-            from indexer.sources import item_vector_table
-
-            dataset = Dataset.open(settings, loaded.dataset)
-            vectors = VectorTable(loaded.space, item_vector_table(settings, loaded.source, dataset))
+        item_vectors = run_vectors(loaded.model, loaded.source, loaded.dataset, vectors_for,
+                                   multimodal_from_retriever=True)
+        vectors = None if item_vectors is None else VectorTable(loaded.space, item_vectors)
         return cls(loaded, histories, retriever, vectors)
 
     @torch.no_grad()
@@ -121,12 +121,10 @@ class Ranker:
         long = torch.zeros(n, k, 2, dtype=torch.int64)
         long_mask = torch.zeros(n, k, dtype=torch.bool)
         long_sim = torch.full((n, k), MISSING_SCORE, dtype=torch.float32)
-        found, vecs = view.get_item_vectors(items.tolist())
-        by_id = {int(i): v for i, v in zip(found.tolist(), vecs, strict=True) if np.any(v)}
-        has = [b for b, i in enumerate(items.tolist()) if i in by_id]
-        target_vec = torch.zeros(n, view.dim)  # [B, d]; zero = no vector
+        # the retriever's unit target vectors; zero rows = no vector (such a target searches nothing)
+        target_vec = torch.from_numpy(view.target_vectors(items.tolist(), missing="zero")).float()  # [B, d]
+        has = np.flatnonzero(target_vec.any(dim=-1).numpy()).tolist()
         if has:
-            target_vec[has] = torch.from_numpy(np.stack([by_id[int(items[b])] for b in has])).float()
             res = view.search_vectors(user_id, target_vec[has].numpy(), k=k + oldest if oldest else k)
             for b, hits in zip(has, res, strict=True):
                 keep = hits.positions >= oldest
@@ -146,13 +144,10 @@ class Ranker:
         rec_idx = batch["recent"][0, :, 0]  # [R] item indices (the same user on every row)
         rmask = batch["recent_mask"][0]  # [R]
         raw_ids = self.space.items.values[np.maximum(rec_idx.numpy() - 1, 0)]
-        found, vecs = view.get_item_vectors(raw_ids[rmask.numpy()].tolist())
-        by_id = {int(i): v for i, v in zip(found.tolist(), vecs, strict=True)}
-        rec_vec = torch.zeros(len(raw_ids), view.dim)  # [R, d]
-        for r in np.flatnonzero(rmask.numpy()):
-            if int(raw_ids[r]) in by_id:
-                rec_vec[r] = torch.from_numpy(np.asarray(by_id[int(raw_ids[r])], dtype=np.float32))
-        rec_vec = l2_normalise(rec_vec)
+        rec_vec = torch.zeros(len(raw_ids), view.dim)  # [R, d]; zero = padding or no vector
+        valid = np.flatnonzero(rmask.numpy())
+        if len(valid):
+            rec_vec[valid] = torch.from_numpy(view.target_vectors(raw_ids[valid].tolist(), missing="zero")).float()
         n, r = target_vec.shape[0], len(raw_ids)
         present = (rmask & rec_vec.any(dim=-1)).expand(n, r) & target_vec.any(dim=-1, keepdim=True)  # [B, R]
         top = gsu_topk(target_vec, rec_vec.expand(n, r, -1), r, valid=present, normalised=True)

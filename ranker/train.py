@@ -17,7 +17,7 @@ import torch
 from muse.configs import config_from_dict
 from muse.errors import ConfigurationError, DataError
 from muse.settings import Settings
-from ranker.data import BatchBuilder, background, iter_impression_batches, open_builder
+from ranker.data import BatchBuilder, ItemVectorsLike, background, iter_impression_batches, open_builder
 from ranker.models import CTRModel, FeatureSpec, build_model, make_config, model_class
 
 log = logging.getLogger(__name__)
@@ -74,20 +74,36 @@ def make_optimisers(model: CTRModel, cfg: RankTrainConfig) -> list[torch.optim.O
     return optimisers
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (the same dict's tensors when they are there already)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters (cpu for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def train_steps(model: CTRModel, builder: BatchBuilder, batches: Any, cfg: RankTrainConfig,
                 progress: Any = None) -> tuple[list[float], int, float]:
-    """Train on raw impression ``batches``; return (losses per step, samples, seconds).
+    """Train on raw impression ``batches``; return (losses per step, samples, seconds). Batches are
+    built on the CPU and moved to the model's device.
 
     Raises:
         DataError: the loss or a gradient became NaN/inf (names the step).
     """
     model.train()
+    device = model_device(model)
     optimisers = make_optimisers(model, cfg)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     losses: list[float] = []
     n_samples, started = 0, time.perf_counter()
     usable = (raw for raw in batches if len(raw["label"]) >= 2)  # BatchNorm in Dice needs two rows
-    build = lambda raw: builder.build(raw["user_id"], raw["item_id"], raw["hist_len"], raw["label"])  # noqa: E731
+
+    def build(raw: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"], raw["label"])
+        return batch if device.type == "cpu" else to_device(batch, device)
+
     for step, (raw, batch) in enumerate(background(usable, build)):
         loss = loss_fn(model(batch)["logit"], batch["label"])
         if not torch.isfinite(loss):
@@ -105,13 +121,26 @@ def train_steps(model: CTRModel, builder: BatchBuilder, batches: Any, cfg: RankT
     return losses, n_samples, time.perf_counter() - started
 
 
+def model_needs_vectors(model: str, esu: str | None = None, model_overrides: dict[str, Any] | None = None) -> bool:
+    """Whether ``model`` with this ESU and config overrides reads item vectors (its GSU or its ESU),
+    so that a caller fetches them only then."""
+    overrides = dict(model_overrides or {})
+    if esu is not None:
+        overrides["esu"] = esu
+    return bool(make_config(model, **overrides).needs_vectors)
+
+
 def train(settings: Settings, model: str, dataset: str, source: str | None = None, esu: str | None = None,
           train_config: RankTrainConfig | None = None, model_overrides: dict[str, Any] | None = None,
-          progress: bool = False, record: bool = True) -> TrainResult:
+          progress: bool = False, record: bool = True, vectors: ItemVectorsLike | None = None) -> TrainResult:
     """Train ``model`` on ``dataset`` (GSU source ``source`` for muse), evaluate it on the test split,
-    save a checkpoint and record the run.
+    save a checkpoint and record the run. The model and its batches are on ``settings.resolve_device()``.
 
     Args:
+        source: the embedding source's name (recorded with the run; scoring opens its retriever).
+        vectors: that source's item vectors on ``dataset`` (the caller loads them, e.g. the CLI with
+            the embedding stage's ``item_vectors``); needed when the model reads vectors
+            (:func:`model_needs_vectors`), ignored otherwise.
         esu: ESU variant (see :data:`ranker.models.ESU_VARIANTS`; default: the model's, as the paper
             sets it up; ``"ta"`` is the classic ID-only ESU).
         model_overrides: model config keys (e.g. ``{"k": 20}``); unknown keys are rejected.
@@ -119,8 +148,9 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
         record: write a ``ranker_runs`` row and a checkpoint (needs a migrated database).
 
     Raises:
-        ConfigurationError: unknown model/ESU/keys, or muse without a source.
-        NotFoundError: the dataset or source does not exist.
+        ConfigurationError: unknown model/ESU/keys, or a model reading vectors without a source or
+            without its vectors.
+        NotFoundError: the dataset does not exist.
         DataError: NaN loss.
     """
     from muse.data.format import Dataset
@@ -136,12 +166,19 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
     if config.needs_vectors and source is None:
         hint = "" if config.gsu_needs_vectors else f" for its {config.esu} ESU (or --esu ta for the ID-only ESU)"
         raise ConfigurationError(f"model {model!r} needs an embedding source{hint} (e.g. source='scl')")
+    if config.needs_vectors and vectors is None:
+        raise ConfigurationError(
+            f"model {model!r} reads the item vectors of source {source!r}: pass them as vectors= "
+            "(the embedding stage's item_vectors(settings, source, dataset))"
+        )
     used_source = source if config.needs_vectors else None
     ds = Dataset.open(settings, dataset)
+    device = settings.resolve_device()
     torch.manual_seed(cfg.seed)
-    builder = open_builder(settings, ds, cls.retrieval, config, used_source)
+    builder = open_builder(ds, cls.retrieval, config, vectors if config.needs_vectors else None)
     space = builder.space
-    net = build_model(model, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
+    net = build_model(model, FeatureSpec(space.vocab_sizes(), space.user_fields), config).to(device)
+    log.info("training %s on %s", model, device)
     run_id = None
     if record:
         run_id = create_run(settings, model=model, esu=config.esu, source=used_source,
@@ -166,6 +203,7 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
                             "first_loss": losses[0] if losses else None,
                             "last_loss": float(np.mean(losses[-20:])) if losses else None}
         ckpt = None
+        net.cpu()  # checkpoints hold CPU tensors: they load anywhere
         if record:
             ckpt = save_checkpoint(checkpoint_path(settings, run_id), net, space, source=used_source,
                                    dataset=dataset, train_config=dataclasses.asdict(cfg))

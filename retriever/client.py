@@ -179,13 +179,18 @@ class RetrieverView:
         """``VectorStore.get_item_vectors`` on this view's version."""
         return self.store.get_item_vectors(self.ref, item_ids)
 
-    def target_vectors(self, item_ids: Sequence[int]) -> np.ndarray:
-        """float32 ``[B, d]`` vectors of the target items, in order.
+    def target_vectors(self, item_ids: Sequence[int], missing: str = "raise") -> np.ndarray:
+        """float32 ``[B, d]`` unit vectors of the target items, in order.
+
+        ``missing="zero"`` gives a zero row for an item missing from the collection or stored
+        without a vector instead of raising (the ranker scores such a candidate without a search).
 
         Raises:
             NotFoundError: naming the items missing from the version's item collection or stored
-            without a vector.
+            without a vector (``missing="raise"``).
         """
+        if missing not in ("raise", "zero"):
+            raise ConfigurationError(f"missing={missing!r}: valid: raise, zero")
         ids = _check_items(item_ids)
         with self._items_lock:
             by_id = {i: self._items[i] for i in ids if i in self._items}
@@ -196,13 +201,13 @@ class RetrieverView:
         if wanted:
             found, vecs = self.store.get_item_vectors(self.ref, wanted)
             fetched = {int(i): v for i, v in zip(found, vecs, strict=True)}
-            missing = [i for i in wanted if i not in fetched]
-            if missing:
-                raise NotFoundError(f"target item(s) {missing[:20]} not found in the {self.ref} item collection")
-            no_vector = [i for i in wanted if not np.any(fetched[i])]
-            if no_vector:
+            absent = [i for i in wanted if i not in fetched]
+            if absent and missing == "raise":
+                raise NotFoundError(f"target item(s) {absent[:20]} not found in the {self.ref} item collection")
+            no_vector = [i for i in wanted if i in fetched and not np.any(fetched[i])]
+            if no_vector and missing == "raise":
                 raise NotFoundError(f"target item(s) {no_vector[:20]} have no {self.ref.source!r} vector")
-            fetched = {i: l2_normalise(v) for i, v in fetched.items()}
+            fetched = {i: l2_normalise(v) for i, v in fetched.items() if np.any(v)}
             by_id.update(fetched)
             with self._items_lock:
                 self.item_fetches += len(wanted)
@@ -210,7 +215,8 @@ class RetrieverView:
                     self._items.update(fetched)
                     while len(self._items) > self.item_cache_items:
                         self._items.popitem(last=False)
-        return np.stack([by_id[i] for i in ids])  # [B, d]
+        zero = np.zeros(self.dim, np.float32)
+        return np.stack([by_id.get(i, zero) for i in ids])  # [B, d]
 
     def search(self, user_id: int, target_item_ids: Sequence[int], k: int = 50) -> SearchResult:
         """As :meth:`Retriever.search`, on this view's version."""
@@ -499,13 +505,14 @@ class Retriever:
         return self._view.item_fetches
 
     # -- searching -----------------------------------------------------------------------------
-    def target_vectors(self, item_ids: Sequence[int]) -> np.ndarray:
-        """float32 ``[B, d]`` vectors of the target items, in order (current version).
+    def target_vectors(self, item_ids: Sequence[int], missing: str = "raise") -> np.ndarray:
+        """float32 ``[B, d]`` unit vectors of the target items, in order (current version); see
+        :meth:`RetrieverView.target_vectors` for ``missing``.
 
         Raises:
             NotFoundError: naming the items missing from the item collection or stored without a vector.
         """
-        return self.view().target_vectors(item_ids)
+        return self.view().target_vectors(item_ids, missing)
 
     def search(self, user_id: int, target_item_ids: Sequence[int], k: int = 50) -> SearchResult:
         """Top-``k`` behaviours of ``user_id`` for each target item, with SimTier counts, all from

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from indexer.sources import IMPORTED_SOURCES, SOURCES
+from indexer.source_registry import IMPORTED_SOURCES, SOURCES
 from indexer.training import TRAINABLE_SOURCES, train_source
 from muse_cli import registries
 from muse_cli.main import build_parser

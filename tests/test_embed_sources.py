@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer import sources
+from indexer import encode, item_vectors, source_registry
 from indexer.encoders import DEFAULT_MODEL, EncoderConfig, ItemEncoder, build_clip_encoder
 from indexer.evaluation import evaluate_source, load_eval_data, random_baseline
 from indexer.training import EmbedTrainConfig, TrainResult, train_source
@@ -54,9 +54,9 @@ def test_training_loss_falls_and_version_is_registered(world, source: str) -> No
     losses = result.losses
     assert len(losses) == QUICK["max_steps"]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
-    row = sources.get_version(settings, source)
+    row = source_registry.get_version(settings, source)
     assert row.version == result.source.version and row.dim == 128
-    assert Path(row.checkpoint_path) == sources.source_dir(settings, source, row.version) / "encoder.pt"
+    assert Path(row.checkpoint_path) == source_registry.source_dir(settings, source, row.version) / "encoder.pt"
     assert row.metrics["train"]["steps"] == QUICK["max_steps"]
     assert row.config["batch_size"] == QUICK["batch_size"]
 
@@ -65,7 +65,7 @@ def test_training_loss_falls_and_version_is_registered(world, source: str) -> No
 def test_checkpoint_reloads_to_identical_unit_vectors(world, source: str) -> None:
     settings, dataset, results = world
     _, images = _some_images(dataset)
-    reloaded = sources.load_encoder(settings, source)
+    reloaded = encode.load_encoder(settings, source)
     res = reloaded.encode_images(images)
     assert res.failed == {} and res.vectors.shape == (len(images), 128) and res.vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-5)
@@ -80,7 +80,7 @@ def test_checkpoint_reloads_to_identical_unit_vectors(world, source: str) -> Non
 def test_corrupt_and_missing_images_are_reported(world) -> None:
     settings, dataset, _ = world
     _, images = _some_images(dataset, 2)
-    encoder = sources.load_encoder(settings, "openclip")
+    encoder = encode.load_encoder(settings, "openclip")
     res = encoder.encode_images([images[0], b"not an image at all", images[1][:40], None, b""])
     assert res.ok_index.tolist() == [0]
     assert set(res.failed) == {1, 2, 3, 4}
@@ -88,38 +88,38 @@ def test_corrupt_and_missing_images_are_reported(world) -> None:
     assert res.failed[3] == "no image" and res.failed[4] == "empty image bytes"
     # Through encode_items: an id with no image row is reported, the others encode.
     ids = np.concatenate([dataset.item_ids()[:3], [987_654_321]])
-    res = sources.encode_items(settings, "scl", dataset, ids)
+    res = encode.encode_items(settings, "scl", dataset, ids)
     assert res.ok_index.tolist() == [0, 1, 2] and res.failed == {3: "no image"}
 
 
 def test_id_source_lookup_and_new_version(world) -> None:
     settings, dataset, results = world
     ids = np.concatenate([dataset.item_ids()[:4], [987_654_321]])
-    res = sources.encode_items(settings, "id", dataset, ids)
+    res = encode.encode_items(settings, "id", dataset, ids)
     assert res.ok_index.tolist() == [0, 1, 2, 3] and 4 in res.failed
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-5)
     first = results["id"].source.version
     second = train_source(settings, "id", dataset, EmbedTrainConfig(**{**QUICK, "seed": 1})).source
     assert second.version == first + 1
-    old = sources.item_vector_table(settings, "id", dataset, version=first)
-    new = sources.item_vector_table(settings, "id", dataset)
+    old = item_vectors.item_vectors(settings, "id", dataset, version=first)
+    new = item_vectors.item_vectors(settings, "id", dataset)
     assert old.present.all() and new.present.all()
     assert not np.allclose(old.vectors, new.vectors)  # the older version stays usable and distinct
     with pytest.raises(ConfigurationError, match="has no encoder"):
-        sources.load_encoder(settings, "id")
+        encode.load_encoder(settings, "id")
     with pytest.raises(NotFoundError, match="no version 99"):
-        sources.get_version(settings, "id", 99)
+        source_registry.get_version(settings, "id", 99)
 
 
-def test_item_vector_table_is_cached_per_version(world) -> None:
+def test_item_vectors_are_cached_per_version(world) -> None:
     settings, dataset, _ = world
-    table = sources.item_vector_table(settings, "i2i", dataset)
+    table = item_vectors.item_vectors(settings, "i2i", dataset)
     assert table.vectors.shape == (dataset.n_items, 128) and table.present.all()
     np.testing.assert_array_equal(table.item_ids, dataset.item_ids())
-    version = sources.get_version(settings, "i2i").version
-    cache = sources.source_dir(settings, "i2i", version) / f"items-{dataset.name}.npz"
+    version = source_registry.get_version(settings, "i2i").version
+    cache = source_registry.source_dir(settings, "i2i", version) / f"items-{dataset.name}.npz"
     assert cache.exists()
-    again = sources.item_vector_table(settings, "i2i", dataset)
+    again = item_vectors.item_vectors(settings, "i2i", dataset)
     np.testing.assert_array_equal(again.vectors, table.vectors)
 
 
@@ -134,12 +134,12 @@ def test_scl_taobao_import_marks_missing_items(world) -> None:
         pa.table({"item_id": shipped, "vector": pa.array(vecs.tolist(), pa.list_(pa.float32()))}),
         dataset.path / "embeddings" / "scl-taobao.parquet",
     )
-    table = sources.item_vector_table(settings, "scl-taobao", dataset)
+    table = item_vectors.item_vectors(settings, "scl-taobao", dataset)
     np.testing.assert_array_equal(table.present, np.isin(ids, shipped))
     np.testing.assert_allclose(table.vectors[0], vecs[0] / np.linalg.norm(vecs[0]), rtol=1e-5)
-    res = sources.encode_items(settings, "scl-taobao", dataset, ids[:2])
+    res = encode.encode_items(settings, "scl-taobao", dataset, ids[:2])
     assert res.ok_index.tolist() == [0] and "no scl-taobao vector" in res.failed[1]
-    assert sources.get_version(settings, "scl-taobao").kind == "imported"
+    assert source_registry.get_version(settings, "scl-taobao").kind == "imported"
 
 
 def test_eval_runs_stores_metrics_and_beats_nothing_silently(world) -> None:
@@ -154,7 +154,7 @@ def test_eval_runs_stores_metrics_and_beats_nothing_silently(world) -> None:
             assert 0.0 <= m["q2p_recall@10"] <= m["q2p_recall@50"] <= 1.0
         else:
             assert m["q2p_recall@10"] is None  # no text tower trained on text
-        stored = sources.get_version(settings, source).metrics["eval"][dataset.name]
+        stored = source_registry.get_version(settings, source).metrics["eval"][dataset.name]
         assert stored["i2i_recall@10"] == m["i2i_recall@10"]
     assert base["q2p_recall@50"] is not None and base["coverage"] == 1.0
 
@@ -198,11 +198,11 @@ def test_i2i_with_momentum_queue_on_the_vit_config_trains_and_reloads(world) -> 
     cfg = EmbedTrainConfig(**{**QUICK, "model": "muse-tiny", "momentum": 0.9, "view_weight": 0.5})
     result = train_source(settings, "i2i", dataset, cfg)
     assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3]), result.losses
-    row = sources.get_version(settings, "i2i")
+    row = source_registry.get_version(settings, "i2i")
     assert row.config["momentum"] == 0.9 and row.config["augment"] is True and row.config["temperature"] == 0.2
     assert row.metrics["train"]["queue_size"] == int(result.n_pairs * 0.25)  # capped at 25% of the pairs
     _, images = _some_images(dataset)
-    res = sources.load_encoder(settings, "i2i", row.version).encode_images(images)
+    res = encode.load_encoder(settings, "i2i", row.version).encode_images(images)
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(ItemEncoder(result.model, "muse-tiny").encode_images(images).vectors, res.vectors)
 
@@ -234,7 +234,7 @@ def test_bad_options_are_rejected(world) -> None:
     with pytest.raises(ConfigurationError, match="cannot train source 'scl-taobao'"):
         train_source(settings, "scl-taobao", dataset)
     with pytest.raises(ConfigurationError, match="unknown; valid"):
-        sources.encode_items(settings, "clip", dataset, [1])
+        encode.encode_items(settings, "clip", dataset, [1])
 
 
 def test_cli_train_list_eval(world, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -271,13 +271,13 @@ def test_cli_train_from_a_config_file_stores_its_options(world, monkeypatch: pyt
     assert main(["embed", "train", "--config", str(path), "--max-steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "2 steps" in out and OPTIONS_FILE in out
-    row = sources.list_versions(settings, "id")[-1]
+    row = source_registry.list_versions(settings, "id")[-1]
     assert row.config["batch_size"] == 16 and row.config["lr"] == 0.002 and row.config["max_steps"] == 2
     written = Path(row.checkpoint_path).parent / OPTIONS_FILE
     assert tomllib.loads(written.read_text()) == {"source": "id", "dataset": dataset.name, "max_steps": 2,
                                                   "batch_size": 16, "lr": 0.002}
     assert main(["embed", "train", "--config", str(written)]) == 0  # the stored file is a valid --config
-    assert sources.list_versions(settings, "id")[-1].version == row.version + 1
+    assert source_registry.list_versions(settings, "id")[-1].version == row.version + 1
     path.write_text('source = "id"\ndataset = "x"\nbatch = 16\n')
     assert main(["embed", "train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
@@ -295,7 +295,7 @@ def test_default_scl_run_on_tiny_does_not_collapse(world) -> None:
     train = result.source.metrics["train"]
     assert train["steps"] == 8 and result.source.config["max_pairs"] == default_max_pairs(600) == 2400
     assert train["mean_cosine"] < COLLAPSE_COSINE, train
-    table = sources.item_vector_table(settings, "scl", dataset, version=result.source.version)
+    table = item_vectors.item_vectors(settings, "scl", dataset, version=result.source.version)
     assert mean_pair_cosine(table.vectors, table.present) < COLLAPSE_COSINE
 
 

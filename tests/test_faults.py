@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from test_indexer_helpers import SOURCE, expected_behaviours, make_tiny_world, ref_of, worker_log
 
-from indexer import jobs
-from indexer.celery_app import QUEUE_PREFIX_ENV, WorkerProcess
+from indexer import jobs, worker_context
+from indexer.celery_app import WorkerProcess
 from muse.errors import BackendUnavailable, MuseError
 from muse.settings import Settings, load_settings
 from muse.vectorstore import VectorStore
@@ -104,7 +104,7 @@ def _settings(servers: Servers, data_dir: Path, prefix: str, **overrides: Any) -
     return load_settings(
         env={}, data_dir=data_dir, device="cpu", database_url=servers.postgres.url,
         milvus_uri=servers.milvus.uri, milvus_prefix=prefix, broker_url=servers.redis.url,
-        **{**FAULT_SETTINGS, **overrides},
+        queue_prefix=f"{prefix}-", **{**FAULT_SETTINGS, **overrides},
     )
 
 
@@ -114,7 +114,6 @@ class Run:
     def __init__(self, servers: Servers, world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.servers, (self.data_dir, self.dataset) = servers, world
         self.prefix = f"f{uuid.uuid4().hex[:8]}"
-        monkeypatch.setenv(QUEUE_PREFIX_ENV, f"{self.prefix}-")
         self.settings = _settings(servers, self.data_dir, self.prefix)
         self.ref = ref_of(self.settings, self.dataset.name)
         self.tmp_path = tmp_path
@@ -132,7 +131,6 @@ class Run:
     def worker(self, **overrides: Any) -> WorkerProcess:
         settings = _settings(self.servers, self.data_dir, self.prefix, **overrides)
         w = WorkerProcess(settings, pool="prefork", concurrency=1,
-                          extra_env={QUEUE_PREFIX_ENV: f"{self.prefix}-"},
                           log_path=self.log_dir / f"worker-{len(self.workers)}.log")
         self.workers.append(w)
         return w.start()
@@ -240,7 +238,7 @@ class Run:
                     store.client.drop_collection(name)
         except MuseError:
             pass
-        jobs._apps.clear()
+        worker_context.reset()
 
 
 def count_rows(settings: Settings, dataset: Any, ref: Any) -> tuple[int, int, int, int]:
@@ -289,7 +287,7 @@ def test_resume_while_chunks_run_then_collections_dropped(run: Run) -> None:
     run.start_job()
     run.mid_job()
     for _ in range(3):
-        jobs.resume_job(run.settings, run.job_id)
+        jobs.enqueue_job(run.settings, run.job_id)
         time.sleep(0.5)
     run.finish("resume during a run")
     from muse import models
@@ -413,8 +411,7 @@ def test_foreground_backfill_without_workers_stops_waiting(run: Run) -> None:
 
     from indexer.celery_app import settings_env
 
-    env = {**os.environ, **settings_env(run.settings), "MUSE_BACKFILL_STALL_S": "4",
-           QUEUE_PREFIX_ENV: f"{run.prefix}-"}
+    env = {**os.environ, **settings_env(run.settings), "MUSE_BACKFILL_STALL_S": "4"}
     t0 = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-m", "muse_cli", "backfill", "--source", SOURCE, "--dataset", run.dataset.name,

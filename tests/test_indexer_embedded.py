@@ -11,7 +11,7 @@ import sys
 import pytest
 from test_indexer_helpers import SOURCE, expected_behaviours, make_tiny_world, ref_of
 
-from indexer.celery_app import QUEUE_PREFIX_ENV, settings_env
+from indexer.celery_app import settings_env
 from muse.vectorstore import VectorStore
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def _muse(settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUSE_")}
     env.update(settings_env(settings))
-    env.pop(QUEUE_PREFIX_ENV, None)
+    env.pop("MUSE_QUEUE_PREFIX", None)
     return subprocess.run(
         [sys.executable, "-m", "muse_cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )

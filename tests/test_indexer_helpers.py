@@ -31,7 +31,7 @@ def make_tiny_world(settings: Settings):  # noqa: ANN201 - muse.data.format.Data
 
 def ref_of(settings: Settings, dataset_name: str, source: str = SOURCE, version: int | None = None):  # noqa: ANN201
     """The CollectionRef a backfill of ``source`` (its latest version unless given) for a dataset writes."""
-    from indexer.sources import get_version
+    from indexer.source_registry import get_version
     from muse.vectorstore import CollectionRef
 
     return CollectionRef(dataset_name, source, version or get_version(settings, source).version)
@@ -39,7 +39,7 @@ def ref_of(settings: Settings, dataset_name: str, source: str = SOURCE, version:
 
 def register_random_encoder(settings: Settings, name: str = SOURCE) -> None:
     """Save a seeded, untrained muse-tiny encoder as the next version of source ``name``."""
-    from indexer.sources import register_untrained_encoder
+    from indexer.checkpoints import register_untrained_encoder
 
     register_untrained_encoder(settings, name, seed=0)
 

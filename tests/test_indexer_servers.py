@@ -17,8 +17,8 @@ from test_indexer_helpers import (
     worker_log,
 )
 
-from indexer import jobs
-from indexer.celery_app import QUEUE_PREFIX_ENV, WorkerProcess
+from indexer import jobs, worker_context
+from indexer.celery_app import WorkerProcess
 from muse.data.simworld import generate_simworld
 from muse.settings import load_settings
 from muse.vectorstore import VectorStore
@@ -28,11 +28,11 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.milvus_server
 
 
 @pytest.fixture
-def server_settings(tmp_path, postgres_url, milvus_server_uri, redis_url, unique_prefix, monkeypatch):
+def server_settings(tmp_path, postgres_url, milvus_server_uri, redis_url, unique_prefix):
     """Server settings; the queues get a per-test prefix so tests never take each other's messages."""
-    monkeypatch.setenv(QUEUE_PREFIX_ENV, f"{unique_prefix}-")
     settings = load_settings(
         env={}, data_dir=tmp_path / "muse-data", device="cpu", database_url=postgres_url,
+        queue_prefix=f"{unique_prefix}-",
         milvus_uri=milvus_server_uri, milvus_prefix=unique_prefix, broker_url=redis_url,
         backfill_lease_s=5.0,  # the SIGKILLed worker's chunk is re-sent 5 s after its last renewal
     )
@@ -43,7 +43,7 @@ def server_settings(tmp_path, postgres_url, milvus_server_uri, redis_url, unique
         for name in store.list_collections():  # every collection of this test's prefix
             store.client.drop_collection(name)
         store.close()
-        jobs._apps.clear()
+        worker_context.reset()
         import redis
 
         client = redis.Redis.from_url(redis_url)
@@ -72,7 +72,7 @@ def start_worker(server_settings, tmp_path):
 
 
 def _assert_vectors_match_direct_encode(settings, dataset, store, source, item_ids):
-    from indexer.sources import encode_items
+    from indexer.encode import encode_items
 
     found, stored = store.get_item_vectors(ref_of(settings, dataset.name, source), item_ids)
     direct = encode_items(settings, source, dataset, item_ids)
@@ -122,7 +122,7 @@ def test_backfill_then_sigkill_resume_with_a_corrupt_image(server_settings, star
     assert killed.status == "running" and killed.items_processed < killed.items_total
 
     worker = start_worker()
-    jobs.resume_job(settings, job_id)
+    jobs.enqueue_job(settings, job_id)
     progress = wait_for_job(settings, job_id, timeout=240)
     assert progress.status == "done", worker_log(worker.log_path)
 

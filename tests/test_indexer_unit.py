@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from test_indexer_helpers import SOURCE, corrupt_image, expected_behaviours, make_tiny_world, ref_of
 
-from indexer import backfill, jobs
+from indexer import backfill, jobs, worker_context
 from indexer.celery_app import (
     BEHAVIOURS_TASK,
     ENCODE_TASK,
-    QUEUE_PREFIX_ENV,
     celery_config,
     queue_name,
     settings_env,
@@ -25,8 +24,8 @@ from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import load_settings
 
 
-def test_celery_config_is_reliable_and_embedded(settings, monkeypatch):
-    monkeypatch.delenv(QUEUE_PREFIX_ENV, raising=False)
+def test_celery_config_is_reliable_and_embedded(settings):
+    assert settings.queue_prefix == ""
     conf = celery_config(settings)
     assert conf["task_acks_late"] is True
     assert conf["task_reject_on_worker_lost"] is True
@@ -38,8 +37,11 @@ def test_celery_config_is_reliable_and_embedded(settings, monkeypatch):
     assert conf["broker_url"] == "filesystem://"
     for key in ("data_folder_in", "data_folder_out", "processed_folder"):
         assert opts[key].startswith(str(settings.broker_dir.absolute()))
-    monkeypatch.setenv(QUEUE_PREFIX_ENV, "t1-")
-    assert celery_config(settings)["task_routes"][ENCODE_TASK]["queue"] == "t1-gpu"
+    prefixed = load_settings(env={"MUSE_QUEUE_PREFIX": "t1-"}, data_dir=settings.data_dir, device="cpu")
+    assert prefixed.queue_prefix == "t1-"
+    assert celery_config(prefixed)["task_routes"][ENCODE_TASK]["queue"] == "t1-gpu"
+    assert celery_config(settings, queue_prefix="t2-")["task_routes"][ENCODE_TASK]["queue"] == "t2-gpu"
+    assert queue_name("cpu", prefixed.queue_prefix) == "t1-cpu"
     with pytest.raises(ConfigurationError, match="'tpu'"):
         queue_name("tpu")
 
@@ -54,8 +56,7 @@ def world(settings):
     try:
         yield settings, dataset
     finally:
-        backfill.close_stores()  # release the Milvus Lite file
-        backfill.reset_process_caches()
+        worker_context.reset()  # closes the Milvus clients: releases the Milvus Lite file
 
 
 def _chunks(settings, job_id):
@@ -124,7 +125,7 @@ def test_chunks_in_process_are_idempotent_and_fail_only_the_corrupt_item(world):
     assert attempts[first_items] == 2
 
     # The stored vector is the encoder's output for that item.
-    from indexer.sources import encode_items
+    from indexer.encode import encode_items
 
     ids = dataset.item_ids()[:3]
     found, stored = store.get_item_vectors(ref, ids)
@@ -162,7 +163,7 @@ def test_enqueue_cancel_resume_bookkeeping(world):
     assert jobs.job_progress(settings, job_id).status == "cancelled"
     assert backfill.run_chunk(settings, sent[0][1]) is None  # workers skip a cancelled job
 
-    assert jobs.resume_job(settings, job_id) == 2
+    assert jobs.enqueue_job(settings, job_id) == 2
     for _, chunk_id in queued_messages(settings, consume=True):
         backfill.run_chunk(settings, chunk_id)
         jobs.advance_job(settings, job_id)
@@ -177,7 +178,7 @@ def test_enqueue_cancel_resume_bookkeeping(world):
     assert progress.status == "done"
     assert progress.items_written == dataset.n_items
     assert progress.behaviours_written == expected_behaviours(dataset)
-    assert jobs.resume_job(settings, job_id) == 0
+    assert jobs.enqueue_job(settings, job_id) == 0
     assert queued_messages(settings) == []
 
 
@@ -192,6 +193,40 @@ def test_worker_cli_rejects_bad_options(settings, capsys, monkeypatch):
     monkeypatch.delenv("MUSE_MILVUS_URI", raising=False)
     assert main(["worker", "--concurrency", "2"]) == 2  # Milvus Lite: one process only
     assert "Milvus Lite" in capsys.readouterr().err
+
+
+def test_the_worker_is_started_through_the_indexer_stage(caplog):
+    """Workers run ``python -m indexer.worker`` (no dependency on the CLI); it checks its options
+    like ``muse worker`` does."""
+    from indexer.celery_app import worker_command
+    from indexer.worker import main
+
+    cmd = worker_command(("gpu",), concurrency=2, pool="solo")
+    assert cmd[1:3] == ["-m", "indexer.worker"] and "muse_cli" not in " ".join(cmd)
+    assert cmd[3:] == ["--queues", "gpu", "--concurrency", "2", "--pool", "solo", "--loglevel", "INFO"]
+    assert main(["--queues", "gpu,tpu"]) == 2
+    assert "'tpu'" in caplog.text
+
+
+def test_process_state_is_one_worker_context(world):
+    """The encoder is loaded once per process (one cache, shared by the encoding API and the
+    backfill), like the Milvus client, the dataset and the producer app; start() begins afresh."""
+    from indexer.encode import load_encoder
+
+    settings, dataset = world
+    ctx = worker_context.current()
+    assert worker_context.current() is ctx
+    encoder = backfill.get_encoder(settings, SOURCE)
+    assert load_encoder(settings, SOURCE) is encoder and len(ctx.encoders) == 1
+    assert backfill.get_store(settings) is ctx.store(settings)
+    assert jobs.get_app(settings) is jobs.get_app(settings) and len(ctx.apps) == 1
+    assert ctx.dataset(str(dataset.path)) is ctx.dataset(str(dataset.path))
+    ids, cats = ctx.item_table(str(dataset.path))
+    np.testing.assert_array_equal(ids, dataset.item_ids())
+    np.testing.assert_array_equal(backfill.categories_of(str(dataset.path), np.array([ids[5], -7])), [cats[5], -1])
+    ctx.close_stores()
+    fresh = worker_context.start()
+    assert fresh is not ctx and worker_context.current() is fresh and not fresh.encoders
 
 
 def test_retry_policy():
@@ -230,7 +265,7 @@ def test_failing_chunk_fails_the_job_and_resume_finishes_it(world):
     assert _chunks(settings, job_id)[0][4] == "failed"
 
     hidden.rename(items)
-    assert jobs.resume_job(settings, job_id) == 1
+    assert jobs.enqueue_job(settings, job_id) == 1
     (_, chunk_id), = queued_messages(settings, consume=True)
     assert app.tasks[ENCODE_TASK].apply(args=[chunk_id]).successful()
     progress = jobs.job_progress(settings, job_id)
@@ -272,3 +307,66 @@ def test_import_source_scl_taobao(world):
     found, stored = store.get_item_vectors(ref, ids[[0, 150]])
     expected = vectors[[0, 150]] / np.linalg.norm(vectors[[0, 150]], axis=1, keepdims=True)
     np.testing.assert_allclose(stored, expected, atol=1e-6)
+
+
+def test_item_vectors_equal_the_backfilled_milvus_vectors(world):
+    """Training reads a (dataset, source, version)'s vectors through indexer.item_vectors; serving
+    reads the backfilled Milvus collection. Both hold the same vectors, and the same items lack one."""
+    from indexer.item_vectors import item_vectors
+    from muse.arrays import lookup
+
+    settings, dataset = world
+    bad_item = int(dataset.item_ids()[11])
+    corrupt_image(dataset, bad_item)
+    job_id = jobs.create_job(settings, SOURCE, dataset.name, chunk_size=250, behaviours=False)
+    for chunk_id, *_ in _chunks(settings, job_id):
+        backfill.run_chunk(settings, chunk_id)
+    ref = ref_of(settings, dataset.name)
+    table = item_vectors(settings, ref)  # the CollectionRef names (dataset, source, version)
+    np.testing.assert_array_equal(table.item_ids, dataset.item_ids())
+    found, stored = backfill.get_store(settings).get_item_vectors(ref, table.item_ids)
+    assert sorted(found.tolist()) == sorted(table.item_ids[table.present].tolist())
+    assert bad_item not in found.tolist() and not table.present[lookup(table.item_ids, [bad_item])[0]]
+    np.testing.assert_allclose(stored, table.vectors[lookup(table.item_ids, found)], atol=1e-5)
+
+
+def test_stale_item_vector_cache_is_rebuilt_with_a_warning(world, caplog):
+    import logging
+    import os
+    from pathlib import Path
+
+    from indexer.item_vectors import cache_path, item_vectors
+    from indexer.source_registry import get_version
+
+    settings, dataset = world
+    row = get_version(settings, SOURCE)
+    first = item_vectors(settings, SOURCE, dataset)
+    cache = cache_path(settings, row, dataset)
+    assert cache.exists()
+    caplog.set_level(logging.INFO, logger="indexer.item_vectors")
+    again = item_vectors(settings, SOURCE, dataset)
+    np.testing.assert_array_equal(again.vectors, first.vectors)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # fresh: read as it is
+
+    # The version's checkpoint was rewritten: the cache no longer matches it.
+    ckpt = Path(row.checkpoint_path)
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    caplog.clear()
+    rebuilt = item_vectors(settings, SOURCE, dataset)
+    stale = [r for r in caplog.records if r.levelno == logging.WARNING and "stale" in r.getMessage()]
+    assert stale and "key changed" in stale[0].getMessage() and "checkpoint" in stale[0].getMessage()
+    np.testing.assert_allclose(rebuilt.vectors, first.vectors, atol=1e-6)
+    caplog.clear()
+    item_vectors(settings, SOURCE, dataset)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # rebuilt with the new key
+
+    # A cache whose key matches but whose item ids are not the dataset's is stale too.
+    with np.load(cache) as z:
+        parts = {k: z[k] for k in z.files}
+    parts["item_ids"] = parts["item_ids"][::-1].copy()
+    np.savez(cache, **parts)
+    caplog.clear()
+    fixed = item_vectors(settings, SOURCE, dataset)
+    assert any("item ids changed" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    np.testing.assert_array_equal(fixed.item_ids, dataset.item_ids())

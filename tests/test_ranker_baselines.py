@@ -43,12 +43,14 @@ def test_generator_writes_the_raw_schema_and_the_oracle(synth, tmp_path: Path) -
 
 
 def test_sim_hard_with_the_papers_esu_beats_the_id_only_esu(synth) -> None:
+    from indexer.item_vectors import item_vectors
     from muse.data.taobao_mm import SCL_SOURCE
     from ranker.train import RankTrainConfig, train
 
     settings, info = synth
     cfg = RankTrainConfig(batch_size=100, seed=0)
-    paper = train(settings, "sim-hard", "tb-synth", source=SCL_SOURCE, train_config=cfg, record=False)
+    paper = train(settings, "sim-hard", "tb-synth", source=SCL_SOURCE, train_config=cfg, record=False,
+                  vectors=item_vectors(settings, SCL_SOURCE, "tb-synth"))
     classic = train(settings, "sim-hard", "tb-synth", esu="ta", train_config=cfg, record=False)
     g_paper, g_ta = paper.metrics["overall"]["gauc"], classic.metrics["overall"]["gauc"]
     print(f"sim-hard GAUC paper ESU {g_paper:.4f}, --esu ta {g_ta:.4f}, oracle {info['oracle']['test']['gauc']:.4f}")

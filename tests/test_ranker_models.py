@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from indexer.item_vectors import item_vectors
 from muse.errors import ConfigurationError, DataError
 from muse.settings import Settings, load_settings
 from ranker.data import iter_impression_batches, open_builder
@@ -60,7 +61,12 @@ def _builder(world: tuple[Settings, str], name: str, **overrides):
     settings, dataset = world
     ds = Dataset.open(settings, dataset)
     config = make_config(name, **{**FAST, **overrides})
-    return ds, config, open_builder(settings, ds, model_class(name).retrieval, config, SOURCE)
+    return ds, config, open_builder(ds, model_class(name).retrieval, config, item_vectors(settings, SOURCE, ds))
+
+
+def _vectors_for(settings: Settings):  # noqa: ANN202 - ranker.data.VectorsFor
+    """What the CLI injects: the embedding stage's item_vectors."""
+    return lambda source, dataset: item_vectors(settings, source, dataset)
 
 
 def test_unknown_names_and_keys_are_rejected() -> None:
@@ -168,6 +174,38 @@ def test_muse_needs_a_source(world) -> None:
         train(settings, "din", dataset, record=False)
     with pytest.raises(ConfigurationError, match="not an ESU of DINConfig"):
         train(settings, "din", dataset, esu="sa-ta", record=False)
+    with pytest.raises(ConfigurationError, match="pass them as vectors="):  # the ranker never loads them
+        train(settings, "muse", dataset, source=SOURCE, record=False)
+    with pytest.raises(DataError, match="item vectors"):
+        from muse.data.format import Dataset
+
+        open_builder(Dataset.open(settings, dataset), "multimodal", make_config("muse"), None)
+
+
+@pytest.mark.parametrize("name", ["din", "muse"])
+def test_train_runs_on_the_resolved_device(world, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The model and its batches are on ``settings.resolve_device()`` while training (CPU here;
+    MUSE_TEST_DEVICE=cuda on a GPU machine); the checkpoint is written from CPU tensors."""
+    import dataclasses
+    import os
+
+    import ranker.train as rt
+
+    settings, dataset = world
+    settings = dataclasses.replace(settings, device=os.environ.get("MUSE_TEST_DEVICE", "cpu"))
+    seen: list[str] = []
+    real = rt.train_steps
+
+    def spy(model, builder, batches, cfg, progress=None):  # noqa: ANN001, ANN202
+        seen.append(str(rt.model_device(model)))
+        return real(model, builder, batches, cfg, progress)
+
+    monkeypatch.setattr(rt, "train_steps", spy)
+    res = rt.train(settings, name, dataset, source=SOURCE, model_overrides=dict(FAST), record=False,
+                   train_config=RankTrainConfig(batch_size=64, max_train=128, max_eval=64),
+                   vectors=item_vectors(settings, SOURCE, dataset))
+    assert seen and all(d.startswith(settings.resolve_device()) for d in seen), seen
+    assert res.losses and np.isfinite(res.losses).all()
 
 
 #: model -> (short attention, long attention, SimTier on the retrieved K, SimTier on the recent 50)
@@ -225,8 +263,9 @@ def test_train_eval_record_and_score(world, name: str) -> None:
     from ranker.train import train
 
     settings, dataset = world
+    vectors = item_vectors(settings, SOURCE, dataset)
     res = train(settings, name, dataset, source=SOURCE, model_overrides=dict(FAST),
-                train_config=RankTrainConfig(batch_size=64, lr_dense=2e-3))
+                train_config=RankTrainConfig(batch_size=64, lr_dense=2e-3), vectors=vectors)
     info = get_run(settings, res.run_id)
     assert info.status == "done" and info.model == name and Path(info.checkpoint_path).exists()
     assert info.source == SOURCE and info.esu == make_config(name).esu  # every default ESU uses the vectors
@@ -235,19 +274,19 @@ def test_train_eval_record_and_score(world, name: str) -> None:
     assert overall["n"] > 100 and 0 < overall["auc"] < 1 and 0 < overall["gauc"] < 1
     assert math.isfinite(overall["logloss"]) and "long_tail" in res.metrics and "long_history" in res.metrics
     assert len(res.losses) >= 15 and np.isfinite(res.losses).all()  # (loss falling: test above)
-    again = evaluate_run(settings, res.run_id)
+    again = evaluate_run(settings, res.run_id, vectors_for=_vectors_for(settings))
     assert again["overall"]["gauc"] == pytest.approx(overall["gauc"], abs=1e-9)
 
     if name == "muse":
         return  # scored through the retriever in test_muse_scoring_through_the_retriever
-    ranker = Ranker.load(settings, res.run_id)
+    ranker = Ranker.load(settings, res.run_id, vectors_for=_vectors_for(settings))
     loaded = load_checkpoint(info.checkpoint_path)
     user = int(ranker.histories.user_ids[3])
     candidates = np.unique(ranker.space.items.values[::7])[:40]
     from muse.data.format import Dataset
 
-    builder = open_builder(settings, Dataset.open(settings, dataset), loaded.model.retrieval,
-                           loaded.model.config, SOURCE, loaded.space)
+    builder = open_builder(Dataset.open(settings, dataset), loaded.model.retrieval,
+                           loaded.model.config, vectors, loaded.space)
     offline = predict(loaded.model, builder, [{"user_id": np.full(len(candidates), user), "item_id": candidates,
                                                "label": np.zeros(len(candidates)),
                                                "hist_len": np.full(len(candidates), 10**9)}])
@@ -270,11 +309,12 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
     base, dataset = world
     settings = load_settings(env={}, data_dir=base.data_dir, device="cpu", milvus_uri=milvus_server_uri,
                              milvus_prefix=unique_prefix, search_consistency="Strong")  # reads its writes
+    vectors = item_vectors(settings, SOURCE, dataset)
     res = train(settings, "muse", dataset, source=SOURCE, model_overrides=dict(FAST),
-                train_config=RankTrainConfig(batch_size=64, lr_dense=2e-3, max_train=256, max_eval=64))
+                train_config=RankTrainConfig(batch_size=64, lr_dense=2e-3, max_train=256, max_eval=64), vectors=vectors)
     loaded = load_checkpoint(get_run(settings, res.run_id).checkpoint_path)
     ds = Dataset.open(settings, dataset)
-    builder = open_builder(settings, ds, "multimodal", loaded.model.config, SOURCE, loaded.space)
+    builder = open_builder(ds, "multimodal", loaded.model.config, vectors, loaded.space)
     table = builder.vectors
     users = builder.histories.user_ids[:3]
     store = VectorStore(settings)
@@ -395,7 +435,8 @@ def test_taobao_mm_demo_trains_with_shipped_scl_vectors(tmp_path: Path) -> None:
     db.upgrade(settings)
     ds = import_taobao_mm(settings, demo)
     for name in ("din", "muse"):
-        res = train(settings, name, ds.name, source="scl-taobao", train_config=RankTrainConfig(batch_size=4))
+        res = train(settings, name, ds.name, source="scl-taobao", train_config=RankTrainConfig(batch_size=4),
+                    vectors=item_vectors(settings, "scl-taobao", ds))
         assert res.losses and np.isfinite(res.losses).all()
         assert res.metrics["overall"]["n"] > 0 and math.isfinite(res.metrics["overall"]["logloss"])
 

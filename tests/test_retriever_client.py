@@ -193,3 +193,22 @@ def test_cli_search_prints_json_and_table(populated, monkeypatch, capsys) -> Non
     assert "[4242] not found" in capsys.readouterr().err
     assert main([*args, "--k", "0"]) == 2
     assert "k must be an integer in 1..16384, got 0" in capsys.readouterr().err
+
+
+def test_target_vectors_missing_zero_gives_zero_rows(populated) -> None:
+    """The ranker's scoring reads candidates' vectors through the view: unknown items and items
+    stored without a vector give zero rows with ``missing="zero"`` (an error by default)."""
+    settings, _, item_vecs, _ = populated
+    with Retriever.from_settings(SOURCE, settings, dataset=DATASET) as r:
+        view = r.view()
+        ids = [int(ITEMS[3]), 4242, 1009, int(ITEMS[3])]
+        got = view.target_vectors(ids, missing="zero")
+        assert got.shape == (4, DIM) and got.dtype == np.float32
+        np.testing.assert_allclose(got[0], item_vecs[3], atol=1e-6)
+        np.testing.assert_array_equal(got[1], 0.0)
+        np.testing.assert_array_equal(got[2], 0.0)
+        np.testing.assert_array_equal(got[3], got[0])
+        with pytest.raises(NotFoundError, match=r"\[4242\] not found"):
+            view.target_vectors(ids)
+        with pytest.raises(ConfigurationError, match="missing='skip'"):
+            view.target_vectors(ids, missing="skip")

@@ -93,3 +93,10 @@ def test_env_var_list_matches_fields():
 
     names = {f.name for f in fields(Settings)}
     assert set(ENV_VARS.values()) <= names
+
+
+def test_queue_prefix_is_a_setting(tmp_path: Path):
+    """MUSE_QUEUE_PREFIX is read like every other variable (empty by default); an override wins."""
+    assert load_settings(env={}, data_dir=tmp_path).queue_prefix == ""
+    assert load_settings(env={"MUSE_QUEUE_PREFIX": "prod-"}, data_dir=tmp_path).queue_prefix == "prod-"
+    assert load_settings(env={"MUSE_QUEUE_PREFIX": "prod-"}, data_dir=tmp_path, queue_prefix="t-").queue_prefix == "t-"

@@ -52,13 +52,13 @@ def ship_vectors(settings: Settings, name: str, seed: int) -> None:
 
 def new_version(settings: Settings, name: str, seed: int) -> int:
     """Ship new vectors for dataset ``name`` and register them as the next version of the source."""
-    from indexer import sources
+    from indexer import source_registry
     from muse.data.format import Dataset
 
     ship_vectors(settings, name, seed)
     path = Dataset.open(settings, name).embeddings_path(SOURCE)
-    version = sources.next_version(settings, SOURCE)
-    sources.register_version(settings, SOURCE, version, kind="imported", dim=DIM, dataset_name=name,
+    version = source_registry.next_version(settings, SOURCE)
+    source_registry.register_version(settings, SOURCE, version, kind="imported", dim=DIM, dataset_name=name,
                              checkpoint_path=path, config={"file": str(path)}, metrics={})
     return version
 
@@ -325,7 +325,7 @@ def test_cli_list_promote_rollback_and_legacy_adopt(world, monkeypatch, capsys) 
     store.client.insert(legacy["items"], [{"item_id": i, "category": 0, "vector": vec[i].tolist()} for i in range(5)])
     store.client.insert(legacy["behaviours"], [{"pk": i, "user_id": 8, "item_id": i, "position": i,
                                                 "vector": vec[i].tolist()} for i in range(5)])
-    from indexer.sources import register_untrained_encoder
+    from indexer.checkpoints import register_untrained_encoder
 
     i2i = register_untrained_encoder(settings, "i2i", seed=0)
     with session_scope(settings) as session:

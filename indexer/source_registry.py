@@ -1,0 +1,168 @@
+"""The embedding-source registry: source names and the ``embedding_sources`` rows of their versions.
+
+Sources (see ``docs/embeddings.md``):
+
+- ``scl``, ``i2i``, ``openclip``: open_clip encoders trained on different pairs (kind ``trained``);
+- ``id``: learned item-ID embeddings, the no-multimodal baseline (kind ``id``);
+- ``scl-taobao``: vectors shipped with a dataset in ``embeddings/scl-taobao.parquet`` (kind ``imported``).
+
+Each training creates a new version (a row in ``embedding_sources``) with its checkpoint under
+``settings.path("embeddings", name, f"v{version}")`` (:func:`source_dir`); older versions stay usable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from muse import models
+from muse.db import session_scope
+from muse.errors import ConfigurationError, NotFoundError
+from muse.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRAINED_SOURCES = ("scl", "i2i", "openclip")
+ID_SOURCE = "id"
+IMPORTED_SOURCES = ("scl-taobao",)
+SOURCES = TRAINED_SOURCES + (ID_SOURCE,) + IMPORTED_SOURCES
+
+
+def check_source(name: str) -> str:
+    """Return ``name`` if it is a known source, else raise :class:`ConfigurationError` listing them."""
+    if name not in SOURCES:
+        raise ConfigurationError(f"embedding source {name!r} is unknown; valid: {', '.join(SOURCES)}")
+    return name
+
+
+def source_dir(settings: Settings, name: str, version: int) -> Path:
+    """Folder of one source version (checkpoint and vector caches)."""
+    return settings.path("embeddings", name, f"v{version}")
+
+
+# --- registry (the embedding_sources table) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceVersion:
+    """A detached copy of one ``embedding_sources`` row."""
+
+    id: int
+    name: str
+    version: int
+    kind: str
+    dim: int
+    dataset_id: int | None
+    checkpoint_path: str | None
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: models.EmbeddingSource) -> SourceVersion:
+        return cls(
+            row.id, row.name, row.version, row.kind, row.dim, row.dataset_id,
+            row.checkpoint_path, dict(row.config or {}), dict(row.metrics or {}),
+        )
+
+
+def check_registry(settings: Settings) -> None:
+    """Raise :class:`ConfigurationError` unless the database has the ``embedding_sources`` table."""
+    from sqlalchemy import inspect
+
+    from muse.db import check_database, get_engine
+
+    check_database(settings)
+    if not inspect(get_engine(settings)).has_table("embedding_sources"):
+        raise ConfigurationError(
+            f"database {settings.database_url!r} has no embedding_sources table; run `muse db upgrade`"
+        )
+
+
+def next_version(settings: Settings, name: str) -> int:
+    """The version number the next registration of ``name`` will get (1 for the first)."""
+    with session_scope(settings) as s:
+        current = s.scalar(select(func.max(models.EmbeddingSource.version)).where(models.EmbeddingSource.name == name))
+    return int(current or 0) + 1
+
+
+def dataset_row_id(settings: Settings, dataset_name: str) -> int | None:
+    """Id of the ``datasets`` row of ``dataset_name`` (None when it is not registered)."""
+    with session_scope(settings) as s:
+        return s.scalar(select(models.Dataset.id).where(models.Dataset.name == dataset_name))
+
+
+def register_version(
+    settings: Settings,
+    name: str,
+    version: int,
+    *,
+    kind: str,
+    dim: int,
+    dataset_name: str | None,
+    checkpoint_path: Path | None,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+) -> SourceVersion:
+    """Insert one ``embedding_sources`` row and return it."""
+    check_source(name)
+    dataset_id = dataset_row_id(settings, dataset_name) if dataset_name else None
+    with session_scope(settings) as s:
+        row = models.EmbeddingSource(
+            name=name, version=version, kind=kind, dim=dim, dataset_id=dataset_id,
+            checkpoint_path=str(checkpoint_path) if checkpoint_path else None,
+            config=config, metrics=metrics,
+        )
+        s.add(row)
+        s.flush()
+        out = SourceVersion.from_row(row)
+    log.info("registered embedding source %s v%d (%s)", name, version, kind)
+    return out
+
+
+def list_versions(settings: Settings, name: str | None = None) -> list[SourceVersion]:
+    """Every registered version (of one source when ``name`` is given), by name then version."""
+    with session_scope(settings) as s:
+        q = select(models.EmbeddingSource).order_by(models.EmbeddingSource.name, models.EmbeddingSource.version)
+        if name is not None:
+            q = q.where(models.EmbeddingSource.name == name)
+        return [SourceVersion.from_row(r) for r in s.scalars(q)]
+
+
+def get_version(settings: Settings, name: str, version: int | None = None) -> SourceVersion:
+    """One version of a source (the latest when ``version`` is None).
+
+    Raises:
+        NotFoundError: the source has no such version (the message says how to create one).
+    """
+    check_source(name)
+    versions = list_versions(settings, name)
+    if not versions:
+        hint = (
+            "it is imported on first use from a dataset that ships embeddings/scl-taobao.parquet"
+            if name in IMPORTED_SOURCES
+            else f"train one with `muse embed train --source {name} --dataset NAME`"
+        )
+        raise NotFoundError(f"embedding source {name!r} has no version yet; {hint}")
+    if version is None:
+        return versions[-1]
+    for v in versions:
+        if v.version == version:
+            return v
+    raise NotFoundError(
+        f"embedding source {name!r} has no version {version}; available: {[v.version for v in versions]}"
+    )
+
+
+def update_metrics(settings: Settings, source_id: int, key: str, value: Any) -> None:
+    """Set ``metrics[key] = value`` on one source row (other keys kept)."""
+    with session_scope(settings) as s:
+        row = s.get(models.EmbeddingSource, source_id)
+        if row is None:
+            raise NotFoundError(f"embedding source row id {source_id} does not exist")
+        metrics = dict(row.metrics or {})
+        metrics[key] = value
+        row.metrics = metrics  # reassign: JSON columns do not track in-place changes
