@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from ranker.layers.rows import chunked
 from ranker.models.base import CTRModel, Retrieved, retrieved_from_history
+from retriever.kernels import TopK, gsu_topk
 
 
 class SIMHard(CTRModel):
@@ -24,10 +26,13 @@ class SIMSoft(CTRModel):
     retrieval = "history"
 
     def retrieve(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> Retrieved:
-        from retriever.kernels import gsu_topk
 
         ids, mask = batch["history"], batch["history_mask"]  # [B, L, 2], [B, L]
+        k, target = min(self.config.k, ids.shape[1]), target.detach()
+
+        def search(rows: slice) -> TopK:  # rows of the batch are independent: chunks stay in cache
+            return gsu_topk(target[rows], self.embeddings.seq(ids[rows]), k, valid=mask[rows])  # [b, K]
+
         with torch.no_grad():  # the search is not differentiable; only the ESU learns from it
-            hist = self.embeddings.seq(ids)  # [B, L, 2D]
-            top = gsu_topk(target.detach(), hist, min(self.config.k, ids.shape[1]), valid=mask)
+            top = chunked(ids.shape[0], ids.shape[1] * self.embeddings.seq_dim * 4, search)
         return retrieved_from_history(batch, top.indices, top.valid)
