@@ -287,7 +287,7 @@ class BatchBuilder:
         idx = seq[..., 0]  # [B, L]
         ok = mask & table.present[idx] & table.present[target[:, 0]].unsqueeze(1)  # [B, L]
         sim = torch.empty(idx.shape)  # [B, L]
-        for rows in row_chunks(idx.shape[0], idx.shape[1] * table.dim * 4):  # [b, L, d] gathers stay in cache
+        for rows in row_chunks(idx.shape[0], idx.shape[1] * table.dim * 4, device=idx.device):  # in cache
             sim[rows] = torch.einsum("bd,bld->bl", target_vec[rows], table.gather(idx[rows], scratch=True))
         return sim.masked_fill_(~ok, 0.0), ok
 
@@ -304,7 +304,7 @@ class BatchBuilder:
             return gsu_topk(target_vec[rows], table.gather(hist_idx[rows], scratch=True), self.k,
                             valid=valid[rows], normalized=True)
 
-        top = chunked(hist_idx.shape[0], hist_idx.shape[1] * table.dim * 4, search)  # [B, K]
+        top = chunked(hist_idx.shape[0], hist_idx.shape[1] * table.dim * 4, search, device=hist_idx.device)
         long = torch.gather(history, 1, top.indices.unsqueeze(-1).expand(-1, -1, 2))  # [B, K, 2]
         return {"long": long, "long_mask": top.valid, "long_sim": top.scores,
                 **self._recent_sim(target_vec, batch)}

@@ -22,6 +22,8 @@ def test_row_chunks_cover_every_row_once() -> None:
     assert [(s.start, s.stop) for s in row_chunks(10, 100, budget=300)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert [(s.start, s.stop) for s in row_chunks(3, 10**9, budget=1)] == [(0, 1), (1, 2), (2, 3)]
     assert [(s.start, s.stop) for s in row_chunks(0, 100)] == [(0, 0)]  # an empty batch: one empty chunk
+    assert [(s.start, s.stop) for s in row_chunks(10, 100, budget=300, device=torch.device("meta"))] == [(0, 10)]
+    assert len(list(row_chunks(10, 100, budget=300, device=torch.device("cpu")))) == 4
     x = torch.arange(12.0).view(6, 2)
     top = chunked(6, 8, lambda r: gsu_topk(x[r], x[r].unsqueeze(1).expand(-1, 3, -1), 2), budget=16)
     whole = gsu_topk(x, x.unsqueeze(1).expand(-1, 3, -1), 2)

@@ -75,11 +75,10 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, str]:
 
 def test_the_probe_times_every_count_on_the_heaviest_model(small, monkeypatch: pytest.MonkeyPatch) -> None:
     from bench.ranker import SOURCE
-    from ranker.train import TrainConfig
 
     settings, dataset = small
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    cfg = TrainConfig(batch_size=32)
+    cfg = None  # the default train config: batches of 256
     overrides = {"k": 10, "tower": (16, 8), "recent_len": 10}
     rates = rc.probe_thread_rates(settings, dataset, ["din", "twin"], [SOURCE], None, cfg, overrides, [1, 2], 2)
     assert set(rates) == {1, 2} and all(r > 0 for r in rates.values())

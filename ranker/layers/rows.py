@@ -19,9 +19,13 @@ import torch
 CHUNK_BYTES = 2 << 20
 
 
-def row_chunks(n_rows: int, row_bytes: int, budget: int | None = None) -> Iterator[slice]:
+def row_chunks(n_rows: int, row_bytes: int, budget: int | None = None,
+               device: torch.device | None = None) -> Iterator[slice]:
     """Consecutive slices covering ``range(n_rows)``, each of at most ``max(1, budget // row_bytes)``
-    rows (``budget`` default: :data:`CHUNK_BYTES`)."""
+    rows (``budget`` default: :data:`CHUNK_BYTES`). On an accelerator (``device`` not the CPU) one
+    slice: there the launches of many small kernels cost more than the memory traffic saved."""
+    if device is not None and torch.device(device).type != "cpu":
+        budget = n_rows * max(1, int(row_bytes))
     step = max(1, (CHUNK_BYTES if budget is None else budget) // max(1, int(row_bytes)))
     if n_rows <= 0:  # one empty chunk, so that callers still get correctly shaped (empty) results
         yield slice(0, 0)
@@ -30,13 +34,13 @@ def row_chunks(n_rows: int, row_bytes: int, budget: int | None = None) -> Iterat
 
 
 def chunked(n_rows: int, row_bytes: int, fn: Callable[[slice], tuple[torch.Tensor, ...]],
-            budget: int | None = None) -> tuple[torch.Tensor, ...]:
+            budget: int | None = None, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
     """``fn(rows)`` for every chunk of :func:`row_chunks`, each output concatenated along dim 0.
 
     ``fn`` returns a tuple (e.g. a :class:`retriever.kernels.TopK`) of tensors whose first axis is
     the chunk's rows; the result has the same type with ``n_rows`` rows.
     """
-    parts = [fn(rows) for rows in row_chunks(n_rows, row_bytes, budget)]
+    parts = [fn(rows) for rows in row_chunks(n_rows, row_bytes, budget, device)]
     if len(parts) == 1:
         return parts[0]
     joined = [torch.cat(field, dim=0) for field in zip(*parts, strict=True)]

@@ -41,5 +41,5 @@ class SIMSoft(CTRModel):
             return gsu_topk(target[rows], hist, k, valid=valid, normalized=True)  # [b, K]
 
         with torch.no_grad():  # the search is not differentiable; only the ESU learns from it
-            top = chunked(ids.shape[0], ids.shape[1] * self.embeddings.seq_dim * 4, search)
+            top = chunked(ids.shape[0], ids.shape[1] * self.embeddings.seq_dim * 4, search, device=ids.device)
         return retrieved_from_history(batch, top.indices, top.valid)

@@ -26,5 +26,6 @@ class TWIN(CTRModel):
             return (logits.masked_fill_(~mask[rows], MASK_LOGIT).topk(k, dim=1).indices,)  # [b, K]
 
         with torch.no_grad():  # consistent scoring: the ESU's logits, but no gradient through the search
-            (indices,) = chunked(ids.shape[0], ids.shape[1] * attention.out_dim * 4, search)  # [B, K]
+            (indices,) = chunked(ids.shape[0], ids.shape[1] * attention.out_dim * 4, search,
+                                  device=ids.device)  # [B, K]
         return retrieved_from_history(batch, indices, torch.gather(mask, 1, indices))
