@@ -286,7 +286,7 @@ class BatchBuilder:
         target_vec = table.gather(target[:, 0])  # [B, d]
         idx = seq[..., 0]  # [B, L]
         ok = mask & table.present[idx] & table.present[target[:, 0]].unsqueeze(1)  # [B, L]
-        sim = torch.empty(idx.shape)  # [B, L]
+        sim = torch.empty(idx.shape, device=target_vec.device)  # [B, L]
         for rows in row_chunks(idx.shape[0], idx.shape[1] * table.dim * 4, device=idx.device):  # in cache
             sim[rows] = torch.einsum("bd,bld->bl", target_vec[rows], table.gather(idx[rows], scratch=True))
         return sim.masked_fill_(~ok, 0.0), ok

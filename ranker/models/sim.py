@@ -29,7 +29,6 @@ class SIMSoft(CTRModel):
     retrieval = "history"
 
     def retrieve(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> Retrieved:
-
         ids, mask = batch["history"], batch["history_mask"]  # [B, L, 2], [B, L]
         k, target = min(self.config.k, ids.shape[1]), l2_normalise(target.detach())
 
