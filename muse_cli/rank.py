@@ -285,14 +285,13 @@ def _compare(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigurationError(f"--seeds {args.seeds} must be >= 1")
     cfg = _train_config(args)
-    threads = args.threads
-    if threads is None:
-        from ranker.compare import pick_threads
+    from ranker.compare import pick_threads
 
-        threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args),
-                               vectors_for=_vectors_for(settings))
-        if not args.json:
-            print(f"torch threads: {threads} (the faster of 1 and 2 on a short probe)", flush=True)
+    threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args),
+                           requested=args.threads, vectors_for=_vectors_for(settings))
+    if not args.json:
+        how = "--threads" if args.threads is not None else "the faster of 1 and 2 on a short probe"
+        print(f"torch threads: {threads} ({how})", flush=True)
 
     def show(row: Any) -> None:
         if not args.json:

@@ -400,11 +400,55 @@ def _vectors_of(vectors_for: VectorsFor | None, source: str | None, dataset: str
 def pick_threads(settings: Settings, dataset: str, models: Sequence[str] | None, sources: Sequence[str],
                  esus: Sequence[str] | None, train_config: RankTrainConfig | None = None,
                  model_overrides: dict[str, Any] | None = None, candidates: Sequence[int] = (1, 2),
-                 steps: int = 6, vectors_for: VectorsFor | None = None) -> int:
-    """Time a few training steps of the comparison's heaviest model with each torch thread count of
-    ``candidates`` (up to the CPU count) and set and return the fastest. On a shared machine two
-    threads can be several times slower than one (spin-waiting on a busy core)."""
+                 steps: int = 6, requested: int | None = None,
+                 vectors_for: VectorsFor | None = None) -> int:
+    """The torch thread count for a comparison, set (``torch.set_num_threads``) and returned.
+
+    ``requested`` (``--threads N``) is used as given, without a probe. Otherwise each count of
+    ``candidates`` up to the CPU count is timed on ``steps`` training steps of the comparison's
+    heaviest model (a whole-history GSU if there is one), in two interleaved rounds (1, 2, 2, 1) so
+    that a change of load during the probe favours neither, and the fastest is kept. On a shared
+    machine two threads can be several times slower than one: the batch builder runs in its own
+    thread, and an intra-op thread that waits for a busy core stalls every step.
+
+    Raises:
+        ConfigurationError: ``requested`` is not a positive integer.
+    """
+    import torch
+
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ConfigurationError(f"--threads {requested!r} must be a positive integer")
+        torch.set_num_threads(requested)
+        log.info("compare: %d torch thread(s), as requested", requested)
+        return requested
+    counts = thread_candidates(candidates)
+    if len(counts) == 1:
+        torch.set_num_threads(counts[0])
+        return counts[0]
+    rates = probe_thread_rates(settings, dataset, models, sources, esus, train_config, model_overrides, counts, steps,
+                               vectors_for)
+    best = max(counts, key=lambda n: rates[n])  # ties: the fewer threads
+    log.info("compare: training samples/s by torch threads: %s; using %d", {n: round(r) for n, r in rates.items()},
+             best)
+    torch.set_num_threads(best)
+    return best
+
+
+def thread_candidates(candidates: Sequence[int] = (1, 2)) -> list[int]:
+    """The distinct positive counts of ``candidates`` that do not exceed the CPU count (at least [1])."""
     import os
+
+    cpus = os.cpu_count() or 1
+    return sorted({int(n) for n in candidates if 1 <= int(n) <= cpus}) or [1]
+
+
+def probe_thread_rates(settings: Settings, dataset: str, models: Sequence[str] | None, sources: Sequence[str],
+                       esus: Sequence[str] | None, train_config: RankTrainConfig | None,
+                       model_overrides: dict[str, Any] | None, counts: Sequence[int], steps: int,
+                       vectors_for: VectorsFor | None = None) -> dict[int, float]:
+    """Training samples/s of the comparison's heaviest model with each torch thread count of ``counts``
+    (full pipeline, as :func:`ranker.train.train_steps` runs it), over two interleaved rounds."""
     import time
 
     import torch
@@ -415,28 +459,27 @@ def pick_threads(settings: Settings, dataset: str, models: Sequence[str] | None,
     from ranker.train import train_steps
 
     cfg = train_config or RankTrainConfig()
-    counts = [n for n in candidates if n <= (os.cpu_count() or 1)] or [1]
-    if len(counts) == 1:
-        torch.set_num_threads(counts[0])
-        return counts[0]
     todo = plan(list(models or list_models()), list(sources), esus)
     model, esu, source = max(todo, key=lambda t: model_class(t[0]).retrieval == "history")  # whole-history GSU
     config = make_config(model, **{**dict(model_overrides or {}), "esu": esu})
     ds = Dataset.open(settings, dataset)
     vectors = _vectors_of(vectors_for, source, dataset, {}) if source and config.needs_vectors else None
     builder = open_builder(ds, model_class(model).retrieval, config, vectors)
-    batches = list(iter_impression_batches(ds, "train", cfg.batch_size, limit=cfg.batch_size * (steps + 2)))
-    rates: dict[int, float] = {}
-    for n in counts:
-        torch.set_num_threads(n)
-        torch.manual_seed(0)
-        net = build_model(model, FeatureSpec(builder.space.vocab_sizes(), builder.space.user_fields), config)
-        train_steps(net, builder, batches[:2], cfg)  # warm-up
-        started = time.perf_counter()
-        _, k, _ = train_steps(net, builder, batches[2:], cfg)
-        rates[n] = k / max(time.perf_counter() - started, 1e-9)
-    best = max(rates, key=lambda n: rates[n])
-    log.info("compare: training samples/s by torch threads on %s: %s; using %d", model,
-             {n: round(r) for n, r in rates.items()}, best)
-    torch.set_num_threads(best)
-    return best
+    half = max(1, (steps + 1) // 2)
+    batches = list(iter_impression_batches(ds, "train", cfg.batch_size, limit=cfg.batch_size * (half + 1)))
+    samples = {n: 0 for n in counts}
+    seconds = {n: 0.0 for n in counts}
+    nets = {}
+    for order in (list(counts), list(reversed(counts))):
+        for n in order:
+            torch.set_num_threads(n)
+            if n not in nets:
+                torch.manual_seed(0)
+                nets[n] = build_model(model, FeatureSpec(builder.space.vocab_sizes(), builder.space.user_fields),
+                                      config)
+                train_steps(nets[n], builder, batches[:1], cfg)  # warm-up
+            started = time.perf_counter()
+            _, k, _ = train_steps(nets[n], builder, batches[1:], cfg)
+            samples[n] += k
+            seconds[n] += time.perf_counter() - started
+    return {n: samples[n] / max(seconds[n], 1e-9) for n in counts}

@@ -22,7 +22,8 @@ import torch
 
 from muse.arrays import lookup_sorted
 from muse.errors import ConfigurationError, DataError, NotFoundError
-from retriever.kernels import gsu_topk, l2_normalise
+from ranker.layers.rows import chunked, row_chunks
+from retriever.kernels import TopK, gsu_topk, l2_normalise
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +280,10 @@ class BatchBuilder:
         target_vec = table.gather(target[:, 0])  # [B, d]
         idx = seq[..., 0]  # [B, L]
         ok = mask & table.present[idx] & table.present[target[:, 0]].unsqueeze(1)  # [B, L]
-        sim = torch.einsum("bd,bld->bl", target_vec, table.gather(idx, scratch=True))  # [B, L]
-        return torch.where(ok, sim, torch.zeros_like(sim)), ok
+        sim = torch.empty(idx.shape, device=target_vec.device)  # [B, L]
+        for rows in row_chunks(idx.shape[0], idx.shape[1] * table.dim * 4, device=idx.device):  # in cache
+            sim[rows] = torch.einsum("bd,bld->bl", target_vec[rows], table.gather(idx[rows], scratch=True))
+        return sim.masked_fill_(~ok, 0.0), ok
 
     def _multimodal(self, history: torch.Tensor, mask: torch.Tensor,
                     batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -290,8 +293,12 @@ class BatchBuilder:
         target_ok = table.present[batch["target"][:, 0]].unsqueeze(1)  # [B, 1]: no vector -> no search
         hist_idx = history[..., 0]  # [B, L]
         valid = mask & table.present[hist_idx] & target_ok  # [B, L]
-        hist_vec = table.gather(hist_idx, scratch=True)  # [B, L, d], only read by the kernel
-        top = gsu_topk(target_vec, hist_vec, self.k, valid=valid, normalised=True)
+
+        def search(rows: slice) -> TopK:  # [b, L, d] vectors, only read by the kernel, stay in cache
+            return gsu_topk(target_vec[rows], table.gather(hist_idx[rows], scratch=True), self.k,
+                            valid=valid[rows], normalised=True)
+
+        top = chunked(hist_idx.shape[0], hist_idx.shape[1] * table.dim * 4, search, device=hist_idx.device)
         long = torch.gather(history, 1, top.indices.unsqueeze(-1).expand(-1, -1, 2))  # [B, K, 2]
         return {"long": long, "long_mask": top.valid, "long_sim": top.scores,
                 **self._recent_sim(target_vec, batch)}

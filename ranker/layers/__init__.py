@@ -6,12 +6,14 @@
 - :mod:`ranker.layers.dice`: the Dice activation.
 - :mod:`ranker.layers.mlp`: the MLP tower that turns features into a click logit.
 - :mod:`ranker.layers.embeddings`: the ID/feature embedding tables.
+- :mod:`ranker.layers.rows`: row chunks that keep the whole-history searches in cache.
 """
 
 from ranker.layers.attention import DinAttention, DotProductTargetAttention, masked_mean, masked_softmax
 from ranker.layers.dice import Dice
 from ranker.layers.embeddings import FeatureEmbeddings
 from ranker.layers.mlp import MLPTower
+from ranker.layers.rows import chunked, row_chunks
 from ranker.layers.sata import SemanticAwareTargetAttention
 from ranker.layers.simtier import SimTier
 
@@ -23,6 +25,8 @@ __all__ = [
     "MLPTower",
     "SemanticAwareTargetAttention",
     "SimTier",
+    "chunked",
     "masked_mean",
     "masked_softmax",
+    "row_chunks",
 ]

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import torch
 
+from ranker.layers.rows import chunked
 from ranker.models.base import CTRModel, Retrieved, retrieved_from_history
+from retriever.kernels import TopK, gsu_topk, l2_normalise
+
+#: ``l2_normalise``'s floor on the norm
+NORM_EPS = 1e-12
 
 
 class SIMHard(CTRModel):
@@ -24,10 +29,16 @@ class SIMSoft(CTRModel):
     retrieval = "history"
 
     def retrieve(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> Retrieved:
-        from retriever.kernels import gsu_topk
-
         ids, mask = batch["history"], batch["history_mask"]  # [B, L, 2], [B, L]
+        k, target = min(self.config.k, ids.shape[1]), l2_normalise(target.detach())
+
+        def search(rows: slice) -> TopK:  # rows of the batch are independent: chunks stay in cache
+            hist = self.embeddings.seq(ids[rows])  # [b, L, 2D]
+            norm = torch.linalg.vector_norm(hist, dim=-1, keepdim=True)  # [b, L, 1]
+            valid = mask[rows] & (norm[..., 0] > 0)  # an all-zero row (padding) has no direction
+            hist.div_(norm.clamp_min_(NORM_EPS))  # what l2_normalise does, in place
+            return gsu_topk(target[rows], hist, k, valid=valid, normalised=True)  # [b, K]
+
         with torch.no_grad():  # the search is not differentiable; only the ESU learns from it
-            hist = self.embeddings.seq(ids)  # [B, L, 2D]
-            top = gsu_topk(target.detach(), hist, min(self.config.k, ids.shape[1]), valid=mask)
+            top = chunked(ids.shape[0], ids.shape[1] * self.embeddings.seq_dim * 4, search, device=ids.device)
         return retrieved_from_history(batch, top.indices, top.valid)

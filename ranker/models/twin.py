@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ranker.layers.attention import MASK_LOGIT
+from ranker.layers.rows import chunked
 from ranker.models.base import CTRModel, Retrieved, retrieved_from_history
 
 
@@ -18,8 +19,13 @@ class TWIN(CTRModel):
     def retrieve(self, batch: dict[str, torch.Tensor], target: torch.Tensor) -> Retrieved:
         ids, mask = batch["history"], batch["history_mask"]  # [B, L, 2], [B, L]
         k = min(self.config.k, ids.shape[1])
+        attention = self.long_attention
+
+        def search(rows: slice) -> tuple[torch.Tensor]:  # rows are independent: chunks stay in cache
+            logits = attention.logits(target[rows], self.embeddings.seq(ids[rows]))  # [b, L]
+            return (logits.masked_fill_(~mask[rows], MASK_LOGIT).topk(k, dim=1).indices,)  # [b, K]
+
         with torch.no_grad():  # consistent scoring: the ESU's logits, but no gradient through the search
-            logits = self.long_attention.logits(target, self.embeddings.seq(ids))  # [B, L]
-            logits = logits.masked_fill(~mask, MASK_LOGIT)
-            _, indices = logits.topk(k, dim=1)  # [B, K]
+            (indices,) = chunked(ids.shape[0], ids.shape[1] * attention.out_dim * 4, search,
+                                  device=ids.device)  # [B, K]
         return retrieved_from_history(batch, indices, torch.gather(mask, 1, indices))
