@@ -74,15 +74,21 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, str]:
 
 
 def test_the_probe_times_every_count_on_the_heaviest_model(small, monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
     from bench.ranker import SOURCE
+    from indexer.item_vectors import item_vectors
 
     settings, dataset = small
+    vectors_for = functools.partial(item_vectors, settings)  # what the CLI hands the ranker
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     cfg = None  # the default train config: batches of 256
     overrides = {"k": 10, "tower": (16, 8), "recent_len": 10}
-    rates = rc.probe_thread_rates(settings, dataset, ["din", "twin"], [SOURCE], None, cfg, overrides, [1, 2], 2)
+    rates = rc.probe_thread_rates(settings, dataset, ["din", "twin"], [SOURCE], None, cfg, overrides, [1, 2], 2,
+                                  vectors_for)
     assert set(rates) == {1, 2} and all(r > 0 for r in rates.values())
-    picked = rc.pick_threads(settings, dataset, ["din", "twin"], [SOURCE], None, cfg, overrides, steps=2)
+    picked = rc.pick_threads(settings, dataset, ["din", "twin"], [SOURCE], None, cfg, overrides, steps=2,
+                             vectors_for=vectors_for)
     assert picked in (1, 2) and torch.get_num_threads() == picked
 
 
