@@ -1,0 +1,160 @@
+"""What each embedding source's nearest neighbours share, measured against the simworld ground truth.
+
+Two measurements per source (the latest trained version of each, from ``$MUSE_DATA_DIR``):
+
+1. **Item neighbours**: for a sample of items (uniform over the catalogue, and weighted as the test
+   impressions are), the share of each item's top-``k`` cosine neighbours (all items, itself
+   excluded) that share each latent attribute of the generator: top category, leaf, colour, shape,
+   pattern, style, brand and the interest key (leaf x colour) that the click model rewards. A
+   ``chance`` row gives the share for random pairs.
+2. **What the GSU retrieves**: for test impressions whose click model matched a lifelong facet that
+   is in the user's visible history, the user's history before the impression (newest
+   ``--max-history``) is ranked by cosine to the candidate, as MUSE's GSU does; printed: the share
+   of the top ``--gsu-k`` on the candidate's interest key (precision), the share of the history's
+   key items it finds (recall, of at most ``gsu-k``), the same for the leaf and the colour, and a
+   ``recent`` row (the newest ``gsu-k`` behaviours) and a ``truth`` row (the key items first: the
+   best any GSU can do).
+
+    MUSE_DATA_DIR=... python -m bench.neighbours --dataset simworld-small-0
+    python -m bench.neighbours --dataset simworld-small-0 --sources scl,id --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+ATTRS = ("top", "leaf", "colour", "shape", "pattern", "style", "brand", "key")
+SOURCES = ("id", "openclip", "i2i", "scl")
+
+
+def _neighbour_shares(vec: np.ndarray, attrs: dict[str, np.ndarray], rows: np.ndarray, k: int) -> dict[str, float]:
+    """Mean share of the top-``k`` cosine neighbours of ``rows`` sharing each attribute."""
+    out = {a: 0.0 for a in ATTRS}
+    for start in range(0, len(rows), 256):
+        sel = rows[start : start + 256]
+        sims = vec[sel] @ vec.T  # [b, n]
+        sims[np.arange(len(sel)), sel] = -np.inf
+        top = np.argpartition(-sims, k, axis=1)[:, :k]  # [b, k]
+        for a in ATTRS:
+            out[a] += float((attrs[a][top] == attrs[a][sel][:, None]).mean(axis=1).sum())
+    return {a: v / len(rows) for a, v in out.items()}
+
+
+def _gsu_stats(score: np.ndarray, hist_attr: dict[str, np.ndarray], cand: dict[str, int], gsu_k: int) -> dict[str, tuple[float, float]]:
+    """(precision, recall) of the top ``gsu_k`` by ``score`` for key, leaf and colour."""
+    top = np.argsort(-score, kind="stable")[:gsu_k]
+    res = {}
+    for a in ("key", "leaf", "colour"):
+        same = hist_attr[a] == cand[a]
+        n_same = int(same.sum())
+        hit = int(same[top].sum())
+        res[a] = (hit / len(top), hit / max(1, min(gsu_k, n_same)))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="simworld-small-0")
+    ap.add_argument("--sources", default=",".join(SOURCES))
+    ap.add_argument("--k", type=int, default=10, help="item neighbours (default 10)")
+    ap.add_argument("--n-items", type=int, default=1000, help="items sampled per measurement (default 1000)")
+    ap.add_argument("--n-impressions", type=int, default=1000, help="test impressions for the GSU part")
+    ap.add_argument("--gsu-k", type=int, default=50)
+    ap.add_argument("--max-history", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = ap.parse_args()
+    os.environ.setdefault("MUSE_DEVICE", "cpu")
+
+    import pyarrow.parquet as pq
+
+    from indexer.sources import item_vector_table
+    from muse.data.format import Dataset
+    from muse.settings import load_settings
+
+    settings = load_settings()
+    ds = Dataset.open(settings, args.dataset)
+    truth = pq.read_table(ds.truth_path("items")).to_pandas().sort_values("item_id")
+    item_ids = truth["item_id"].to_numpy()
+    attrs = {a: truth[a].to_numpy() for a in ATTRS}
+    pos = {int(i): r for r, i in enumerate(item_ids.tolist())}
+    rng = np.random.default_rng(args.seed)
+    n = len(item_ids)
+
+    imps = pq.read_table(ds.path / "impressions").to_pandas()
+    timp = pq.read_table(ds.truth_path("impressions")).to_pandas()
+    test = imps["split"].to_numpy() == "test"
+    test_items = np.array([pos[int(i)] for i in imps.loc[test, "item_id"].tolist()])
+    samples = {
+        "uniform": rng.choice(n, size=min(args.n_items, n), replace=False),
+        "impression-weighted": rng.choice(test_items, size=args.n_items, replace=True),
+    }
+
+    # impressions for the GSU part: clicks explained by a lifelong facet whose key is in the history
+    sel = np.flatnonzero(test & (timp["explained_by"].to_numpy() == "lifelong") & timp["key_in_history"].to_numpy())
+    sel = rng.choice(sel, size=min(args.n_impressions, len(sel)), replace=False)
+    hist = ds.histories_table().to_pandas()
+    user_hist = {int(u): np.asarray(h, np.int64) for u, h in zip(hist["user_id"], hist["item_ids"])}
+    cases = []
+    for r in sel.tolist():
+        h = user_hist[int(imps["user_id"].iat[r])][: int(imps["hist_len"].iat[r])][-args.max_history :]
+        rows = np.array([pos[int(i)] for i in h.tolist()], np.int64)
+        cases.append((pos[int(imps["item_id"].iat[r])], rows))
+
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    result: dict = {"dataset": args.dataset, "k": args.k, "gsu_k": args.gsu_k, "neighbours": {}, "gsu": {}}
+    chance = {a: float((attrs[a][rng.integers(0, n, 20000)] == attrs[a][rng.integers(0, n, 20000)]).mean()) for a in ATTRS}
+    vectors = {}
+    for s in sources:
+        table = item_vector_table(settings, s, ds)
+        p = {int(i): r for r, i in enumerate(table.item_ids.tolist())}
+        v = np.zeros((n, table.vectors.shape[1]), np.float32)
+        for i, iid in enumerate(item_ids.tolist()):
+            v[i] = table.vectors[p[iid]]
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        vectors[s] = v
+
+    for name, rows in samples.items():
+        print(f"\n## top-{args.k} item neighbours sharing each attribute ({name} sample of {len(rows)} items)\n")
+        print("| source | " + " | ".join(ATTRS) + " |")
+        print("|---" * (len(ATTRS) + 1) + "|")
+        res = {"chance": chance}
+        for s in sources:
+            res[s] = _neighbour_shares(vectors[s], attrs, rows, args.k)
+        for s, d in res.items():
+            print(f"| {s} | " + " | ".join(f"{d[a]:.3f}" for a in ATTRS) + " |", flush=True)
+        result["neighbours"][name] = res
+
+    print(f"\n## GSU top-{args.gsu_k} of the history (newest {args.max_history}) for {len(cases)} test impressions "
+          "explained by a lifelong facet in the history\n")
+    print("| GSU | key precision | key recall | leaf precision | leaf recall | colour precision | colour recall |")
+    print("|---|---|---|---|---|---|---|")
+    gsus = ["recent", "truth"] + sources
+    for g in gsus:
+        acc = {a: np.zeros(2) for a in ("key", "leaf", "colour")}
+        for cand, rows in cases:
+            ha = {a: attrs[a][rows] for a in ("key", "leaf", "colour")}
+            ca = {a: int(attrs[a][cand]) for a in ("key", "leaf", "colour")}
+            if g == "recent":
+                score = np.arange(len(rows), dtype=np.float64)
+            elif g == "truth":
+                score = (ha["key"] == ca["key"]) * 2.0 + (ha["leaf"] == ca["leaf"]) + np.arange(len(rows)) / 1e6
+            else:
+                score = vectors[g][rows] @ vectors[g][cand]
+            for a, (pr, rc) in _gsu_stats(score, ha, ca, args.gsu_k).items():
+                acc[a] += (pr, rc)
+        d = {a: (acc[a] / len(cases)).tolist() for a in acc}
+        result["gsu"][g] = d
+        print(f"| {g} | " + " | ".join(f"{d[a][0]:.3f} | {d[a][1]:.3f}" for a in ("key", "leaf", "colour")) + " |",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
