@@ -14,6 +14,12 @@ Two measurements per source (the latest trained version of each, from ``$MUSE_DA
    key items it finds (recall, of at most ``gsu-k``), the same for the leaf and the colour, and a
    ``recent`` row (the newest ``gsu-k`` behaviours) and a ``truth`` row (the key items first: the
    best any GSU can do).
+3. **How much the similarities alone rank a user's candidates**: for every test impression of up to
+   ``--n-users`` test users (with a click and a non-click), a score from the candidate's cosines to
+   the history only (the mean of its top-10 cosines, as SimTier's upper tiers see them); printed:
+   the GAUC of that score against the clicks, the GAUC with the true click probability as the
+   score (the ceiling), and the mean top-10 cosine of key / leaf-only / colour-only / unrelated
+   candidates (how well the similarity separates what the click model rewards from what it does not).
 
     MUSE_DATA_DIR=... python -m bench.neighbours --dataset simworld-small-0
     python -m bench.neighbours --dataset simworld-small-0 --sources scl,id --json out.json
@@ -65,6 +71,7 @@ def main() -> None:
     ap.add_argument("--n-impressions", type=int, default=1000, help="test impressions for the GSU part")
     ap.add_argument("--gsu-k", type=int, default=50)
     ap.add_argument("--max-history", type=int, default=1000)
+    ap.add_argument("--n-users", type=int, default=400, help="test users for the similarity-GAUC part")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
@@ -150,6 +157,60 @@ def main() -> None:
         d = {a: (acc[a] / len(cases)).tolist() for a in acc}
         result["gsu"][g] = d
         print(f"| {g} | " + " | ".join(f"{d[a][0]:.3f} | {d[a][1]:.3f}" for a in ("key", "leaf", "colour")) + " |",
+              flush=True)
+    # 3. the similarities as a ranking score of each user's test candidates
+    test_rows = np.flatnonzero(test)
+    users = imps["user_id"].to_numpy()[test_rows]
+    labels = imps["label"].to_numpy()[test_rows]
+    per_user: dict[int, list[int]] = {}
+    for r, u in zip(test_rows.tolist(), users.tolist()):
+        per_user.setdefault(int(u), []).append(r)
+    eligible = [u for u, rs in per_user.items() if 0 < imps["label"].to_numpy()[rs].sum() < len(rs)]
+    chosen = rng.choice(np.array(eligible), size=min(args.n_users, len(eligible)), replace=False).tolist()
+    del users, labels
+    lab_all = imps["label"].to_numpy()
+    p_all = timp["p_click"].to_numpy()
+    print(f"\n## The candidate's top-10 cosines to the history as a score: GAUC over {len(chosen)} test users\n")
+    print("| score | GAUC (clicks) | mean top-10 cos: key match | leaf only | colour only | unrelated |")
+    print("|---|---|---|---|---|---|")
+    result["sim_gauc"] = {}
+
+    def gauc(scores: dict[int, np.ndarray]) -> float:
+        num = den = 0.0
+        for u in chosen:
+            rs = per_user[u]
+            y, sc = lab_all[rs], scores[u]
+            pos, neg = sc[y == 1], sc[y == 0]
+            auc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+            num += auc * len(rs)
+            den += len(rs)
+        return num / den
+
+    print(f"| p_click (ceiling) | {gauc({u: p_all[per_user[u]] for u in chosen}):.4f} | | | | |")
+    for s in sources:
+        v = vectors[s]
+        scores, kinds = {}, {"key": [], "leaf": [], "colour": [], "none": []}
+        for u in chosen:
+            out = []
+            for r in per_user[u]:
+                h = user_hist[u][: int(imps["hist_len"].iat[r])][-args.max_history :]
+                c = pos[int(imps["item_id"].iat[r])]
+                if len(h) == 0:
+                    out.append(0.0)
+                    continue
+                rows = np.array([pos[int(i)] for i in h.tolist()], np.int64)
+                cos = v[rows] @ v[c]
+                val = float(np.sort(cos)[-10:].mean())
+                out.append(val)
+                hk, hl, hc = attrs["key"][rows], attrs["leaf"][rows], attrs["colour"][rows]
+                kind = ("key" if (hk == attrs["key"][c]).any() else "leaf" if (hl == attrs["leaf"][c]).any()
+                        else "colour" if (hc == attrs["colour"][c]).any() else "none")
+                kinds[kind].append(val)
+            scores[u] = np.array(out)
+        g = gauc(scores)
+        means = {k: float(np.mean(x)) if x else float("nan") for k, x in kinds.items()}
+        result["sim_gauc"][s] = {"gauc": g, **means}
+        print(f"| {s} | {g:.4f} | " + " | ".join(f"{means[k]:.3f}" for k in ("key", "leaf", "colour", "none")) + " |",
               flush=True)
     if args.json:
         with open(args.json, "w") as f:
