@@ -13,7 +13,8 @@ Two measurements per source (the latest trained version of each, from ``$MUSE_DA
    of the top ``--gsu-k`` on the candidate's interest key (precision), the share of the history's
    key items it finds (recall, of at most ``gsu-k``), the same for the leaf and the colour, and a
    ``recent`` row (the newest ``gsu-k`` behaviours) and a ``truth`` row (the key items first: the
-   best any GSU can do).
+   best any GSU can do), and the SimTier tier gap: the mean tier (``ceil(cos * 10)``, the ranker's
+   0.1-wide bins) of the retrieved items on the key minus that of the other retrieved items.
 3. **How much the similarities alone rank a user's candidates**: for every test impression of up to
    ``--n-users`` test users (with a click and a non-click), a score from the candidate's cosines to
    the history only (the mean of its top-10 cosines, as SimTier's upper tiers see them); printed:
@@ -138,11 +139,13 @@ def main() -> None:
 
     print(f"\n## GSU top-{args.gsu_k} of the history (newest {args.max_history}) for {len(cases)} test impressions "
           "explained by a lifelong facet in the history\n")
-    print("| GSU | key precision | key recall | leaf precision | leaf recall | colour precision | colour recall |")
-    print("|---|---|---|---|---|---|---|")
+    print("| GSU | key precision | key recall | leaf precision | leaf recall | colour precision | colour recall "
+          "| SimTier tier gap key - other |")
+    print("|---|---|---|---|---|---|---|---|")
     gsus = ["recent", "truth"] + sources
     for g in gsus:
         acc = {a: np.zeros(2) for a in ("key", "leaf", "colour")}
+        gaps = []  # mean SimTier tier (ceil(cos * 10)) of the top-k items on the key minus the others'
         for cand, rows in cases:
             ha = {a: attrs[a][rows] for a in ("key", "leaf", "colour")}
             ca = {a: int(attrs[a][cand]) for a in ("key", "leaf", "colour")}
@@ -152,12 +155,19 @@ def main() -> None:
                 score = (ha["key"] == ca["key"]) * 2.0 + (ha["leaf"] == ca["leaf"]) + np.arange(len(rows)) / 1e6
             else:
                 score = vectors[g][rows] @ vectors[g][cand]
+                top = np.argsort(-score, kind="stable")[: args.gsu_k]
+                on_key = ha["key"][top] == ca["key"]
+                if on_key.any() and not on_key.all():
+                    tiers = np.ceil(np.clip(score[top], -1, 1) * 10)
+                    gaps.append(float(tiers[on_key].mean() - tiers[~on_key].mean()))
             for a, (pr, rc) in _gsu_stats(score, ha, ca, args.gsu_k).items():
                 acc[a] += (pr, rc)
         d = {a: (acc[a] / len(cases)).tolist() for a in acc}
+        d["tier_gap"] = float(np.mean(gaps)) if gaps else None
         result["gsu"][g] = d
-        print(f"| {g} | " + " | ".join(f"{d[a][0]:.3f} | {d[a][1]:.3f}" for a in ("key", "leaf", "colour")) + " |",
-              flush=True)
+        gap = "-" if d["tier_gap"] is None else f"{d['tier_gap']:.2f}"
+        print(f"| {g} | " + " | ".join(f"{d[a][0]:.3f} | {d[a][1]:.3f}" for a in ("key", "leaf", "colour"))
+              + f" | {gap} |", flush=True)
     # 3. the similarities as a ranking score of each user's test candidates
     test_rows = np.flatnonzero(test)
     users = imps["user_id"].to_numpy()[test_rows]
