@@ -181,7 +181,9 @@ def test_streaming_batches_do_not_change_bytes(module_settings: Settings) -> Non
 def test_images_show_the_leaf_through_their_label(tiny: Dataset) -> None:
     """The leaf half of an interest key is visible: every image carries its leaf's label band
     (the same for every item of a leaf, different between leaves, unchanged by a horizontal flip)."""
-    from muse.data.simworld_images import LABEL_ROWS, leaf_label_digits
+    from muse.data.simworld_images import IMAGE_VERSION, LABEL_ROWS, leaf_label_digits
+
+    assert tiny.meta["image_version"] == IMAGE_VERSION == 2
 
     assert len({tuple(d) for d in leaf_label_digits(np.arange(64)).tolist()}) == 64
     truth = pq.read_table(tiny.truth_path("items")).to_pandas()

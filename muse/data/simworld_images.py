@@ -20,6 +20,9 @@ from PIL import Image
 from muse.data.simworld_items import Catalogue
 from muse.data.simworld_vocab import COLOURS
 
+#: Version of the rendering, recorded in a simworld's ``meta.json`` as ``image_version``: 2 = with the
+#: leaf label (a dataset without the key was rendered without it).
+IMAGE_VERSION = 2
 #: The leaf label: a band of ``LABEL_ROWS`` share of the image height across the top, cut into 5
 #: cells with grey levels (a, b, c, b, a), a palindrome so that a horizontal flip keeps it; the three
 #: digits (base 4) are a fixed permutation of the leaf index, so leaves up to 64 get distinct labels.
