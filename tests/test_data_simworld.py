@@ -176,3 +176,30 @@ def test_streaming_batches_do_not_change_bytes(module_settings: Settings) -> Non
     assert one.histories_table().equals(many.histories_table())
     assert pq.read_table(one.path / "impressions").equals(pq.read_table(many.path / "impressions"))
     assert pq.ParquetFile(many.path / "histories" / "part-00000.parquet").metadata.num_row_groups > 1
+
+
+def test_images_show_the_leaf_through_their_label(tiny: Dataset) -> None:
+    """The leaf half of an interest key is visible: every image carries its leaf's label band
+    (the same for every item of a leaf, different between leaves, unchanged by a horizontal flip)."""
+    from muse.data.simworld_images import IMAGE_VERSION, LABEL_ROWS, leaf_label_digits
+
+    assert tiny.meta["image_version"] == IMAGE_VERSION == 2
+
+    assert len({tuple(d) for d in leaf_label_digits(np.arange(64)).tolist()}) == 64
+    truth = pq.read_table(tiny.truth_path("items")).to_pandas()
+    leaf_of = dict(zip(truth["item_id"].tolist(), truth["leaf"].tolist()))
+    ids = truth["item_id"].tolist()[:120]
+    rows = max(1, round(LABEL_ROWS * 64))
+    bands: dict[int, list[np.ndarray]] = {}
+    for iid, data in tiny.load_images(ids).items():
+        band = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32)[1 : rows - 1].mean(axis=(0, 2))
+        centres = ((np.arange(5) + 0.5) * 64 / 5).astype(int)
+        cells = np.array([band[c - 3 : c + 3].mean() for c in centres])  # [5] grey per cell, noise averaged
+        assert np.allclose(cells, cells[::-1], atol=12)  # a palindrome: flips keep it
+        bands.setdefault(leaf_of[iid], []).append(cells)
+    means = {leaf: np.mean(v, axis=0) for leaf, v in bands.items()}
+    for leaf, v in bands.items():
+        assert all(np.abs(c - means[leaf]).max() < 12 for c in v)  # same leaf, same label
+    leaves = sorted(means)
+    assert len(leaves) > 3
+    assert all(np.abs(means[a] - means[b]).max() > 40 for i, a in enumerate(leaves) for b in leaves[i + 1 :])

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from muse.data.format import COMPRESSION, Dataset, DatasetWriter, check_name, datasets_root
 from muse.data.simworld_config import WorldConfig, world_config
-from muse.data.simworld_images import render_batch
+from muse.data.simworld_images import IMAGE_VERSION, render_batch
 from muse.data.simworld_items import Catalogue, make_catalogue, make_pools
 from muse.data.simworld_users import EXPLAINED, RECENT, UserSim, simulate_user
 from muse.settings import Settings
@@ -278,6 +278,7 @@ def generate_simworld(
         split_time=split_time,
         recent_window=RECENT,
         truth_files=["items", "facets", "impressions"],
+        image_version=IMAGE_VERSION,
     )
     log.info(
         "simworld %s: %d items, %d users, %d behaviours, %d impressions in %.1fs",

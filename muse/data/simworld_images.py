@@ -1,5 +1,11 @@
 """Rendering of item images: a shape in the item's colour, filled with its pattern, on a background
-that shows its style, with random placement, size, rotation, lighting and pixel noise.
+that shows its style, with random placement, size, rotation, lighting and pixel noise, and a label
+band along the top that shows the item's leaf category (what kind of product it is).
+
+The leaf label exists because 50 leaf categories share only 6 shapes: without it an image shows
+the colour half of an interest key (leaf x colour) but not the leaf half, so no image encoder can
+find the old behaviours on a user's key (measured with ``python -m bench.neighbours``; see
+docs/ranker.md, "The paper's Table 1 at the ranker level").
 
 Rendering is vectorised over a batch of items; each image is then PNG-encoded with Pillow.
 """
@@ -14,6 +20,14 @@ from PIL import Image
 from muse.data.simworld_items import Catalogue
 from muse.data.simworld_vocab import COLOURS
 
+#: Version of the rendering, recorded in a simworld's ``meta.json`` as ``image_version``: 2 = with the
+#: leaf label (a dataset without the key was rendered without it).
+IMAGE_VERSION = 2
+#: The leaf label: a band of ``LABEL_ROWS`` share of the image height across the top, cut into 5
+#: cells with grey levels (a, b, c, b, a), a palindrome so that a horizontal flip keeps it; the three
+#: digits (base 4) are a fixed permutation of the leaf index, so leaves up to 64 get distinct labels.
+LABEL_ROWS = 0.16
+_LABEL_GREYS = np.array([20.0, 100.0, 180.0, 250.0], dtype=np.float32)
 NOISE_POOL = 16  # distinct noise fields per batch (x4 orientations)
 _COLOUR_RGB = np.array([rgb for _, rgb in COLOURS], dtype=np.float32)  # [n_colours, 3]
 # background colour per style: classic light, modern dark, vintage sepia, sporty pale blue, cute pastel pink
@@ -68,6 +82,19 @@ def _by_group(groups: np.ndarray, fn, *arrays: np.ndarray) -> np.ndarray:  # noq
     return out
 
 
+def leaf_label_digits(leaf: np.ndarray) -> np.ndarray:
+    """int64 [n, 3]: the label digits (0..3) of each leaf index; distinct for leaves 0..63."""
+    code = (np.asarray(leaf, dtype=np.int64) * 29 + 7) % 64  # a bijection of 0..63
+    return np.stack([code // 16, (code // 4) % 4, code % 4], axis=1)
+
+
+def _leaf_label(leaf: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    """(grey level [B, size] per column, rows) of the label band of each item."""
+    digits = leaf_label_digits(leaf)[:, [0, 1, 2, 1, 0]]  # [B, 5], palindrome
+    cell = np.minimum(np.arange(size) * 5 // size, 4)  # [size] column -> cell
+    return _LABEL_GREYS[digits[:, cell]], max(1, round(LABEL_ROWS * size))
+
+
 def render_batch(rng: np.random.Generator, cat: Catalogue, index: np.ndarray, size: int) -> list[bytes]:
     """PNG bytes for the items at ``index`` (catalogue rows), one ``size`` x ``size`` RGB image each."""
     b = len(index)
@@ -104,6 +131,8 @@ def render_batch(rng: np.random.Generator, cat: Catalogue, index: np.ndarray, si
     bg[vintage] += amp * np.sin(xx * 7 + yy * 5)[None, ..., None]
 
     img = np.where(mask, fg, bg)
+    grey, rows = _leaf_label(cat.leaf[index], size)  # drawn over the top rows, object included
+    img[:, :rows] = grey[:, None, :, None]
     # sensor noise: a small pool of noise fields, each image takes one in one of 4 orientations
     pool = rng.standard_normal((NOISE_POOL, size, size, 3), dtype=f32) * f32(6.0)  # [P, H, W, 3]
     pool = np.concatenate([pool, pool[:, ::-1], pool[:, :, ::-1], pool[:, ::-1, ::-1]])  # [4P, H, W, 3]

@@ -2,8 +2,9 @@
 and the pools (items per interest key) that users draw from.
 
 An *interest key* is (leaf category, colour): the unit of a user's interest facet. Both halves are
-visible in the content (the leaf through the shape and words, the colour in the pixels and often in
-the title), so content embeddings can group an item with the user's old behaviours on the same key.
+visible in the content (the leaf through the label band of the image and the title's words, the colour
+in the pixels and often in the title), so content embeddings can group an item with the user's old
+behaviours on the same key. (The shape alone does not show the leaf: 50 leaves share 6 shapes.)
 """
 
 from __future__ import annotations
