@@ -161,7 +161,7 @@ def test_train_config_fills_source_defaults() -> None:
     from indexer.training import EmbedTrainConfig
 
     i2i = EmbedTrainConfig().for_source("i2i")
-    assert (i2i.temperature, i2i.augment, i2i.view_weight) == (0.2, True, 0.1)
+    assert (i2i.temperature, i2i.augment, i2i.view_weight) == (0.2, True, 0.5)
     scl = EmbedTrainConfig().for_source("scl")
     assert (scl.temperature, scl.augment, scl.view_weight, scl.epochs) == (0.07, False, 0.0, 8)
     assert EmbedTrainConfig().for_source("openclip").epochs == 2 and EmbedTrainConfig(epochs=3).for_source("scl").epochs == 3

@@ -137,10 +137,11 @@ def test_toml_written_reads_back_and_is_accepted_again(tmp_path: Path) -> None:
 
 # per-source training defaults as data ---------------------------------------------------------------
 
-#: The values indexer/training.py held in Python before they moved to indexer/train_defaults/.
+#: The values indexer/training.py held in Python before they moved to indexer/train_defaults/, with
+#: the one change made since (i2i's view term 0.1 -> 0.5, openclip's views and view term: docs/ranker.md).
 OLD_GENERIC = {"epochs": 2, "temperature": 0.07, "augment": False, "view_weight": 0.0}
-OLD_SOURCES = {"i2i": {"temperature": 0.2, "augment": True, "view_weight": 0.1}, "scl": {"epochs": 8},
-               "id": {"epochs": 10}}
+OLD_SOURCES = {"i2i": {"temperature": 0.2, "augment": True, "view_weight": 0.5}, "scl": {"epochs": 8},
+               "id": {"epochs": 10}, "openclip": {"augment": True, "view_weight": 0.5}}
 
 
 def test_training_defaults_load_from_the_data_files_with_the_old_values() -> None:
@@ -173,7 +174,7 @@ def test_training_defaults_files_are_checked_and_shipped(tmp_path: Path) -> None
         training.load_train_defaults(tmp_path / "empty")
     fields = {f.name for f in dataclasses.fields(training.EmbedTrainConfig)}
     files = sorted(training.TRAIN_DEFAULTS_DIR.glob("*.toml"))
-    assert [f.stem for f in files] == ["generic", "i2i", "id", "scl"]
+    assert [f.stem for f in files] == ["generic", "i2i", "id", "openclip", "scl"]
     for f in files:  # every value explained: each file starts with a comment
         assert f.read_text().startswith("# ") and set(tomllib.loads(f.read_text())) <= fields
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
