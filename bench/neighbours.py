@@ -80,7 +80,7 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from indexer.sources import item_vector_table
+    from indexer.item_vectors import item_vectors
     from muse.data.format import Dataset
     from muse.settings import load_settings
 
@@ -118,7 +118,7 @@ def main() -> None:
     chance = {a: float((attrs[a][rng.integers(0, n, 20000)] == attrs[a][rng.integers(0, n, 20000)]).mean()) for a in ATTRS}
     vectors = {}
     for s in sources:
-        table = item_vector_table(settings, s, ds)
+        table = item_vectors(settings, s, ds)
         p = {int(i): r for r, i in enumerate(table.item_ids.tolist())}
         v = np.zeros((n, table.vectors.shape[1]), np.float32)
         for i, iid in enumerate(item_ids.tolist()):
