@@ -83,13 +83,10 @@ def evaluate_run(settings: Settings, run_id: int, split: str = "test", limit: in
     caller injects it, e.g. the CLI with the embedding stage's ``item_vectors``).
     """
     from muse.data.format import Dataset
-    from muse.errors import NotFoundError
-    from ranker.runs import finish_run, get_run, load_checkpoint
+    from ranker.runs import finish_run, get_run, load_run
 
+    loaded = load_run(settings, run_id)
     info = get_run(settings, run_id)
-    if not info.checkpoint_path:
-        raise NotFoundError(f"ranker run {run_id} has no checkpoint (status {info.status})")
-    loaded = load_checkpoint(info.checkpoint_path)
     dataset = Dataset.open(settings, loaded.dataset)
     vectors = run_vectors(loaded.model, loaded.source, loaded.dataset, vectors_for)
     builder = open_builder(dataset, loaded.model.retrieval, loaded.model.config, vectors, loaded.space)

@@ -205,3 +205,16 @@ def load_checkpoint(path: Path | str, device: str = "cpu") -> LoadedRun:
     model.to(device).eval()
     return LoadedRun(model, FeatureSpace.from_state(ckpt["space"]), ckpt["source"], ckpt["dataset"],
                      ckpt["train_config"])
+
+
+def load_run(settings: Settings, run_id: int, device: str = "cpu") -> LoadedRun:
+    """Run ``run_id``'s checkpoint rebuilt (:func:`load_checkpoint`).
+
+    Raises:
+        NotFoundError: the run does not exist, has no checkpoint (it failed or is running) or its
+            checkpoint file is gone.
+    """
+    info = get_run(settings, run_id)
+    if not info.checkpoint_path:
+        raise NotFoundError(f"ranker run {run_id} has no checkpoint (status {info.status})")
+    return load_checkpoint(info.checkpoint_path, device)

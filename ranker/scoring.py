@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from muse.errors import ConfigurationError, NotFoundError
+from muse.errors import ConfigurationError
 from muse.settings import Settings
 from ranker.data import BatchBuilder, HistoryStore, VectorsFor, VectorTable, run_vectors
-from ranker.runs import LoadedRun, get_run, load_checkpoint
+from ranker.runs import LoadedRun, load_run
 from retriever.kernels import MISSING_SCORE, gsu_topk
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,7 @@ class Ranker:
         """
         from muse.data.format import Dataset
 
-        info = get_run(settings, run_id)
-        if not info.checkpoint_path:
-            raise NotFoundError(f"ranker run {run_id} has no checkpoint (status {info.status})")
-        loaded = load_checkpoint(info.checkpoint_path)
+        loaded = load_run(settings, run_id)
         histories = HistoryStore.from_dataset(Dataset.open(settings, loaded.dataset), loaded.space)
         if loaded.model.retrieval == "multimodal" and retriever is None:
             from retriever.client import Retriever

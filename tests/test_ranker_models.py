@@ -510,3 +510,19 @@ def test_cli_runs_from_config_files_store_their_options(world, monkeypatch: pyte
     assert written == {**result["spec"]["config"]["options"], "json": True}
     assert main(["compare", "--show", str(result["id"])]) == 0
     assert "seeds = 2" in capsys.readouterr().out
+
+
+def test_a_run_without_a_checkpoint_is_not_found_everywhere_it_is_loaded(world) -> None:
+    """Evaluation and scoring load a run through one function, with one error for a failed run."""
+    from muse.errors import NotFoundError
+    from ranker.evaluate import evaluate_run
+    from ranker.runs import create_run, finish_run, load_run
+    from ranker.scoring import Ranker
+
+    settings, dataset = world
+    run_id = create_run(settings, model="din", esu=None, source=None, dataset=dataset, seed=0, config={})
+    finish_run(settings, run_id, status="failed")
+    for load in (lambda: load_run(settings, run_id), lambda: evaluate_run(settings, run_id),
+                 lambda: Ranker.load(settings, run_id)):
+        with pytest.raises(NotFoundError, match=f"ranker run {run_id} has no checkpoint \\(status failed\\)"):
+            load()
