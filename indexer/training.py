@@ -46,7 +46,7 @@ from indexer.source_registry import (
     register_version,
     source_dir,
 )
-from muse.configs import config_from_dict
+from muse.configs import config_from_dict, read_toml
 from muse.errors import ConfigurationError, DataError
 from muse.settings import Settings
 
@@ -162,19 +162,11 @@ def load_train_defaults(directory: Path = TRAIN_DEFAULTS_DIR) -> tuple[dict[str,
         ConfigurationError: a file is not valid TOML, or names a key that is not a field of
             :class:`EmbedTrainConfig`.
     """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-
     fields = {f.name for f in dataclasses.fields(EmbedTrainConfig)}
     generic: dict[str, Any] = {}
     per_source: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(directory).glob("*.toml")):
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigurationError(f"training defaults {path} are not valid TOML: {e}") from None
+        values = read_toml(path, f"training defaults {path}")
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ConfigurationError(f"training defaults {path}: unknown key(s) {', '.join(unknown)}; "

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import tomllib
-
+from muse.configs import read_toml
 from muse.errors import ConfigurationError
 
 #: Index types accepted by ``MUSE_INDEX_TYPE``. GPU ones need a GPU Milvus server and use IP on
@@ -226,11 +225,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
 
     config_path = env.get("MUSE_CONFIG")
     if config_path:
-        try:
-            with open(config_path, "rb") as fh:
-                doc = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigurationError(f"MUSE_CONFIG={config_path!r} cannot be read: {e}") from e
+        doc = read_toml(config_path, f"MUSE_CONFIG={config_path!r}")
         section = doc.get("muse", doc)
         unknown = set(section) - fields
         if unknown:

@@ -35,12 +35,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from muse.configs import read_toml
 from muse.errors import ConfigurationError
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 #: The option that names the file (never a key of it).
 CONFIG_OPTION = "config"
@@ -74,17 +70,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigurationError: the file is missing, unreadable or not valid TOML.
     """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigurationError(f"config file {str(p)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigurationError(f"config file {str(p)!r} cannot be read: {e}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigurationError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    return read_toml(path, f"config file {str(Path(path))!r}")
 
 
 def _kind(action: argparse.Action) -> str:
@@ -183,6 +169,26 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, valu
     return args
 
 
+def parse_set_items(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as a dict (later items win). Values are read as JSON (``0.5``,
+    ``[128, 64]``, ``true``), anything else as a string; ``-`` in a key is written ``_``.
+
+    Raises:
+        ConfigurationError: an item without ``=`` or without a key.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigurationError(f"--set {item!r}: expected KEY=VALUE, e.g. --set simtier_init=0.5")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
@@ -198,14 +204,7 @@ def effective_options(parser: argparse.ArgumentParser, args: argparse.Namespace)
         if value == action.default or value is None:
             continue
         if isinstance(action, argparse._AppendAction):
-            table: dict[str, Any] = {}
-            for item in value:
-                k, _, raw = str(item).partition("=")
-                try:
-                    table[k.strip().replace("-", "_")] = json.loads(raw)
-                except ValueError:
-                    table[k.strip().replace("-", "_")] = raw
-            value = table
+            value = parse_set_items(value)
         out[key] = _plain(value)
     return out
 

@@ -260,7 +260,7 @@ def test_cli_train_list_eval(world, monkeypatch: pytest.MonkeyPatch, capsys: pyt
 
 def test_cli_train_from_a_config_file_stores_its_options(world, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    from muse_cli.config_files import tomllib
+    from muse.configs import tomllib
     from muse_cli.embed import OPTIONS_FILE
     from muse_cli.main import main
 

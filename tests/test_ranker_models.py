@@ -470,7 +470,7 @@ def test_cli_runs_from_config_files_store_their_options(world, monkeypatch: pyte
     """``muse rank train --config`` / ``muse compare --config``: flags override the file, the effective
     options are stored with the run (row + run-<id>.toml) and with the comparison (spec.config +
     compare.toml), and a stored file trains the same set-up again."""
-    from muse_cli.config_files import tomllib
+    from muse.configs import tomllib
     from muse_cli.main import main
     from ranker.runs import get_run, options_path
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from muse.configs import tomllib  # tomli on Python 3.10
 from muse.errors import ConfigurationError
 from muse_cli import config_files
-from muse_cli.config_files import tomllib  # tomli on Python 3.10
 from muse_cli.main import build_parser, main
 
 COMMANDS = (("rank", "train"), ("embed", "train"), ("compare",))
