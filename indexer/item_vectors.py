@@ -32,6 +32,7 @@ from indexer.source_registry import (
     get_version,
     source_dir,
 )
+from muse.arrays import lookup
 from muse.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,21 +77,22 @@ def cache_path(settings: Settings, row: SourceVersion, dataset: Any) -> Path:
     return source_dir(settings, row.name, row.version) / f"items-{dataset.name}.npz"
 
 
-def _stale_reason(cache: Path, key: dict[str, Any], item_ids: np.ndarray) -> str | None:
-    """None when ``cache`` holds vectors for exactly ``key`` and ``item_ids``, else why not."""
+def _read_cache(cache: Path, key: dict[str, Any], item_ids: np.ndarray) -> tuple[ItemVectors | None, str]:
+    """The vectors in ``cache`` when it holds exactly ``key`` and ``item_ids`` (read once), else
+    ``(None, why not)``."""
     try:
         with np.load(cache) as z:
             if "key" not in z.files:
-                return "it has no key (written by an older version)"
+                return None, "it has no key (written by an older version)"
             old = json.loads(str(z["key"]))
             if old != key:
                 changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-                return f"its key changed ({', '.join(changed)}: {old} -> {key})"
+                return None, f"its key changed ({', '.join(changed)}: {old} -> {key})"
             if not np.array_equal(z["item_ids"], item_ids):
-                return "the dataset's item ids changed"
+                return None, "the dataset's item ids changed"
+            return ItemVectors(z["item_ids"], z["vectors"], z["present"]), ""
     except (OSError, ValueError, KeyError) as e:
-        return f"it cannot be read ({e})"
-    return None
+        return None, f"it cannot be read ({e})"
 
 
 def item_vectors(
@@ -122,10 +124,9 @@ def item_vectors(
     key = cache_key(row, dataset)
     item_ids = dataset.item_ids()
     if cache.exists():
-        reason = _stale_reason(cache, key, item_ids)
-        if reason is None:
-            with np.load(cache) as z:
-                return ItemVectors(z["item_ids"], z["vectors"], z["present"])
+        cached, reason = _read_cache(cache, key, item_ids)
+        if cached is not None:
+            return cached
         log.warning("%s v%d: the vector cache %s is stale: %s; rebuilding it", source, row.version, cache, reason)
     else:
         log.info("%s v%d: no vector cache for %s yet; computing it", source, row.version, dataset.name)
@@ -145,12 +146,11 @@ def _compute(settings: Settings, row: SourceVersion, dataset: Any, item_ids: np.
     present = np.zeros(len(item_ids), bool)
     if row.name in TRAINED_SOURCES:
         encoder = encoder_of(settings, row)
-        position = {int(i): k for k, i in enumerate(item_ids.tolist())}
         n_failed = 0
         for batch in dataset.iter_images(batch_size=batch_size):
             ids = batch.column("item_id").to_numpy().astype(np.int64)
             res = encoder.encode_images(batch.column("image").to_pylist())
-            rows = np.asarray([position.get(int(i), -1) for i in ids[res.ok_index]], dtype=np.int64)
+            rows = lookup(item_ids, ids[res.ok_index])  # -1: an image of an item not in the table
             keep = rows >= 0
             vectors[rows[keep]] = res.vectors[keep]
             present[rows[keep]] = True

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from muse_cli.config_files import add_config_option
+from muse_cli.config_files import add_config_option, parse_set_items
 from muse_cli.registries import LazyChoices, esu_variants, model_names
 
 #: The names ``--model`` and ``--esu`` accept, read from ``ranker.models`` when first needed.
@@ -101,31 +101,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_settings(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``KEY=VALUE`` strings -> (train-config fields, model-config fields). Values are read as JSON
-    (``0.5``, ``[128, 64]``, ``true``), anything else as a string.
+    """``KEY=VALUE`` strings (:func:`muse_cli.config_files.parse_set_items`) -> (train-config fields,
+    model-config fields).
 
     Raises:
         ConfigurationError: an item without ``=``.
     """
     import dataclasses
 
-    from muse.errors import ConfigurationError
     from ranker.train import RankTrainConfig
 
     train_keys = {f.name for f in dataclasses.fields(RankTrainConfig)}
-    train_values: dict[str, Any] = {}
-    model_values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise ConfigurationError(f"--set {item!r}: expected KEY=VALUE, e.g. --set simtier_init=0.5")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        (train_values if key in train_keys else model_values)[key] = value
-    return train_values, model_values
+    values = parse_set_items(items)
+    return ({k: v for k, v in values.items() if k in train_keys},
+            {k: v for k, v in values.items() if k not in train_keys})
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -287,8 +276,9 @@ def _compare(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     from ranker.compare import pick_threads
 
+    vectors_for = _vectors_for(settings)
     threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args),
-                           requested=args.threads, vectors_for=_vectors_for(settings))
+                           requested=args.threads, vectors_for=vectors_for)
     if not args.json:
         how = "--threads" if args.threads is not None else "the faster of 1 and 2 on a short probe"
         print(f"torch threads: {threads} ({how})", flush=True)
@@ -302,7 +292,7 @@ def _compare(args: argparse.Namespace) -> int:
                   train_config=cfg, model_overrides=_overrides(args),
                   out_dir=Path(args.out) if args.out else None, on_row=show, progress=not args.json,
                   seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads,
-                  config=_compare_config(args), vectors_for=_vectors_for(settings))
+                  config=_compare_config(args), vectors_for=vectors_for)
     config_path = None if res.table_path is None else _write_compare_config(res.table_path.parent, args)
     if args.json:
         print(json.dumps(res.result, indent=2, default=str))
@@ -361,12 +351,13 @@ def _write_compare_config(out_dir: Any, args: argparse.Namespace) -> Any:
 
 def _vectors_for(settings: Any) -> Any:
     """``vectors_for(source, dataset)`` for the ranker: the embedding stage's one function for the
-    item vectors of a (dataset, source, version), the newest version."""
+    item vectors of a (dataset, source, version), the newest version; each (source, dataset) is read
+    once per command (the thread probe and the comparison share the table)."""
     import functools
 
     from indexer.item_vectors import item_vectors
 
-    return functools.partial(item_vectors, settings)
+    return functools.cache(functools.partial(item_vectors, settings))
 
 
 def _train_vectors(settings: Any, args: argparse.Namespace) -> Any:
