@@ -194,10 +194,9 @@ def worker_command(
     loglevel: str = "INFO",
 ) -> list[str]:
     """The command line of an indexer worker subprocess run by this interpreter (:mod:`indexer.worker`)."""
-    return [
-        sys.executable, "-m", "indexer.worker",
-        "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", pool, "--loglevel", loglevel,
-    ]
+    from indexer.worker import worker_args
+
+    return [sys.executable, "-m", "indexer.worker", *worker_args(",".join(queues), concurrency, pool, loglevel, None)]
 
 
 class WorkerProcess:
