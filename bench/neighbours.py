@@ -81,8 +81,10 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from indexer.item_vectors import item_vectors
+    from muse.arrays import lookup
     from muse.data.format import Dataset
     from muse.settings import load_settings
+    from ranker.metrics import gauc as grouped_auc
 
     settings = load_settings()
     ds = Dataset.open(settings, args.dataset)
@@ -119,11 +121,8 @@ def main() -> None:
     vectors = {}
     for s in sources:
         table = item_vectors(settings, s, ds)
-        p = {int(i): r for r, i in enumerate(table.item_ids.tolist())}
-        v = np.zeros((n, table.vectors.shape[1]), np.float32)
-        for i, iid in enumerate(item_ids.tolist()):
-            v[i] = table.vectors[p[iid]]
-        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        v = table.vectors[lookup(table.item_ids, item_ids)].astype(np.float32)  # [n, d], in item_ids' order
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)  # float32, as docs/ranker.md measured
         vectors[s] = v
 
     for name, rows in samples.items():
@@ -185,16 +184,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     result["sim_gauc"] = {}
 
-    def gauc(scores: dict[int, np.ndarray]) -> float:
-        num = den = 0.0
-        for u in chosen:
-            rs = per_user[u]
-            y, sc = lab_all[rs], scores[u]
-            pos, neg = sc[y == 1], sc[y == 0]
-            auc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
-            num += auc * len(rs)
-            den += len(rs)
-        return num / den
+    def gauc(scores: dict[int, np.ndarray]) -> float:  # the ranker's GAUC over the chosen users
+        return grouped_auc(np.concatenate([np.full(len(per_user[u]), u) for u in chosen]),
+                           np.concatenate([lab_all[per_user[u]] for u in chosen]),
+                           np.concatenate([scores[u] for u in chosen]))
 
     print(f"| p_click (ceiling) | {gauc({u: p_all[per_user[u]] for u in chosen}):.4f} | | | | |")
     for s in sources:
