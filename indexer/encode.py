@@ -7,7 +7,9 @@ the vectors a dataset ships). Every item of a dataset at once, cached: :mod:`ind
 
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ from indexer.source_registry import (
     register_version,
 )
 from indexer.worker_context import current
-from muse.arrays import l2_normalise, lookup
+from muse.arrays import l2_normalise, lookup, lookup_sorted
 from muse.errors import ConfigurationError, DataError, NotFoundError
 from muse.settings import Settings
 
@@ -67,21 +69,37 @@ def open_dataset(settings: Settings, dataset: Any) -> Any:
     return dataset
 
 
-def imported_vectors(dataset: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(item_ids int64 [m], unit vectors float32 [m, d]) of a dataset's shipped ``embeddings/<name>.parquet``."""
-    import pyarrow.parquet as pq
+def imported_vectors(dataset: Any, name: str) -> Any:
+    """The vectors shipped with a dataset for imported source ``name`` (``Dataset.embeddings``: item ids,
+    memory-mapped vectors in their storage dtype, and the scale)."""
+    shipped = dataset.embeddings(name)
+    if shipped is None:
+        raise NotFoundError(f"dataset {dataset.name!r} ships no embeddings/{name}")
+    return shipped
 
+
+@functools.lru_cache(maxsize=4)
+def _shipped_order(path: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted item ids, their rows) of a shipped vector file: built once per process and file."""
+    from muse.data.format import Dataset
+
+    ds = Dataset(Path(path).parents[1])  # <dataset>/embeddings/<source>[.parquet]
+    ids = np.asarray(ds.embeddings(Path(path).name.removesuffix(".parquet")).item_ids)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], order
+
+
+def shipped_lookup(dataset: Any, name: str, item_ids: np.ndarray) -> EncodeResult:
+    """Unit vectors of ``item_ids`` from the vectors shipped for ``name`` (only those rows are read)."""
+    shipped = imported_vectors(dataset, name)
     path = dataset.embeddings_path(name)
-    if path is None:
-        raise NotFoundError(f"dataset {dataset.name!r} ships no embeddings/{name}.parquet")
-    table = pq.read_table(path)
-    ids = table.column("item_id").to_numpy().astype(np.int64)
-    col = table.column("vector").combine_chunks()
-    flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32)
-    if len(ids) and len(flat) % len(ids):
-        raise DataError(f"{path}: vectors have unequal lengths")
-    vectors = flat.reshape(len(ids), -1) if len(ids) else np.zeros((0, 0), np.float32)  # [m, d]
-    return ids, l2_normalise(vectors)
+    sorted_ids, order = _shipped_order(str(path), path.stat().st_mtime_ns)
+    pos, found = lookup_sorted(sorted_ids, item_ids)
+    ok = np.flatnonzero(found)
+    rows = order[pos[ok]]
+    vectors = l2_normalise(shipped.float_rows(rows)) if len(ok) else np.zeros((0, shipped.dim), np.float32)
+    failed = {int(i): f"no {name} vector shipped for this item" for i in np.flatnonzero(~found)}
+    return EncodeResult(vectors, ok.astype(np.int64), failed)
 
 
 def ensure_imported(settings: Settings, name: str, dataset: Any) -> SourceVersion:
@@ -93,11 +111,11 @@ def ensure_imported(settings: Settings, name: str, dataset: Any) -> SourceVersio
     for v in list_versions(settings, name):
         if v.checkpoint_path == str(path):
             return v
-    ids, vectors = imported_vectors(dataset, name)
+    shipped = imported_vectors(dataset, name)
     return register_version(
-        settings, name, next_version(settings, name), kind="imported", dim=int(vectors.shape[1]),
+        settings, name, next_version(settings, name), kind="imported", dim=shipped.dim,
         dataset_name=dataset.name, checkpoint_path=path, config={"file": str(path)},
-        metrics={"n_items_with_vector": int(len(ids))},
+        metrics={"n_items_with_vector": int(len(shipped.item_ids))},
     )
 
 
@@ -129,8 +147,7 @@ def encode_items(settings: Settings, source: str, dataset: Any, item_ids: Any) -
     ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
     if source in IMPORTED_SOURCES:
         ensure_imported(settings, source, dataset)
-        known, vectors = imported_vectors(dataset, source)
-        return lookup_vectors(known, vectors, ids, f"no {source} vector shipped for this item")
+        return shipped_lookup(dataset, source, ids)
     if source == ID_SOURCE:
         return id_lookup(get_version(settings, source), ids)
     encoder = load_encoder(settings, source)

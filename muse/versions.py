@@ -183,15 +183,12 @@ def on_backfill_done(settings: Settings, job_id: int, store: Any) -> None:
 # -- checks and switches ---------------------------------------------------------------------------
 def _expected_counts(location: str) -> tuple[int, int]:
     """Items and behaviours of the dataset stored at ``location``."""
-    import pyarrow.compute as pc
-
     from muse.data.format import Dataset
 
     ds = Dataset(Path(location))
     behaviours = ds.meta.get("n_behaviours") or 0
     if not behaviours:
-        lengths = pc.list_value_length(ds.histories_table().column("item_ids"))
-        behaviours = int(pc.sum(lengths).as_py() or 0)
+        behaviours = int(ds.histories().offsets[-1]) if ds.n_users else 0
     return ds.n_items, int(behaviours)
 
 

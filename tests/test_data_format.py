@@ -22,9 +22,7 @@ N_USERS = 23
 
 
 def _write(settings: Settings, name: str = "toy", users_per_shard: int = 5) -> Dataset:
-    w = DatasetWriter(
-        datasets_root(settings) / name, name, "simworld", rows_per_shard={"histories": users_per_shard}
-    )
+    w = DatasetWriter(datasets_root(settings) / name, name, "simworld")
     ids = np.array([-(2**63), -5, 7, 2**63 - 1], dtype=np.int64)  # full-range int64 ids
     w.write_items(
         pa.table(
@@ -81,9 +79,7 @@ def test_round_trip(settings: Settings) -> None:
     assert ds.load_images([]) == {}
     assert [b.num_rows for b in ds.iter_images(batch_size=1)] == [1, 1, 1]
     assert ds.users().num_rows == N_USERS
-    assert sorted(p.name for p in (ds.path / "histories").iterdir()) == [
-        f"part-0000{i}.parquet" for i in range(5)
-    ]
+    assert ds.histories().lengths().tolist() == list(range(N_USERS))
     assert ds.histories_table().column("user_id").to_pylist() == list(range(N_USERS))
     assert [r.num_rows for r in ds.iter_impressions(split="test")] == [1]
     assert sum(r.num_rows for r in ds.iter_impressions()) == 3

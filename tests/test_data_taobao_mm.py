@@ -56,8 +56,12 @@ def test_history_values(demo: Dataset) -> None:
     assert short["item_ids"][-1] == -789854766039803454 and short["categories"][-1] == -2840833756837532271
     for uid in (-587594303343277051, -5124604129084675105, -5343151251631757820):  # sample-only users
         assert hist[uid]["item_ids"] == [] and hist[uid]["times"] == []
-    # canonical order: train feature rows, then test feature rows, then sample-only users
-    assert demo.histories_table().column("user_id")[0].as_py() == FIRST_TRAIN_USER
+    # canonical order: test feature rows, then train feature rows (of users stored once: not again),
+    # then sample-only users
+    first_test = pq.read_table(TAOBAO_DEMO_DIR / "test_user_features.parquet").column("129_1")[0].as_py()
+    assert demo.histories_table().column("user_id")[0].as_py() == first_test
+    assert demo.histories_table().column("user_id").to_pylist()[-3:] == [
+        -587594303343277051, -5124604129084675105, -5343151251631757820]
 
 
 def test_user_and_item_features(demo: Dataset) -> None:
@@ -84,15 +88,17 @@ def test_label_decoding_and_splits(demo: Dataset) -> None:
     assert all(r["hist_len"] == 0 for r in train + test)  # those users have no feature row
 
 
-def test_scl_vectors_dequantised(demo: Dataset) -> None:
+def test_scl_vectors_stay_int8(demo: Dataset) -> None:
     path = demo.embeddings_path("scl-taobao")
     assert path is not None and demo.embeddings_path("openclip") is None
-    table = pq.read_table(path)
-    assert table.num_rows == 10 and table.schema.field("vector").type == pa.list_(pa.float32())
-    row = {r["item_id"]: r["vector"] for r in table.to_pylist()}[SCL_ITEM]
-    assert len(row) == 128
-    assert row[:4] == pytest.approx([12 / 127, 12 / 127, 2 / 127, 21 / 127], abs=1e-7)
-    assert row[-1] == pytest.approx(-26 / 127, abs=1e-7)
+    shipped = demo.embeddings("scl-taobao")
+    assert shipped.vectors.dtype == np.int8 and shipped.vectors.shape == (10, 128) and shipped.scale == 127.0
+    row = int(np.flatnonzero(np.asarray(shipped.item_ids) == SCL_ITEM)[0])
+    assert np.asarray(shipped.vectors[row, :4]).tolist() == [12, 12, 2, 21]
+    got = shipped.float_rows(np.array([row]))[0]
+    assert got.dtype == np.float32 and len(got) == 128
+    assert got[:4].tolist() == pytest.approx([12 / 127, 12 / 127, 2 / 127, 21 / 127], abs=1e-7)
+    assert got[-1] == pytest.approx(-26 / 127, abs=1e-7)
 
 
 def test_decode_labels_rejects_non_one_hot() -> None:
@@ -137,28 +143,44 @@ def test_malformed_inputs(tmp_path: Path, settings) -> None:  # noqa: ANN001
         import_taobao_mm(settings, raw, name="bad")
 
 
-def test_small_batches_and_duplicate_users(
+def _digests(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "meta.json"}
+
+
+def test_small_units_same_bytes_and_duplicate_users(
     tmp_path: Path,
     settings,
     demo: Dataset,
     monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Tiny batches exercise the streaming paths; a user in both feature files keeps its first row."""
+    """Tiny batches and units exercise the streaming paths and write the same bytes; a user repeated in
+    one file keeps its first row (and is counted); a train row equal to the test row is the normal case
+    (stored once, not warned about)."""
     import muse.data.taobao_mm as tb
 
     monkeypatch.setattr(tb, "USER_BATCH", 3)
     monkeypatch.setattr(tb, "ROW_BATCH", 4)
+    monkeypatch.setattr(tb, "UNIT_ROWS", {"users": 5, "rows": 7})
+    small = import_taobao_mm(settings, TAOBAO_DEMO_DIR, name="tb-demo")  # the same name: the same meta
+    arrays = {k: v for k, v in _digests(small.path).items() if not k.endswith(".parquet")}
+    assert arrays == {k: v for k, v in _digests(demo.path).items() if not k.endswith(".parquet")}
+    for table in ("items", "users"):  # written in other row groups: the same rows
+        assert pq.read_table(small.path / f"{table}.parquet").equals(pq.read_table(demo.path / f"{table}.parquet"))
+
     raw = _copy_demo(tmp_path / "raw")
-    train = pq.read_table(raw / "train_user_features.parquet")
     test = pq.read_table(raw / "test_user_features.parquet")
-    pq.write_table(pa.concat_tables([test, train.slice(0, 1)]), raw / "test_user_features.parquet")
-    ds = import_taobao_mm(settings, raw, name="tb-batches")
-    assert ds.meta["n_duplicate_user_rows"] == 1
-    assert ds.histories_table().equals(demo.histories_table())
-    assert pq.read_table(ds.path / "impressions").equals(pq.read_table(demo.path / "impressions"))
-    assert pq.read_table(ds.embeddings_path("scl-taobao")).equals(
-        pq.read_table(demo.embeddings_path("scl-taobao"))
-    )
+    train = pq.read_table(raw / "train_user_features.parquet")
+    pq.write_table(pa.concat_tables([test, test.slice(0, 1), train.slice(0, 1)]), raw / "test_user_features.parquet")
+    with caplog.at_level("WARNING", logger="muse.data.taobao_mm"):
+        ds = import_taobao_mm(settings, raw, name="tb-batches")
+    assert ds.meta["n_duplicate_user_rows"] == 1 and ds.meta["n_test_users_same_as_train"] == 1
+    assert "1 user-feature rows repeat a user" in caplog.text and "different train and test" not in caplog.text
+    assert ds.n_users == demo.n_users  # the train row is stored once, as the test row
+    assert {r["user_id"]: r for r in ds.histories_table().to_pylist()} == _histories(demo)
 
 
 def _sample_rows(users: list[int], items: list[int], click: bool) -> pa.Table:
@@ -216,3 +238,62 @@ def test_each_split_joins_its_own_user_file(tmp_path: Path, settings) -> None:  
     assert train_imps[0]["hist_len"] == 1000
     assert test_imps[1]["user_id"] not in (u_feat, u_ext, u_hist)  # an alias
     assert test_imps[2]["user_id"] not in (u_feat, u_ext, u_hist)
+
+
+_KILLABLE_IMPORT = """
+import logging
+import sys
+logging.basicConfig(level=logging.INFO)
+import muse.data.taobao_mm as tb
+from muse.settings import load_settings
+tb.UNIT_ROWS = {"users": 40, "rows": 500}
+tb.USER_BATCH, tb.ROW_BATCH = 16, 128
+settings = load_settings(env={}, data_dir=sys.argv[2], device="cpu")
+tb.import_taobao_mm(settings, sys.argv[1], name=sys.argv[3], register=False)
+"""
+
+
+@pytest.mark.slow
+def test_killed_import_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """An import killed (SIGKILL) between commits resumes from its journal at the last unit and writes
+    files byte-identical to an import that was never interrupted."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench.taobao_mm_synth import SynthConfig, generate
+
+    raw = tmp_path / "raw"
+    generate(raw, SynthConfig(n_users=300, n_items=2_000, train_per_user=12, test_per_user=4))
+    data = tmp_path / "data"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    whole = subprocess.run([sys.executable, "-c", _KILLABLE_IMPORT, str(raw), str(data), "whole"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    journal = data / "datasets" / "cut" / "import-journal.json"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE_IMPORT, str(raw), str(data), "cut"], env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # kill once a few units are committed, mid-way
+            try:
+                if json.loads(journal.read_text())["next_unit"] >= 9:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert proc.poll() is None, "the import finished before it could be killed"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done_before = json.loads(journal.read_text())["next_unit"]
+    assert not (data / "datasets" / "cut" / "meta.json").exists()
+    resumed = subprocess.run([sys.executable, "-c", _KILLABLE_IMPORT, str(raw), str(data), "cut"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming the import at unit {done_before}" in resumed.stderr
+    a, b = _digests(data / "datasets" / "whole"), _digests(data / "datasets" / "cut")
+    assert a == b and any(k.startswith("histories/") for k in a) and not journal.exists()

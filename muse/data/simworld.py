@@ -187,8 +187,6 @@ def generate_simworld(
         path,
         name,
         "simworld",
-        rows_per_shard={"histories": cfg.users_per_shard},
-        rows_per_group={"histories": max(1, min(256, 2_000_000 // (cfg.max_history * 8)))},
     )
 
     cat = make_catalogue(cfg, seed)

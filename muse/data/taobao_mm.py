@@ -1,4 +1,4 @@
-"""Reader of the raw Taobao-MM parquet files into the project's dataset format.
+"""Reader of the raw Taobao-MM parquet files into the project's dataset format (format 2).
 
 Raw schema (see ``docs/method.md``): ``train_samples``/``test_samples`` (``label_0`` one-hot list<int8>,
 ``129_1`` user, ``205`` target item), ``train_user_features``/``test_user_features`` (``129_1``,
@@ -6,30 +6,48 @@ Raw schema (see ``docs/method.md``): ``train_samples``/``test_samples`` (``label
 ``item_features`` (``205``, ``206`` category, ``213``, ``214``) and ``scl_embedding_int8_p90``
 (``205``, ``205_c`` list<int8>[128], quantised as trunc(x * 127)).
 
-Everything is streamed with ``iter_batches``; only id columns are held in memory (as numpy arrays:
-about 16 bytes per user and 8 per item). The data has no timestamps: history ``times`` are the
-positions 0..n-1 and an impression's ``time`` is its ``hist_len`` (it sees the whole history).
-Sample users absent from the user-feature files (the case in the ten-row demo files) get a users row
-with zero features and an empty history, so their impressions have ``hist_len`` 0; the counts are
-reported in ``meta.json``.
+The import reads every input once, in order, in units of rows (``UNIT_ROWS``), and appends to the
+dataset's memory-mapped arrays (:mod:`muse.ondisk`); after each unit it commits a journal (the row
+counts of every output file and its counters), so an import that is killed resumes at the last
+committed unit and writes the same bytes as one that was never interrupted.
+
+What it holds in RAM, by design (sized by the vocabularies, not by samples or behaviours): the item
+id index (about 16 bytes per item), the category index, and per user-feature row its user id, history
+length and first-occurrence flag (about 25 bytes per row). History lists are mapped to int32 item and
+category positions through hash indexes, a batch of users at a time.
+
+Users: train samples join the train user file and test samples the test user file (as the release
+does). The test file is written first. A user whose train row is a prefix of (or equal to) their test
+row, with the same features, is stored once: train impressions see the prefix (``hist_len`` = the train
+length); this is the normal case and is not warned about. A train row that differs otherwise is stored
+as its own row, and the test row gets an alias user id that only the test impressions use. A user
+repeated within one file keeps its first row (a warning counts them). Sample users without a feature
+row get a row with zero features and an empty history (``hist_len`` 0). The data has no timestamps:
+history times are the positions and an impression's ``time`` is its ``hist_len``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from muse.arrays import lookup_sorted
-from muse.data.format import Dataset, DatasetWriter, check_name, datasets_root
+from muse.data.format import Dataset, DatasetWriter, IdIndex, check_name, datasets_root
 from muse.errors import DataError, NotFoundError
+from muse.ondisk import Columns, ColumnsWriter
 from muse.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,110 +71,13 @@ RAW_TABLES: dict[str, tuple[str, ...]] = {
 }
 USER_BATCH = 2_048  # user-feature rows per batch (a row holds two lists of up to 1,000 int64)
 ROW_BATCH = 262_144  # sample / item rows per batch
-
-
+#: Rows per committed unit of each kind of table: an interrupted import resumes at a unit boundary.
+UNIT_ROWS = {"users": 16_384, "rows": 2_097_152}
 USER_COLUMNS = [USER, *USER_FEATURES, HIST_ITEMS, HIST_CATS]
-
-
-def _first_rows(ids: np.ndarray) -> np.ndarray:
-    """Mask of the first occurrence of each id."""
-    _, first = np.unique(ids, return_index=True)
-    keep = np.zeros(len(ids), dtype=bool)
-    keep[first] = True
-    return keep
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 values (wrapping arithmetic)."""
-    x = np.asarray(x).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def _history_lists(batch: pa.RecordBatch) -> tuple[pa.Array, pa.Array, np.ndarray]:
-    """Item and category history lists (nulls as empty lists) and their lengths; DataError if they differ."""
-    item_lists, cat_lists = batch.column(HIST_ITEMS), batch.column(HIST_CATS)
-    lengths = pc.list_value_length(item_lists).fill_null(0).to_numpy(zero_copy_only=False)
-    cat_lengths = pc.list_value_length(cat_lists).fill_null(0).to_numpy(zero_copy_only=False)
-    if np.any(lengths != cat_lengths):
-        bad = int(np.flatnonzero(lengths != cat_lengths)[0])
-        raise DataError(
-            f"user {batch.column(USER)[bad].as_py()}: {HIST_ITEMS} has {lengths[bad]} entries but "
-            f"{HIST_CATS} has {cat_lengths[bad]}"
-        )
-    item_lists = pc.if_else(item_lists.is_null(), pa.scalar([], pa.list_(pa.int64())), item_lists)
-    cat_lists = pc.if_else(cat_lists.is_null(), pa.scalar([], pa.list_(pa.int64())), cat_lists)
-    return item_lists, cat_lists, lengths.astype(np.int64)
-
-
-def _row_hashes(batch: pa.RecordBatch, limits: np.ndarray) -> np.ndarray:
-    """A 64-bit digest per row of (user features, the first ``limits[row]`` history entries, that length)."""
-    item_lists, cat_lists, lengths = _history_lists(batch)
-    n = np.minimum(lengths, limits).astype(np.uint64)
-    h = _mix(n + np.uint64(0x51ED))
-    with np.errstate(over="ignore"):
-        for j, c in enumerate(USER_FEATURES):
-            h = h + _mix(batch.column(c).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
-                         ^ _mix(np.uint64(j + 1)))
-        pos = pc.list_flatten(_positions(item_lists)).to_numpy().astype(np.uint64)
-        items = pc.list_flatten(item_lists).to_numpy().astype(np.int64).view(np.uint64)
-        cats = pc.list_flatten(cat_lists).to_numpy().astype(np.int64).view(np.uint64)
-        rows = np.repeat(np.arange(len(lengths)), lengths)
-        part = _mix(items ^ _mix(pos * np.uint64(2) + np.uint64(1000))) + _mix(
-            cats ^ _mix(pos * np.uint64(2) + np.uint64(1001))
-        )
-        part = np.where(pos < n[rows], part, np.uint64(0))
-        csum = np.concatenate([np.zeros(1, dtype=np.uint64), np.cumsum(part, dtype=np.uint64)])
-        ends = np.cumsum(lengths)
-        h = h + (csum[ends] - csum[ends - lengths])
-    return h
-
-
-def _digests(
-    files: list[Path], prefix_of: tuple[np.ndarray, np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per user-feature row: user id, history length, digest of the whole row and, with ``prefix_of``
-    = (sorted user ids, their lengths), the digest of the row cut to that user's length there."""
-    uids, lens, full, prefix = [], [], [], []
-    for batch in _iter(files, USER_COLUMNS, USER_BATCH):
-        uid = batch.column(USER).to_numpy().astype(np.int64)
-        length = pc.list_value_length(batch.column(HIST_ITEMS)).fill_null(0).to_numpy(zero_copy_only=False)
-        everything = np.full(len(uid), np.iinfo(np.int64).max)
-        uids.append(uid)
-        lens.append(length.astype(np.int64))
-        full.append(_row_hashes(batch, everything))
-        if prefix_of is not None:
-            pos, found = lookup_sorted(prefix_of[0], uid)
-            prefix.append(_row_hashes(batch, np.where(found, prefix_of[1][pos], everything)))
-    cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
-    return cat(uids, np.int64), cat(lens, np.int64), cat(full, np.uint64), cat(prefix, np.uint64)
-
-
-def _fresh_ids(taken: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``n`` distinct int64 ids (never 0) absent from ``taken`` (sorted)."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros(0, dtype=np.int64)
-    while len(out) < n:
-        cand = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=2 * n, dtype=np.int64)
-        cand = cand[(cand != 0) & ~lookup_sorted(taken, cand)[1]]
-        out = np.unique(np.concatenate([out, cand]))
-    return rng.permutation(out)[:n]
-
-
-class _UserMap:
-    """Sample user id -> (dataset user id, history length) for one split's user file."""
-
-    def __init__(self, sample_ids: np.ndarray, row_ids: np.ndarray, lengths: np.ndarray) -> None:
-        order = np.argsort(sample_ids)
-        self.ids, self.row_ids, self.lengths = sample_ids[order], row_ids[order], lengths[order]
-
-    def lookup(self, uid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos, found = lookup_sorted(self.ids, uid)
-        if len(self.ids) == 0:
-            return found, uid, np.zeros(len(uid), dtype=np.int64)
-        return found, self.row_ids[pos], self.lengths[pos]
+JOURNAL = "import-journal.json"
+#: the order of the import's phases (each a list of units over its files)
+PHASES = ("test_user_features", "train_user_features", "train_samples", "test_samples", "scl_embedding_int8_p90")
+USER_COLUMNS_SPEC = {"user_id": (np.int64, ()), "features": (np.int64, (len(USER_FEATURES),))}
 
 
 def find_raw_files(raw_dir: Path, stem: str) -> list[Path]:
@@ -178,31 +99,6 @@ def _check_columns(path: Path, required: tuple[str, ...]) -> None:
         raise DataError(f"{path}: missing Taobao-MM columns {missing}; has {names}")
 
 
-def _iter(files: list[Path], columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
-    for path in files:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
-
-
-def _column_ids(files: list[Path], column: str) -> np.ndarray:
-    parts = [b.column(column).to_numpy() for b in _iter(files, [column], ROW_BATCH)]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-
-
-def _unique_ids(files: list[Path], column: str) -> np.ndarray:
-    """Sorted distinct ids of a column, merged batch by batch (memory ~ distinct ids, not rows)."""
-    acc = np.zeros(0, dtype=np.int64)
-    pending: list[np.ndarray] = []
-    n_pending = 0
-    for batch in _iter(files, [column], ROW_BATCH):
-        u = np.unique(batch.column(column).to_numpy().astype(np.int64))
-        pending.append(u)
-        n_pending += len(u)
-        if n_pending > 4 * ROW_BATCH:
-            acc = np.unique(np.concatenate([acc, *pending]))
-            pending, n_pending = [], 0
-    return np.unique(np.concatenate([acc, *pending])) if pending else acc
-
-
 def decode_labels(labels: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
     """One-hot ``[no click, click]`` lists -> int8 labels (1 click). Raises DataError on anything else."""
     if isinstance(labels, pa.ChunkedArray):
@@ -221,35 +117,158 @@ def decode_labels(labels: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
     return pairs[:, 1].astype(np.int8)
 
 
-def _positions(lists: pa.ListArray) -> pa.ListArray:
-    """For each list, the list of its positions 0..n-1 (the times of a history without timestamps)."""
-    offsets = lists.offsets.to_numpy().astype(np.int64)
-    starts = offsets[:-1] - offsets[0]
-    total = int(offsets[-1] - offsets[0])
-    lengths = np.diff(offsets)
-    values = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
-    return pa.ListArray.from_arrays(pa.array(offsets - offsets[0], type=pa.int32()), pa.array(values))
+# -- reading in units -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Unit:
+    """Rows ``lo:hi`` of file ``file`` of a phase (the unit numbered ``index`` in the whole import)."""
+
+    index: int
+    phase: str
+    file: int
+    lo: int
+    hi: int
 
 
-def import_taobao_mm(
-    settings: Settings,
-    raw_dir: str | Path,
-    name: str = "taobao-mm",
-    *,
-    register: bool = True,
-    progress: bool = False,
-) -> Dataset:
-    """Convert the raw Taobao-MM files in ``raw_dir`` into dataset ``name`` (replacing it) and
-    register it when the database is migrated.
+def _plan(files: dict[str, list[Path]]) -> list[_Unit]:
+    units: list[_Unit] = []
+    for phase in PHASES:
+        step = UNIT_ROWS["users" if phase.endswith("user_features") else "rows"]
+        for f, path in enumerate(files[phase]):
+            n = pq.ParquetFile(path).metadata.num_rows
+            for lo in range(0, n, step):
+                units.append(_Unit(len(units), phase, f, lo, min(lo + step, n)))
+    return units
 
-    Raises:
-        NotFoundError: ``raw_dir`` or a required table is missing (item_features, samples, user features).
-        DataError: a file lacks the expected columns or holds malformed labels/vectors.
-    """
-    raw_dir = Path(raw_dir)
+
+def _read_units(files: dict[str, list[Path]], units: list[_Unit], columns: dict[str, list[str]],
+                batch_rows: dict[str, int]) -> Iterator[tuple[_Unit, list[pa.RecordBatch]]]:
+    """Each unit's rows as record batches, files read once front to back (the first file of a resumed
+    import from the row group holding its first unit)."""
+    current: tuple[str, int] | None = None
+    stream: Iterator[pa.RecordBatch] | None = None
+    pending: pa.RecordBatch | None = None
+    at = 0  # row index of the first row of `pending` (or of the next batch) in the file
+    for unit in units:
+        key = (unit.phase, unit.file)
+        if key != current:
+            current = key
+            pf = pq.ParquetFile(files[unit.phase][unit.file])
+            first_group, start = 0, 0
+            for g in range(pf.metadata.num_row_groups):  # skip whole row groups before the unit
+                n = pf.metadata.row_group(g).num_rows
+                if start + n > unit.lo:
+                    break
+                start += n
+                first_group = g + 1
+            groups = list(range(first_group, pf.metadata.num_row_groups))
+            stream = pf.iter_batches(batch_size=batch_rows[unit.phase], columns=columns[unit.phase],
+                                     row_groups=groups) if groups else iter(())
+            pending, at = None, start
+        batches: list[pa.RecordBatch] = []
+        while at < unit.hi:
+            if pending is None:
+                pending = next(stream)
+            lo, hi = max(at, unit.lo), min(at + pending.num_rows, unit.hi)
+            if lo < hi:
+                batches.append(pending.slice(lo - at, hi - lo))
+            if at + pending.num_rows <= unit.hi:
+                at += pending.num_rows
+                pending = None
+            else:
+                pending = pending.slice(unit.hi - at)
+                at = unit.hi
+        yield unit, batches
+
+
+def _ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``items`` produced ``depth`` ahead in a thread (parquet decoding overlaps the mapping)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+            return
+        q.put(done)
+
+    thread = threading.Thread(target=work, name="taobao-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+# -- the per-user state ---------------------------------------------------------------------------------
+def _user_ids(files: list[Path]) -> np.ndarray:
+    parts = [b.column(USER).to_numpy().astype(np.int64)
+             for path in files for b in pq.ParquetFile(path).iter_batches(batch_size=ROW_BATCH, columns=[USER])]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _first_rows(ids: np.ndarray) -> np.ndarray:
+    """Mask of the first occurrence of each id."""
+    _, first = np.unique(ids, return_index=True)
+    keep = np.zeros(len(ids), dtype=bool)
+    keep[first] = True
+    return keep
+
+
+def _fresh_ids(taken: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` distinct int64 ids (never 0) absent from ``taken`` (sorted)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(0, dtype=np.int64)
+    while len(out) < n:
+        cand = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=2 * n, dtype=np.int64)
+        cand = cand[(cand != 0) & ~lookup_sorted(taken, cand)[1]]
+        out = np.unique(np.concatenate([out, cand]))
+    return rng.permutation(out)[:n]
+
+
+class _Rows:
+    """user id -> (row, history length) for a set of rows; sorted, looked up in batches."""
+
+    def __init__(self, user_ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> None:
+        order = np.argsort(user_ids, kind="stable")
+        self.ids, self.rows, self.lengths = user_ids[order], rows[order], lengths[order]
+
+    def lookup(self, uid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos, found = lookup_sorted(self.ids, uid)
+        if len(self.ids) == 0:
+            return found, np.zeros(len(uid), np.int64), np.zeros(len(uid), np.int64)
+        return found, self.rows[pos], self.lengths[pos]
+
+
+# -- the import -----------------------------------------------------------------------------------------
+def _fingerprint(files: dict[str, list[Path]]) -> list[list[Any]]:
+    out = []
+    for stem in sorted(files):
+        for p in files[stem]:
+            st = p.stat()
+            out.append([stem, str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _validate(raw_dir: Path) -> dict[str, list[Path]]:
     if not raw_dir.is_dir():
         raise NotFoundError(f"Taobao-MM folder {str(raw_dir)!r} does not exist")
-    name = check_name(name)
     files = {stem: find_raw_files(raw_dir, stem) for stem in RAW_TABLES}
     for stems in (
         ("item_features",),
@@ -264,224 +283,435 @@ def import_taobao_mm(
     for stem, paths in files.items():
         for path in paths:
             _check_columns(path, RAW_TABLES[stem])
-    started = time.perf_counter()
-    writer = DatasetWriter(
-        datasets_root(settings) / name, name, "taobao-mm", rows_per_shard={"histories": 50_000}
-    )
+    return files
 
-    # items ------------------------------------------------------------------------------------------
-    items = writer.items_writer()
-    item_cols = [ITEM, *ITEM_FEATURES.values()]
-    for batch in _iter(files["item_features"], item_cols, ROW_BATCH):
-        items.write(
-            pa.table(
-                {
-                    "item_id": batch.column(ITEM),
-                    **{ours: batch.column(raw) for ours, raw in ITEM_FEATURES.items()},
-                    "title": pa.nulls(batch.num_rows, pa.string()),
-                }
-            )
-        )
-    items.close()
-    item_ids_sorted = np.sort(_column_ids(files["item_features"], ITEM))
 
-    # users and histories ---------------------------------------------------------------------------
-    # Train samples join the train user file and test samples the test user file (as the release
-    # does). A user in both files is stored once when the test row extends the train row (same
-    # features, the train history a prefix of the test one): train impressions see the prefix
-    # (hist_len = the train length). A test row that differs otherwise is stored under an alias
-    # user id that only the test impressions use.
-    train_files, test_files = files["train_user_features"], files["test_user_features"]
-    tr_uid, tr_len, tr_hash, _ = _digests(train_files)
-    tr_first = _first_rows(tr_uid)
-    tr_keys, tr_key_len, tr_key_hash = tr_uid[tr_first], tr_len[tr_first], tr_hash[tr_first]
-    order = np.argsort(tr_keys)
-    tr_keys, tr_key_len, tr_key_hash = tr_keys[order], tr_key_len[order], tr_key_hash[order]
-    te_uid, te_len, _, te_prefix = _digests(test_files, (tr_keys, tr_key_len))
-    te_first = _first_rows(te_uid)
-    pos, in_train = lookup_sorted(tr_keys, te_uid)
-    same_prefix = in_train & (te_len >= tr_key_len[pos]) & (te_prefix == tr_key_hash[pos])
-    identical = te_first & same_prefix & (te_len == tr_key_len[pos])
-    extends = te_first & same_prefix & (te_len > tr_key_len[pos])
-    conflict = te_first & in_train & ~same_prefix
-    extended_users = np.sort(te_uid[extends])
-    keep_train = tr_first & ~lookup_sorted(extended_users, tr_uid)[1]
-    keep_test = te_first & ~identical
-    all_ids = np.union1d(tr_uid, te_uid)
-    alias = np.zeros(len(te_uid), dtype=np.int64)
-    alias[conflict] = _fresh_ids(all_ids, int(conflict.sum()), seed=len(all_ids))
-    n_duplicates = int((~tr_first).sum() + (~te_first).sum() + identical.sum())
-    if n_duplicates:
-        log.warning("%d duplicate user-feature rows (same user and same row again): the first one is kept",
-                    n_duplicates)
-    if extends.any():
-        log.info("%d users' test rows extend their train rows: one history, train impressions see its prefix",
-                 int(extends.sum()))
-    if conflict.any():
-        log.warning("%d users have different train and test feature rows: the test rows are stored under "
-                    "alias user ids used by the test impressions only", int(conflict.sum()))
+class _Import:
+    """One run of the import (fresh or resumed); see the module docstring."""
 
-    users = writer.users_writer()
-    hist_users = []
-    n_behaviours = 0
-    n_rows = len(tr_uid) + len(te_uid)
-    bar = tqdm(total=n_rows, desc="user histories", unit="user", disable=not progress)
-    for split_files, keep, new_ids in ((train_files, keep_train, None), (test_files, keep_test, alias)):
-        row = 0
-        for batch in _iter(split_files, USER_COLUMNS, USER_BATCH):
-            mask = keep[row : row + batch.num_rows]
-            renamed = None if new_ids is None else new_ids[row : row + batch.num_rows][mask]
-            row += batch.num_rows
-            bar.update(batch.num_rows)
+    def __init__(self, settings: Settings, raw_dir: Path, name: str, files: dict[str, list[Path]],
+                 progress: bool) -> None:
+        self.raw_dir, self.name, self.files, self.progress = raw_dir, name, files, progress
+        self.path = datasets_root(settings) / name
+        self.units = _plan(files)
+        self.fingerprint = _fingerprint(files)
+        self.journal: dict[str, Any] | None = self._read_journal()
+        self.counters: dict[str, int] = {
+            "n_duplicate_user_rows": 0, "n_test_users_extending_train": 0, "n_test_users_same_as_train": 0,
+            "n_test_user_aliases": 0, "n_users_without_features": 0, "n_impressions_without_history": 0,
+            "n_impressions_from_other_split_features": 0, "n_impression_items_without_features": 0,
+            "n_clicks": 0, "n_vectors": 0}
+        self.dim: int | None = None
+
+    # journal ----------------------------------------------------------------------------------------
+    def _read_journal(self) -> dict[str, Any] | None:
+        path = self.path / JOURNAL
+        if not path.exists() or (self.path / "meta.json").exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if doc.get("fingerprint") != self.fingerprint or doc.get("unit_rows") != UNIT_ROWS:
+            log.warning("%s: an unfinished import of other files (or other unit sizes) is there; starting over",
+                        self.path)
+            return None
+        return doc
+
+    def _commit(self, next_unit: int) -> None:
+        state = self.writer.state()
+        state["users"] = self.users.n_rows
+        for w in self.users.writers.values():
+            w.flush()
+        for w in self.side.values():
+            w.flush()
+        doc = {"fingerprint": self.fingerprint, "unit_rows": UNIT_ROWS, "next_unit": next_unit, "writer": state,
+               "side": {k: w.n_rows for k, w in self.side.items()}, "counters": self.counters, "dim": self.dim}
+        tmp = self.path / (JOURNAL + ".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.path / JOURNAL)
+
+    # set-up -----------------------------------------------------------------------------------------
+    def _open(self) -> int:
+        """Open the writers (fresh, or at the journal's point); returns the first unit to run."""
+        j = self.journal
+        resume = None if j is None else j["writer"]
+        if j is None:
+            self.writer = DatasetWriter(self.path, self.name, "taobao-mm", history_times=False)
+            self._write_items()
+        else:
+            self.writer = DatasetWriter(self.path, self.name, "taobao-mm", history_times=False, resume=resume)
+            self.counters.update(j["counters"])
+            self.dim = j.get("dim")
+        side_rows = None if j is None else j["side"]
+        self.users = ColumnsWriter(self.path / "users-rows", USER_COLUMNS_SPEC,
+                                   None if j is None else resume["users"])
+        # append-only side records: (test row, train length) of merged users; (test row, alias id)
+        self.side = {
+            "merged": ColumnsWriter(self.path / "import-merged", {"row": (np.int64, ()), "train_len": (np.int64, ())},
+                                    None if side_rows is None else side_rows["merged"]),
+            "aliases": ColumnsWriter(self.path / "import-aliases", {"row": (np.int64, ()), "alias": (np.int64, ())},
+                                     None if side_rows is None else side_rows["aliases"]),
+        }
+        self.writer.history_writer()
+        self.writer.item_index()
+        return 0 if j is None else int(j["next_unit"])
+
+    def _write_items(self) -> None:
+        items = self.writer.items_writer()
+        cols = [ITEM, *ITEM_FEATURES.values()]
+        for path in self.files["item_features"]:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_BATCH, columns=cols):
+                items.write(pa.table({"item_id": batch.column(ITEM),
+                                      **{ours: batch.column(raw) for ours, raw in ITEM_FEATURES.items()},
+                                      "title": pa.nulls(batch.num_rows, pa.string())}))
+        items.close()
+
+    def _user_state(self) -> None:
+        """Which user-feature rows are kept (first occurrence per file), and the test users' rows."""
+        self.test_ids = _user_ids(self.files["test_user_features"])
+        self.train_ids = _user_ids(self.files["train_user_features"])
+        self.keep = {"test_user_features": _first_rows(self.test_ids),
+                     "train_user_features": _first_rows(self.train_ids)}
+        kept_test = self.test_ids[self.keep["test_user_features"]]
+        # test rows are written first, in file order: the i-th kept test row is CSR row i
+        self.test_rows = _Rows(kept_test, np.arange(len(kept_test), dtype=np.int64),
+                               np.zeros(len(kept_test), np.int64))
+        self.taken = np.union1d(self.test_ids, self.train_ids)
+        self.n_dup_test = int((~self.keep["test_user_features"]).sum())
+        self.n_dup_train = int((~self.keep["train_user_features"]).sum())
+
+    # phases -----------------------------------------------------------------------------------------
+    def _user_unit(self, unit: _Unit, batches: list[pa.RecordBatch]) -> None:
+        keep_all = self.keep[unit.phase]
+        offset = self._file_offsets[unit.phase][unit.file] + unit.lo
+        for batch in batches:
+            mask = keep_all[offset : offset + batch.num_rows]
+            offset += batch.num_rows
             if not mask.all():
                 batch = batch.filter(pa.array(mask))
-            if batch.num_rows == 0:
-                continue
-            item_lists, cat_lists, lengths = _history_lists(batch)
-            user_col = batch.column(USER).to_numpy().astype(np.int64)
-            if renamed is not None:
-                user_col = np.where(renamed != 0, renamed, user_col)
-            users.write(
-                pa.table(
-                    {"user_id": user_col, **{f"f{i + 1}": batch.column(c) for i, c in enumerate(USER_FEATURES)}}
-                )
-            )
-            writer.write_histories(
-                pa.table(
-                    {
-                        "user_id": user_col,
-                        "item_ids": item_lists,
-                        "categories": cat_lists,
-                        "times": _positions(item_lists),
-                    }
-                )
-            )
-            hist_users.append(user_col)
-            n_behaviours += int(lengths.sum())
-    bar.close()
+            if batch.num_rows:
+                (self._test_batch if unit.phase == "test_user_features" else self._train_batch)(batch, unit)
 
-    # sample users without a feature row: zero features and an empty history -----------------------
-    sample_files = {"train": files["train_samples"], "test": files["test_samples"]}
-    sample_users = _unique_ids(files["train_samples"] + files["test_samples"], USER)
-    known = np.concatenate(hist_users) if hist_users else np.zeros(0, dtype=np.int64)
-    missing_users = np.setdiff1d(sample_users, known)
-    if len(missing_users):
-        log.warning("%d sample users have no user-feature row: empty history, hist_len 0", len(missing_users))
-        zeros = np.zeros(len(missing_users), dtype=np.int64)
-        users.write(pa.table({"user_id": missing_users, **{f"f{i}": zeros for i in range(1, 6)}}))
-        empty = pa.array([[]] * len(missing_users), type=pa.list_(pa.int64()))
-        writer.write_histories(
-            pa.table({"user_id": missing_users, "item_ids": empty, "categories": empty, "times": empty})
-        )
-    users.close()
+    def _lists(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat item ids, flat category ids and per-row lengths of a user batch (nulls: empty)."""
+        items, cats = batch.column(HIST_ITEMS), batch.column(HIST_CATS)
+        lengths = pc.list_value_length(items).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        cat_lengths = pc.list_value_length(cats).fill_null(0).to_numpy(zero_copy_only=False)
+        if np.any(lengths != cat_lengths):
+            bad = int(np.flatnonzero(lengths != cat_lengths)[0])
+            raise DataError(f"user {batch.column(USER)[bad].as_py()}: {HIST_ITEMS} has {lengths[bad]} entries "
+                            f"but {HIST_CATS} has {cat_lengths[bad]}")
+        return (pc.list_flatten(items).to_numpy().astype(np.int64, copy=False),
+                pc.list_flatten(cats).to_numpy().astype(np.int64, copy=False), lengths)
 
-    # impressions: each split's user file first, the other file when the user has no row there -------
-    te_row_id = np.where(alias != 0, alias, te_uid)
-    joins = {
-        "train": (_UserMap(tr_uid[tr_first], tr_uid[tr_first], tr_len[tr_first]),
-                  _UserMap(te_uid[te_first], te_row_id[te_first], te_len[te_first])),
-        "test": (_UserMap(te_uid[te_first], te_row_id[te_first], te_len[te_first]),
-                 _UserMap(tr_uid[tr_first], tr_uid[tr_first], tr_len[tr_first])),
-    }
-    n_imp_without_history = n_imp_items_without_features = n_imp_other_split = 0
-    n_clicks = 0
-    for split, paths in sample_files.items():
-        own, other = joins[split]
-        for path in paths:
-            for batch in _iter([path], [LABEL, USER, ITEM], ROW_BATCH):
-                labels = decode_labels(batch.column(LABEL), str(path))
-                uid = batch.column(USER).to_numpy().astype(np.int64)
-                found, row_uid, hist_len = own.lookup(uid)
-                found2, row_uid2, hist_len2 = other.lookup(uid)
-                fallback = ~found & found2
-                row_uid = np.where(fallback, row_uid2, np.where(found, row_uid, uid))
-                hist_len = np.where(fallback, hist_len2, np.where(found, hist_len, 0)).astype(np.int32)
-                iid = batch.column(ITEM).to_numpy().astype(np.int64)
-                n_imp_items_without_features += int((~lookup_sorted(item_ids_sorted, iid)[1]).sum())
-                n_imp_without_history += int((~found & ~found2).sum())
-                n_imp_other_split += int(fallback.sum())
-                n_clicks += int(labels.sum())
-                writer.write_impressions(
-                    pa.table(
-                        {
-                            "user_id": row_uid,
-                            "item_id": iid,
-                            "label": labels,
-                            "split": pa.array([split] * len(uid), type=pa.string()),
-                            "time": hist_len.astype(np.int64),
-                            "hist_len": hist_len,
-                        }
-                    )
-                )
-    if n_imp_other_split:
-        log.warning("%d impressions' users have no row in their split's user file: the other file's row is used",
-                    n_imp_other_split)
+    @staticmethod
+    def _features(batch: pa.RecordBatch) -> np.ndarray:
+        return np.stack([batch.column(c).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+                         for c in USER_FEATURES], axis=1)
 
-    # SCL vectors, dequantised ------------------------------------------------------------------------
-    n_vectors, dim = 0, None
-    if files["scl_embedding_int8_p90"]:
-        emb = writer.embeddings_writer(SCL_SOURCE)
-        for batch in _iter(files["scl_embedding_int8_p90"], [ITEM, SCL_VECTOR], ROW_BATCH):
+    def _append_rows(self, user_ids: np.ndarray, features: np.ndarray, lengths: np.ndarray,
+                     items: np.ndarray, cats: np.ndarray) -> None:
+        self.writer.append_histories(user_ids, lengths, items, cats)
+        self.users.append({"user_id": user_ids, "features": features})
+
+    def _test_batch(self, batch: pa.RecordBatch, unit: _Unit) -> None:
+        items, cats, lengths = self._lists(batch)
+        self._append_rows(batch.column(USER).to_numpy().astype(np.int64), self._features(batch), lengths, items, cats)
+
+    def _train_batch(self, batch: pa.RecordBatch, unit: _Unit) -> None:
+        uid = batch.column(USER).to_numpy().astype(np.int64)
+        feats = self._features(batch)
+        items, cats, lengths = self._lists(batch)
+        item_pos = self.writer.item_index().positions(items)
+        cat_pos = self.writer.category_index().positions(cats)
+        in_test, test_row, _ = self.test_rows.lookup(uid)
+        same = np.zeros(len(uid), bool)
+        cand = np.flatnonzero(in_test)
+        if len(cand):
+            csr = self.writer.history_writer()
+            offsets = csr.offsets.view()
+            starts, stops = offsets[test_row[cand]], offsets[test_row[cand] + 1]
+            fits = lengths[cand] <= (stops - starts)
+            users = self.users.writers["features"].view()
+            fits &= (users[test_row[cand]] == feats[cand]).all(axis=1)
+            del users
+            row_start = np.concatenate([[0], np.cumsum(lengths)])
+            ok = cand[fits]
+            if len(ok):  # compare the train lists with the test rows' prefixes, entry by entry
+                n = lengths[ok]
+                rel = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+                src = np.repeat(row_start[ok], n) + rel
+                dst = np.repeat(starts[fits], n) + rel
+                stored_items, stored_cats = csr.entries["items"].view(), csr.entries["categories"].view()
+                equal = (stored_items[dst] == item_pos[src]) & (stored_cats[dst] == cat_pos[src])
+                del stored_items, stored_cats
+                bad_rows = np.unique(np.repeat(np.arange(len(ok)), n)[~equal])
+                good = np.ones(len(ok), bool)
+                good[bad_rows] = False
+                same[ok[good]] = True
+            del offsets
+        # merged: the train row is the test row's prefix (or equal): no row of its own
+        merged = np.flatnonzero(same)
+        if len(merged):
+            test_len = self._test_length(test_row[merged])
+            self.side["merged"].append({"row": test_row[merged], "train_len": lengths[merged]})
+            self.counters["n_test_users_extending_train"] += int((lengths[merged] < test_len).sum())
+            self.counters["n_test_users_same_as_train"] += int((lengths[merged] == test_len).sum())
+        conflict = np.flatnonzero(in_test & ~same)
+        if len(conflict):  # the test row gets an alias id, used by the test impressions only
+            alias = _fresh_ids(self.taken, len(conflict), seed=unit.index)
+            self.taken = np.union1d(self.taken, alias)
+            self.side["aliases"].append({"row": test_row[conflict], "alias": alias})
+            self.counters["n_test_user_aliases"] += len(conflict)
+        own = ~same
+        if own.any():
+            row_start = np.concatenate([[0], np.cumsum(lengths)])
+            take = np.repeat(own, lengths)
+            self.writer.history_writer().append(
+                uid[own], lengths[own], {"items": item_pos[take], "categories": cat_pos[take]})
+            self.users.append({"user_id": uid[own], "features": feats[own]})
+
+    def _test_length(self, rows: np.ndarray) -> np.ndarray:
+        off = self.writer.history_writer().offsets.view()
+        out = np.asarray(off[rows + 1] - off[rows])
+        del off
+        return out
+
+    def _maps(self) -> None:
+        """user id -> (row, history length) per split, from what the user phases wrote."""
+        csr = self.writer.history_writer()
+        n_rows = self._n_feature_rows
+        off = np.asarray(csr.offsets.view()[: n_rows + 1])
+        all_ids = np.asarray(csr.row_ids.view())
+        row_ids = all_ids[:n_rows]
+        lengths = np.diff(off)
+        n_test = len(self.test_rows.ids)
+        merged = {k: np.asarray(v.view()) for k, v in self.side["merged"].writers.items()}
+        aliases = {k: np.asarray(v.view()) for k, v in self.side["aliases"].writers.items()}
+        test_user_of_row = row_ids[:n_test].copy()
+        self.row_user = row_ids.copy()
+        self.row_user[aliases["row"]] = aliases["alias"]  # the id the test impressions carry
+        if len(self.row_user) == 0:
+            self.row_user = np.zeros(1, np.int64)
+        test_rows = np.arange(n_test, dtype=np.int64)
+        self.maps = {
+            # test samples: the test row (its impressions carry the alias where there is one)
+            "test": _Rows(test_user_of_row, test_rows, lengths[:n_test]),
+            # train samples: their own row, or the test row they were merged into (its prefix)
+            "train": _Rows(np.concatenate([row_ids[n_test:], test_user_of_row[merged["row"]]]),
+                           np.concatenate([np.arange(n_test, len(row_ids), dtype=np.int64), merged["row"]]),
+                           np.concatenate([lengths[n_test:], merged["train_len"]])),
+        }
+        self.missing = IdIndex(None, all_ids[n_rows:])  # sample-only users met so far (a resumed import)
+
+    def _sample_unit(self, unit: _Unit, batches: list[pa.RecordBatch]) -> None:
+        split = "train" if unit.phase == "train_samples" else "test"
+        own, other = self.maps[split], self.maps["test" if split == "train" else "train"]
+        path = self.files[unit.phase][unit.file]
+        for batch in batches:
+            labels = decode_labels(batch.column(LABEL), str(path))
+            uid = batch.column(USER).to_numpy().astype(np.int64)
+            iid = batch.column(ITEM).to_numpy().astype(np.int64)
+            found, row, hist_len = own.lookup(uid)
+            found2, row2, hist_len2 = other.lookup(uid)
+            fallback = ~found & found2
+            row = np.where(found, row, row2)
+            hist_len = np.where(found, hist_len, np.where(fallback, hist_len2, 0))
+            absent = ~found & ~found2
+            user = np.where(absent, uid, self.row_user[np.where(absent, 0, row)])
+            if absent.any():  # sample users without a feature row: an empty history of their own
+                before = self.missing.n_extra
+                self.missing.positions(uid[absent])  # new ids numbered in order of first appearance
+                new = self.missing.extra_ids()[before:]
+                if len(new):
+                    self.writer.append_histories(new, np.zeros(len(new), np.int64), np.zeros(0, np.int64),
+                                                 np.zeros(0, np.int64))
+                    self.users.append({"user_id": new, "features": np.zeros((len(new), len(USER_FEATURES)), np.int64)})
+            pos = self.writer.item_index().find(iid)
+            self.counters["n_impression_items_without_features"] += int(
+                ((pos < 0) | (pos >= self.writer.item_index().n_base)).sum())
+            self.counters["n_impressions_without_history"] += int(absent.sum())
+            self.counters["n_impressions_from_other_split_features"] += int(fallback.sum())
+            self.counters["n_clicks"] += int(labels.sum())
+            self.writer.append_impressions(split, {"user_id": user, "item_id": iid, "label": labels,
+                                                   "hist_len": hist_len.astype(np.int32)})
+
+    def _scl_unit(self, unit: _Unit, batches: list[pa.RecordBatch]) -> None:
+        for batch in batches:
             vec = batch.column(SCL_VECTOR)
             lengths = pc.list_value_length(vec).to_numpy(zero_copy_only=False)
-            dim = int(lengths[0]) if dim is None and len(lengths) else dim
-            if vec.null_count or np.any(lengths != dim):
+            if self.dim is None and len(lengths):
+                self.dim = int(lengths[0])
+            if vec.null_count or np.any(lengths != self.dim):
                 raise DataError(
-                    f"{SCL_VECTOR}: vectors of unequal length {sorted(set(lengths.tolist()))}, expected {dim}"
+                    f"{SCL_VECTOR}: vectors of unequal length {sorted(set(lengths.tolist()))}, expected {self.dim}"
                 )
-            values = vec.flatten().to_numpy().astype(np.float32) / np.float32(SCL_SCALE)
-            offsets = pa.array(np.arange(0, (batch.num_rows + 1) * dim, dim, dtype=np.int32))
-            emb.write(
-                pa.table(
-                    {
-                        "item_id": batch.column(ITEM),
-                        "vector": pa.ListArray.from_arrays(offsets, pa.array(values)),
-                    }
-                )
-            )
-            n_vectors += batch.num_rows
-        emb.close()
-    else:
-        log.warning("%s: no scl_embedding_int8_p90 files; the %s source will be absent", raw_dir, SCL_SOURCE)
+            values = pc.list_flatten(vec).to_numpy(zero_copy_only=False).astype(np.int8).reshape(-1, self.dim)
+            self.writer.embeddings_writer(SCL_SOURCE, self.dim, np.int8, SCL_SCALE).write(
+                batch.column(ITEM).to_numpy().astype(np.int64), values)
+            self.counters["n_vectors"] += batch.num_rows
 
-    n_impressions = writer.shards["impressions"].n_rows
-    dataset = writer.finish(
-        n_behaviours=n_behaviours,
-        has_images=False,
-        has_titles=False,
-        has_search_sessions=False,
-        raw_dir=str(raw_dir.resolve()),
-        raw_columns={
-            "item_id": ITEM,
-            **ITEM_FEATURES,
-            "user_id": USER,
-            **{f"f{i + 1}": c for i, c in enumerate(USER_FEATURES)},
-            "item_ids": HIST_ITEMS,
-            "categories": HIST_CATS,
-            "label": LABEL,
-        },
-        n_clicks=n_clicks,
-        n_duplicate_user_rows=n_duplicates,
-        n_users_without_features=int(len(missing_users)),
-        n_impressions_without_history=n_imp_without_history,
-        n_test_users_extending_train=int(extends.sum()),
-        n_test_user_aliases=int(conflict.sum()),
-        n_impressions_from_other_split_features=n_imp_other_split,
-        n_impression_items_without_features=n_imp_items_without_features,
-        embeddings={SCL_SOURCE: {"n_items": n_vectors, "dim": dim, "scale": SCL_SCALE}} if n_vectors else {},
-    )
-    log.info(
-        "taobao-mm %s: %d items, %d users (%d without features), %d behaviours, %d impressions, "
-        "%d SCL vectors in %.1fs",
-        name,
-        dataset.n_items,
-        dataset.n_users,
-        len(missing_users),
-        n_behaviours,
-        n_impressions,
-        n_vectors,
-        time.perf_counter() - started,
-    )
+    # the run ----------------------------------------------------------------------------------------
+    def run(self) -> Dataset:
+        started = time.perf_counter()
+        first = self._open()
+        self._user_state()
+        self._file_offsets = {
+            phase: np.concatenate([[0], np.cumsum([pq.ParquetFile(p).metadata.num_rows for p in self.files[phase]])])
+            for phase in ("test_user_features", "train_user_features")}
+        self._n_feature_rows = None  # set when the user phases are done
+        if first:
+            log.info("%s: resuming the import at unit %d of %d", self.name, first, len(self.units))
+        if self.dim is not None:
+            self.writer.embeddings_writer(SCL_SOURCE, self.dim, np.int8, SCL_SCALE)
+        bar = _bar(self.units, first, self.progress)
+        columns = {"test_user_features": USER_COLUMNS, "train_user_features": USER_COLUMNS,
+                   "train_samples": [LABEL, USER, ITEM], "test_samples": [LABEL, USER, ITEM],
+                   "scl_embedding_int8_p90": [ITEM, SCL_VECTOR]}
+        batch_rows = {p: USER_BATCH if p.endswith("user_features") else ROW_BATCH for p in PHASES}
+        todo = self.units[first:]
+        feature_units = [u for u in self.units if u.phase.endswith("user_features")]
+        if not todo or todo[0].phase not in ("test_user_features", "train_user_features"):
+            self._after_users(feature_units)
+        for unit, batches in _ahead(_read_units(self.files, todo, columns, batch_rows)):
+            if unit.phase.endswith("user_features"):
+                self._user_unit(unit, batches)
+            else:
+                if self._n_feature_rows is None:
+                    self._after_users(feature_units)
+                (self._sample_unit if unit.phase.endswith("samples") else self._scl_unit)(unit, batches)
+            self._commit(unit.index + 1)
+            if bar is not None:
+                bar.update(unit.hi - unit.lo)
+        if self._n_feature_rows is None:
+            self._after_users(feature_units)
+        if bar is not None:
+            bar.close()
+        return self._finish(started)
+
+    def _after_users(self, feature_units: list[_Unit]) -> None:
+        if self._n_feature_rows is None:
+            # rows written by the user phases; sample-only users come after them
+            rows = self.journal_rows_after_users()
+            self._n_feature_rows = rows
+            self._maps()
+
+    def journal_rows_after_users(self) -> int:
+        """CSR rows the user-feature phases wrote (the rest are sample-only users)."""
+        path = self.path / "users-phase.json"
+        if path.exists():
+            return int(json.loads(path.read_text())["rows"])
+        rows = self.writer.history_writer().n_rows
+        path.write_text(json.dumps({"rows": rows}))
+        return rows
+
+    def _finish(self, started: float) -> Dataset:
+        self.counters["n_duplicate_user_rows"] = self.n_dup_test + self.n_dup_train
+        self.counters["n_users_without_features"] = self.writer.history_writer().n_rows - self._n_feature_rows
+        c = self.counters
+        if c["n_duplicate_user_rows"]:
+            log.warning("%d user-feature rows repeat a user already seen in the same file: the first row is kept",
+                        c["n_duplicate_user_rows"])
+        if c["n_test_user_aliases"]:
+            log.warning("%d users have different train and test feature rows: the test rows are stored under "
+                        "alias user ids used by the test impressions only", c["n_test_user_aliases"])
+        if c["n_users_without_features"]:
+            log.warning("%d sample users have no user-feature row: empty history, hist_len 0",
+                        c["n_users_without_features"])
+        if c["n_impressions_from_other_split_features"]:
+            log.warning("%d impressions' users have no row in their split's user file: the other file's row is "
+                        "used", c["n_impressions_from_other_split_features"])
+        if not self.files["scl_embedding_int8_p90"]:
+            log.warning("%s: no scl_embedding_int8_p90 files; the %s source will be absent", self.raw_dir, SCL_SOURCE)
+        # the alias ids go into the rows (CSR and users), then users.parquet is written from the rows
+        self.users.close()
+        for w in self.side.values():
+            w.close()
+        csr = self.writer.history_writer()
+        aliases = Columns(self.path / "import-aliases")
+        csr.close()
+        row_ids = np.load(self.path / "histories" / "row_ids.npy", mmap_mode="r+")
+        row_ids[aliases.column("row")] = aliases.column("alias")
+        row_ids.flush()
+        del row_ids
+        users = Columns(self.path / "users-rows")
+        uw = self.writer.users_writer()
+        user_ids = np.load(self.path / "histories" / "row_ids.npy", mmap_mode="r")
+        for lo in range(0, len(users), ROW_BATCH):
+            hi = min(lo + ROW_BATCH, len(users))
+            f = np.asarray(users.column("features")[lo:hi])
+            uw.write(pa.table({"user_id": np.asarray(user_ids[lo:hi]),
+                               **{f"f{i + 1}": f[:, i] for i in range(len(USER_FEATURES))}}))
+        uw.close()
+        del user_ids, users, aliases
+        n_behaviours = csr.n_entries
+        dataset = self.writer.finish(
+            n_behaviours=n_behaviours,
+            has_images=False,
+            has_titles=False,
+            has_search_sessions=False,
+            raw_dir=str(self.raw_dir.resolve()),
+            raw_columns={
+                "item_id": ITEM, **ITEM_FEATURES, "user_id": USER,
+                **{f"f{i + 1}": c for i, c in enumerate(USER_FEATURES)},
+                "item_ids": HIST_ITEMS, "categories": HIST_CATS, "label": LABEL,
+            },
+            **{k: v for k, v in c.items() if k not in ("n_vectors",)},
+            embeddings={SCL_SOURCE: {"n_items": c["n_vectors"], "dim": self.dim, "scale": SCL_SCALE,
+                                     "dtype": "int8"}} if c["n_vectors"] else {},
+        )
+        for leftover in ("users-rows", "import-merged", "import-aliases"):
+            _remove_tree(self.path / leftover)
+        for leftover in (JOURNAL, "users-phase.json"):
+            (self.path / leftover).unlink(missing_ok=True)
+        log.info("taobao-mm %s: %d items, %d users (%d without features), %d behaviours, %d impressions, "
+                 "%d SCL vectors in %.1fs", self.name, dataset.n_items, dataset.n_users,
+                 c["n_users_without_features"], n_behaviours, dataset.meta["n_impressions"], c["n_vectors"],
+                 time.perf_counter() - started)
+        return dataset
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _bar(units: list[_Unit], first: int, progress: bool) -> Any:
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    total = sum(u.hi - u.lo for u in units)
+    done = sum(u.hi - u.lo for u in units[:first])
+    return tqdm(total=total, initial=done, unit="row", unit_scale=True, desc="import", smoothing=0.05)
+
+
+def import_taobao_mm(
+    settings: Settings,
+    raw_dir: str | Path,
+    name: str = "taobao-mm",
+    *,
+    register: bool = True,
+    progress: bool = False,
+    fresh: bool = False,
+) -> Dataset:
+    """Convert the raw Taobao-MM files in ``raw_dir`` into dataset ``name`` (replacing it) and
+    register it when the database is migrated. An unfinished import of the same files into ``name``
+    is resumed where it stopped (``fresh=True`` starts over).
+
+    Raises:
+        NotFoundError: ``raw_dir`` or a required table is missing (item_features, samples, user features).
+        DataError: a file lacks the expected columns or holds malformed labels/vectors.
+    """
+    raw_dir = Path(raw_dir)
+    name = check_name(name)
+    files = _validate(raw_dir)
+    job = _Import(settings, raw_dir, name, files, progress)
+    if fresh:
+        job.journal = None
+    dataset = job.run()
     if register:
         from muse.data.registry import register_if_ready
 
