@@ -169,7 +169,7 @@ def main() -> None:
             store.upsert_items(ref, ids, vecs, space.item_features[space.items.lookup(ids), 0])
             for u in score_users:
                 start, length = (int(v[0]) for v in histories.rows(np.array([u])))
-                idx = histories.items[start:start + length]
+                idx = histories.entries(np.arange(start, start + length))[0]
                 store.upsert_behaviours(ref, np.full(length, u), np.arange(length), space.items.values[idx - 1],
                                         vectors.vectors[idx].numpy())
             store.close()

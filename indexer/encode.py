@@ -30,7 +30,7 @@ from indexer.source_registry import (
 )
 from indexer.worker_context import current
 from muse.arrays import l2_normalise, lookup, lookup_sorted
-from muse.errors import ConfigurationError, DataError, NotFoundError
+from muse.errors import ConfigurationError, NotFoundError
 from muse.settings import Settings
 
 log = logging.getLogger(__name__)

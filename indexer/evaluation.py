@@ -211,7 +211,7 @@ def evaluate_source(
         row = ensure_imported(settings, source, dataset)
     else:
         row = get_version(settings, source, version)
-    table = item_vectors(settings, source, dataset, version=row.version)
+    table = item_vectors(settings, source, dataset, version=row.version).as_float()
     query_vectors = None
     if source in TEXT_TRAINED_SOURCES and data.queries:
         query_vectors = load_encoder(settings, source, row.version).encode_texts(data.queries)

@@ -5,24 +5,37 @@ Serving reads the same vectors from Milvus (written by the backfill, see :mod:`i
 both come from the same checkpoint (or shipped file) through :mod:`indexer.encode`, so they agree
 to float32 rounding (``tests/test_embed_sources.py`` checks it against a backfilled collection).
 
-The cache is ``<source dir>/items-<dataset>.npz``. It carries its key: the source version's
-identity (row id, version, kind, dim, checkpoint path with its size and modification time) and the
-dataset's (its name and ``meta.json`` stamp) and is used only when that key and the dataset's item
-ids equal the current ones. A stale cache is rebuilt, with a WARNING saying what changed; it is
-never read silently.
+The table is a folder ``<source dir>/items-<dataset>/`` of memory-mapped arrays
+(:mod:`muse.ondisk`): ``item_ids.npy`` (the dataset's canonical order), ``vectors.npy`` in the
+source's storage dtype (unit float32 rows for encoder and ``id`` sources; int8 as shipped for
+Taobao-MM's ``scl-taobao``, with its scale), ``present.npy``, and ``key.json``. It is written once,
+a block of items at a time (bounded memory whatever the catalogue), and opened without loading:
+readers touch only the rows they use. The key holds the source version's identity (row id,
+version, kind, dim, checkpoint path with its size and modification time) and the dataset's (its name
+and ``meta.json`` stamp); the table is used only when that key and the dataset's item ids equal the
+current ones. A stale table is rebuilt, with a WARNING saying what changed; it is never read
+silently.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from indexer.encode import encode_items, encoder_of, ensure_imported, id_lookup, open_dataset
+from indexer.encode import (
+    encode_items,
+    encoder_of,
+    ensure_imported,
+    id_lookup,
+    imported_vectors,
+    open_dataset,
+)
 from indexer.source_registry import (
     ID_SOURCE,
     IMPORTED_SOURCES,
@@ -32,22 +45,42 @@ from indexer.source_registry import (
     get_version,
     source_dir,
 )
-from muse.arrays import lookup
+from muse.arrays import l2_normalise
+from muse.data.format import IdIndex
+from muse.errors import MuseError
+from muse.ondisk import open_array, write_array
 from muse.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: Bumped when the cache's layout or the way its vectors are computed changes.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
+#: Items encoded (or copied) per block while the table is written.
+BLOCK = 65_536
 
 
 @dataclass(frozen=True)
 class ItemVectors:
     """Every item of a dataset under one source version (``ranker.data.ItemVectorsLike``)."""
 
-    item_ids: np.ndarray  # int64 [n], the dataset's canonical item order
-    vectors: np.ndarray  # float32 [n, d]; rows of absent items are zero
+    item_ids: np.ndarray  # int64 [n], the dataset's canonical order
+    vectors: np.ndarray  # [n, d]: unit float32 rows, or int8 with ``scale``; rows of absent items are zero
     present: np.ndarray  # bool [n]: False where the item has no vector (no image, unknown, not shipped)
+    scale: float | None = None  # int8 storage: the vector is row / scale (then L2-normalised)
+    normalised: bool = True  # float rows are unit vectors already
+
+    def unit_rows(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """Rows (all by default) as unit float32 vectors (zero rows stay zero)."""
+        raw = np.asarray(self.vectors if rows is None else self.vectors[rows])
+        if self.scale is None and self.normalised:
+            return raw.astype(np.float32, copy=False)
+        return l2_normalise(raw.astype(np.float32) / np.float32(self.scale or 1.0))
+
+    def as_float(self) -> ItemVectors:
+        """The whole table as unit float32 rows in RAM (small catalogues: intrinsic evaluation, benches)."""
+        if self.scale is None and self.normalised:
+            return self
+        return ItemVectors(np.asarray(self.item_ids), self.unit_rows(), np.asarray(self.present))
 
 
 def _file_stamp(path: str | None) -> dict[str, Any]:
@@ -73,25 +106,25 @@ def cache_key(row: SourceVersion, dataset: Any) -> dict[str, Any]:
 
 
 def cache_path(settings: Settings, row: SourceVersion, dataset: Any) -> Path:
-    """Where the vectors of ``dataset`` under source version ``row`` are cached."""
-    return source_dir(settings, row.name, row.version) / f"items-{dataset.name}.npz"
+    """Where the vectors of ``dataset`` under source version ``row`` are kept (a folder)."""
+    return source_dir(settings, row.name, row.version) / f"items-{dataset.name}"
 
 
 def _read_cache(cache: Path, key: dict[str, Any], item_ids: np.ndarray) -> tuple[ItemVectors | None, str]:
-    """The vectors in ``cache`` when it holds exactly ``key`` and ``item_ids`` (read once), else
+    """The table in ``cache`` (memory-mapped) when it holds exactly ``key`` and ``item_ids``, else
     ``(None, why not)``."""
     try:
-        with np.load(cache) as z:
-            if "key" not in z.files:
-                return None, "it has no key (written by an older version)"
-            old = json.loads(str(z["key"]))
-            if old != key:
-                changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-                return None, f"its key changed ({', '.join(changed)}: {old} -> {key})"
-            if not np.array_equal(z["item_ids"], item_ids):
-                return None, "the dataset's item ids changed"
-            return ItemVectors(z["item_ids"], z["vectors"], z["present"]), ""
-    except (OSError, ValueError, KeyError) as e:
+        doc = json.loads((cache / "key.json").read_text())
+        if doc.get("key") != json.loads(json.dumps(key)):
+            old = doc.get("key") or {}
+            changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            return None, f"its key changed ({', '.join(changed)}: {old} -> {key})"
+        ids = open_array(cache / "item_ids.npy")
+        if not np.array_equal(ids, item_ids):
+            return None, "the dataset's item ids changed"
+        return ItemVectors(ids, open_array(cache / "vectors.npy"), open_array(cache / "present.npy"),
+                           doc.get("scale"), bool(doc.get("normalised", True))), ""
+    except (OSError, ValueError, KeyError, MuseError) as e:
         return None, f"it cannot be read ({e})"
 
 
@@ -99,7 +132,8 @@ def item_vectors(
     settings: Settings, source: Any, dataset: Any = None, version: int | None = None, *, batch_size: int = 512
 ) -> ItemVectors:
     """Vectors of every item of ``dataset`` under ``source`` version ``version`` (the newest when None;
-    for an imported source, the one shipped with the dataset), cached on disk per source version.
+    for an imported source, the one shipped with the dataset), kept on disk per source version and
+    returned memory-mapped.
 
     ``source`` may also be a :class:`muse.vectorstore.CollectionRef` (then ``dataset`` and ``version``
     come from it): the (dataset, source, version) whose Milvus collections serving reads.
@@ -123,42 +157,71 @@ def item_vectors(
     cache = cache_path(settings, row, dataset)
     key = cache_key(row, dataset)
     item_ids = dataset.item_ids()
-    if cache.exists():
+    if (cache / "key.json").exists():
         cached, reason = _read_cache(cache, key, item_ids)
         if cached is not None:
             return cached
-        log.warning("%s v%d: the vector cache %s is stale: %s; rebuilding it", source, row.version, cache, reason)
+        log.warning("%s v%d: the vector table %s is stale: %s; rebuilding it", source, row.version, cache, reason)
     else:
-        log.info("%s v%d: no vector cache for %s yet; computing it", source, row.version, dataset.name)
-    table = _compute(settings, row, dataset, item_ids, batch_size)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, item_ids=table.item_ids, vectors=table.vectors, present=table.present,
-             key=np.array(json.dumps(key, sort_keys=True)))
-    tmp.replace(cache)
-    log.info("%s v%d: %d of %d items have a vector", source, row.version, int(table.present.sum()), len(item_ids))
+        log.info("%s v%d: no vector table for %s yet; computing it", source, row.version, dataset.name)
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    scale, normalised = _compute(settings, row, dataset, item_ids, batch_size, tmp)
+    (tmp / "key.json").write_text(json.dumps({"key": key, "scale": scale, "normalised": normalised},
+                                             sort_keys=True, indent=2) + "\n")
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)
+    table, _ = _read_cache(cache, key, item_ids)
+    assert table is not None  # just written
+    log.info("%s v%d: %d of %d items have a vector", source, row.version, int(np.count_nonzero(table.present)),
+             len(item_ids))
     return table
 
 
 def _compute(settings: Settings, row: SourceVersion, dataset: Any, item_ids: np.ndarray,
-             batch_size: int) -> ItemVectors:
-    vectors = np.zeros((len(item_ids), row.dim), np.float32)
-    present = np.zeros(len(item_ids), bool)
+             batch_size: int, folder: Path) -> tuple[float | None, bool]:
+    """Write ``item_ids.npy``, ``vectors.npy`` and ``present.npy`` into ``folder``; returns (scale,
+    normalised)."""
+    n = len(item_ids)
+    write_array(folder / "item_ids.npy", item_ids)
+    present = np.lib.format.open_memmap(folder / "present.npy", mode="w+", dtype=bool, shape=(n,))
+    if row.name in IMPORTED_SOURCES:  # as shipped: int8 stays int8, copied in canonical order a block at a time
+        shipped = imported_vectors(dataset, row.name)
+        vectors = np.lib.format.open_memmap(folder / "vectors.npy", mode="w+", dtype=shipped.vectors.dtype,
+                                            shape=(n, shipped.dim))
+        index = IdIndex(np.asarray(shipped.item_ids))
+        for lo in range(0, n, BLOCK):
+            rows = index.find(item_ids[lo:lo + BLOCK])
+            ok = rows >= 0
+            block = np.zeros((len(rows), shipped.dim), shipped.vectors.dtype)
+            block[ok] = shipped.vectors[rows[ok]]
+            vectors[lo:lo + len(rows)] = block
+            present[lo:lo + len(rows)] = ok & np.any(block != 0, axis=1)
+        vectors.flush()
+        present.flush()
+        return shipped.scale, False
+    vectors = np.lib.format.open_memmap(folder / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, row.dim))
     if row.name in TRAINED_SOURCES:
         encoder = encoder_of(settings, row)
         n_failed = 0
+        index = IdIndex(item_ids)
         for batch in dataset.iter_images(batch_size=batch_size):
             ids = batch.column("item_id").to_numpy().astype(np.int64)
             res = encoder.encode_images(batch.column("image").to_pylist())
-            rows = lookup(item_ids, ids[res.ok_index])  # -1: an image of an item not in the table
+            rows = index.find(ids[res.ok_index])  # -1: an image of an item not in the table
             keep = rows >= 0
-            vectors[rows[keep]] = res.vectors[keep]
+            vectors[rows[keep]] = l2_normalise(res.vectors[keep])
             present[rows[keep]] = True
             n_failed += len(res.failed)
         if n_failed:
             log.warning("%s: %d images could not be encoded; those items are absent", row.name, n_failed)
-    else:
+    else:  # the id source: its learned table (held by the model anyway), written a block at a time
         res = id_lookup(row, item_ids) if row.name == ID_SOURCE else encode_items(settings, row.name, dataset, item_ids)
-        vectors[res.ok_index] = res.vectors
-        present[res.ok_index] = True
-    return ItemVectors(item_ids, vectors, present)
+        for lo in range(0, len(res.ok_index), BLOCK):
+            rows = res.ok_index[lo:lo + BLOCK]
+            vectors[rows] = l2_normalise(res.vectors[lo:lo + BLOCK])
+            present[rows] = True
+    vectors.flush()
+    present.flush()
+    return None, True

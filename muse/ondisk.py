@@ -304,3 +304,19 @@ class CSR:
     def lengths(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
         off = np.asarray(self.offsets[lo : (len(self) if hi is None else hi) + 1])
         return np.diff(off)
+
+
+def release(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped ``array`` from this process (they stay in the page cache and
+    are read again on the next touch): a long pass over a mapped file then keeps a bounded resident
+    size. A no-op for arrays in RAM."""
+    import mmap
+
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            base.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass

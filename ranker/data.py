@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from muse.arrays import lookup_sorted
@@ -36,10 +35,11 @@ SHUFFLE_BUFFER = 65_536
 class ItemVectorsLike(Protocol):
     """One vector per item of the dataset, under one embedding-source version: what the embedding
     stage's ``item_vectors`` returns, handed in by the caller (the CLI); the ranker never loads or
-    computes vectors itself."""
+    computes vectors itself. Optional attributes: ``scale`` (int8 storage: vector = row / scale) and
+    ``normalised`` (rows are unit vectors already)."""
 
     item_ids: np.ndarray  # int64 [n]
-    vectors: np.ndarray  # float32 [n, d]
+    vectors: np.ndarray  # [n, d] float32 (or int8 with ``scale``), possibly memory-mapped
     present: np.ndarray  # bool [n]; False = the item has no vector (ranks last in the GSU)
 
 
@@ -110,32 +110,43 @@ class FeatureSpace:
 
 
 class HistoryStore:
-    """Every user's history as flat arrays of (item index, category index) with per-user offsets."""
+    """Every user's history, memory-mapped from the dataset's CSR (``histories/``): per user a run of
+    item positions and category positions, mapped to the model's vocabulary indices on read.
 
-    def __init__(self, user_ids: np.ndarray, offsets: np.ndarray, items: np.ndarray, categories: np.ndarray) -> None:
-        order = np.argsort(user_ids, kind="stable")
-        self.user_ids = np.asarray(user_ids, dtype=np.int64)[order]  # sorted
-        self.starts = np.asarray(offsets[:-1], dtype=np.int64)[order]
-        self.lengths = np.diff(np.asarray(offsets, dtype=np.int64))[order]
-        self.items = items  # int64 [n_behaviours] item indices
-        self.categories = categories  # int64 [n_behaviours] category indices
+    Held in RAM by design (sized by the vocabularies): the sorted user ids with their rows (16 bytes per
+    user), item position -> item index (4 bytes per item) and category position -> category index.
+    The entries (8 bytes per behaviour) stay on disk; pages read are dropped from this process's
+    memory every ``release_bytes`` of reads (:meth:`touch`), so a pass over every history does not
+    grow the process (the page cache keeps what it can).
+    """
+
+    def __init__(self, csr: Any, item_map: np.ndarray, category_map: np.ndarray,
+                 release_bytes: int = 512 << 20) -> None:
+        self.csr = csr
+        row_ids = np.asarray(csr.row_ids, dtype=np.int64)
+        order = np.argsort(row_ids, kind="stable")
+        self.user_ids = row_ids[order]  # sorted
+        offsets = np.asarray(csr.offsets, dtype=np.int64)
+        self.starts = offsets[:-1][order]
+        self.lengths = np.diff(offsets)[order]
+        self.item_positions = csr.entries("items")  # int32 [n_behaviours], memory-mapped
+        self.category_positions = csr.entries("categories")  # int32 [n_behaviours], memory-mapped
+        self.item_map = item_map  # int32 [n item positions]: item position -> item index (0 unknown)
+        self.category_map = category_map  # int64 [n category positions] -> category index
+        self.release_bytes = release_bytes
+        self._read = 0
 
     @classmethod
-    def from_dataset(cls, dataset: Any, space: FeatureSpace, batch_size: int = 4096) -> HistoryStore:
-        """Read ``histories/`` once (streamed), mapping ids through ``space``."""
-        uids, lens, items, cats = [], [], [], []
-        cat_vocab = space.vocabs["category"]
-        for batch in dataset.iter_histories(batch_size=batch_size, columns=["user_id", "item_ids", "categories"]):
-            iid = batch.column("item_ids")
-            uids.append(batch.column("user_id").to_numpy())
-            lens.append(np.diff(iid.offsets.to_numpy()))
-            items.append(space.items.lookup(iid.flatten().to_numpy()))
-            cats.append(cat_vocab.lookup(batch.column("categories").flatten().to_numpy()))
-        if not uids:
+    def from_dataset(cls, dataset: Any, space: FeatureSpace, mmap: bool = True) -> HistoryStore:
+        """The dataset's histories mapped through ``space`` (``mmap=False`` reads the entries into RAM)."""
+        from muse.ondisk import CSR
+
+        csr = CSR(dataset.path / "histories", mmap=mmap)
+        if len(csr) == 0:
             raise DataError(f"dataset {dataset.name!r} has no histories")
-        lengths = np.concatenate(lens)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        return cls(np.concatenate(uids), offsets, np.concatenate(items), np.concatenate(cats))
+        item_map = space.items.lookup(dataset.history_item_ids()).astype(np.int32)
+        category_map = space.vocabs["category"].lookup(dataset.category_ids())
+        return cls(csr, item_map, category_map)
 
     def rows(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(start, length)`` of each user's history in the flat arrays; NotFoundError on unknown users."""
@@ -146,44 +157,129 @@ class HistoryStore:
             raise NotFoundError(f"user {int(user_ids[bad][0])} has no history in the dataset")
         return self.starts[pos], self.lengths[pos]
 
+    def entries(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(item indices, category indices) at flat entry positions ``pos`` (any shape)."""
+        items = self.item_map[self.item_positions[pos]]
+        categories = self.category_map[self.category_positions[pos]]
+        self.touch(pos.size * 8)
+        return items.astype(np.int64, copy=False), categories
+
+    def touch(self, n_bytes: int) -> None:
+        """Count ``n_bytes`` read; past ``release_bytes`` the mapped pages are released."""
+        self._read += n_bytes
+        if self._read >= self.release_bytes:
+            from muse.ondisk import release
+
+            release(self.item_positions)
+            release(self.category_positions)
+            self._read = 0
+
 
 class VectorTable:
-    """An item-vector table indexed by the item indices of a :class:`FeatureSpace` (row 0 = padding)."""
+    """The item vectors of an embedding source, in their storage dtype (float32, or int8 with a scale
+    as Taobao-MM ships them), memory-mapped when the caller hands a mapped table; indexed by the item
+    indices of a :class:`FeatureSpace` (index 0 = padding). Rows are L2-normalised when read unless
+    the source says they are already (``normalised``).
+
+    Held in RAM by design: item index -> table row (8 bytes per item) and the presence flags.
+    """
 
     def __init__(self, space: FeatureSpace, source: ItemVectorsLike) -> None:
-        vectors = np.asarray(source.vectors, dtype=np.float32)
+        vectors = source.vectors
         if vectors.ndim != 2 or len(vectors) != len(source.item_ids) or len(source.present) != len(source.item_ids):
             raise DataError(
                 f"item vector table is inconsistent: {len(source.item_ids)} ids, vectors {vectors.shape}, "
                 f"{len(source.present)} present flags"
             )
+        self.dim = int(vectors.shape[1])
+        self.scale = getattr(source, "scale", None)
+        self.normalised = bool(getattr(source, "normalised", False)) and self.scale is None
+        self._array = vectors  # kept: its mapped pages are released as the table is read
+        self.raw = _as_tensor(vectors)  # [n, d] storage dtype
         idx = space.items.lookup(source.item_ids)
-        self.dim = vectors.shape[1]
-        self.vectors = torch.zeros(space.items.size, self.dim)  # [n_items + 1, d]
-        self.present = torch.zeros(space.items.size, dtype=torch.bool)  # [n_items + 1]
-        self._scratch = threading.local()
         keep = idx > 0
-        present = np.asarray(source.present, dtype=bool) & (np.abs(vectors).sum(axis=1) > 0)  # zero rows: missing
-        self.vectors[idx[keep]] = l2_normalise(torch.from_numpy(vectors[keep]))  # once, not per batch
-        self.present[idx[keep]] = torch.from_numpy(present[keep])
-        log.info("vector table: %d of %d items have a %d-d vector", int(self.present.sum()), len(idx), self.dim)
+        present = np.asarray(source.present, dtype=bool) & _nonzero_rows(vectors)  # zero rows: missing
+        self.rows = torch.zeros(space.items.size, dtype=torch.int64)  # item index -> table row
+        self.rows[torch.from_numpy(idx[keep])] = torch.from_numpy(np.flatnonzero(keep))
+        self.present = torch.zeros(space.items.size, dtype=torch.bool)  # [n_items + 1]
+        self.present[torch.from_numpy(idx[keep])] = torch.from_numpy(present[keep])
+        self._scratch = threading.local()
+        self._read = 0
+        log.info("vector table: %d of %d items have a %d-d %s vector", int(self.present.sum()), len(idx), self.dim,
+                 vectors.dtype)
 
     def gather(self, idx: torch.Tensor, scratch: bool = False) -> torch.Tensor:
-        """Vectors ``[..., d]`` of item indices ``idx [...]``.
+        """Unit vectors ``[..., d]`` (float32) of item indices ``idx [...]``; rows without a vector are
+        whatever the table holds there (the caller masks them with :attr:`present`).
 
-        With ``scratch`` the result lands in a buffer reused by the next ``scratch`` call of the same
-        thread (valid until then): a fresh 50 MB tensor per batch costs more in page faults than
-        the gather itself.
+        With ``scratch`` a float32 table's result lands in a buffer reused by the next ``scratch`` call
+        of the same thread (valid until then): a fresh 50 MB tensor per batch costs more in page faults
+        than the gather itself.
         """
-        flat = idx.reshape(-1)
-        if not scratch:
-            return self.vectors.index_select(0, flat).view(*idx.shape, self.dim)
-        buf = getattr(self._scratch, "buf", None)
-        if buf is None or buf.numel() < flat.numel() * self.dim:
-            buf = self._scratch.buf = torch.empty(flat.numel() * self.dim)
-        out = buf[: flat.numel() * self.dim].view(flat.numel(), self.dim)
-        torch.index_select(self.vectors, 0, flat, out=out)
-        return out.view(*idx.shape, self.dim)
+        flat = self.rows.index_select(0, idx.reshape(-1))
+        self._touch(flat.numel() * self.raw.shape[1] * self.raw.element_size())
+        if self.normalised and self.raw.dtype == torch.float32:
+            if not scratch:
+                return self.raw.index_select(0, flat).view(*idx.shape, self.dim)
+            buf = getattr(self._scratch, "buf", None)
+            if buf is None or buf.numel() < flat.numel() * self.dim:
+                buf = self._scratch.buf = torch.empty(flat.numel() * self.dim)
+            out = buf[: flat.numel() * self.dim].view(flat.numel(), self.dim)
+            torch.index_select(self.raw, 0, flat, out=out)
+            return out.view(*idx.shape, self.dim)
+        rows = self.raw.index_select(0, flat).float()
+        if self.scale is not None:
+            rows /= float(self.scale)
+        return l2_normalise(rows).view(*idx.shape, self.dim)
+
+    @property
+    def vectors(self) -> _UnitRows:
+        """``table.vectors[idx]``: the unit vectors of item indices ``idx`` (int, slice, array or tensor),
+        read on demand (never the whole table)."""
+        return _UnitRows(self)
+
+    def _touch(self, n_bytes: int) -> None:
+        self._read += n_bytes
+        if self._read >= 1 << 30:
+            from muse.ondisk import release
+
+            release(self._array)
+            self._read = 0
+
+
+class _UnitRows:
+    """Indexing proxy of :attr:`VectorTable.vectors`."""
+
+    def __init__(self, table: VectorTable) -> None:
+        self.table = table
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        size = len(self.table.present)
+        if isinstance(idx, slice):
+            idx = torch.arange(size)[idx]
+        scalar = isinstance(idx, (int, np.integer))
+        idx = torch.as_tensor(np.asarray(idx) if not isinstance(idx, torch.Tensor) else idx, dtype=torch.int64)
+        out = self.table.gather(idx.reshape(-1)).clone()
+        return out[0] if scalar else out.view(*idx.shape, self.table.dim)
+
+
+def _as_tensor(vectors: np.ndarray) -> torch.Tensor:
+    """A tensor over ``vectors`` without copying a memory-mapped table into RAM."""
+    import warnings
+
+    arr = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
+    with warnings.catch_warnings():  # a read-only mapping: the table is never written through it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr) if arr.dtype in (np.float32, np.float16, np.int8) else torch.from_numpy(
+            arr.astype(np.float32))
+
+
+def _nonzero_rows(vectors: np.ndarray, rows: int = 1 << 16) -> np.ndarray:
+    """Whether each row has a non-zero value, read a block of rows at a time."""
+    out = np.zeros(len(vectors), dtype=bool)
+    for lo in range(0, len(vectors), rows):
+        out[lo:lo + rows] = np.any(np.asarray(vectors[lo:lo + rows]) != 0, axis=1)
+    return out
 
 
 def _window(starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,8 +356,8 @@ class BatchBuilder:
     def _ids(self, pos: np.ndarray) -> torch.Tensor:
         """(item, category) indices at flat positions ``pos`` -> int64 ``[..., 2]`` (padding where pos masked
         is harmless: the mask hides it)."""
-        h = self.histories
-        return torch.from_numpy(np.stack([h.items[pos], h.categories[pos]], axis=-1))
+        items, categories = self.histories.entries(pos)
+        return torch.from_numpy(np.stack([items, categories], axis=-1))
 
     def _same_category(self, history: torch.Tensor, mask: torch.Tensor,
                        target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,59 +410,64 @@ class BatchBuilder:
         return {"recent_sim": sim, "recent_sim_mask": rmask}
 
 
-def iter_impression_batches(dataset: Any, split: str | None, batch_size: int, shuffle: bool = False,
-                            seed: int = 0, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Stream impressions of ``split`` in batches of ``batch_size`` (the last may be smaller).
+def impression_blocks(n: int, world: int = 1, rank: int = 0, block: int = SHUFFLE_BUFFER) -> list[tuple[int, int]]:
+    """The row ranges ``[lo, hi)`` of a split's ``n`` impressions that rank ``rank`` of ``world`` reads:
+    blocks of ``block`` rows dealt round-robin, so every impression belongs to exactly one rank."""
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigurationError(f"rank {rank} of world size {world} is not valid")
+    return [(lo, min(lo + block, n)) for i, lo in enumerate(range(0, n, block)) if i % world == rank]
 
-    With ``shuffle`` the rows are shuffled within a buffer of ``SHUFFLE_BUFFER`` rows (seeded).
-    ``limit`` stops after that many impressions.
+
+def iter_impression_batches(dataset: Any, split: str | None, batch_size: int, shuffle: bool = False,
+                            seed: int = 0, limit: int | None = None, world: int = 1,
+                            rank: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Stream impressions of ``split`` (or of both, train first) in batches of ``batch_size`` (the last
+    may be smaller), read from the memory-mapped columns a block of ``SHUFFLE_BUFFER`` rows at a time.
+
+    With ``shuffle`` the blocks are visited in a seeded random order and the rows shuffled within each.
+    ``limit`` keeps the first ``limit`` impressions of the split (before sharding). ``world``/``rank``:
+    this process reads only its blocks (:func:`impression_blocks`); the ranks together read each
+    impression once.
     """
     rng = np.random.default_rng(seed)
     columns = ("user_id", "item_id", "label", "hist_len")
-    pending: dict[str, list[np.ndarray]] = {c: [] for c in columns}
-    n_pending = 0
-    seen = 0
-
-    def flush(final: bool) -> Iterator[dict[str, np.ndarray]]:
-        nonlocal pending, n_pending
-        if n_pending == 0:
-            return
-        arrays = {c: np.concatenate(v) for c, v in pending.items()}
+    splits = (split,) if split is not None else ("train", "test")
+    for sp in splits:
+        cols = dataset.impressions(sp)
+        n = len(cols) if limit is None else min(len(cols), max(0, limit))
+        blocks = impression_blocks(n, world, rank)
         if shuffle:
-            perm = rng.permutation(n_pending)
-            arrays = {c: a[perm] for c, a in arrays.items()}
-        n_full = n_pending if final else (n_pending // batch_size) * batch_size
-        for lo in range(0, n_full, batch_size):
-            yield {c: a[lo:min(lo + batch_size, n_full)] for c, a in arrays.items()}
-        pending = {c: [a[n_full:]] for c, a in arrays.items()}
-        n_pending -= n_full
-
-    for rb in dataset.iter_impressions(split=split, batch_size=SHUFFLE_BUFFER):
-        table = pa.Table.from_batches([rb])
-        if limit is not None:
-            table = table.slice(0, max(0, limit - seen))
-        seen += table.num_rows
-        for c in columns:
-            pending[c].append(table.column(c).to_numpy())
-        n_pending += table.num_rows
-        if n_pending >= SHUFFLE_BUFFER:
-            yield from flush(final=False)
-        if limit is not None and seen >= limit:
-            break
-    yield from flush(final=True)
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        carry: dict[str, np.ndarray] | None = None
+        for lo, hi in blocks:
+            part = cols.slice(lo, hi, columns)
+            if shuffle:
+                perm = rng.permutation(hi - lo)
+                part = {c: a[perm] for c, a in part.items()}
+            if carry is not None:
+                part = {c: np.concatenate([carry[c], part[c]]) for c in columns}
+            m = len(part["label"])
+            full = (m // batch_size) * batch_size
+            for start in range(0, full, batch_size):
+                yield {c: a[start:start + batch_size] for c, a in part.items()}
+            carry = {c: a[full:] for c, a in part.items()} if full < m else None
+        if carry is not None:
+            yield carry
 
 
 def open_builder(dataset: Any, retrieval: str, config: Any, vectors: ItemVectorsLike | None,
-                 space: FeatureSpace | None = None, with_vectors: bool | None = None) -> BatchBuilder:
+                 space: FeatureSpace | None = None, with_vectors: bool | None = None,
+                 mmap: bool = True) -> BatchBuilder:
     """The batch builder of one model on one dataset: feature space (built, or the checkpoint's),
     histories, and the item-vector table made from ``vectors`` when the model needs it
-    (``with_vectors``; default: the config's ``needs_vectors``, else the multimodal GSU).
+    (``with_vectors``; default: the config's ``needs_vectors``, else the multimodal GSU). The
+    histories are memory-mapped (``mmap=False`` reads them into RAM: the reference path of the tests).
 
     Raises:
         DataError: the model needs item vectors and ``vectors`` is None.
     """
     space = space or FeatureSpace.from_dataset(dataset)
-    histories = HistoryStore.from_dataset(dataset, space)
+    histories = HistoryStore.from_dataset(dataset, space, mmap=mmap)
     table = None
     if with_vectors is None:
         with_vectors = bool(getattr(config, "needs_vectors", retrieval == "multimodal"))

@@ -12,7 +12,7 @@ import torch
 
 from muse.settings import Settings
 from ranker.data import BatchBuilder, VectorsFor, iter_impression_batches, open_builder, run_vectors
-from ranker.metrics import evaluate_predictions
+from ranker.metrics import LONG_TAIL_IMPRESSIONS, PredictionStream
 from ranker.models import CTRModel
 
 log = logging.getLogger(__name__)
@@ -47,29 +47,51 @@ def predict(model: CTRModel, builder: BatchBuilder, batches: Iterable[dict[str, 
                        arrays["label"].astype(np.float64), arrays["prob"], arrays["hist_len"].astype(np.int64))
 
 
-def train_item_counts(dataset: Any, limit: int | None = None) -> dict[int, int]:
-    """How often each item was an impression target in the train split (for the long-tail slice)."""
-    counts: dict[int, int] = {}
-    seen = 0
-    for rb in dataset.iter_impressions(split="train"):
-        ids = rb.column("item_id").to_numpy()
-        if limit is not None:
-            ids = ids[: max(0, limit - seen)]
-        seen += len(ids)
-        uniq, n = np.unique(ids, return_counts=True)
-        for i, c in zip(uniq.tolist(), n.tolist(), strict=True):
-            counts[i] = counts.get(i, 0) + c
-        if limit is not None and seen >= limit:
-            break
+def train_item_counts(dataset: Any, space: Any, limit: int | None = None, rows: int = 1 << 20) -> np.ndarray:
+    """How often each item (by ``space``'s item index) was an impression target in the first ``limit``
+    train impressions: int64 ``[n_items + 1]`` (index 0, unknown items, stays 0). Streamed; the array
+    is sized by the item vocabulary."""
+    counts = np.zeros(space.items.size, np.int64)
+    cols = dataset.impressions("train")
+    n = len(cols) if limit is None else min(len(cols), max(0, limit))
+    for lo in range(0, n, rows):
+        idx = space.items.lookup(np.asarray(cols.column("item_id")[lo:min(lo + rows, n)]))
+        counts += np.bincount(idx, minlength=len(counts))
+    counts[0] = 0
     return counts
 
 
 def evaluate(model: CTRModel, builder: BatchBuilder, dataset: Any, split: str = "test", batch_size: int = 1024,
-             limit: int | None = None, item_counts: dict[int, int] | None = None) -> dict[str, Any]:
-    """Metrics (overall and slices) of ``model`` on ``split`` of ``dataset``."""
-    preds = predict(model, builder, iter_impression_batches(dataset, split, batch_size, limit=limit))
-    metrics = evaluate_predictions(preds.user_ids, preds.item_ids, preds.labels, preds.probs, preds.hist_lens,
-                                   item_counts)
+             limit: int | None = None, item_counts: np.ndarray | None = None, world: int = 1,
+             rank: int = 0, stream: PredictionStream | None = None) -> dict[str, Any]:
+    """Metrics (overall and slices) of ``model`` on ``split`` of ``dataset``, exact and in bounded
+    memory (predictions spill to disk, see :class:`ranker.metrics.PredictionStream`).
+
+    ``item_counts`` (:func:`train_item_counts`) gives the long-tail slice. ``world``/``rank``: this
+    process predicts only its share; with ``stream`` given the predictions go there (the caller merges
+    the ranks' streams) and the result is empty.
+    """
+    own = stream is None
+    stream = stream or PredictionStream(with_tail=item_counts is not None)
+    model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
+    try:
+        with torch.no_grad():
+            for raw in iter_impression_batches(dataset, split, batch_size, limit=limit, world=world, rank=rank):
+                batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"])
+                if device.type != "cpu":
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                probs = model(batch)["prob"].cpu().numpy().astype(np.float64)
+                tail = None
+                if item_counts is not None:
+                    tail = item_counts[builder.space.items.lookup(raw["item_id"])] < LONG_TAIL_IMPRESSIONS
+                stream.add(raw["user_id"], raw["label"], probs, raw["hist_len"], tail)
+        if not own:
+            return {}
+        metrics = stream.metrics()
+    finally:
+        if own:
+            stream.close()
     metrics["split"] = split
     log.info("%s on %s/%s: %s", model.name, dataset.name, split, metrics["overall"])
     return metrics
@@ -90,7 +112,7 @@ def evaluate_run(settings: Settings, run_id: int, split: str = "test", limit: in
     dataset = Dataset.open(settings, loaded.dataset)
     vectors = run_vectors(loaded.model, loaded.source, loaded.dataset, vectors_for)
     builder = open_builder(dataset, loaded.model.retrieval, loaded.model.config, vectors, loaded.space)
-    counts = train_item_counts(dataset, loaded.train_config.get("max_train"))
+    counts = train_item_counts(dataset, loaded.space, loaded.train_config.get("max_train"))
     metrics = evaluate(loaded.model, builder, dataset, split, batch_size, limit, counts)
     finish_run(settings, run_id, status=info.status, metrics={**info.metrics, **metrics})
     return metrics

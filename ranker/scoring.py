@@ -127,8 +127,9 @@ class Ranker:
                 keep = hits.positions >= oldest
                 pos, scores = hits.positions[keep][:k], hits.scores[keep][:k]
                 m = len(pos)
-                long[b, :m, 0] = torch.from_numpy(self.histories.items[start + pos])
-                long[b, :m, 1] = torch.from_numpy(self.histories.categories[start + pos])
+                items, categories = self.histories.entries(start + pos)
+                long[b, :m, 0] = torch.from_numpy(items)
+                long[b, :m, 1] = torch.from_numpy(categories)
                 long_mask[b, :m] = True
                 long_sim[b, :m] = torch.from_numpy(scores.astype(np.float32))
         return {"long": long, "long_mask": long_mask, "long_sim": long_sim,

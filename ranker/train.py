@@ -198,7 +198,7 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
         if bar is not None:
             bar.close()
         metrics = evaluate(net, builder, ds, "test", cfg.eval_batch_size, cfg.max_eval,
-                           train_item_counts(ds, cfg.max_train))
+                           train_item_counts(ds, space, cfg.max_train))
         metrics["train"] = {"samples": n_samples, "seconds": seconds, "samples_per_s": n_samples / max(seconds, 1e-9),
                             "first_loss": losses[0] if losses else None,
                             "last_loss": float(np.mean(losses[-20:])) if losses else None}
@@ -218,7 +218,7 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
 def _progress_bar(ds: Any, cfg: RankTrainConfig) -> Any:
     from tqdm import tqdm
 
-    total = sum(rb.num_rows for rb in ds.iter_impressions(split="train"))  # one cheap pass
+    total = ds.n_impressions("train")
     if cfg.max_train is not None:
         total = min(total, cfg.max_train)
     total *= cfg.epochs

@@ -64,3 +64,44 @@ def test_slices_select_long_tail_targets_and_long_histories() -> None:
     assert out["long_tail"]["n"] == 5  # items 11, 12, 13
     assert out["long_history"]["min_history"] == 125  # 0.75 quantile of hist, linear interpolation
     assert out["long_history"]["n"] == 2  # the two impressions with 200 behaviours
+
+
+@pytest.mark.parametrize("bucket_rows", [1_000_000, 97, 5])
+def test_streamed_metrics_equal_the_in_ram_ones_exactly(bucket_rows: int) -> None:
+    """Predictions spilled to disk in batches and evaluated in buckets (users, score ranges, a tied
+    score too big for a bucket) give the very same floats as the arrays evaluated at once."""
+    from ranker.metrics import PredictionStream
+
+    rng = np.random.default_rng(3)
+    n = 2_000
+    users = rng.integers(0, 150, n)
+    items = rng.integers(0, 40, n)
+    labels = rng.integers(0, 2, n).astype(float)
+    probs = np.round(rng.random(n), 2)  # many ties across users
+    probs[:300] = 0.125  # one score shared by 300 predictions (more than a small bucket)
+    hist = rng.integers(0, 1_000, n)
+    counts = {i: int(c) for i, c in enumerate(rng.integers(0, 10, 40))}
+    whole = evaluate_predictions(users, items, labels, probs, hist, counts)
+    tail = np.array([counts.get(int(i), 0) < LONG_TAIL_IMPRESSIONS for i in items])
+    with PredictionStream(with_tail=True, bucket_rows=bucket_rows) as stream:
+        for lo in range(0, n, 333):
+            sl = slice(lo, lo + 333)
+            stream.add(users[sl], labels[sl], probs[sl], hist[sl], tail[sl])
+        streamed = stream.metrics()
+    assert streamed == whole
+    assert whole["overall"]["auc"] == pytest.approx(_pairwise_auc(labels, probs), abs=1e-15)
+    assert whole["long_history"]["min_history"] == int(np.quantile(hist, 0.75))
+    terms = -(labels * np.log(np.clip(probs, 1e-7, 1 - 1e-7)) + (1 - labels) * np.log(1 - np.clip(probs, 1e-7, 1 - 1e-7)))
+    assert whole["overall"]["logloss"] == pytest.approx(math.fsum(terms) / n, rel=1e-15)
+
+
+def test_exact_sum_is_order_independent() -> None:
+    from ranker.exact import ExactSum
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(size=10_000) * 10.0 ** rng.integers(-30, 30, 10_000), [1e300, -1e300, 1e-300]])
+    a, b = ExactSum(), ExactSum()
+    a.add(values)
+    for part in np.array_split(rng.permutation(values), 7):
+        b.add(part)
+    assert a.value() == b.value() == math.fsum(values)

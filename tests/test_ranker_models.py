@@ -121,8 +121,7 @@ def test_sim_hard_keeps_the_most_recent_same_category_behaviours(world) -> None:
     starts, lengths = h.rows(raw["user_id"])
     for b in range(32):
         n = min(int(raw["hist_len"][b]), lengths[b])
-        cats = h.categories[starts[b]:starts[b] + n]
-        items = h.items[starts[b]:starts[b] + n]
+        items, cats = h.entries(np.arange(starts[b], starts[b] + n))
         same = np.flatnonzero(cats == batch["target"][b, 1].item())[::-1][:5]  # newest first
         got = batch["long"][b][batch["long_mask"][b]].numpy()
         np.testing.assert_array_equal(got[:, 0], items[same])
@@ -137,7 +136,7 @@ def test_multimodal_gsu_equals_brute_force_cosine(world) -> None:
     starts, lengths = h.rows(raw["user_id"])
     for b in range(16):
         n = min(int(raw["hist_len"][b]), lengths[b])
-        items = h.items[starts[b]:starts[b] + n]
+        items = h.entries(np.arange(starts[b], starts[b] + n))[0]
         t = int(batch["target"][b, 0])
         ok = table.present[items].numpy() & bool(table.present[t])
         cos = table.vectors[items].numpy() @ table.vectors[t].numpy()
@@ -326,7 +325,7 @@ def test_muse_scoring_through_the_retriever(world, milvus_server_uri: str, uniqu
         store.upsert_items(ref, items[ok], table.vectors[1:][ok].numpy(), loaded.space.item_features[1:, 0][ok])
         for u in users:
             start, length = (int(v[0]) for v in builder.histories.rows(np.array([u])))
-            idx = builder.histories.items[start:start + length]
+            idx = builder.histories.entries(np.arange(start, start + length))[0]
             has = table.present[idx].numpy()
             store.upsert_behaviours(ref, np.full(has.sum(), u), np.flatnonzero(has), items[idx[has] - 1],
                                     table.vectors[idx[has]].numpy())
