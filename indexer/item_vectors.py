@@ -78,9 +78,7 @@ class ItemVectors:
 
     def as_float(self) -> ItemVectors:
         """The whole table as unit float32 rows in RAM (small catalogues: intrinsic evaluation, benches)."""
-        if self.scale is None and self.normalised:
-            return self
-        return ItemVectors(np.asarray(self.item_ids), self.unit_rows(), np.asarray(self.present))
+        return ItemVectors(np.array(self.item_ids), np.array(self.unit_rows()), np.array(self.present))
 
 
 def _file_stamp(path: str | None) -> dict[str, Any]:

@@ -126,9 +126,9 @@ class PredictionStream:
     """
 
     def __init__(self, with_tail: bool = True, spill: bool = True, folder: Path | None = None,
-                 bucket_rows: int = BUCKET_ROWS) -> None:
+                 bucket_rows: int | None = None) -> None:
         self.with_tail = with_tail
-        self.bucket_rows = max(1, int(bucket_rows))
+        self.bucket_rows = max(1, int(BUCKET_ROWS if bucket_rows is None else bucket_rows))
         self.n = 0
         self.hist_counts = np.zeros(1, np.int64)
         self._ram: list[np.ndarray] | None = None if spill else []

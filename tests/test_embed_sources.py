@@ -117,10 +117,14 @@ def test_item_vectors_are_cached_per_version(world) -> None:
     assert table.vectors.shape == (dataset.n_items, 128) and table.present.all()
     np.testing.assert_array_equal(table.item_ids, dataset.item_ids())
     version = source_registry.get_version(settings, "i2i").version
-    cache = source_registry.source_dir(settings, "i2i", version) / f"items-{dataset.name}.npz"
-    assert cache.exists()
+    cache = source_registry.source_dir(settings, "i2i", version) / f"items-{dataset.name}"
+    assert (cache / "vectors.npy").exists() and (cache / "key.json").exists()
     again = item_vectors.item_vectors(settings, "i2i", dataset)
     np.testing.assert_array_equal(again.vectors, table.vectors)
+    from muse.ondisk import is_mapped
+
+    assert is_mapped(again.vectors) and is_mapped(again.present)  # opened, not loaded
+    np.testing.assert_allclose(np.linalg.norm(again.vectors, axis=1), 1.0, rtol=1e-5)  # stored as unit rows
 
 
 def test_scl_taobao_import_marks_missing_items(world) -> None:
@@ -136,7 +140,7 @@ def test_scl_taobao_import_marks_missing_items(world) -> None:
     )
     table = item_vectors.item_vectors(settings, "scl-taobao", dataset)
     np.testing.assert_array_equal(table.present, np.isin(ids, shipped))
-    np.testing.assert_allclose(table.vectors[0], vecs[0] / np.linalg.norm(vecs[0]), rtol=1e-5)
+    np.testing.assert_allclose(table.unit_rows(slice(0, 1))[0], vecs[0] / np.linalg.norm(vecs[0]), rtol=1e-5)
     res = encode.encode_items(settings, "scl-taobao", dataset, ids[:2])
     assert res.ok_index.tolist() == [0] and "no scl-taobao vector" in res.failed[1]
     assert source_registry.get_version(settings, "scl-taobao").kind == "imported"
