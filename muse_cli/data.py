@@ -14,6 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tb = dsub.add_parser("taobao-mm", help="import the raw Taobao-MM parquet files from PATH")
     tb.add_argument("path", help="folder holding train_samples.parquet, item_features.parquet, ...")
     tb.add_argument("--name", default="taobao-mm", help="dataset name (default: taobao-mm)")
+    tb.add_argument("--fresh", action="store_true",
+                    help="start over instead of resuming an interrupted import of the same files")
     tb.set_defaults(func=_taobao_mm)
 
     sw = dsub.add_parser("simworld", help="generate a synthetic multimodal shopping world")
@@ -66,7 +68,7 @@ def _taobao_mm(args: argparse.Namespace) -> int:
 
     settings = _settings()
     started = time.perf_counter()
-    ds = import_taobao_mm(settings, args.path, name=args.name, progress=True)
+    ds = import_taobao_mm(settings, args.path, name=args.name, progress=True, fresh=args.fresh)
     print(_summary(ds) + f" in {time.perf_counter() - started:.1f}s")
     m = ds.meta
     print(

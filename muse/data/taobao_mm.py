@@ -685,7 +685,8 @@ def _bar(units: list[_Unit], first: int, progress: bool) -> Any:
 
     total = sum(u.hi - u.lo for u in units)
     done = sum(u.hi - u.lo for u in units[:first])
-    return tqdm(total=total, initial=done, unit="row", unit_scale=True, desc="import", smoothing=0.05)
+    desc = f"import (resumed at unit {first} of {len(units)})" if first else "import"
+    return tqdm(total=total, initial=done, unit="row", unit_scale=True, desc=desc, smoothing=0.05)
 
 
 def import_taobao_mm(
