@@ -15,6 +15,7 @@ few steps (their vectors are real encoder outputs, not good ones) and backfilled
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import tempfile
 import threading
@@ -110,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from muse_cli.explore.app import create_app
 
     torch.set_num_threads(1)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log line per request
     root = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="muse-bench-explore-"))
     settings = load_settings(env={}, data_dir=root / "muse-data", device="cpu")
     started = time.perf_counter()

@@ -745,7 +745,9 @@ class Explorer:
 
         r = get_run(self.settings, run_id)
         cli = r.config.get("cli") or {}
+        setup = {k: v for k, v in r.config.items() if k != "cli" and isinstance(v, dict)}
         return {"run": r, "cli": cli, "options": dumps_toml(cli.get("options") or {}) if cli else None,
+                "setup": dumps_toml(setup) if setup else None,
                 "slices": [(name, r.metrics[name]) for name in ("overall", "long_tail", "long_history")
                            if isinstance(r.metrics.get(name), dict)]}
 
