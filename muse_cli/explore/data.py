@@ -50,15 +50,15 @@ RETRIEVER_CACHE_BYTES = 512 << 20
 #: Impressions offered to pick a target from, and example users offered on a data set's /user page.
 MAX_PICKS = 40
 EXAMPLE_USERS = 8
-#: Largest id a URL may carry (ids are int64).
-MAX_ID = (1 << 63) - 1
-_INT = re.compile(r"[+-]?\d{1,20}")
+#: The ids a URL may carry: int64, negative ones included (Taobao-MM's anonymised ids are).
+MIN_ID, MAX_ID = -(1 << 63), (1 << 63) - 1
+_INT = re.compile(r"[+-]?\d+")
 
 
 # --- parameters --------------------------------------------------------------------------------
 
 
-def parse_int(raw: str | None, name: str, *, lo: int = 0, hi: int = MAX_ID) -> int | None:
+def parse_int(raw: str | None, name: str, *, lo: int = MIN_ID, hi: int = MAX_ID) -> int | None:
     """A URL parameter as an int in ``lo..hi`` (None when absent or empty).
 
     Raises:
@@ -67,13 +67,17 @@ def parse_int(raw: str | None, name: str, *, lo: int = 0, hi: int = MAX_ID) -> i
     if raw is None or raw.strip() == "":
         return None
     text = raw.strip()
-    if not _INT.fullmatch(text):
-        shown = text if len(text) <= 40 else text[:40] + "..."
-        raise ConfigurationError(f"{name} must be an integer, got {shown!r}")
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    if len(text) > 40 or not _INT.fullmatch(text):
+        raise ConfigurationError(f"{name} must be an integer{_range(lo, hi)}, got {shown!r}")
     value = int(text)
     if not lo <= value <= hi:
-        raise ConfigurationError(f"{name} must be an integer in {lo}..{hi}, got {value}")
+        raise ConfigurationError(f"{name} must be an integer{_range(lo, hi)}, got {value}")
     return value
+
+
+def _range(lo: int, hi: int) -> str:
+    return "" if (lo, hi) == (MIN_ID, MAX_ID) else f" in {lo}..{hi}"
 
 
 def parse_k(raw: str | None) -> int:
@@ -81,8 +85,8 @@ def parse_k(raw: str | None) -> int:
     if raw is None or raw.strip() == "":
         return K_DEFAULT
     text = raw.strip()
-    if not _INT.fullmatch(text):
-        check_k(text, K_MAX)  # raises the retriever's sentence: "k must be an integer in 1..200, got '...'"
+    if len(text) > 40 or not _INT.fullmatch(text):
+        check_k(text[:40], K_MAX)  # raises the retriever's sentence: "k must be an integer in 1..200, got '...'"
     return check_k(int(text), K_MAX)
 
 
@@ -247,6 +251,7 @@ class DatasetView:
             for key, leaf, colour in set(zip(t.column("key").to_pylist(), t.column("leaf").to_pylist(),
                                              t.column("colour").to_pylist())):
                 self.interest_names[int(key)] = interest_label(leaf, colour, self.leaves_per_top or 5)
+        self.stamp: int | None = None  # meta.json's mtime when read (set by Explorer.view)
         self._lock = threading.Lock()
         self._users: tuple[np.ndarray, np.ndarray] | None = None
         self._impressions: tuple[np.ndarray, ...] | None = None
@@ -445,18 +450,31 @@ class Explorer:
         if dataset is None or dataset.strip() == "":
             raise ConfigurationError("dataset is required, e.g. ?dataset=NAME (see `muse data list`)")
         check_name(dataset)
+        stamp = self._stamp(dataset)
         with self._lock:
-            if dataset in self._views:
-                return self._views[dataset]
+            found = self._views.get(dataset)
+            if found is not None and found.stamp == stamp:
+                return found
             lock = self._view_locks.setdefault(dataset, threading.Lock())
         with lock:
             with self._lock:
-                if dataset in self._views:
-                    return self._views[dataset]
+                found = self._views.get(dataset)
+                if found is not None and found.stamp == stamp:
+                    return found
             built = DatasetView(Dataset.open(self.settings, dataset))
+            built.stamp = stamp
             with self._lock:
                 self._views[dataset] = built
             return built
+
+    def _stamp(self, dataset: str) -> int | None:
+        """When the data set's ``meta.json`` was written (a regenerated data set is read again)."""
+        from muse.data.format import META_FILE, datasets_root
+
+        try:
+            return (datasets_root(self.settings) / dataset / META_FILE).stat().st_mtime_ns
+        except OSError:
+            return None
 
     def live_sources(self, dataset: str) -> dict[str, int]:
         """The data set's live source versions from the metadata database, in column order
@@ -537,21 +555,21 @@ class Explorer:
         trained: dict[str, list[str]] = {}
         comparisons: dict[str, int] = {}
         if ready:
-            from sqlalchemy import select
+            from sqlalchemy import func, select
 
             from indexer.source_registry import list_versions
             from muse import models
             from muse.db import session_scope
-            from ranker.compare import list_comparisons
 
             with session_scope(self.settings) as session:
                 names = {d.id: d.name for d in session.scalars(select(models.Dataset))}
+                counted = session.execute(select(models.Comparison.dataset_id, func.count())
+                                          .group_by(models.Comparison.dataset_id)).all()
+            comparisons = {names[i]: int(n) for i, n in counted if i in names}
             for v in list_versions(self.settings):
                 ds_name = names.get(v.dataset_id)
                 if ds_name is not None and v.name not in trained.setdefault(ds_name, []):
                     trained[ds_name].append(v.name)
-            for c in list_comparisons(self.settings):
-                comparisons[c["dataset"]] = comparisons.get(c["dataset"], 0) + 1
         for d in datasets:
             d["live"] = self.live_sources(d["name"]) if ready else {}
             d["not_live"] = sorted((s for s in trained.get(d["name"], []) if s not in d["live"]), key=source_sort_key)
