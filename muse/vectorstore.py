@@ -182,6 +182,14 @@ class BehaviourBatch:
 
 
 @dataclass(frozen=True)
+class ItemHit:
+    """One item-collection search result: the item and its cosine score."""
+
+    item_id: int
+    score: float
+
+
+@dataclass(frozen=True)
 class Hit:
     """One search result: the behaviour's position in the user's history, its item and cosine score."""
 
@@ -1025,6 +1033,49 @@ class VectorStore:
                 ]
             )
         return out
+
+    def search_items(
+        self, ref: CollectionRef, targets: np.ndarray, k: int, consistency_level: str | None = None
+    ) -> list[list[ItemHit]]:
+        """Cosine top-``k`` items of the version's item collection for each target vector (its
+        nearest neighbours; an item's own vector finds the item itself first).
+
+        Returns one list of hits per target, best first. Items stored without a vector never match.
+        """
+        k = check_k(k, MAX_QUERY_WINDOW)
+        extra: dict[str, Any] = {}
+        if consistency_level is not None:
+            if consistency_level not in CONSISTENCY_LEVELS:
+                raise ConfigurationError(
+                    f"consistency_level {consistency_level!r} is unknown; valid: {', '.join(CONSISTENCY_LEVELS)}"
+                )
+            extra["consistency_level"] = consistency_level
+        name = self._require(ref, ITEMS_KIND)
+        if name not in self._dims:
+            self._dims[name] = self._vector_dim(name)
+        t = l2_normalise(check_vectors(targets, self._dims[name], "target vectors", allow_zero=False))
+        res: list[Any] = []
+        for lo in range(0, t.shape[0], MAX_NQ):
+            res.extend(
+                self._call(
+                    "search",
+                    self.client.search,
+                    name,
+                    data=t[lo : lo + MAX_NQ].tolist(),
+                    limit=int(k),
+                    output_fields=["item_id"],
+                    search_params={
+                        "metric_type": self.settings.metric_type,
+                        "params": dict(self.settings.search_params),
+                    },
+                    **extra,
+                )
+            )
+        return [
+            [ItemHit(item_id=int(h["entity"]["item_id"]), score=float(h["distance"]))
+             for h in hits if np.isfinite(h["distance"])]
+            for hits in res
+        ]
 
     def check(self) -> None:
         """Connect and list collections; raise :class:`BackendUnavailable` naming ``MUSE_MILVUS_URI``."""

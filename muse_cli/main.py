@@ -12,7 +12,8 @@ from muse import __version__
 from muse.errors import MuseError
 
 #: Modules under ``muse_cli`` that each add one command group through ``register(subparsers)``.
-COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "source", "retrieve", "serve", "rank", "quickstart")
+COMMAND_MODULES = ("db", "data", "embed", "worker", "backfill", "source", "retrieve", "serve", "rank", "quickstart",
+                   "explore")
 
 
 def build_parser() -> argparse.ArgumentParser:

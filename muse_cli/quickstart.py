@@ -204,13 +204,9 @@ class _World:
 
     def category_name(self, category: int) -> str:
         """simworld category id (leaf + 1) -> 'top/leaf'."""
-        from muse.data.simworld_vocab import TOP_CATEGORIES
+        from muse.data.simworld_vocab import category_label
 
-        top, sub = divmod(int(category) - 1, self.config.leaves_per_top)
-        try:
-            return f"{TOP_CATEGORIES[top][0]}/{TOP_CATEGORIES[top][1][sub][0]}"
-        except IndexError:
-            return str(category)
+        return category_label(category, self.config.leaves_per_top)
 
 
 def _source(settings: Any, source: str, dataset: str) -> dict[str, Any]:

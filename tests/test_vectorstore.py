@@ -57,6 +57,27 @@ def test_items_read_your_writes_and_idempotent_upsert(store: VectorStore):
     np.testing.assert_allclose(got, l2_normalise(vecs[[3, 4]]), atol=1e-6)
 
 
+def test_search_items_gives_each_vectors_nearest_items(store: VectorStore):
+    rng = np.random.default_rng(1)
+    ids = np.arange(100, 140, dtype=np.int64)
+    vecs = rng.standard_normal((len(ids), DIM)).astype(np.float32)
+    store.upsert_items(REF, ids, vecs, np.zeros(len(ids), dtype=np.int64))
+    store.flush(REF)
+    unit = l2_normalise(vecs)
+    queries = unit[[0, 7]] * 3.0  # any length: searched as unit vectors
+    found = store.search_items(REF, queries, k=5)
+    assert len(found) == 2
+    for q, hits in zip((0, 7), found):
+        cos = unit @ unit[q]
+        want = np.argsort(-cos, kind="stable")[:5]
+        assert [h.item_id for h in hits] == ids[want].tolist()  # the item itself first
+        np.testing.assert_allclose([h.score for h in hits], cos[want], atol=1e-5)
+    with pytest.raises(ConfigurationError, match="k must be"):
+        store.search_items(REF, queries, k=0)
+    with pytest.raises(NotFoundError):
+        store.search_items(MISSING, queries, k=3)
+
+
 def test_behaviours_partitioned_by_user(store: VectorStore):
     rng = np.random.default_rng(1)
     users = [101, -202, 303]

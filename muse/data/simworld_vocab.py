@@ -165,3 +165,24 @@ P_TITLE_COLOUR = 0.7
 P_TITLE_PATTERN = 0.45
 P_TITLE_STYLE = 0.5
 P_TITLE_SHAPE = 0.08
+
+
+def category_label(category: int, leaves_per_top: int) -> str:
+    """``top/leaf`` words of a simworld item category (the dataset's ``category`` = leaf + 1);
+    the number as text when it is outside the tree."""
+    if int(category) < 1:
+        return str(category)
+    top, sub = divmod(int(category) - 1, leaves_per_top)
+    try:
+        return f"{TOP_CATEGORIES[top][0]}/{TOP_CATEGORIES[top][1][sub][0]}"
+    except IndexError:
+        return str(category)
+
+
+def interest_label(leaf: int, colour: int, leaves_per_top: int) -> str:
+    """Words of an interest key (leaf category, colour), e.g. ``blue jeans``."""
+    top, sub = divmod(int(leaf), leaves_per_top)
+    try:
+        return f"{COLOURS[int(colour)][0][0]} {TOP_CATEGORIES[top][1][sub][0]}"
+    except IndexError:
+        return f"leaf {leaf}, colour {colour}"
