@@ -243,16 +243,19 @@ def _fresh_ids(taken: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 class _Rows:
-    """user id -> (row, history length) for a set of rows; sorted, looked up in batches."""
+    """user id -> (row, history length) for a set of rows (ids unique), looked up in batches through a
+    hash index (about 16 bytes per user)."""
 
     def __init__(self, user_ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> None:
-        order = np.argsort(user_ids, kind="stable")
-        self.ids, self.rows, self.lengths = user_ids[order], rows[order], lengths[order]
+        self.ids, self.rows, self.lengths = user_ids, rows, lengths
+        self.index = IdIndex(user_ids)
 
     def lookup(self, uid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos, found = lookup_sorted(self.ids, uid)
+        pos = self.index.find(uid)
+        found = pos >= 0
         if len(self.ids) == 0:
             return found, np.zeros(len(uid), np.int64), np.zeros(len(uid), np.int64)
+        pos = np.where(found, pos, 0)
         return found, self.rows[pos], self.lengths[pos]
 
 
@@ -419,12 +422,20 @@ class _Import:
         items, cats, lengths = self._lists(batch)
         self._append_rows(batch.column(USER).to_numpy().astype(np.int64), self._features(batch), lengths, items, cats)
 
+    def _id_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Raw item and category id of every position so far (rebuilt when new ids appeared)."""
+        items, cats = self.writer.item_index(), self.writer.category_index()
+        key = (items.n_extra, cats.n_extra)
+        if getattr(self, "_tables_key", None) != key:
+            self._tables = (items.id_table(), cats.id_table())
+            self._tables_key = key
+        return self._tables
+
     def _train_batch(self, batch: pa.RecordBatch, unit: _Unit) -> None:
         uid = batch.column(USER).to_numpy().astype(np.int64)
         feats = self._features(batch)
         items, cats, lengths = self._lists(batch)
-        item_pos = self.writer.item_index().positions(items)
-        cat_pos = self.writer.category_index().positions(cats)
+        row_start = np.concatenate([[0], np.cumsum(lengths)])
         in_test, test_row, _ = self.test_rows.lookup(uid)
         same = np.zeros(len(uid), bool)
         cand = np.flatnonzero(in_test)
@@ -432,25 +443,24 @@ class _Import:
             csr = self.writer.history_writer()
             offsets = csr.offsets.view()
             starts, stops = offsets[test_row[cand]], offsets[test_row[cand] + 1]
+            del offsets
             fits = lengths[cand] <= (stops - starts)
             users = self.users.writers["features"].view()
             fits &= (users[test_row[cand]] == feats[cand]).all(axis=1)
             del users
-            row_start = np.concatenate([[0], np.cumsum(lengths)])
             ok = cand[fits]
-            if len(ok):  # compare the train lists with the test rows' prefixes, entry by entry
+            if len(ok):  # compare the train lists with the test rows' prefixes, entry by entry, as raw ids
                 n = lengths[ok]
                 rel = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
                 src = np.repeat(row_start[ok], n) + rel
                 dst = np.repeat(starts[fits], n) + rel
+                item_table, cat_table = self._id_tables()
                 stored_items, stored_cats = csr.entries["items"].view(), csr.entries["categories"].view()
-                equal = (stored_items[dst] == item_pos[src]) & (stored_cats[dst] == cat_pos[src])
+                equal = (item_table[stored_items[dst]] == items[src]) & (cat_table[stored_cats[dst]] == cats[src])
                 del stored_items, stored_cats
-                bad_rows = np.unique(np.repeat(np.arange(len(ok)), n)[~equal])
                 good = np.ones(len(ok), bool)
-                good[bad_rows] = False
+                good[np.unique(np.repeat(np.arange(len(ok)), n)[~equal])] = False
                 same[ok[good]] = True
-            del offsets
         # merged: the train row is the test row's prefix (or equal): no row of its own
         merged = np.flatnonzero(same)
         if len(merged):
@@ -466,11 +476,8 @@ class _Import:
             self.counters["n_test_user_aliases"] += len(conflict)
         own = ~same
         if own.any():
-            row_start = np.concatenate([[0], np.cumsum(lengths)])
             take = np.repeat(own, lengths)
-            self.writer.history_writer().append(
-                uid[own], lengths[own], {"items": item_pos[take], "categories": cat_pos[take]})
-            self.users.append({"user_id": uid[own], "features": feats[own]})
+            self._append_rows(uid[own], feats[own], lengths[own], items[take], cats[take])
 
     def _test_length(self, rows: np.ndarray) -> np.ndarray:
         off = self.writer.history_writer().offsets.view()
