@@ -121,7 +121,7 @@ class HistoryStore:
     """
 
     def __init__(self, csr: Any, item_map: np.ndarray, category_map: np.ndarray,
-                 release_bytes: int = 512 << 20) -> None:
+                 release_bytes: int = 64 << 20) -> None:
         self.csr = csr
         row_ids = np.asarray(csr.row_ids, dtype=np.int64)
         order = np.argsort(row_ids, kind="stable")
@@ -240,7 +240,7 @@ class VectorTable:
 
     def _touch(self, n_bytes: int) -> None:
         self._read += n_bytes
-        if self._read >= 1 << 30:
+        if self._read >= 128 << 20:
             from muse.ondisk import release
 
             release(self._array)

@@ -148,9 +148,14 @@ class IdIndex:
 
         self._pd = pd
         base = np.asarray(base_ids if base_ids is not None else np.zeros(0), np.int64)
-        uniq, first = np.unique(base, return_index=True)
         self.n_base = len(base)
-        self._base = (pd.Index(uniq), first.astype(np.int64))
+        self._base_ids = base
+        index = pd.Index(base)
+        if index.is_unique:  # the usual case: the indexer's answer is the position itself
+            self._base: tuple[Any, np.ndarray | None] = (index, None)
+        else:  # repeated ids: the first row of each
+            uniq, first = np.unique(base, return_index=True)
+            self._base = (pd.Index(uniq), first.astype(np.int64))
         self._segments: list[tuple[Any, np.ndarray]] = []  # (index of ids, their positions)
         self._extra: list[np.ndarray] = []
         self.n_extra = 0
@@ -169,9 +174,10 @@ class IdIndex:
     def find(self, ids: np.ndarray) -> np.ndarray:
         """Positions of ``ids`` (int64), -1 where an id is not known."""
         ids = np.asarray(ids, np.int64)
-        index, pos = self._base
-        hit = index.get_indexer(ids)
-        out = np.where(hit >= 0, pos[hit] if len(pos) else 0, -1)
+        index, base_pos = self._base
+        out = index.get_indexer(ids).astype(np.int64, copy=False)
+        if base_pos is not None:
+            out = np.where(out >= 0, base_pos[out] if len(base_pos) else 0, -1)
         for index, pos in self._segments:
             miss = np.flatnonzero(out < 0)
             if len(miss) == 0:
@@ -194,6 +200,10 @@ class IdIndex:
 
     def extra_ids(self) -> np.ndarray:
         return np.concatenate(self._extra) if self._extra else np.zeros(0, np.int64)
+
+    def id_table(self) -> np.ndarray:
+        """Raw id of every position (the base ids, then the extras)."""
+        return np.concatenate([self._base_ids, self.extra_ids()])
 
 
 class ShardWriter:
@@ -380,7 +390,7 @@ class DatasetWriter:
             path = self.path / "items.parquet"
             if not path.exists():
                 raise DataError("write the items before the histories (history entries are item positions)")
-            ids = pq.read_table(path, columns=["item_id"]).column("item_id").to_numpy().astype(np.int64)
+            ids = pq.ParquetFile(path).read(columns=["item_id"]).column("item_id").to_numpy().astype(np.int64)
             extra = self._resume.get("extra_items")
             self._items = IdIndex(ids, None if extra is None else self._load_extra("extra_item_ids", extra))
         return self._items
@@ -641,16 +651,16 @@ class Dataset:
     # items and users ---------------------------------------------------------------------------
     def items(self) -> pa.Table:
         """All item rows (``item_id``, ``category``, ``feat_a``, ``feat_b``, ``title``) in canonical order."""
-        return pq.read_table(self.path / "items.parquet")
+        return pq.ParquetFile(self.path / "items.parquet").read()
 
     def item_ids(self) -> np.ndarray:
         """Item ids (int64) in canonical order."""
-        col = pq.read_table(self.path / "items.parquet", columns=["item_id"]).column("item_id")
+        col = pq.ParquetFile(self.path / "items.parquet").read(columns=["item_id"]).column("item_id")
         return col.to_numpy().astype(np.int64, copy=False)
 
     def users(self) -> pa.Table:
         """All user profile rows (``user_id``, ``f1``..``f5``)."""
-        return pq.read_table(self.path / "users.parquet")
+        return pq.ParquetFile(self.path / "users.parquet").read()
 
     # images ------------------------------------------------------------------------------------
     def iter_images(self, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:

@@ -141,9 +141,10 @@ def _plan(files: dict[str, list[Path]]) -> list[_Unit]:
 
 
 def _read_units(files: dict[str, list[Path]], units: list[_Unit], columns: dict[str, list[str]],
-                batch_rows: dict[str, int]) -> Iterator[tuple[_Unit, list[pa.RecordBatch]]]:
-    """Each unit's rows as record batches, files read once front to back (the first file of a resumed
-    import from the row group holding its first unit)."""
+                batch_rows: dict[str, int]) -> Iterator[tuple[_Unit, pa.RecordBatch | None, int, bool]]:
+    """``(unit, batch, row of the batch's first row in its file, last batch of the unit?)`` for every
+    unit, batch by batch (a unit with no rows yields one ``None`` batch); files are read once front to
+    back (the first file of a resumed import from the row group holding its first unit)."""
     current: tuple[str, int] | None = None
     stream: Iterator[pa.RecordBatch] | None = None
     pending: pa.RecordBatch | None = None
@@ -152,7 +153,7 @@ def _read_units(files: dict[str, list[Path]], units: list[_Unit], columns: dict[
         key = (unit.phase, unit.file)
         if key != current:
             current = key
-            pf = pq.ParquetFile(files[unit.phase][unit.file])
+            pf = pq.ParquetFile(files[unit.phase][unit.file], buffer_size=1 << 22, pre_buffer=False)
             first_group, start = 0, 0
             for g in range(pf.metadata.num_row_groups):  # skip whole row groups before the unit
                 n = pf.metadata.row_group(g).num_rows
@@ -164,20 +165,23 @@ def _read_units(files: dict[str, list[Path]], units: list[_Unit], columns: dict[
             stream = pf.iter_batches(batch_size=batch_rows[unit.phase], columns=columns[unit.phase],
                                      row_groups=groups) if groups else iter(())
             pending, at = None, start
-        batches: list[pa.RecordBatch] = []
+        out: tuple[pa.RecordBatch, int] | None = None
         while at < unit.hi:
             if pending is None:
                 pending = next(stream)
             lo, hi = max(at, unit.lo), min(at + pending.num_rows, unit.hi)
-            if lo < hi:
-                batches.append(pending.slice(lo - at, hi - lo))
+            piece = pending.slice(lo - at, hi - lo) if lo < hi else None
             if at + pending.num_rows <= unit.hi:
                 at += pending.num_rows
                 pending = None
             else:
                 pending = pending.slice(unit.hi - at)
                 at = unit.hi
-        yield unit, batches
+            if piece is not None:
+                if out is not None:
+                    yield unit, out[0], out[1], False
+                out = (piece, lo)
+        yield unit, (out[0] if out else None), (out[1] if out else unit.lo), True
 
 
 def _ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -243,16 +247,19 @@ def _fresh_ids(taken: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 class _Rows:
-    """user id -> (row, history length) for a set of rows; sorted, looked up in batches."""
+    """user id -> (row, history length) for a set of rows (ids unique), looked up in batches through a
+    hash index (about 16 bytes per user)."""
 
     def __init__(self, user_ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> None:
-        order = np.argsort(user_ids, kind="stable")
-        self.ids, self.rows, self.lengths = user_ids[order], rows[order], lengths[order]
+        self.ids, self.rows, self.lengths = user_ids, rows, lengths
+        self.index = IdIndex(user_ids)
 
     def lookup(self, uid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos, found = lookup_sorted(self.ids, uid)
+        pos = self.index.find(uid)
+        found = pos >= 0
         if len(self.ids) == 0:
             return found, np.zeros(len(uid), np.int64), np.zeros(len(uid), np.int64)
+        pos = np.where(found, pos, 0)
         return found, self.rows[pos], self.lengths[pos]
 
 
@@ -382,16 +389,13 @@ class _Import:
         self.n_dup_train = int((~self.keep["train_user_features"]).sum())
 
     # phases -----------------------------------------------------------------------------------------
-    def _user_unit(self, unit: _Unit, batches: list[pa.RecordBatch]) -> None:
-        keep_all = self.keep[unit.phase]
-        offset = self._file_offsets[unit.phase][unit.file] + unit.lo
-        for batch in batches:
-            mask = keep_all[offset : offset + batch.num_rows]
-            offset += batch.num_rows
-            if not mask.all():
-                batch = batch.filter(pa.array(mask))
-            if batch.num_rows:
-                (self._test_batch if unit.phase == "test_user_features" else self._train_batch)(batch, unit)
+    def _user_unit(self, unit: _Unit, batch: pa.RecordBatch, lo: int) -> None:
+        offset = self._file_offsets[unit.phase][unit.file] + lo
+        mask = self.keep[unit.phase][offset : offset + batch.num_rows]
+        if not mask.all():
+            batch = batch.filter(pa.array(mask))
+        if batch.num_rows:
+            (self._test_batch if unit.phase == "test_user_features" else self._train_batch)(batch, unit)
 
     def _lists(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Flat item ids, flat category ids and per-row lengths of a user batch (nulls: empty)."""
@@ -419,12 +423,20 @@ class _Import:
         items, cats, lengths = self._lists(batch)
         self._append_rows(batch.column(USER).to_numpy().astype(np.int64), self._features(batch), lengths, items, cats)
 
+    def _id_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Raw item and category id of every position so far (rebuilt when new ids appeared)."""
+        items, cats = self.writer.item_index(), self.writer.category_index()
+        key = (items.n_extra, cats.n_extra)
+        if getattr(self, "_tables_key", None) != key:
+            self._tables = (items.id_table(), cats.id_table())
+            self._tables_key = key
+        return self._tables
+
     def _train_batch(self, batch: pa.RecordBatch, unit: _Unit) -> None:
         uid = batch.column(USER).to_numpy().astype(np.int64)
         feats = self._features(batch)
         items, cats, lengths = self._lists(batch)
-        item_pos = self.writer.item_index().positions(items)
-        cat_pos = self.writer.category_index().positions(cats)
+        row_start = np.concatenate([[0], np.cumsum(lengths)])
         in_test, test_row, _ = self.test_rows.lookup(uid)
         same = np.zeros(len(uid), bool)
         cand = np.flatnonzero(in_test)
@@ -432,25 +444,24 @@ class _Import:
             csr = self.writer.history_writer()
             offsets = csr.offsets.view()
             starts, stops = offsets[test_row[cand]], offsets[test_row[cand] + 1]
+            del offsets
             fits = lengths[cand] <= (stops - starts)
             users = self.users.writers["features"].view()
             fits &= (users[test_row[cand]] == feats[cand]).all(axis=1)
             del users
-            row_start = np.concatenate([[0], np.cumsum(lengths)])
             ok = cand[fits]
-            if len(ok):  # compare the train lists with the test rows' prefixes, entry by entry
+            if len(ok):  # compare the train lists with the test rows' prefixes, entry by entry, as raw ids
                 n = lengths[ok]
                 rel = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
                 src = np.repeat(row_start[ok], n) + rel
                 dst = np.repeat(starts[fits], n) + rel
+                item_table, cat_table = self._id_tables()
                 stored_items, stored_cats = csr.entries["items"].view(), csr.entries["categories"].view()
-                equal = (stored_items[dst] == item_pos[src]) & (stored_cats[dst] == cat_pos[src])
+                equal = (item_table[stored_items[dst]] == items[src]) & (cat_table[stored_cats[dst]] == cats[src])
                 del stored_items, stored_cats
-                bad_rows = np.unique(np.repeat(np.arange(len(ok)), n)[~equal])
                 good = np.ones(len(ok), bool)
-                good[bad_rows] = False
+                good[np.unique(np.repeat(np.arange(len(ok)), n)[~equal])] = False
                 same[ok[good]] = True
-            del offsets
         # merged: the train row is the test row's prefix (or equal): no row of its own
         merged = np.flatnonzero(same)
         if len(merged):
@@ -466,11 +477,8 @@ class _Import:
             self.counters["n_test_user_aliases"] += len(conflict)
         own = ~same
         if own.any():
-            row_start = np.concatenate([[0], np.cumsum(lengths)])
             take = np.repeat(own, lengths)
-            self.writer.history_writer().append(
-                uid[own], lengths[own], {"items": item_pos[take], "categories": cat_pos[take]})
-            self.users.append({"user_id": uid[own], "features": feats[own]})
+            self._append_rows(uid[own], feats[own], lengths[own], items[take], cats[take])
 
     def _test_length(self, rows: np.ndarray) -> np.ndarray:
         off = self.writer.history_writer().offsets.view()
@@ -505,52 +513,50 @@ class _Import:
         }
         self.missing = IdIndex(None, all_ids[n_rows:])  # sample-only users met so far (a resumed import)
 
-    def _sample_unit(self, unit: _Unit, batches: list[pa.RecordBatch]) -> None:
+    def _sample_unit(self, unit: _Unit, batch: pa.RecordBatch, lo: int) -> None:
         split = "train" if unit.phase == "train_samples" else "test"
         own, other = self.maps[split], self.maps["test" if split == "train" else "train"]
         path = self.files[unit.phase][unit.file]
-        for batch in batches:
-            labels = decode_labels(batch.column(LABEL), str(path))
-            uid = batch.column(USER).to_numpy().astype(np.int64)
-            iid = batch.column(ITEM).to_numpy().astype(np.int64)
-            found, row, hist_len = own.lookup(uid)
-            found2, row2, hist_len2 = other.lookup(uid)
-            fallback = ~found & found2
-            row = np.where(found, row, row2)
-            hist_len = np.where(found, hist_len, np.where(fallback, hist_len2, 0))
-            absent = ~found & ~found2
-            user = np.where(absent, uid, self.row_user[np.where(absent, 0, row)])
-            if absent.any():  # sample users without a feature row: an empty history of their own
-                before = self.missing.n_extra
-                self.missing.positions(uid[absent])  # new ids numbered in order of first appearance
-                new = self.missing.extra_ids()[before:]
-                if len(new):
-                    self.writer.append_histories(new, np.zeros(len(new), np.int64), np.zeros(0, np.int64),
-                                                 np.zeros(0, np.int64))
-                    self.users.append({"user_id": new, "features": np.zeros((len(new), len(USER_FEATURES)), np.int64)})
-            pos = self.writer.item_index().find(iid)
-            self.counters["n_impression_items_without_features"] += int(
-                ((pos < 0) | (pos >= self.writer.item_index().n_base)).sum())
-            self.counters["n_impressions_without_history"] += int(absent.sum())
-            self.counters["n_impressions_from_other_split_features"] += int(fallback.sum())
-            self.counters["n_clicks"] += int(labels.sum())
-            self.writer.append_impressions(split, {"user_id": user, "item_id": iid, "label": labels,
-                                                   "hist_len": hist_len.astype(np.int32)})
+        labels = decode_labels(batch.column(LABEL), str(path))
+        uid = batch.column(USER).to_numpy().astype(np.int64)
+        iid = batch.column(ITEM).to_numpy().astype(np.int64)
+        found, row, hist_len = own.lookup(uid)
+        found2, row2, hist_len2 = other.lookup(uid)
+        fallback = ~found & found2
+        row = np.where(found, row, row2)
+        hist_len = np.where(found, hist_len, np.where(fallback, hist_len2, 0))
+        absent = ~found & ~found2
+        user = np.where(absent, uid, self.row_user[np.where(absent, 0, row)])
+        if absent.any():  # sample users without a feature row: an empty history of their own
+            before = self.missing.n_extra
+            self.missing.positions(uid[absent])  # new ids numbered in order of first appearance
+            new = self.missing.extra_ids()[before:]
+            if len(new):
+                self.writer.append_histories(new, np.zeros(len(new), np.int64), np.zeros(0, np.int64),
+                                             np.zeros(0, np.int64))
+                self.users.append({"user_id": new, "features": np.zeros((len(new), len(USER_FEATURES)), np.int64)})
+        pos = self.writer.item_index().find(iid)
+        self.counters["n_impression_items_without_features"] += int(
+            ((pos < 0) | (pos >= self.writer.item_index().n_base)).sum())
+        self.counters["n_impressions_without_history"] += int(absent.sum())
+        self.counters["n_impressions_from_other_split_features"] += int(fallback.sum())
+        self.counters["n_clicks"] += int(labels.sum())
+        self.writer.append_impressions(split, {"user_id": user, "item_id": iid, "label": labels,
+                                               "hist_len": hist_len.astype(np.int32)})
 
-    def _scl_unit(self, unit: _Unit, batches: list[pa.RecordBatch]) -> None:
-        for batch in batches:
-            vec = batch.column(SCL_VECTOR)
-            lengths = pc.list_value_length(vec).to_numpy(zero_copy_only=False)
-            if self.dim is None and len(lengths):
-                self.dim = int(lengths[0])
-            if vec.null_count or np.any(lengths != self.dim):
-                raise DataError(
-                    f"{SCL_VECTOR}: vectors of unequal length {sorted(set(lengths.tolist()))}, expected {self.dim}"
-                )
-            values = pc.list_flatten(vec).to_numpy(zero_copy_only=False).astype(np.int8).reshape(-1, self.dim)
-            self.writer.embeddings_writer(SCL_SOURCE, self.dim, np.int8, SCL_SCALE).write(
-                batch.column(ITEM).to_numpy().astype(np.int64), values)
-            self.counters["n_vectors"] += batch.num_rows
+    def _scl_unit(self, unit: _Unit, batch: pa.RecordBatch, lo: int) -> None:
+        vec = batch.column(SCL_VECTOR)
+        lengths = pc.list_value_length(vec).to_numpy(zero_copy_only=False)
+        if self.dim is None and len(lengths):
+            self.dim = int(lengths[0])
+        if vec.null_count or np.any(lengths != self.dim):
+            raise DataError(
+                f"{SCL_VECTOR}: vectors of unequal length {sorted(set(lengths.tolist()))}, expected {self.dim}"
+            )
+        values = pc.list_flatten(vec).to_numpy(zero_copy_only=False).astype(np.int8).reshape(-1, self.dim)
+        self.writer.embeddings_writer(SCL_SOURCE, self.dim, np.int8, SCL_SCALE).write(
+            batch.column(ITEM).to_numpy().astype(np.int64), values)
+        self.counters["n_vectors"] += batch.num_rows
 
     # the run ----------------------------------------------------------------------------------------
     def run(self) -> Dataset:
@@ -570,20 +576,24 @@ class _Import:
                    "train_samples": [LABEL, USER, ITEM], "test_samples": [LABEL, USER, ITEM],
                    "scl_embedding_int8_p90": [ITEM, SCL_VECTOR]}
         batch_rows = {p: USER_BATCH if p.endswith("user_features") else ROW_BATCH for p in PHASES}
+        batch_rows["scl_embedding_int8_p90"] = max(1, ROW_BATCH // 16)  # 128 values a row
         todo = self.units[first:]
         feature_units = [u for u in self.units if u.phase.endswith("user_features")]
         if not todo or todo[0].phase not in ("test_user_features", "train_user_features"):
             self._after_users(feature_units)
-        for unit, batches in _ahead(_read_units(self.files, todo, columns, batch_rows)):
+        for unit, batch, lo, last in _ahead(_read_units(self.files, todo, columns, batch_rows)):
             if unit.phase.endswith("user_features"):
-                self._user_unit(unit, batches)
+                if batch is not None:
+                    self._user_unit(unit, batch, lo)
             else:
                 if self._n_feature_rows is None:
                     self._after_users(feature_units)
-                (self._sample_unit if unit.phase.endswith("samples") else self._scl_unit)(unit, batches)
-            self._commit(unit.index + 1)
-            if bar is not None:
-                bar.update(unit.hi - unit.lo)
+                if batch is not None:
+                    (self._sample_unit if unit.phase.endswith("samples") else self._scl_unit)(unit, batch, lo)
+            if bar is not None and batch is not None:
+                bar.update(batch.num_rows)
+            if last:
+                self._commit(unit.index + 1)
         if self._n_feature_rows is None:
             self._after_users(feature_units)
         if bar is not None:
