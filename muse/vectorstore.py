@@ -225,6 +225,17 @@ def _int_list(values: np.ndarray | Sequence[int], what: str) -> list[int]:
     return check_ids(values, what).tolist()
 
 
+#: gRPC channel options of the connection to Milvus Lite. Milvus Lite serves gRPC from a thread of
+#: this very process with grpcio's server defaults, which accept a client ping at most every 5
+#: minutes without data; pymilvus' channels ping every 10 s, so during a long call (a flush, an index
+#: build) the server answers GOAWAY "too_many_pings" and grpc logs it. A loopback connection to its
+#: own process cannot die silently, so keepalive pings are switched off for it (not for servers).
+LITE_GRPC_OPTIONS: dict[str, Any] = {
+    "grpc.keepalive_time_ms": 2**31 - 1,  # gRPC's "never"
+    "grpc.keepalive_permit_without_calls": 0,
+}
+
+
 class VectorStore:
     """Typed access to the item and behaviour collections of each :class:`CollectionRef`.
 
@@ -265,7 +276,9 @@ class VectorStore:
             kwargs: dict[str, Any] = {"uri": uri}
             if self.settings.milvus_token:
                 kwargs["token"] = self.settings.milvus_token
-            if not self.settings.embedded_milvus:
+            if self.settings.embedded_milvus:
+                kwargs["grpc_options"] = dict(LITE_GRPC_OPTIONS)
+            else:
                 kwargs["timeout"] = min(10.0, self.settings.milvus_timeout_s or 10.0)
             return MilvusClient(**kwargs)
         except Exception as e:  # pymilvus raises several unrelated types on connect failure

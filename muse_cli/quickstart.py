@@ -162,7 +162,7 @@ def _forget(settings: Any, name: str, out_dir: Path) -> None:
 
     from muse import db, models
 
-    if inspect(db.get_engine(settings)).has_table("datasets"):
+    if not db.database_missing(settings) and inspect(db.get_engine(settings)).has_table("datasets"):
         with db.session_scope(settings) as session:
             ds = session.scalars(select(models.Dataset).where(models.Dataset.name == name)).one_or_none()
             if ds is not None:
