@@ -114,7 +114,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     stages.begin("metadata database")
     from muse import db
 
-    if db.current_revision(settings) != db.head_revision(settings):
+    if db.database_missing(settings) or db.current_revision(settings) != db.head_revision(settings):
         db.upgrade(settings)
     print(f"      at revision {db.current_revision(settings)} ({settings.database_url})")
 

@@ -76,7 +76,7 @@ def test_quickstart_tiny_end_to_end_then_reused(tmp_path: Path):
     assert all(0.0 < c["metrics"]["gauc"]["mean"] < 1.0 and len(c["runs"]) == 2 for c in saved["cells"])
     markdown = chart.with_suffix(".md").read_text()
     assert markdown.startswith(f"# Comparison {comparison}: quickstart-tiny-0\n") and "\n|---|---|" in markdown
-    assert "| din (ta+simtier) | scl |" in markdown and "\n- best: " in markdown  # a table, then the verdict
+    assert "| din (ta+simtier) | scl |" in markdown and "\n- note: only " in markdown  # a table, then the verdict
     assert "Intrinsic metrics of the sources" in out and "| scl (not evaluated" in out  # as `compare --show` says
     assert "test users; differences between models here are noise" in out  # tiny says it is tiny
     shown = _muse(["compare", "--show", str(comparison)], data_dir).stdout
