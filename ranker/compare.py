@@ -245,7 +245,7 @@ def render_plot(result: dict[str, Any], path: Path, title: str) -> Path:
     means = [c["metrics"]["gauc"]["mean"] for c in cells]
     stds = [c["metrics"]["gauc"]["std"] or 0.0 for c in cells]
     colours = source_colours(cells)
-    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(cells) + 1.8))
+    fig, ax = plt.subplots(figsize=(10.0, 0.42 * len(cells) + 1.8))
     bars = ax.barh(labels, means, xerr=stds, capsize=3, color=[colours[c["source"]] for c in cells])
     for bar, c in zip(bars, cells, strict=True):
         if c.get("undertrained"):
@@ -262,7 +262,7 @@ def render_plot(result: dict[str, Any], path: Path, title: str) -> Path:
     ax.set_xlabel("GAUC (test), mean ± std over seeds")
     ax.set_title(title)
     ax.invert_yaxis()
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
