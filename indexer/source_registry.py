@@ -112,6 +112,12 @@ def dataset_row_id(settings: Settings, dataset_name: str) -> int | None:
         return s.scalar(select(models.Dataset.id).where(models.Dataset.name == dataset_name))
 
 
+def dataset_names(settings: Settings) -> dict[int, str]:
+    """``datasets`` row id -> name."""
+    with session_scope(settings) as s:
+        return dict(s.execute(select(models.Dataset.id, models.Dataset.name)).all())
+
+
 def _belongs_to(row: SourceVersion, dataset_id: int | None, dataset: str) -> bool:
     """Whether an imported version ``row`` is ``dataset``'s: by the dataset row, or by the dataset
     name it was registered with (kept in its config, so that it survives the dataset row)."""

@@ -177,3 +177,43 @@ print(int(history[0]))
 
     with VectorStore(settings) as store:  # released with the server: this process opens it now
         assert f"muse_{dataset.replace('-', '_')}_{source}_v1_items" in store.list_collections()
+
+
+KEEPALIVE_PROBE = """
+import sys, time
+from pymilvus import MilvusClient
+from muse.settings import load_settings
+from muse.vectorstore import VectorStore
+if sys.argv[1] == "store":  # the project's connection
+    client = VectorStore(load_settings(env={}, data_dir=sys.argv[2])).client
+else:  # pymilvus' own defaults, for comparison
+    import os
+    os.makedirs(sys.argv[2], exist_ok=True)
+    client = MilvusClient(uri=sys.argv[2] + "/milvus.db")
+client.list_collections()
+time.sleep(0.5)
+print("IDLE-START", file=sys.stderr, flush=True)
+time.sleep(12)  # pymilvus' channels ping every 10 s
+print("IDLE-END", file=sys.stderr, flush=True)
+client.list_collections()
+"""
+
+
+@pytest.mark.slow
+def test_the_milvus_lite_connection_sends_no_keepalive_pings(tmp_path: Path) -> None:
+    """The cause of Milvus Lite's GOAWAY "too_many_pings": pymilvus pings every 10 s and Milvus Lite's
+    in-process server (grpcio defaults) accepts a ping at most every 5 minutes. gRPC's own trace shows
+    the client's pings; an idle project connection sends none, pymilvus' defaults do."""
+    env = {**os.environ, "GRPC_VERBOSITY": "debug", "GRPC_TRACE": "http_keepalive,bdp_estimator",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = {kind: subprocess.Popen([sys.executable, "-c", KEEPALIVE_PROBE, kind, str(tmp_path / kind)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for kind in ("store", "pymilvus")}
+    idle_pings = {}
+    for kind, proc in procs.items():
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        idle = err[err.index("IDLE-START"):err.index("IDLE-END")]
+        idle_pings[kind] = len([ln for ln in idle.splitlines() if "CLIENT[" in ln and "Ping" in ln and " sent " in ln])
+    assert idle_pings["pymilvus"] >= 1, idle_pings  # the trace shows pings at all
+    assert idle_pings["store"] == 0, idle_pings
