@@ -90,7 +90,8 @@ def missing_message(settings: Settings) -> str:
 def unavailable_message(settings: Settings, exc: BaseException) -> str:
     """The one sentence for a database that cannot be reached (every command words it so)."""
     orig = getattr(exc, "orig", None) or exc
-    return f"the database at {_safe_url(settings.database_url)} is unavailable: {_first_line(orig)}"
+    return (f"the database at {_safe_url(settings.database_url)} (MUSE_DATABASE_URL) is unavailable: "
+            f"{_first_line(orig)}")
 
 
 def check_database(settings: Settings) -> None:

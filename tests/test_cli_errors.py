@@ -21,7 +21,7 @@ from muse_cli.main import main
 REPO = Path(__file__).resolve().parent.parent
 READ_ONLY = (["rank", "list"], ["rank", "show", "1"], ["compare", "--list"], ["compare", "--show", "1"],
              ["embed", "list"], ["backfill", "list"], ["backfill", "status", "1"], ["source", "list"],
-             ["db", "current"], ["rank", "eval", "1"])
+             ["rank", "eval", "1"])
 
 
 @pytest.fixture
@@ -48,6 +48,7 @@ def test_read_only_commands_at_a_wrong_path_create_nothing(env: Path, capsys) ->
         assert _error(capsys) == (f"error: there is no database at {env / 'muse.sqlite'}: run `muse db upgrade` to "
                                   "create it, or set MUSE_DATA_DIR (MUSE_DATABASE_URL) to where yours is"), argv
     assert main(["data", "list"]) == 0 and "no datasets" in capsys.readouterr().out
+    assert main(["db", "current"]) == 0 and "current: none (no database at " in capsys.readouterr().out
     assert main(["retrieve", "search", "--source", "scl", "--dataset", "nosuch", "--user", "1", "--items", "2"]) == 2
     assert "dataset 'nosuch' does not exist" in _error(capsys)
     assert not env.parent.exists()  # no folder, no empty database file, no Milvus Lite folder
