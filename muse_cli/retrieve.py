@@ -49,7 +49,7 @@ def _search(args: argparse.Namespace) -> int:
     from muse.vectorstore import CollectionRef, StoreLocked, VectorStore
 
     settings = load_settings()
-    dataset = _check_user(settings, args.dataset, args.user)  # a missing dataset or user: a sentence, exit 2
+    dataset = _check_user(settings, args.dataset, args.user, args.source)  # a missing dataset or user: a sentence, exit 2
     try:
         with Retriever.from_settings(
             source=args.source, settings=settings, dataset=args.dataset, version=args.version, backend=args.backend
@@ -113,12 +113,13 @@ def _serving(argv: list[str], args: argparse.Namespace) -> str | None:
     return f"{host}:{served.port}"
 
 
-def _check_user(settings: Any, dataset: str, user_id: int) -> Any:
-    """The dataset (None when only the database knows it, as on a serving machine without its files),
-    after checking that it exists and has ``user_id``.
+def _check_user(settings: Any, dataset: str, user_id: int, source: str) -> Any:
+    """The dataset (None when only the database or Milvus knows it, as on a serving machine without
+    its files), after checking that it exists and has ``user_id``.
 
     Raises:
-        NotFoundError: the dataset exists neither on disk nor in the database, or has no such user.
+        NotFoundError: the dataset exists neither on disk, nor in the database, nor in Milvus (for
+            ``source``), or has no such user.
     """
     from muse.data.format import Dataset, datasets_root
     from muse.data.registry import database_ready
@@ -140,5 +141,23 @@ def _check_user(settings: Any, dataset: str, user_id: int) -> Any:
         with session_scope(settings) as session:
             if session.scalar(select(models.Dataset.id).where(models.Dataset.name == dataset)) is not None:
                 return None
-    raise NotFoundError(f"dataset {dataset!r} does not exist (neither under {datasets_root(settings)} nor in the "
-                        "database); `muse data list` shows the datasets")
+    if _has_collections(settings, dataset, source):
+        return None  # collections written for a dataset this machine knows nothing else about
+    raise NotFoundError(f"dataset {dataset!r} does not exist (neither under {datasets_root(settings)}, nor in the "
+                        "database, nor in Milvus); `muse data list` shows the datasets")
+
+
+def _has_collections(settings: Any, dataset: str, source: str) -> bool:
+    """Whether Milvus holds a version of (``dataset``, ``source``); an embedded store that does not
+    exist is not created to find out, and one held by another process is left to the search."""
+    from pathlib import Path
+
+    from muse.vectorstore import StoreLocked, VectorStore
+
+    if settings.embedded_milvus and not Path(settings.milvus_uri).exists():
+        return False
+    try:
+        with VectorStore(settings) as store:
+            return bool(store.versions(dataset, source)) or store.live_version(dataset, source) is not None
+    except StoreLocked:
+        return True
