@@ -339,7 +339,9 @@ def _compare(args: argparse.Namespace) -> int:
                   out_dir=Path(args.out) if args.out else None, on_row=show, progress=not args.json,
                   seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads,
                   config=_compare_config(args), vectors_for=vectors_for)
-    config_path = None if res.table_path is None else _write_compare_config(res.table_path.with_suffix(".toml"), args)
+    config_path = None if res.table_path is None else res.table_path.with_suffix(".toml")
+    if config_path is not None and not (res.stored_before and config_path.exists()):  # the stored one's stays
+        _write_compare_config(config_path, args)
     if args.json:
         print(json.dumps(res.result, indent=2, default=str))
         return 0
