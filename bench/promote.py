@@ -44,9 +44,9 @@ def ship(settings, name: str, seed: int, version: int | None) -> int:  # noqa: A
     pq.write_table(pa.table({"item_id": ids, "vector": list(vecs)}, schema=EMBEDDINGS_SCHEMA), path)
     if version is None:
         return encode.ensure_imported(settings, SOURCE, ds).version
-    v = source_registry.next_version(settings, SOURCE)
+    v = source_registry.next_version(settings, SOURCE, name)
     source_registry.register_version(settings, SOURCE, v, kind="imported", dim=DIM, dataset_name=name,
-                             checkpoint_path=path, config={}, metrics={})
+                             checkpoint_path=path, config={"dataset": name}, metrics={})
     return v
 
 

@@ -20,6 +20,7 @@ cosine tells the style apart and ID embeddings have to learn it from few rows. T
 extend the train rows by 7 behaviours (the real Taobao-MM's test histories are the longer ones).
 
     python -m bench.taobao_mm_synth generate --out /tmp/tb-synth --users 500
+    python -m bench.taobao_mm_synth generate --out /tmp/tb-10k --users 500 --train-per-user 20   # 10K train
     python -m bench.taobao_mm_synth check --users 500 --seeds 0,1,2     # every model vs the oracle
 """
 
@@ -201,7 +202,7 @@ CHECK_RUNS = [
 ]
 
 
-def check(users: int, seeds: list[int], batch_size: int = 256, threads: int = 1,
+def check(users: int, seeds: list[int], batch_size: int | None = None, threads: int = 1,
           runs: list[tuple[str, str, str | None]] | None = None) -> list[dict[str, Any]]:
     """Generate, import with the Taobao-MM reader, train every run of ``CHECK_RUNS`` per seed and
     print GAUC against the Bayes oracle."""
@@ -250,15 +251,20 @@ def main() -> None:
     g.add_argument("--out", required=True)
     g.add_argument("--users", type=int, default=500)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train-per-user", type=int, default=SynthConfig.train_per_user,
+                   help=f"train samples per user (default {SynthConfig.train_per_user}; 20 gives a 500-user set "
+                        "10K training impressions)")
     c = sub.add_parser("check", help="generate, import, train every model, print GAUC vs the oracle")
     c.add_argument("--users", type=int, default=500)
     c.add_argument("--seeds", default="0")
-    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="impressions per step (default: the ranker's rule, ranker.schedule)")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--models", default=None, help="comma-separated subset of the models (default all)")
     args = p.parse_args()
     if args.cmd == "generate":
-        info = generate(args.out, SynthConfig(n_users=args.users, seed=args.seed))
+        info = generate(args.out, SynthConfig(n_users=args.users, seed=args.seed,
+                                              train_per_user=args.train_per_user))
         print(json.dumps(info["oracle"], indent=2))
         return
     runs = CHECK_RUNS

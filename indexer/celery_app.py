@@ -62,6 +62,17 @@ def is_embedded_broker(settings: Settings) -> bool:
     return settings.broker_url.startswith("filesystem://")
 
 
+def broker_url(settings: Settings) -> str:
+    """The broker URL Celery is given: the settings' own, except that the embedded ``filesystem://``
+    gets a host (``filesystem://localhost/``). The filesystem transport ignores the host, but kombu
+    warns "No hostname was supplied. Reverting to default 'localhost'" for every connection without
+    one, which the embedded backfill printed."""
+    url = settings.broker_url
+    if is_embedded_broker(settings) and url.rstrip("/") == "filesystem:":
+        return "filesystem://localhost/"
+    return url
+
+
 def broker_transport_options(settings: Settings, queue_prefix: str | None = None) -> dict[str, Any]:
     """Transport options for the configured broker: folders for ``filesystem://``; for Redis the
     redelivery timeout and, with a queue prefix, the same prefix on every key."""
@@ -106,7 +117,7 @@ def celery_config(settings: Settings, queue_prefix: str | None = None) -> dict[s
     gpu, cpu = queue_name(GPU_QUEUE, prefix), queue_name(CPU_QUEUE, prefix)
     exchange = Exchange(f"{prefix}muse", type="direct")
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": broker_url(settings),
         "broker_transport_options": broker_transport_options(settings, queue_prefix),
         "broker_connection_retry_on_startup": True,
         # A restarted broker is reconnected to, forever, with AMQP heartbeats noticing a dead peer.

@@ -103,18 +103,20 @@ def shipped_lookup(dataset: Any, name: str, item_ids: np.ndarray) -> EncodeResul
 
 
 def ensure_imported(settings: Settings, name: str, dataset: Any) -> SourceVersion:
-    """The registered version of imported source ``name`` for ``dataset``, registering it if new."""
+    """The newest registered version of imported source ``name`` for ``dataset`` (its shipped file),
+    registering it as the dataset's next version (1 for the first: versions are numbered per dataset)
+    when there is none."""
     dataset = open_dataset(settings, dataset)
     path = dataset.embeddings_path(name)
     if path is None:
         raise NotFoundError(f"dataset {dataset.name!r} ships no embeddings/{name}.parquet")
-    for v in list_versions(settings, name):
+    for v in reversed(list_versions(settings, name, dataset=dataset.name)):
         if v.checkpoint_path == str(path):
             return v
     shipped = imported_vectors(dataset, name)
     return register_version(
-        settings, name, next_version(settings, name), kind="imported", dim=shipped.dim,
-        dataset_name=dataset.name, checkpoint_path=path, config={"file": str(path)},
+        settings, name, next_version(settings, name, dataset.name), kind="imported", dim=shipped.dim,
+        dataset_name=dataset.name, checkpoint_path=path, config={"file": str(path), "dataset": dataset.name},
         metrics={"n_items_with_vector": int(len(shipped.item_ids))},
     )
 

@@ -207,10 +207,10 @@ def evaluate_source(
     """
     dataset = open_dataset(settings, dataset)
     data = data or load_eval_data(dataset)
-    if source in IMPORTED_SOURCES:
+    if source in IMPORTED_SOURCES and version is None:
         row = ensure_imported(settings, source, dataset)
     else:
-        row = get_version(settings, source, version)
+        row = get_version(settings, source, version, dataset=dataset.name)
     table = item_vectors(settings, source, dataset, version=row.version).as_float()
     query_vectors = None
     if source in TEXT_TRAINED_SOURCES and data.queries:

@@ -151,7 +151,7 @@ def item_vectors(
     if source in IMPORTED_SOURCES and version is None:
         row = ensure_imported(settings, source, dataset)
     else:
-        row = get_version(settings, source, version)
+        row = get_version(settings, source, version, dataset=dataset.name)
     cache = cache_path(settings, row, dataset)
     key = cache_key(row, dataset)
     item_ids = dataset.item_ids()

@@ -148,7 +148,8 @@ def _claim_and_send(settings: Settings, app: Any, chunks: list[tuple[int, str]],
 
 # -- sources and datasets ---------------------------------------------------------------------------
 def resolve_source(settings: Settings, name: str, dataset: Any, version: int | None = None) -> int:
-    """The ``embedding_sources`` row id of version ``version`` of ``name`` (the newest when None).
+    """The ``embedding_sources`` row id of version ``version`` of ``name`` (the newest when None); an
+    imported source's versions are the dataset's own (numbered per dataset).
 
     An imported source (``scl-taobao``) is registered on first use from the dataset's
     ``embeddings/<name>.parquet`` (``indexer.encode.ensure_imported``).
@@ -162,7 +163,7 @@ def resolve_source(settings: Settings, name: str, dataset: Any, version: int | N
 
     check_source(name)
     if version is not None:
-        return get_version(settings, name, version).id
+        return get_version(settings, name, version, dataset=getattr(dataset, "name", dataset)).id
     if name in IMPORTED_SOURCES:
         return ensure_imported(settings, name, dataset).id
     return get_version(settings, name).id

@@ -8,6 +8,13 @@ Sources (see ``docs/embeddings.md``):
 
 Each training creates a new version (a row in ``embedding_sources``) with its checkpoint under
 ``settings.path("embeddings", name, f"v{version}")`` (:func:`source_dir`); older versions stay usable.
+
+Version numbers of a trained source (and ``id``) count over the whole database: one model serves
+every dataset. An imported source's vectors belong to one dataset, so its versions are numbered per
+dataset: ``scl-taobao`` v1 of dataset ``a`` and v1 of dataset ``b`` are two rows, and every lookup of an
+imported version (:func:`get_version`, :func:`list_versions`, :func:`next_version`) names the dataset.
+(Rows registered before migration 0005 keep the global numbers they were given: their Milvus
+collections carry them.)
 """
 
 from __future__ import annotations
@@ -82,8 +89,18 @@ def check_registry(settings: Settings) -> None:
         )
 
 
-def next_version(settings: Settings, name: str) -> int:
-    """The version number the next registration of ``name`` will get (1 for the first)."""
+def next_version(settings: Settings, name: str, dataset: str | None = None) -> int:
+    """The version number the next registration of ``name`` will get (1 for the first): over every
+    dataset for a trained source, over ``dataset``'s versions for an imported one.
+
+    Raises:
+        ConfigurationError: an imported source without a dataset.
+    """
+    if name in IMPORTED_SOURCES:
+        if dataset is None:
+            raise ConfigurationError(f"the versions of imported source {name!r} are numbered per dataset: "
+                                     "name the dataset")
+        return max((v.version for v in list_versions(settings, name, dataset=dataset)), default=0) + 1
     with session_scope(settings) as s:
         current = s.scalar(select(func.max(models.EmbeddingSource.version)).where(models.EmbeddingSource.name == name))
     return int(current or 0) + 1
@@ -93,6 +110,18 @@ def dataset_row_id(settings: Settings, dataset_name: str) -> int | None:
     """Id of the ``datasets`` row of ``dataset_name`` (None when it is not registered)."""
     with session_scope(settings) as s:
         return s.scalar(select(models.Dataset.id).where(models.Dataset.name == dataset_name))
+
+
+def dataset_names(settings: Settings) -> dict[int, str]:
+    """``datasets`` row id -> name."""
+    with session_scope(settings) as s:
+        return dict(s.execute(select(models.Dataset.id, models.Dataset.name)).all())
+
+
+def _belongs_to(row: SourceVersion, dataset_id: int | None, dataset: str) -> bool:
+    """Whether an imported version ``row`` is ``dataset``'s: by the dataset row, or by the dataset
+    name it was registered with (kept in its config, so that it survives the dataset row)."""
+    return (dataset_id is not None and row.dataset_id == dataset_id) or row.config.get("dataset") == dataset
 
 
 def register_version(
@@ -123,37 +152,54 @@ def register_version(
     return out
 
 
-def list_versions(settings: Settings, name: str | None = None) -> list[SourceVersion]:
-    """Every registered version (of one source when ``name`` is given), by name then version."""
+def list_versions(settings: Settings, name: str | None = None, dataset: str | None = None) -> list[SourceVersion]:
+    """Every registered version (of one source when ``name`` is given), by name then version (then
+    row). ``dataset``: only the imported versions of that dataset (trained versions are kept: they
+    serve every dataset)."""
     with session_scope(settings) as s:
-        q = select(models.EmbeddingSource).order_by(models.EmbeddingSource.name, models.EmbeddingSource.version)
+        q = select(models.EmbeddingSource).order_by(models.EmbeddingSource.name, models.EmbeddingSource.version,
+                                                    models.EmbeddingSource.id)
         if name is not None:
             q = q.where(models.EmbeddingSource.name == name)
-        return [SourceVersion.from_row(r) for r in s.scalars(q)]
+        rows = [SourceVersion.from_row(r) for r in s.scalars(q)]
+        dataset_id = None if dataset is None else s.scalar(select(models.Dataset.id).where(models.Dataset.name == dataset))
+    if dataset is None:
+        return rows
+    return [v for v in rows if v.name not in IMPORTED_SOURCES or _belongs_to(v, dataset_id, dataset)]
 
 
-def get_version(settings: Settings, name: str, version: int | None = None) -> SourceVersion:
-    """One version of a source (the latest when ``version`` is None).
+def get_version(settings: Settings, name: str, version: int | None = None, dataset: str | None = None) -> SourceVersion:
+    """One version of a source (the latest when ``version`` is None). An imported source's versions
+    are the ``dataset``'s (see the module docstring); without a dataset its version must be unique.
 
     Raises:
         NotFoundError: the source has no such version (the message says how to create one).
+        ConfigurationError: an imported source's version that several datasets have, and no dataset.
     """
     check_source(name)
-    versions = list_versions(settings, name)
+    versions = list_versions(settings, name, dataset=dataset)
+    where = f" for dataset {dataset!r}" if dataset is not None and name in IMPORTED_SOURCES else ""
     if not versions:
         hint = (
             "it is imported on first use from a dataset that ships embeddings/scl-taobao.parquet"
             if name in IMPORTED_SOURCES
             else f"train one with `muse embed train --source {name} --dataset NAME`"
         )
-        raise NotFoundError(f"embedding source {name!r} has no version yet; {hint}")
+        raise NotFoundError(f"embedding source {name!r} has no version{where} yet; {hint}")
+    if name in IMPORTED_SOURCES and dataset is None and (version is not None or len(versions) > 1):
+        matching = [v for v in versions if version is None or v.version == version]
+        if len({v.dataset_id for v in matching}) > 1:
+            raise ConfigurationError(
+                f"imported source {name!r} has versions for several datasets (numbered per dataset): "
+                "name the dataset"
+            )
     if version is None:
         return versions[-1]
-    for v in versions:
+    for v in reversed(versions):
         if v.version == version:
             return v
     raise NotFoundError(
-        f"embedding source {name!r} has no version {version}; available: {[v.version for v in versions]}"
+        f"embedding source {name!r} has no version {version}{where}; available: {[v.version for v in versions]}"
     )
 
 

@@ -80,10 +80,14 @@ class User(Base):
 
 
 class EmbeddingSource(Base):
-    """One version of an embedding source (``scl``, ``i2i``, ``openclip``, ``id``, ``scl-taobao``)."""
+    """One version of an embedding source (``scl``, ``i2i``, ``openclip``, ``id``, ``scl-taobao``).
+
+    A trained source's versions are numbered over the whole database; an imported source's per
+    dataset (``dataset_id``; migration 0005), hence the key (name, dataset, version).
+    """
 
     __tablename__ = "embedding_sources"
-    __table_args__ = (UniqueConstraint("name", "version"),)
+    __table_args__ = (UniqueConstraint("name", "dataset_id", "version"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64))

@@ -25,6 +25,7 @@ The same code runs against Milvus Lite (a local ``.db`` file), the Milvus 2.3 se
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -32,6 +33,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -233,6 +235,97 @@ def _int_list(values: np.ndarray | Sequence[int], what: str) -> list[int]:
     return check_ids(values, what).tolist()
 
 
+class StoreLocked(BackendUnavailable):
+    """The embedded Milvus Lite store is open in another process (Milvus Lite admits one at a time).
+
+    Attributes:
+        uri: the store; pid: the process holding it (None when the system does not say);
+        argv: that process's command line (empty when unknown).
+    """
+
+    def __init__(self, uri: str, pid: int | None, argv: list[str]) -> None:
+        self.uri, self.pid, self.argv = uri, pid, list(argv)
+        who = "another process" if pid is None else f"process {pid}"
+        command = f" (`{' '.join(argv)}`)" if argv else ""
+        stop = "stop that process" if pid is None else f"stop that process (`kill {pid}`)"
+        super().__init__(
+            f"the embedded Milvus Lite store {uri} is open in {who}{command}, and Milvus Lite lets one process "
+            f"open it at a time: {stop} and run this again; while a `muse serve` holds it, `muse retrieve search` "
+            "goes through that service, and for several processes at once use a Milvus server "
+            "(MUSE_MILVUS_URI=http://HOST:19530)",
+            retriable=False,
+        )
+
+
+def lite_holder(data_dir: Path) -> tuple[int | None, list[str]] | None:
+    """``(pid, command line)`` of the other process holding Milvus Lite's lock on ``data_dir`` (its
+    ``LOCK`` file, an exclusive ``flock``), or None when no other process holds it. The pid comes from
+    ``/proc/locks`` (Linux; None elsewhere), the command line from ``/proc/<pid>/cmdline``."""
+    lock = Path(data_dir) / "LOCK"
+    if not lock.exists():
+        return None
+    pids = _flock_pids(lock)
+    if os.getpid() in pids:
+        return None  # this process holds it: its own Milvus Lite server
+    try:
+        import fcntl
+    except ImportError:  # Windows: Milvus Lite's own error will say it
+        return None
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        pid = next(iter(sorted(pids)), None)
+        return pid, _cmdline(pid)
+    finally:
+        os.close(fd)
+
+
+def _flock_pids(path: Path) -> set[int]:
+    """Pids holding a ``flock`` on ``path`` according to ``/proc/locks`` (empty when unknown)."""
+    try:
+        inode = path.stat().st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return set()
+    pids = set()
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2326710 0 EOF" (a "->" marks a waiting request)
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        try:
+            if int(parts[5].rsplit(":", 1)[-1]) == inode and int(parts[4]) > 0:
+                pids.add(int(parts[4]))
+        except ValueError:
+            continue
+    return pids
+
+
+def _cmdline(pid: int | None) -> list[str]:
+    """The command line of process ``pid`` (empty when unknown)."""
+    if pid is None:
+        return []
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+#: gRPC channel options of the connection to Milvus Lite. Milvus Lite serves gRPC from a thread of
+#: this very process with grpcio's server defaults, which accept a client ping at most every 5
+#: minutes without data; pymilvus' channels ping every 10 s, so during a long call (a flush, an index
+#: build) the server answers GOAWAY "too_many_pings" and grpc logs it. A loopback connection to its
+#: own process cannot die silently, so keepalive pings are switched off for it (not for servers).
+LITE_GRPC_OPTIONS: dict[str, Any] = {
+    "grpc.keepalive_time_ms": 2**31 - 1,  # gRPC's "never"
+    "grpc.keepalive_permit_without_calls": 0,
+}
+
+
 class VectorStore:
     """Typed access to the item and behaviour collections of each :class:`CollectionRef`.
 
@@ -265,6 +358,9 @@ class VectorStore:
         if self.settings.embedded_milvus:
             from pathlib import Path
 
+            holder = lite_holder(Path(uri))
+            if holder is not None:
+                raise StoreLocked(uri, *holder)
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             # Milvus Lite serves gRPC in-process and answers pymilvus' timestamp probe with "Method
             # not implemented", which grpc logs as an error with a traceback on every session.
@@ -273,7 +369,9 @@ class VectorStore:
             kwargs: dict[str, Any] = {"uri": uri}
             if self.settings.milvus_token:
                 kwargs["token"] = self.settings.milvus_token
-            if not self.settings.embedded_milvus:
+            if self.settings.embedded_milvus:
+                kwargs["grpc_options"] = dict(LITE_GRPC_OPTIONS)
+            else:
                 kwargs["timeout"] = min(10.0, self.settings.milvus_timeout_s or 10.0)
             return MilvusClient(**kwargs)
         except Exception as e:  # pymilvus raises several unrelated types on connect failure

@@ -43,7 +43,12 @@ def _current(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
 
     settings = load_settings()
-    cur, head = db.current_revision(settings), db.head_revision(settings)
+    head = db.head_revision(settings)
+    if db.database_missing(settings):  # said, not created
+        print(f"current: none (no database at {db.sqlite_file(settings.database_url)} yet)\nhead:    {head}\n"
+              "behind: run `muse db upgrade` to create it")
+        return 0
+    cur = db.current_revision(settings)
     state = "up to date" if cur == head else "behind: run `muse db upgrade`"
     print(f"current: {cur or 'base (empty)'}\nhead:    {head}\n{state}")
     return 0

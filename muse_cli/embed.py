@@ -135,12 +135,18 @@ def _list(args: argparse.Namespace) -> int:
     if not versions:
         print("no embedding sources yet: `muse embed train --source scl --dataset NAME`")
         return 0
-    print(f"{'source':<11} {'ver':>3} {'kind':<8} {'dim':>4} {'model':<12} {'steps':>6} {'seconds':>8}  evaluated on")
+    from indexer.source_registry import dataset_names
+
+    names = dataset_names(settings)
+    print(f"{'source':<11} {'ver':>3} {'kind':<8} {'dim':>4} {'model':<12} {'steps':>6} {'seconds':>8}  "
+          f"{'dataset':<22} evaluated on")
     for v in versions:
         train = v.metrics.get("train", {})
+        # an imported version is its dataset's (numbered per dataset); a trained one was trained on it
+        dataset = v.config.get("dataset") or names.get(v.dataset_id) or "-"
         print(
             f"{v.name:<11} {v.version:>3} {v.kind:<8} {v.dim:>4} {(v.config.get('model', '-') if v.kind == 'trained' else '-'):<12} "
-            f"{str(train.get('steps', '-')):>6} {str(train.get('seconds', '-')):>8}  "
+            f"{str(train.get('steps', '-')):>6} {str(train.get('seconds', '-')):>8}  {dataset:<22} "
             f"{', '.join(v.metrics.get('eval', {})) or '-'}"
         )
     return 0

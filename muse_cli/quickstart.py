@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -115,7 +114,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     stages.begin("metadata database")
     from muse import db
 
-    if db.current_revision(settings) != db.head_revision(settings):
+    if db.database_missing(settings) or db.current_revision(settings) != db.head_revision(settings):
         db.upgrade(settings)
     print(f"      at revision {db.current_revision(settings)} ({settings.database_url})")
 
@@ -133,21 +132,25 @@ def _quickstart(args: argparse.Namespace) -> int:
     _retrieval_example(settings, name, main_source, world, spreads[main_source]["version"])
 
     stages.begin(f"rankers: {', '.join(args.models)} x {args.seeds} seed(s)")
-    rows = _rankers(settings, name, args.models, args.sources, args.seeds)
+    res = _rankers(settings, name, args.models, args.sources, args.seeds)
+    rows = _rows(res.result)
     stages.end()
 
     print()
     table = _table(rows, spreads, _n_test(world.dataset))
     print(table)
+    from ranker.compare import intrinsic_lines, write_comparison
+
+    for line in intrinsic_lines(res.result.get("intrinsic") or {}):
+        print(line)
     verdict = _verdict(rows, spreads, world)
     for line in verdict:
         print(line)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    chart = _chart(rows, out_dir / "compare.png", f"{name}: GAUC over {args.seeds} seed(s)")
-    (out_dir / "compare.md").write_text(f"# {name}: GAUC over {args.seeds} seed(s)\n\n{table}\n" + "\n".join(verdict) + "\n")
-    (out_dir / "compare.json").write_text(json.dumps({"dataset": name, "rows": rows, "sources": spreads,
-                                                       "verdict": verdict}, indent=2, default=str))
-    print(f"\nchart: {chart}\ntable: {out_dir / 'compare.md'}")
+
+    table_path, json_path, chart = write_comparison(res.result, out_dir, extra=verdict)
+    how = "stored before: a repeated quickstart reuses it" if res.stored_before else "stored"
+    print(f"\ncomparison {res.comparison_id} ({how}; `muse compare --show {res.comparison_id}` prints it again)")
+    print(f"chart: {chart}\ntable: {table_path}\njson:  {json_path}")
     print(f"quickstart finished in {time.perf_counter() - started:.0f} s "
           "(see `muse rank list`, `muse backfill list`, `muse embed list`; a second run reuses all of it)")
     return 0
@@ -162,7 +165,7 @@ def _forget(settings: Any, name: str, out_dir: Path) -> None:
 
     from muse import db, models
 
-    if inspect(db.get_engine(settings)).has_table("datasets"):
+    if not db.database_missing(settings) and inspect(db.get_engine(settings)).has_table("datasets"):
         with db.session_scope(settings) as session:
             ds = session.scalars(select(models.Dataset).where(models.Dataset.name == name)).one_or_none()
             if ds is not None:
@@ -243,15 +246,24 @@ def _backfill(source: str, dataset: str) -> None:
                                  "`muse backfill list` shows the job, `muse backfill resume JOB` continues it")
 
 
+#: The retrieval example's target shows at least this many distinct items in its top 5 (a target the
+#: user bought over and over would show itself five times at cosine 1.0: nothing to see).
+DISTINCT_TOP5 = 4
+#: How many clicked (user, target) pairs the example tries, longest histories first.
+EXAMPLE_CANDIDATES = 40
+
+
 def _retrieval_example(settings: Any, dataset: str, source: str, world: _World, version: int | None = None,
-                       k: int = 8) -> None:
-    """Prefetch one test user's history and print the top-``k`` behaviours for a clicked target."""
+                       k: int = 8) -> tuple[int, int] | None:
+    """Prefetch test users' histories, pick a clicked target whose top 5 behaviours are varied
+    (:data:`DISTINCT_TOP5`), print its top-``k`` behaviours and the README snippet's first line for
+    it; returns the (user, target) shown."""
     import numpy as np
 
     from retriever.client import Retriever
 
     ds = world.dataset
-    user, target = _example_user(ds)
+    candidates = _example_candidates(ds)
     items = ds.items()
     ids = items.column("item_id").to_numpy()
     row_of = {int(i): r for r, i in enumerate(ids.tolist())}
@@ -262,17 +274,27 @@ def _retrieval_example(settings: Any, dataset: str, source: str, world: _World, 
         return "?" if r is None else f"{world.category_name(cats[r]):<16} {titles[r]}"
 
     with Retriever.from_settings(source=source, settings=settings, dataset=dataset, version=version) as r:
-        lengths = r.prefetch([user]).result(timeout=120)
-        full = r.search(user, [target], k=min(1000, max(k, lengths.get(user, k) or k)))
-        version = full.version
+        lengths = r.prefetch(sorted({u for u, _ in candidates})).result(timeout=120)
+        chosen = None
+        for user, target in candidates:
+            full = r.search(user, [target], k=min(1000, max(k, lengths.get(user, k) or k)))
+            top5 = full[0].behaviour_item_ids[:5].tolist()
+            if chosen is None or len(set(top5)) >= DISTINCT_TOP5:
+                chosen = (user, target, full)
+            if len(set(top5)) >= DISTINCT_TOP5:
+                break
+    if chosen is None:
+        print("      no test impressions to show")
+        return None
+    user, target, full = chosen
     hits = full[0]
     if not len(hits):
         print(f"      user {user} has no behaviours in {source}; the backfill did not write them")
-        return
+        return None
     scores = hits.scores.astype(np.float64)
     behaviour_items = hits.behaviour_item_ids.astype(np.int64)
-    print(f"      {source} v{version}; user {user}: {lengths.get(user, len(hits))} behaviours prefetched; target item {target} "
-          f"(clicked in the test split): {describe(target)}")
+    print(f"      {source} v{full.version}; user {user}: {lengths.get(user, len(hits))} behaviours prefetched; "
+          f"target item {target} (clicked in the test split): {describe(target)}")
     print("      top behaviours, one line per distinct item (x N: times in the history):")
     print(f"      {'rank':>4} {'cosine':>7}  {'item':>6}  {'times':>5}  {'category':<16} title")
     shown: list[int] = []
@@ -290,61 +312,75 @@ def _retrieval_example(settings: Any, dataset: str, source: str, world: _World, 
           f"min {scores.min():.3f}, std {scores.std():.3f}")
     if scores.std() < 0.01 or np.median(scores) > 0.99:
         print(f"      warning: every behaviour scores alike ({source} collapsed): this example carries no signal")
+    print(f'      the README\'s Python snippet for this example: dataset, user, targets = "{dataset}", {user}, [{target}]')
+    return user, target
 
 
-def _example_user(ds: Any) -> tuple[int, int]:
-    """A test-split (user, clicked item) with the longest history among the first batch of clicks."""
+def _example_candidates(ds: Any, n: int = EXAMPLE_CANDIDATES) -> list[tuple[int, int]]:
+    """Up to ``n`` test-split (user, clicked item) pairs, longest histories first, one per user, from
+    the first batch of clicks (the first test impression when there is no click)."""
     import numpy as np
 
-    best: tuple[int, int, int] | None = None
+    found: dict[int, tuple[int, int]] = {}  # user -> (history length, item)
     for batch in ds.iter_impressions(split="test", batch_size=4096):
         label = batch.column("label").to_numpy()
         users = batch.column("user_id").to_numpy()
         items = batch.column("item_id").to_numpy()
         lens = batch.column("hist_len").to_numpy() if "hist_len" in batch.schema.names else np.zeros(len(users))
         for i in np.flatnonzero(label > 0)[:2000]:
-            cand = (int(lens[i]), int(users[i]), int(items[i]))
-            if best is None or cand[0] > best[0]:
-                best = cand
-        if best is not None:
+            u = int(users[i])
+            if u not in found or int(lens[i]) > found[u][0]:
+                found[u] = (int(lens[i]), int(items[i]))
+        if found:
             break
-    if best is None:
-        first = next(ds.iter_impressions(split="test", batch_size=8))
-        return int(first.column("user_id")[0].as_py()), int(first.column("item_id")[0].as_py())
-    return best[1], best[2]
+    if not found:
+        first = next(ds.iter_impressions(split="test", batch_size=8), None)
+        if first is None:
+            return []
+        return [(int(first.column("user_id")[0].as_py()), int(first.column("item_id")[0].as_py()))]
+    ranked = sorted(found.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n]
+    return [(u, item) for u, (_, item) in ranked]
 
 
-def _rankers(settings: Any, dataset: str, models: list[str], sources: list[str], seeds: int) -> list[dict[str, Any]]:
-    """Every model on the first source, din and muse on the others, ``seeds`` seeds each, through
-    :func:`ranker.compare.compare` (which reuses matching recorded runs); one row per model and source."""
+def _rankers(settings: Any, dataset: str, models: list[str], sources: list[str], seeds: int) -> Any:
+    """Every model on the first source, din and muse on the others, ``seeds`` seeds each, as one
+    comparison (:func:`ranker.compare.compare`, which reuses matching recorded runs and, when every
+    run is reused, the stored comparison itself)."""
     import functools
 
     from indexer.item_vectors import item_vectors
+    from muse_cli.rank import record_started_run
     from ranker.compare import compare
 
     def show(row: Any) -> None:
+        if not row.reused:
+            record_started_run(settings, row.run_id, "muse quickstart")
         how = "reused" if row.reused else f"{row.metrics['train']['seconds']:.0f} s"
+        under = f"  {row.undertrained}" if row.undertrained else ""
         print(f"      {row.model:<9} {row.source or '-':<9} seed {row.seed}: GAUC {row.metrics['overall']['gauc']:.4f}  "
-              f"(run {row.run_id}, {how})", flush=True)
+              f"(run {row.run_id}, {how}){under}", flush=True)
 
     groups = [(models, sources[:1])]
     pair = [m for m in ("din", "muse") if m in models]  # MUSE against DIN on every source
     if pair and len(sources) > 1:
         groups.append((pair, sources[1:]))
-    rows: list[dict[str, Any]] = []
-    for group_models, group_sources in groups:
-        res = compare(settings, dataset, models=group_models, sources=group_sources, seeds=list(range(seeds)),
-                      on_row=show, write_files=False, vectors_for=functools.partial(item_vectors, settings))
-        for cell in res.result["cells"]:
-            m = cell["metrics"]
-            rows.append({
-                "model": cell["model"], "esu": cell["esu"], "source": cell["source"], "seeds": len(cell["seeds"]),
-                "runs": cell["runs"], "comparison": res.comparison_id,
-                "gauc": m["gauc"]["mean"], "gauc_std": m["gauc"]["std"] if len(cell["seeds"]) > 1 else None,
-                "gauc_min": min(v for v in m["gauc"]["values"] if v is not None),
-                "gauc_max": max(v for v in m["gauc"]["values"] if v is not None),
-                "auc": m["auc"]["mean"], "gauc_long_history": m["gauc_long_history"]["mean"],
-            })
+    return compare(settings, dataset, groups=groups, seeds=list(range(seeds)), on_row=show, write_files=False,
+                   vectors_for=functools.partial(item_vectors, settings))
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per cell (model and source) of the comparison, for the table and the verdict."""
+    rows = []
+    for cell in result["cells"]:
+        m = cell["metrics"]
+        rows.append({
+            "model": cell["model"], "esu": cell["esu"], "source": cell["source"], "seeds": len(cell["seeds"]),
+            "runs": cell["runs"], "comparison": result["id"], "undertrained": cell.get("undertrained") or [],
+            "gauc": m["gauc"]["mean"], "gauc_std": m["gauc"]["std"] if len(cell["seeds"]) > 1 else None,
+            "gauc_min": min(v for v in m["gauc"]["values"] if v is not None),
+            "gauc_max": max(v for v in m["gauc"]["values"] if v is not None),
+            "auc": m["auc"]["mean"], "gauc_long_history": m["gauc_long_history"]["mean"],
+        })
     return rows
 
 
@@ -360,6 +396,8 @@ def _at_chance(row: dict[str, Any]) -> bool:
 def _status(row: dict[str, Any], spreads: dict[str, Any]) -> str:
     if row["source"] and spreads.get(row["source"], {}).get("collapsed"):
         return f"not a result: the {row['source']} encoder collapsed"
+    if row.get("undertrained"):
+        return f"undertrained (not a result): {len(row['undertrained'])} of {len(row['runs'])} runs"
     if _at_chance(row):
         return "at chance (not a result)"
     return ""
@@ -426,16 +464,3 @@ def _n_test_users(ds: Any) -> int:
 
     users = [b.column("user_id").to_numpy() for b in ds.iter_impressions(split="test", batch_size=65536)]
     return int(len(np.unique(np.concatenate(users)))) if users else 0
-
-
-def _chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """The comparison's bar chart (:func:`ranker.compare.render_plot`: error bars over seeds, a line at
-    GAUC 0.5, the axis from 0 to 1) over every line of the table."""
-    from ranker.compare import render_plot
-
-    def spread(r: dict[str, Any], key: str) -> dict[str, Any]:
-        return {"mean": r[key], "std": r.get(f"{key}_std") or 0.0, "n": r["seeds"]}
-
-    cells = [{"model": r["model"], "esu": r["esu"], "source": r["source"],
-              "metrics": {"gauc": spread(r, "gauc")}} for r in rows]
-    return render_plot({"cells": cells}, path, title)

@@ -25,7 +25,9 @@ def _csv(raw: str) -> list[str]:
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset name (see `muse data list`)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the train split (default 1)")
-    p.add_argument("--batch-size", type=int, default=None, help="impressions per step (default 256)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="impressions per step (default 256, lower on a small train split so that an epoch has "
+                        "at least 100 steps: ranker.schedule)")
     p.add_argument("--seed", type=int, default=None, help="seed of weights and shuffle (default 0)")
     p.add_argument("--max-train", type=int, default=None, help="stop each epoch after this many impressions")
     p.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many test impressions")
@@ -136,12 +138,26 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {**model_values, **explicit}
 
 
+def _num(value: Any, width: int, digits: int = 4) -> str:
+    return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
+    """The metrics table of a run, and in words when it is undertrained (then it is not a result)."""
+    from ranker.schedule import undertrained
+
     print(f"  {'slice':<14} {'n':>8} {'AUC':>7} {'GAUC':>7} {'logloss':>8}")
     for name in ("overall", "long_tail", "long_history"):
         m = metrics.get(name)
         if m:
-            print(f"  {name:<14} {m['n']:>8} {m['auc']:>7.4f} {m['gauc']:>7.4f} {m['logloss']:>8.4f}")
+            print(f"  {name:<14} {m['n']:>8} {_num(m.get('auc'), 7)} {_num(m.get('gauc'), 7)} "
+                  f"{_num(m.get('logloss'), 8)}")
+    base = metrics.get("base_rate") or {}
+    if isinstance(base.get("logloss"), (int, float)):
+        print(f"  base rate: click rate {base['ctr']:.4f} on {base['split']}, logloss {base['logloss']:.4f}")
+    verdict = undertrained(metrics)
+    if verdict:
+        print(f"  {verdict}: these metrics are not a result (more steps: a smaller --batch-size or more --epochs)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -157,8 +173,12 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps({"run": res.run_id, **res.metrics}, indent=2, default=str))
         return 0
     tr = res.metrics["train"]
-    print(f"run {res.run_id}: {args.model} on {args.dataset}, {tr['samples']} samples, "
-          f"{tr['samples_per_s']:.0f} samples/s; checkpoint {res.checkpoint}")
+    from ranker.runs import get_run
+
+    schedule = get_run(settings, res.run_id).config.get("schedule") or {}
+    print(f"run {res.run_id}: {args.model} on {args.dataset}, {tr['samples']} samples in {tr.get('steps')} steps "
+          f"(batch {schedule.get('batch_size')}, {schedule.get('chosen')}), {tr['samples_per_s']:.0f} samples/s on "
+          f"{tr.get('threads')} thread(s); checkpoint {res.checkpoint}")
     _print_metrics(res.metrics)
     return 0
 
@@ -189,13 +209,26 @@ def _list(args: argparse.Namespace) -> int:
     if not runs:
         print("no ranker runs yet: `muse rank train --model muse --source scl --dataset NAME`")
         return 0
-    print(f"{'run':>4} {'model':<9} {'esu':<14} {'source':<11} {'dataset':<20} {'seed':>4} {'status':<7} {'GAUC':>7}")
+    from ranker.schedule import undertrained
+
+    print(f"{'run':>4} {'model':<9} {'esu':<14} {'source':<15} {'dataset':<20} {'seed':>4} {'status':<7} "
+          f"{'GAUC':>7}  note")
     for r in runs:
         gauc = (r.metrics.get("overall") or {}).get("gauc")
         g = f"{gauc:.4f}" if isinstance(gauc, float) else "-"
-        print(f"{r.id:>4} {r.model:<9} {r.esu or '-':<14} {r.source or '-':<11} {r.dataset:<20} {r.seed:>4} "
-              f"{r.status:<7} {g:>7}")
+        note = "undertrained: not a result" if r.status == "done" and undertrained(r.metrics) else ""
+        if r.config.get("provenance"):
+            note = (note + "; " if note else "") + "source version unknown"
+        print(f"{r.id:>4} {r.model:<9} {r.esu or '-':<14} {_source_label(r):<15} {r.dataset:<20} {r.seed:>4} "
+              f"{r.status:<7} {g:>7}  {note}".rstrip())
     return 0
+
+
+def _source_label(r: Any) -> str:
+    """``source vN`` of a run (the version it read), ``source`` when unknown, ``-`` without one."""
+    if not r.source:
+        return "-"
+    return f"{r.source} v{r.source_version}" if r.source_version is not None else r.source
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -207,16 +240,26 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r.__dict__, indent=2, default=str))
         return 0
-    print(f"run {r.id}: {r.model} (esu {r.esu or '-'}) on {r.dataset}, source {r.source or '-'}, seed {r.seed}, "
+    print(f"run {r.id}: {r.model} (esu {r.esu or '-'}) on {r.dataset}, source {_source_label(r)}, seed {r.seed}, "
           f"{r.status}; checkpoint {r.checkpoint_path or '-'}")
+    if r.config.get("provenance"):
+        print(f"  {r.config['provenance']}")
+    tr, schedule = r.metrics.get("train") or {}, r.config.get("schedule") or {}
+    if schedule:
+        print(f"  trained: batch {schedule.get('batch_size')} ({schedule.get('chosen')}), {schedule.get('n_train')} "
+              f"train impressions, {schedule.get('steps_per_epoch')} steps per epoch; {tr.get('steps', '-')} steps, "
+              f"{tr.get('threads', '-')} torch thread(s)")
     _print_metrics(r.metrics)
     cli = r.config.get("cli")
-    if not cli:
-        print("options: not recorded (a run from before `--config`, or not started by `muse rank train`)")
+    if cli:
+        how = (f"{cli.get('command')}{' --config ' + cli['file'] if cli.get('file') else ''}"
+               + (", merged with the flags" if cli.get("command") == "muse rank train" else ""))
+        print(f"options ({how}; usable as `muse rank train --config FILE`):")
+        print(dumps_toml(cli.get("options") or {}), end="")
         return 0
-    print(f"options ({cli.get('command')}{' --config ' + cli['file'] if cli.get('file') else ''}, "
-          "merged with the flags; usable as --config FILE):")
-    print(dumps_toml(cli.get("options") or {}), end="")
+    print("options (not recorded with the run; derived from its stored model and train configs; usable as "
+          "`muse rank train --config FILE`):")
+    print(dumps_toml(run_options(r)), end="")
     return 0
 
 
@@ -284,20 +327,26 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"torch threads: {threads} ({how})", flush=True)
 
     def show(row: Any) -> None:
+        if not row.reused:
+            record_started_run(settings, row.run_id, "muse compare", args.config)
         if not args.json:
+            under = f"  {row.undertrained}" if row.undertrained else ""
             print(f"  {row.label:<26} {row.source or '-':<11} seed {row.seed} run {row.run_id}"
-                  f"{' (reused)' if row.reused else ''}: GAUC {row.metrics['overall']['gauc']:.4f}", flush=True)
+                  f"{' (reused)' if row.reused else ''}: GAUC {row.metrics['overall']['gauc']:.4f}{under}", flush=True)
 
     res = compare(settings, args.dataset, models=args.models, sources=args.sources, esus=args.esu,
                   train_config=cfg, model_overrides=_overrides(args),
                   out_dir=Path(args.out) if args.out else None, on_row=show, progress=not args.json,
                   seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads,
                   config=_compare_config(args), vectors_for=vectors_for)
-    config_path = None if res.table_path is None else _write_compare_config(res.table_path.parent, args)
+    config_path = None if res.table_path is None else res.table_path.with_suffix(".toml")
+    if config_path is not None and not (res.stored_before and config_path.exists()):  # the stored one's stays
+        _write_compare_config(config_path, args)
     if args.json:
         print(json.dumps(res.result, indent=2, default=str))
         return 0
-    print(f"comparison {res.comparison_id}")
+    print(f"comparison {res.comparison_id}"
+          + (" (stored before: the same matrix on the same runs; nothing new stored)" if res.stored_before else ""))
     print(res.table, end="")
     print(f"table  {res.table_path}\nplot   {res.plot_path}\nconfig {config_path}")
     return 0
@@ -340,13 +389,81 @@ def _print_compare_config(result: dict[str, Any]) -> None:
         print(dumps_toml(cli.get("options") or {}))
 
 
-def _write_compare_config(out_dir: Any, args: argparse.Namespace) -> Any:
-    """``compare.toml`` beside ``compare.md``: the matrix, to give to ``muse compare --config`` again."""
+def _write_compare_config(path: Any, args: argparse.Namespace) -> Any:
+    """``comparison-<id>.toml`` beside ``comparison-<id>.md``: the matrix, to give to ``muse compare
+    --config`` again."""
     from muse_cli.config_files import dumps_toml
 
-    path = out_dir / "compare.toml"
     path.write_text(dumps_toml(args.effective_config, comment="muse compare --config FILE: this comparison's matrix"))
     return path
+
+
+#: ``muse rank train`` options named after a train-config field (the others go under [set]).
+_TRAIN_FLAGS = {"epochs": "epochs", "max_train": "max_train", "max_eval": "max_eval", "lr_dense": "lr",
+                "lr_embedding": "sparse_lr", "seed": "seed"}
+#: ... and after a model-config field.
+_MODEL_FLAGS = {"k": "k", "max_history": "max_history"}
+
+
+def run_options(info: Any) -> dict[str, Any]:
+    """The ``muse rank train`` options (as ``--config`` keys) that train run ``info`` again, derived
+    from its stored model and train configs: fields at their defaults are left out, a batch size
+    chosen by the schedule's rule too (the rule chooses it again)."""
+    import dataclasses
+
+    from ranker.models import make_config
+    from ranker.train import RankTrainConfig
+
+    out: dict[str, Any] = {"model": info.model, "dataset": info.dataset}
+    if info.source:
+        out["source"] = info.source
+    model_cfg, train_cfg = info.config.get("model") or {}, info.config.get("train") or {}
+    default_model = make_config(info.model, esu=info.esu).to_dict() if info.esu else make_config(info.model).to_dict()
+    if info.esu and info.esu != make_config(info.model).esu:
+        out["esu"] = info.esu
+    settings: dict[str, Any] = {}
+    defaults = dataclasses.asdict(RankTrainConfig())
+    for key, value in train_cfg.items():
+        if key == "batch_size":
+            if (info.config.get("schedule") or {}).get("chosen", "given") == "given" and value is not None:
+                out["batch_size"] = value
+        elif value != defaults.get(key) and value is not None:
+            if key in _TRAIN_FLAGS:
+                out[_TRAIN_FLAGS[key]] = value
+            else:
+                settings[key] = value
+    for key, value in model_cfg.items():
+        default = default_model.get(key)
+        if key == "esu" or _plain(value) == _plain(default):
+            continue
+        if key in _MODEL_FLAGS:
+            out[_MODEL_FLAGS[key]] = value
+        else:
+            settings[key] = value
+    threads = (info.metrics.get("train") or {}).get("threads")
+    if threads:
+        out["threads"] = threads
+    if settings:
+        out["set"] = settings
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def record_started_run(settings: Any, run_id: int | None, command: str, config_file: str | None = None) -> None:
+    """Store with a run that ``command`` (``muse compare``, ``muse quickstart``) trained the options that
+    train it again with ``muse rank train`` (:func:`run_options`): in its row and as ``run-<id>.toml``,
+    as ``muse rank train`` stores its own (``muse rank show RUN`` prints them)."""
+    if run_id is None:
+        return
+    from muse_cli.config_files import dumps_toml
+    from ranker.runs import get_run, record_run_options
+
+    options = run_options(get_run(settings, run_id))
+    text = dumps_toml(options, comment=f"muse rank train --config FILE: run {run_id}, trained by {command}")
+    record_run_options(settings, run_id, {"command": command, "file": config_file, "options": options}, text)
 
 
 def _vectors_for(settings: Any) -> Any:

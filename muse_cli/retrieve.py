@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 
 def _item_list(raw: str) -> list[int]:
@@ -41,20 +42,39 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _search(args: argparse.Namespace) -> int:
     from indexer.source_registry import check_source
+    from muse.settings import load_settings
     from retriever.client import Retriever
 
     check_source(args.source)  # an unknown source fails here, before any server is asked
-    with Retriever.from_settings(
-        source=args.source, dataset=args.dataset, version=args.version, backend=args.backend
-    ) as r:
-        result = r.search(args.user, args.items, k=args.k)
-        collection = r.store.behaviour_collection(r.ref)
+    from muse.vectorstore import CollectionRef, StoreLocked, VectorStore
+
+    settings = load_settings()
+    dataset = _check_user(settings, args.dataset, args.user, args.source)  # a missing dataset or user: a sentence, exit 2
+    try:
+        with Retriever.from_settings(
+            source=args.source, settings=settings, dataset=args.dataset, version=args.version, backend=args.backend
+        ) as r:
+            result = r.search(args.user, args.items, k=args.k)
+    except StoreLocked as e:
+        address = _serving(e.argv, args)
+        if address is None:
+            raise
+        # The embedded store is held by a `muse serve` of this dataset and source: ask it instead.
+        from retriever.remote import RemoteRetriever
+
+        with RemoteRetriever([address], settings=settings) as remote:
+            result = remote.search(args.user, args.items, k=args.k)
+        if not args.json:
+            print(f"(through the GSU service of process {e.pid} on {address}: it holds the embedded store)")
+    collection = VectorStore(settings).behaviour_collection(CollectionRef(result.dataset, result.source, result.version))
     if args.json:
         print(json.dumps({**result.to_dict(), "collection": collection}, indent=2))
         return 0 if result.found else 1
     where = f"{args.dataset}/{args.source} v{result.version} (collection {collection})"
     if not result.found:
-        print(f"user {result.user_id} has no behaviours in {where}: {_who(args.user, args.source, args.dataset)}")
+        known = "" if dataset is None else f"user {args.user} is a user of dataset {args.dataset!r}, but "
+        print(f"{known}user {result.user_id} has no behaviours in {where} (is the backfill finished? "
+              "`muse backfill list`)")
         return 1
     length = f", {result.history_length} behaviours" if result.history_length is not None else ""
     print(f"{where}")
@@ -71,14 +91,73 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _who(user_id: int, source: str, dataset: str) -> str:
-    """Whether ``user_id`` is a user of ``dataset`` at all, in words."""
-    from muse.data.format import Dataset
-    from muse.settings import load_settings
+def _serving(argv: list[str], args: argparse.Namespace) -> str | None:
+    """``127.0.0.1:PORT`` when ``argv`` (another process's command line) is a ``muse serve`` of the
+    dataset and source ``args`` asks for, on a known port (and the version, when pinned); else None."""
+    if "serve" not in argv:
+        return None
+    import contextlib
+    import io
 
-    users = Dataset.open(load_settings(), dataset).users().column("user_id").to_numpy()
-    if (users == user_id).any():
-        return (f"user {user_id} is a user of dataset {dataset!r}, but none of their behaviours are in the "
-                f"collection (is the backfill finished? `muse backfill list`)")
-    span = f" (its user ids run {users.min()}..{users.max()})" if len(users) else ""
-    return f"dataset {dataset!r} has no user {user_id}{span}"
+    from muse_cli.main import build_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage text for a foreign command line
+            served = build_parser().parse_args(argv[argv.index("serve"):])
+    except (SystemExit, Exception):  # not a command line of this muse
+        return None
+    same = (served.dataset, served.source) == (args.dataset, args.source) and served.port > 0
+    if not same or (args.version is not None and served.version not in (None, args.version)):
+        return None
+    host = "127.0.0.1" if served.host in ("0.0.0.0", "::", "") else served.host
+    return f"{host}:{served.port}"
+
+
+def _check_user(settings: Any, dataset: str, user_id: int, source: str) -> Any:
+    """The dataset (None when only the database or Milvus knows it, as on a serving machine without
+    its files), after checking that it exists and has ``user_id``.
+
+    Raises:
+        NotFoundError: the dataset exists neither on disk, nor in the database, nor in Milvus (for
+            ``source``), or has no such user.
+    """
+    from muse.data.format import Dataset, datasets_root
+    from muse.data.registry import database_ready
+    from muse.errors import NotFoundError
+
+    if (datasets_root(settings) / dataset / "meta.json").exists():
+        ds = Dataset.open(settings, dataset)
+        users = ds.users().column("user_id").to_numpy()
+        if not (users == user_id).any():
+            span = f" (its user ids run {users.min()}..{users.max()})" if len(users) else " (it has no users)"
+            raise NotFoundError(f"dataset {dataset!r} has no user {user_id}{span}")
+        return ds
+    if database_ready(settings):
+        from sqlalchemy import select
+
+        from muse import models
+        from muse.db import session_scope
+
+        with session_scope(settings) as session:
+            if session.scalar(select(models.Dataset.id).where(models.Dataset.name == dataset)) is not None:
+                return None
+    if _has_collections(settings, dataset, source):
+        return None  # collections written for a dataset this machine knows nothing else about
+    raise NotFoundError(f"dataset {dataset!r} does not exist (neither under {datasets_root(settings)}, nor in the "
+                        "database, nor in Milvus); `muse data list` shows the datasets")
+
+
+def _has_collections(settings: Any, dataset: str, source: str) -> bool:
+    """Whether Milvus holds a version of (``dataset``, ``source``); an embedded store that does not
+    exist is not created to find out, and one held by another process is left to the search."""
+    from pathlib import Path
+
+    from muse.vectorstore import StoreLocked, VectorStore
+
+    if settings.embedded_milvus and not Path(settings.milvus_uri).exists():
+        return False
+    try:
+        with VectorStore(settings) as store:
+            return bool(store.versions(dataset, source)) or store.live_version(dataset, source) is not None
+    except StoreLocked:
+        return True

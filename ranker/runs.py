@@ -55,23 +55,37 @@ def dataset_id(settings: Settings, name: str) -> int:
         return row.id
 
 
-def source_id(settings: Settings, name: str | None) -> int | None:
-    """Id of the newest version of embedding source ``name`` (None when absent or not given)."""
+def source_row(session: Any, name: str, dataset: str) -> models.EmbeddingSource | None:
+    """The version of embedding source ``name`` that a run on ``dataset`` reads (the one the embedding
+    stage's ``item_vectors(settings, name, dataset)`` gives): the newest version of a trained source;
+    for an imported source (versions numbered per dataset) the newest of ``dataset``'s own."""
+    rows = session.scalars(
+        select(models.EmbeddingSource).where(models.EmbeddingSource.name == name)
+        .order_by(models.EmbeddingSource.version.desc(), models.EmbeddingSource.id.desc())
+    ).all()
+    if any(r.kind == "imported" for r in rows):
+        ds_id = session.scalar(select(models.Dataset.id).where(models.Dataset.name == dataset))
+        rows = [r for r in rows if (ds_id is not None and r.dataset_id == ds_id)
+                or (r.config or {}).get("dataset") == dataset]
+    return rows[0] if rows else None
+
+
+def source_id(settings: Settings, name: str | None, dataset: str) -> int | None:
+    """Id of the version of embedding source ``name`` that a run on ``dataset`` reads
+    (:func:`source_row`; None when absent or not given)."""
     if name is None:
         return None
     with session_scope(settings) as session:
-        row = session.scalars(
-            select(models.EmbeddingSource).where(models.EmbeddingSource.name == name)
-            .order_by(models.EmbeddingSource.version.desc())
-        ).first()
+        row = source_row(session, name, dataset)
         return None if row is None else row.id
 
 
 def create_run(settings: Settings, *, model: str, esu: str | None, source: str | None, dataset: str,
                seed: int, config: dict[str, Any]) -> int:
-    """Insert a ``running`` row and return its id."""
+    """Insert a ``running`` row and return its id; its source version is the one the run reads on
+    ``dataset`` (:func:`source_id`)."""
     with session_scope(settings) as session:
-        row = models.RankerRun(model=model, esu=esu, source_name=source, source_id=source_id(settings, source),
+        row = models.RankerRun(model=model, esu=esu, source_name=source, source_id=source_id(settings, source, dataset),
                                dataset_id=dataset_id(settings, dataset), seed=seed, status="running",
                                config=_jsonable(config))
         session.add(row)
@@ -133,11 +147,18 @@ class RunInfo:
     metrics: dict[str, Any]
     checkpoint_path: str | None
     created_at: dt.datetime
+    source_version: int | None = None  # the version of ``source`` the run read (None: no source, or unknown)
 
 
-def _info(row: models.RankerRun, dataset_name: str) -> RunInfo:
+def _info(row: models.RankerRun, dataset_name: str, source_version: int | None = None) -> RunInfo:
     return RunInfo(row.id, row.model, row.esu, row.source_name, dataset_name, row.seed, row.status,
-                   dict(row.config or {}), dict(row.metrics or {}), row.checkpoint_path, row.created_at)
+                   dict(row.config or {}), dict(row.metrics or {}), row.checkpoint_path, row.created_at,
+                   source_version)
+
+
+def _versions(session: Any) -> dict[int, int]:
+    """``embedding_sources`` row id -> version."""
+    return dict(session.execute(select(models.EmbeddingSource.id, models.EmbeddingSource.version)).all())
 
 
 def get_run(settings: Settings, run_id: int) -> RunInfo:
@@ -146,15 +167,17 @@ def get_run(settings: Settings, run_id: int) -> RunInfo:
         row = session.get(models.RankerRun, int(run_id))
         if row is None:
             raise NotFoundError(f"ranker run {run_id} does not exist (see `muse rank list`)")
-        return _info(row, session.get(models.Dataset, row.dataset_id).name)
+        version = None if row.source_id is None else _versions(session).get(row.source_id)
+        return _info(row, session.get(models.Dataset, row.dataset_id).name, version)
 
 
 def list_runs(settings: Settings) -> list[RunInfo]:
     """Every run, oldest first."""
     with session_scope(settings) as session:
         names = {d.id: d.name for d in session.scalars(select(models.Dataset))}
+        versions = _versions(session)
         rows = session.scalars(select(models.RankerRun).order_by(models.RankerRun.id))
-        return [_info(r, names.get(r.dataset_id, "?")) for r in rows]
+        return [_info(r, names.get(r.dataset_id, "?"), versions.get(r.source_id)) for r in rows]
 
 
 def checkpoint_path(settings: Settings, run_id: int) -> Path:

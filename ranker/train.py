@@ -19,6 +19,7 @@ from muse.errors import ConfigurationError, DataError
 from muse.settings import Settings
 from ranker.data import BatchBuilder, ItemVectorsLike, background, iter_impression_batches, open_builder
 from ranker.models import CTRModel, FeatureSpec, build_model, make_config, model_class
+from ranker.schedule import base_rate, loss_trend, plan_schedule
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class RankTrainConfig:
     """How to train (the model's own settings live in its model config)."""
 
     epochs: int = 1  # passes over the train split (the paper: one)
-    batch_size: int = 256  # impressions per step
+    batch_size: int | None = None  # impressions per step; None: 256, lower on small sets (ranker.schedule)
     lr_embedding: float = 2e-3  # learning rate of the embedding tables
     lr_dense: float = 2e-4  # learning rate of every other weight
     seed: int = 0  # seeds the weights and the shuffle
@@ -38,7 +39,7 @@ class RankTrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigurationError(f"{name}={getattr(self, name)!r} must be >= 1")
         for name in ("lr_embedding", "lr_dense"):
             if not float(getattr(self, name)) > 0:
@@ -173,6 +174,7 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
         )
     used_source = source if config.needs_vectors else None
     ds = Dataset.open(settings, dataset)
+    cfg, schedule = plan_schedule(cfg, ds)  # the batch size (ranker.schedule's rule), recorded below
     device = settings.resolve_device()
     torch.manual_seed(cfg.seed)
     builder = open_builder(ds, cls.retrieval, config, vectors if config.needs_vectors else None)
@@ -183,7 +185,8 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
     if record:
         run_id = create_run(settings, model=model, esu=config.esu, source=used_source,
                             dataset=dataset, seed=cfg.seed, config={"model": config.to_dict(),
-                                                                     "train": dataclasses.asdict(cfg)})
+                                                                     "train": dataclasses.asdict(cfg),
+                                                                     "schedule": schedule.to_dict()})
     try:
         losses: list[float] = []
         n_samples, seconds = 0, 0.0
@@ -201,7 +204,9 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
                            train_item_counts(ds, space, cfg.max_train))
         metrics["train"] = {"samples": n_samples, "seconds": seconds, "samples_per_s": n_samples / max(seconds, 1e-9),
                             "first_loss": losses[0] if losses else None,
-                            "last_loss": float(np.mean(losses[-20:])) if losses else None}
+                            "last_loss": float(np.mean(losses[-20:])) if losses else None,
+                            "steps": len(losses), "threads": torch.get_num_threads(), **loss_trend(losses)}
+        metrics["base_rate"] = base_rate(ds, "test", cfg.max_eval)  # what ranker.schedule.undertrained reads
         ckpt = None
         net.cpu()  # checkpoints hold CPU tensors: they load anywhere
         if record:

@@ -34,7 +34,8 @@ def test_help_lists_every_command_without_heavy_imports(tmp_path: Path):
 
 def test_db_upgrade_and_current(tmp_path: Path):
     res = _muse(["db", "current"], tmp_path)
-    assert res.returncode == 0 and "base (empty)" in res.stdout
+    assert res.returncode == 0 and "current: none (no database at" in res.stdout  # said, not created
+    assert not list(tmp_path.glob("*.sqlite"))
     res = _muse(["db", "upgrade"], tmp_path)
     assert res.returncode == 0, res.stderr
     res = _muse(["db", "current"], tmp_path)

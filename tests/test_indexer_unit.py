@@ -34,7 +34,7 @@ def test_celery_config_is_reliable_and_embedded(settings):
     assert conf["task_routes"][ENCODE_TASK]["queue"] == "gpu"
     assert conf["task_routes"][BEHAVIOURS_TASK]["queue"] == "cpu"
     opts = conf["broker_transport_options"]
-    assert conf["broker_url"] == "filesystem://"
+    assert conf["broker_url"] == "filesystem://localhost/"  # a host: kombu warns about a missing one
     for key in ("data_folder_in", "data_folder_out", "processed_folder"):
         assert opts[key].startswith(str(settings.broker_dir.absolute()))
     prefixed = load_settings(env={"MUSE_QUEUE_PREFIX": "t1-"}, data_dir=settings.data_dir, device="cpu")

@@ -63,41 +63,61 @@ def test_quickstart_tiny_end_to_end_then_reused(tmp_path: Path):
     mean_cos = float(re.search(r"mean cosine between random items (-?\d\.\d+)", out).group(1))
     assert mean_cos < 0.9, out
 
-    # the comparison table: a line per model and source with mean +- std, and the chart
+    # the comparison table: a line per model and source with mean +- std, one stored comparison, and its
+    # chart, Markdown table and JSON kept under its id
     assert re.search(r"^din \(ta\+simtier\)\s+scl\s+0\.\d{4} \+- 0\.\d{4}", out, re.M), out[-2000:]
     assert re.search(r"^muse \(sa-ta\+simtier\)\s+scl\s+0\.\d{4} \+- 0\.\d{4}", out, re.M), out[-2000:]
+    comparison = int(re.search(r"^comparison (\d+) \(stored;", out, re.M).group(1))
     chart = Path(re.search(r"^chart: (\S+)", out, re.M).group(1))
-    assert chart.is_file() and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    saved = json.loads((chart.parent / "compare.json").read_text())
-    assert {(r["model"], r["source"]) for r in saved["rows"]} == {("din", "scl"), ("muse", "scl")}
-    assert all(0.0 < r["gauc"] < 1.0 and len(r["runs"]) == 2 for r in saved["rows"])
+    assert chart.name == f"comparison-{comparison}.png" and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(chart.with_suffix(".json").read_text())
+    assert saved["id"] == comparison
+    assert {(c["model"], c["source"]) for c in saved["cells"]} == {("din", "scl"), ("muse", "scl")}
+    assert all(0.0 < c["metrics"]["gauc"]["mean"] < 1.0 and len(c["runs"]) == 2 for c in saved["cells"])
+    markdown = chart.with_suffix(".md").read_text()
+    assert markdown.startswith(f"# Comparison {comparison}: quickstart-tiny-0\n") and "\n|---|---|" in markdown
+    assert "| din (ta+simtier) | scl |" in markdown and "\n- note: only " in markdown  # a table, then the verdict
+    assert "Intrinsic metrics of the sources" in out and "| scl (not evaluated" in out  # as `compare --show` says
     assert "test users; differences between models here are noise" in out  # tiny says it is tiny
+    shown = _muse(["compare", "--show", str(comparison)], data_dir).stdout
+    assert "| din (ta+simtier) | scl |" in shown and "| muse (sa-ta+simtier) | scl |" in shown
+    run = saved["cells"][0]["runs"][0]
+    options = _muse(["rank", "show", str(run)], data_dir).stdout
+    assert "options (muse quickstart; usable as `muse rank train --config FILE`):" in options, options
+    assert 'model = "din"' in options and "threads = " in options and "steps per epoch" in options
 
-    # the other commands on what the quickstart made
+    # the other commands on what the quickstart made: the README's snippet on the example it printed
     user, target = (int(x) for x in re.search(r"user (\d+): \d+ behaviours prefetched; target item (\d+)", out).groups())
-    first_line = 'dataset, user, targets = "quickstart-standard-0", 17, [5, 9]'
-    assert first_line in _readme_snippet()
-    snippet = _readme_snippet().replace(first_line, f'dataset, user, targets = "quickstart-tiny-0", {user}, [{target}]')
+    first_line = re.search(r"^dataset, user, targets = .*$", _readme_snippet(), re.M).group(0)
+    printed = re.search(r"the README's Python snippet for this example: (dataset, user, targets = .*)$", out, re.M)
+    assert printed.group(1) == f'dataset, user, targets = "quickstart-tiny-0", {user}, [{target}]'
+    snippet = _readme_snippet().replace(first_line, printed.group(1))
     shown = subprocess.run([sys.executable, "-c", snippet], env=_env(data_dir), capture_output=True, text=True,
                            timeout=300, cwd=data_dir)
     assert shown.returncode == 0 and shown.stdout.startswith(f"{target} ["), shown.stdout + shown.stderr
+    items, scores = re.match(r"^\d+ (\[[^\]]*\]) (\[[^\]]*\])$", shown.stdout.strip()).groups()
+    assert len(set(json.loads(items))) >= 4  # a varied top 5, not the target five times
+    assert all(len(str(x).split(".")[-1]) <= 3 for x in json.loads(scores)), scores  # rounded
     unknown = _muse(["retrieve", "search", "--source", "scl", "--dataset", "quickstart-tiny-0", "--user", "999999",
                      "--items", str(target)], data_dir)
-    assert unknown.returncode == 1 and "has no user 999999" in unknown.stdout, unknown.stdout + unknown.stderr
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: dataset 'quickstart-tiny-0' has no user "
+                                                                 "999999"), unknown.stdout + unknown.stderr
     listed = _muse(["backfill", "list"], data_dir)
     assert listed.stdout.splitlines()[0].split() == ["job", "status", "source", "dataset", "created"], listed.stdout
     assert json.loads(_muse(["backfill", "list", "--json"], data_dir).stdout)[0]["status"] == "done"
 
-    # a second run reuses everything: nothing is trained or backfilled again
+    # a second run reuses everything: nothing is trained or backfilled again, and no comparison is added
     started = time.perf_counter()
     again = _run(args, data_dir)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "reusing quickstart-tiny-0" in again.stdout and "reusing scl v1" in again.stdout
     assert "already done" in again.stdout and "(run " in again.stdout and "reused)" in again.stdout
     assert "trained scl" not in again.stdout
+    assert f"comparison {comparison} (stored before" in again.stdout
+    assert [c["id"] for c in json.loads(_muse(["compare", "--list", "--json"], data_dir).stdout)] == [comparison]
     assert time.perf_counter() - started < 0.5 * _stage_seconds(out)
-    assert np.isclose(json.loads((chart.parent / "compare.json").read_text())["rows"][0]["gauc"],
-                      saved["rows"][0]["gauc"])
+    assert np.isclose(json.loads(chart.with_suffix(".json").read_text())["cells"][0]["metrics"]["gauc"]["mean"],
+                      saved["cells"][0]["metrics"]["gauc"]["mean"])
 
 
 def _stage_seconds(out: str) -> float:

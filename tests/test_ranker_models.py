@@ -383,21 +383,24 @@ def test_cli_train_list_eval_and_compare(world, monkeypatch: pytest.MonkeyPatch,
     printed = capsys.readouterr().out
     assert "| din (ta) | - |" in printed and "| muse (sa-ta+simtier) | scl-taobao |" in printed
     assert "| muse (ta) | scl-taobao |" in printed and " ± " in printed  # mean ± std over the 2 seeds
-    assert (tmp_path / "compare.png").stat().st_size > 1000
-    stored = json.loads((tmp_path / "compare.json").read_text())
+    first = int(printed.split("comparison ", 1)[1].split()[0])
+    assert (tmp_path / f"comparison-{first}.png").stat().st_size > 1000  # every comparison keeps its own files
+    stored = json.loads((tmp_path / f"comparison-{first}.json").read_text())
     cells = stored["cells"]
     assert [(c["model"], c["esu"], c["source"], c["seeds"]) for c in cells] == [
         ("din", "ta", None, [0, 1]), ("muse", "ta", SOURCE, [0, 1]), ("muse", "sa-ta+simtier", SOURCE, [0, 1])]
     g = cells[0]["metrics"]["gauc"]
     assert g["n"] == 2 and g["mean"] == pytest.approx(np.mean(g["values"])) and g["std"] >= 0
     assert stored["intrinsic"][SOURCE]["version"] is not None and len(stored["run_ids"]) == 6
-    # the same comparison again reuses every run; --show reproduces the stored table and JSON
+    # the same comparison again reuses every run, and then is the stored comparison (not a copy of it);
+    # --show reproduces the stored table and JSON
     assert main(["compare", "--models", "din,muse", "--sources", SOURCE, "--esu", "ta,sa-ta+simtier",
                  "--seeds", "2", "--threads", "1", "--out", str(tmp_path), "--json", *common]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["id"] == stored["id"] + 1 and again["run_ids"] == stored["run_ids"]
-    assert all(c["reused"] == 2 for c in again["cells"]) and again["cells"] == [
-        {**c, "reused": 2} for c in stored["cells"]]
+    assert again["id"] == stored["id"] and again["run_ids"] == stored["run_ids"] and again == stored
+    from ranker.compare import list_comparisons
+
+    assert [c["id"] for c in list_comparisons(settings)].count(stored["id"]) == 1
     table = printed[printed.index("Dataset `"):printed.index("table ")]
     assert main(["compare", "--show", str(stored["id"])]) == 0
     shown = capsys.readouterr().out
@@ -505,7 +508,7 @@ def test_cli_runs_from_config_files_store_their_options(world, monkeypatch: pyte
     assert result["spec"]["seeds"] == [0, 1] and result["spec"]["models"] == ["din"]
     assert result["spec"]["config"]["options"]["seeds"] == 2 and result["spec"]["config"]["file"] == str(matrix)
     assert result["cells"][0]["reused"] == 1  # seed 0 is the run above: same set-up
-    written = tomllib.loads((tmp_path / "compare.toml").read_text())
+    written = tomllib.loads((tmp_path / f"comparison-{result['id']}.toml").read_text())
     assert written == {**result["spec"]["config"]["options"], "json": True}
     assert main(["compare", "--show", str(result["id"])]) == 0
     assert "seeds = 2" in capsys.readouterr().out

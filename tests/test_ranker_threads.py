@@ -104,7 +104,8 @@ def test_cli_compare_runs_and_records_the_picked_count(monkeypatch: pytest.Monke
 
     def fake_compare(settings: Settings, dataset: str, **kwargs: object) -> SimpleNamespace:
         got.update(threads=kwargs["threads"], torch=torch.get_num_threads())
-        return SimpleNamespace(comparison_id=1, result={}, table="", table_path=None, plot_path=None)
+        return SimpleNamespace(comparison_id=1, result={}, table="", table_path=None, plot_path=None,
+                               stored_before=False)
 
     monkeypatch.setattr(rc, "compare", fake_compare)
     argv = ["compare", "--dataset", "d", "--models", "din", "--sources", "scl"]

@@ -57,9 +57,9 @@ def new_version(settings: Settings, name: str, seed: int) -> int:
 
     ship_vectors(settings, name, seed)
     path = Dataset.open(settings, name).embeddings_path(SOURCE)
-    version = source_registry.next_version(settings, SOURCE)
+    version = source_registry.next_version(settings, SOURCE, name)  # numbered per dataset
     source_registry.register_version(settings, SOURCE, version, kind="imported", dim=DIM, dataset_name=name,
-                             checkpoint_path=path, config={"file": str(path)}, metrics={})
+                             checkpoint_path=path, config={"file": str(path), "dataset": name}, metrics={})
     return version
 
 
@@ -84,8 +84,8 @@ def backfill(settings: Settings, name: str, version: int | None = None, kinds: t
 
 @pytest.fixture(scope="module", params=["lite", "server"])
 def world(request: pytest.FixtureRequest, datasets: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Per backend: dataset A backfilled as v1 (live) and, with other vectors, as v3 (beside it);
-    dataset B as v2 (its own live version)."""
+    """Per backend: dataset A backfilled as v1 (live) and, with other vectors, as v2 (beside it);
+    dataset B as its own v1 (its live version: an imported source's versions are numbered per dataset)."""
     from indexer import backfill as bf
     from muse import db
     from muse.data.format import Dataset
@@ -105,7 +105,7 @@ def world(request: pytest.FixtureRequest, datasets: Path, tmp_path_factory: pyte
     ship_vectors(settings, A, seed=1)
     ship_vectors(settings, B, seed=2)
     jobs = {"a1": backfill(settings, A), "b": backfill(settings, B)}
-    jobs["a3"] = backfill(settings, A, new_version(settings, A, seed=3))
+    jobs["a2"] = backfill(settings, A, new_version(settings, A, seed=3))
     store = bf.get_store(settings)
     try:
         yield settings, store, jobs
@@ -129,20 +129,20 @@ def test_datasets_and_versions_keep_exact_separate_counts(world) -> None:
     from muse import versions
 
     settings, store, _ = world
-    a1, b2, a3 = CollectionRef(A, SOURCE, 1), CollectionRef(B, SOURCE, 2), CollectionRef(A, SOURCE, 3)
-    for ref, name in ((a1, A), (b2, B), (a3, A)):
+    a1, b1, a2 = CollectionRef(A, SOURCE, 1), CollectionRef(B, SOURCE, 1), CollectionRef(A, SOURCE, 2)
+    for ref, name in ((a1, A), (b1, B), (a2, A)):
         assert (store.count_items(ref), store.count_behaviours(ref)) == expected(settings, name)
     user = 1
-    assert store.count_behaviours(a1, user) == store.count_behaviours(a3, user)  # same history, two versions
+    assert store.count_behaviours(a1, user) == store.count_behaviours(a2, user)  # same history, two versions
     assert expected(settings, A) != expected(settings, B)
     # the first version of each (dataset, source) went live; the later one of A did not
-    assert (store.live_version(A, SOURCE), store.live_version(B, SOURCE)) == (1, 2)
-    assert (versions.live_record(settings, A, SOURCE), versions.live_record(settings, B, SOURCE)) == (1, 2)
+    assert (store.live_version(A, SOURCE), store.live_version(B, SOURCE)) == (1, 1)
+    assert (versions.live_record(settings, A, SOURCE), versions.live_record(settings, B, SOURCE)) == (1, 1)
     rows = {(r.dataset, r.version): r for r in versions.list_versions(settings, store)}
-    assert set(rows) == {(A, 1), (A, 3), (B, 2)}
-    assert rows[(A, 1)].live and not rows[(A, 3)].live and rows[(B, 2)].live
-    assert rows[(A, 3)].job_status == "done" and rows[(A, 3)].promoted_at is None
-    assert (rows[(A, 3)].items, rows[(A, 3)].behaviours) == expected(settings, A)
+    assert set(rows) == {(A, 1), (A, 2), (B, 1)}
+    assert rows[(A, 1)].live and not rows[(A, 2)].live and rows[(B, 1)].live
+    assert rows[(A, 2)].job_status == "done" and rows[(A, 2)].promoted_at is None
+    assert (rows[(A, 2)].items, rows[(A, 2)].behaviours) == expected(settings, A)
 
 
 def test_promote_of_an_incomplete_version_is_refused_naming_what_is_missing(world) -> None:
@@ -179,7 +179,7 @@ def _reference(store, ref: CollectionRef, user: int, targets: list[int], k: int)
 
 
 def test_promote_and_rollback_switch_a_running_retriever_with_no_failed_request(world) -> None:
-    """Reader threads (cache and Milvus backends) search in a loop while v3 is promoted: no request
+    """Reader threads (cache and Milvus backends) search in a loop while v2 is promoted: no request
     fails, every result is wholly one version's (its version's exact top-k), and both readers
     follow the switch within a few seconds. Then rollback switches back."""
     from muse import versions
@@ -190,9 +190,9 @@ def test_promote_and_rollback_switch_a_running_retriever_with_no_failed_request(
 
     user, k = 3, 10
     targets = [int(i) for i in Dataset.open(settings, A).item_ids()[[0, 3, 150, 599]]]
-    refs = {v: CollectionRef(A, SOURCE, v) for v in (1, 3)}
+    refs = {v: CollectionRef(A, SOURCE, v) for v in (1, 2)}
     want = {v: _reference(store, ref, user, targets, k) for v, ref in refs.items()}
-    assert want[1] != want[3]  # the versions hold different vectors
+    assert want[1] != want[2]  # the versions hold different vectors
 
     readers = {p: Retriever.from_settings(SOURCE, settings, dataset=A, backend=p, refresh_s=0.2,
                                           consistency_level="Bounded" if p == "milvus" else None)
@@ -223,36 +223,36 @@ def test_promote_and_rollback_switch_a_running_retriever_with_no_failed_request(
             t.start()
         time.sleep(1.0)
         t_promote = time.monotonic()
-        res = versions.promote(settings, store, A, SOURCE, 3)
-        assert (res.version, res.previous) == (3, 1)
+        res = versions.promote(settings, store, A, SOURCE, 2)
+        assert (res.version, res.previous) == (2, 1)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not all(s and s[-1][1] == 3 for s in seen.values()):
+        while time.monotonic() < deadline and not all(s and s[-1][1] == 2 for s in seen.values()):
             time.sleep(0.05)
         time.sleep(0.5)
         stop.set()
         for t in threads:
             t.join(timeout=30)
-        noticed = {p: min(ts for ts, v in s if v == 3 and ts >= t_promote) - t_promote for p, s in seen.items()}
-        print(f"\npromote took {res.switch_s * 1000:.1f} ms (+{res.check_s * 1000:.1f} ms checks); readers saw v3 "
+        noticed = {p: min(ts for ts, v in s if v == 2 and ts >= t_promote) - t_promote for p, s in seen.items()}
+        print(f"\npromote took {res.switch_s * 1000:.1f} ms (+{res.check_s * 1000:.1f} ms checks); readers saw v2 "
               f"after {', '.join(f'{p} {s:.2f} s' for p, s in noticed.items())}; requests "
               f"{sum(len(s) for s in seen.values())}, failed {len(failures)}")
         assert failures == [] and wrong == []
         for backend, s in seen.items():
             order = [v for _, v in s]
-            assert order == sorted(order) and order[0] == 1 and order[-1] == 3, backend  # one switch, no flapping
+            assert order == sorted(order) and order[0] == 1 and order[-1] == 2, backend  # one switch, no flapping
             assert noticed[backend] < 5.0
-        assert versions.live_record(settings, A, SOURCE) == 3 and store.live_version(A, SOURCE) == 3
+        assert versions.live_record(settings, A, SOURCE) == 2 and store.live_version(A, SOURCE) == 2
 
         back = versions.rollback(settings, store, A, SOURCE)
-        assert (back.version, back.previous) == (1, 3)
+        assert (back.version, back.previous) == (1, 2)
         for r in readers.values():
             assert r.refresh() and r.version == 1
             assert [h.behaviour_item_ids.tolist() for h in r.search(user, targets, k=k)] == want[1]
         with pytest.raises(ConfigurationError, match="nothing to roll back to"):
             versions.rollback(settings, store, A, SOURCE)
         # a pinned reader stays on its version whatever is live
-        with Retriever.from_settings(SOURCE, settings, dataset=A, version=3, backend="milvus") as pinned:
-            assert not pinned.refresh() and pinned.search(user, targets, k=k).version == 3
+        with Retriever.from_settings(SOURCE, settings, dataset=A, version=2, backend="milvus") as pinned:
+            assert not pinned.refresh() and pinned.search(user, targets, k=k).version == 2
     finally:
         stop.set()
         for r in readers.values():
@@ -264,10 +264,10 @@ def test_drop_refuses_the_live_version(world) -> None:
 
     settings, store, _ = world
     with pytest.raises(ConfigurationError, match="is the live version"):
-        versions.drop(settings, store, B, SOURCE, 2)
+        versions.drop(settings, store, B, SOURCE, 1)
     with pytest.raises(NotFoundError, match="no collections and no record"):
         versions.drop(settings, store, B, SOURCE, 77)
-    assert store.count_items(CollectionRef(B, SOURCE, 2)) == expected(settings, B)[0]
+    assert store.count_items(CollectionRef(B, SOURCE, 1)) == expected(settings, B)[0]
 
 
 def test_cli_list_promote_rollback_and_legacy_adopt(world, monkeypatch, capsys) -> None:
@@ -291,18 +291,18 @@ def test_cli_list_promote_rollback_and_legacy_adopt(world, monkeypatch, capsys) 
 
     assert main(["source", "list", "--dataset", A, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [(v["version"], v["live"]) for v in listed["versions"]] == [(1, True), (3, False)]
-    assert main(["source", "promote", A, SOURCE, "3"]) == 0
+    assert [(v["version"], v["live"]) for v in listed["versions"]] == [(1, True), (2, False)]
+    assert main(["source", "promote", A, SOURCE, "2"]) == 0
     out = capsys.readouterr().out
-    assert f"promoted {A}/{SOURCE}: live v3 (was v1)" in out and "_simworld_tiny_0_scl_taobao_v3_items" in out
+    assert f"promoted {A}/{SOURCE}: live v2 (was v1)" in out and "_simworld_tiny_0_scl_taobao_v2_items" in out
     assert main(["source", "list"]) == 0
     table = capsys.readouterr().out
     assert "live" in table and f"{B:<22}" in table
     assert main(["source", "rollback", A, SOURCE]) == 0
-    assert "live v1 (was v3)" in capsys.readouterr().out
+    assert "live v1 (was v2)" in capsys.readouterr().out
     assert main(["source", "drop", A, SOURCE, "1"]) == 2
     assert "is the live version" in capsys.readouterr().err
-    assert main(["source", "drop", A, SOURCE, "3"]) == 2  # live until a moment ago
+    assert main(["source", "drop", A, SOURCE, "2"]) == 2  # live until a moment ago
     assert "readers may still be on it" in capsys.readouterr().err
 
     # Legacy: an old-style i2i pair written by a backfill of dataset A (a job of the old naming).

@@ -13,7 +13,7 @@ from sqlalchemy import delete, insert, inspect, select
 
 from muse import models
 from muse.data.format import Dataset, datasets_root
-from muse.db import check_database, get_engine, session_scope
+from muse.db import check_database, database_missing, get_engine, session_scope
 from muse.errors import NotFoundError
 from muse.settings import Settings
 
@@ -26,11 +26,14 @@ INSERT_CHUNK = 5_000
 
 
 def database_ready(settings: Settings) -> bool:
-    """True when the metadata database is migrated (has the ``datasets`` table).
+    """True when the metadata database is migrated (has the ``datasets`` table); False when its
+    SQLite file does not exist yet (nothing is created).
 
     Raises:
         BackendUnavailable: the database cannot be reached (names ``MUSE_DATABASE_URL``).
     """
+    if database_missing(settings):
+        return False
     check_database(settings)
     return inspect(get_engine(settings)).has_table("datasets")
 
