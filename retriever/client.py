@@ -63,6 +63,8 @@ from retriever.cache import (
     GatherCache,
     HistoryCache,
     ItemTable,
+    encode_history,
+    gather_history,
     sequence_loader,
     store_loader,
 )
@@ -74,6 +76,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("cache", "milvus")
 #: Seconds between checks of the live alias (a promote is followed at most this much later).
 REFRESH_S = 2.0
+#: Made-up history rows and target counts of a warm-up (:meth:`RetrieverView.warm_up`).
+WARM_ROWS = 4096
+WARM_TARGETS = (1, 16, 128)
 
 
 @dataclass(frozen=True)
@@ -330,6 +335,32 @@ class RetrieverView:
             hits.append(TargetHits(item_id, res.item_ids[b], res.positions[b], scores, counts))
         found = any(len(h) for h in hits) or self.store.count_behaviours(self.ref, user) > 0
         return self._result(user, found, k, hits, None)
+
+    def warm_up(self, rows: int = WARM_ROWS, target_counts: Sequence[int] = WARM_TARGETS, k: int = 50) -> float:
+        """Run this view's search kernels once, in this thread, on made-up data of the cache's dtype
+        and device: torch's first calls, this thread's scratch buffers and the kernels' once-per-
+        process choices are paid here instead of by the first requests. Touches no backend and no
+        cached history; returns seconds (0 on the Milvus backend)."""
+        if self.cache is None:
+            return 0.0
+        t0 = time.perf_counter()
+        config = self.cache.config
+        rng = np.random.default_rng(0)
+        vectors = rng.standard_normal((rows, self.dim)).astype(np.float32)  # [rows, d]
+        positions = np.arange(rows, dtype=np.int64)
+        if self.item_table is not None:
+            table = ItemTable(lambda ids: (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)),
+                              self.dim, self.item_table.storage_dtype, self.item_table.device, initial_rows=rows)
+            table.add(positions, vectors)
+            history: Any = gather_history(-1, positions, positions, table)
+        else:
+            history = encode_history(-1, positions, positions, vectors, config.storage_dtype, config.device)
+        for b in target_counts:
+            targets = torch.from_numpy(l2_normalise(rng.standard_normal((b, self.dim)).astype(np.float32)))
+            top = history.topk(targets, min(k, rows))  # [b, k]
+            simtier_counts(top.scores, top.valid).cpu().numpy()
+            top.indices.cpu().numpy()
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Drop this version's cached histories and target vectors (the store stays open)."""
@@ -674,6 +705,12 @@ class Retriever:
         if view.cache is not None:
             view.cache.append_behaviours(user, pos, items, vecs)
         return written
+
+    def warm_up(self) -> float:
+        """Run the current version's search kernels once in this thread on made-up data (see
+        :meth:`RetrieverView.warm_up`; ``muse serve`` does it on every RPC thread before reporting
+        SERVING); returns seconds."""
+        return self._view.warm_up()
 
     def forget_item_vectors(self) -> None:
         """Drop the cached target vectors (after the version's items were re-encoded) and the item
