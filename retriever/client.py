@@ -221,9 +221,7 @@ class RetrieverView:
         if backend == "cache":
             config = cache_config or CacheConfig()
             if config.history_from == "items":
-                self.item_table = ItemTable(
-                    lambda ids: store.get_item_vectors(ref, ids), self.dim, config.storage_dtype, config.device
-                )
+                self.item_table = ItemTable(self._fetch_items, self.dim, config.storage_dtype, config.device)
                 self.cache = GatherCache(sequence_loader(store, ref), self.item_table, config)
             else:
                 self.cache = HistoryCache(store_loader(store, ref, config.load_batch_size), self.dim, config)
@@ -231,6 +229,21 @@ class RetrieverView:
     @property
     def version(self) -> int:
         return int(self.ref.version)
+
+    def _fetch_items(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The item table's reads: ``get_item_vectors``, whose exact float32 vectors also fill the
+        target-vector LRU (a preloaded table then leaves no target to read from Milvus: the first
+        requests after a start are as fast as later ones, whatever the table's storage dtype)."""
+        found, vecs = self.store.get_item_vectors(self.ref, item_ids)
+        if self.item_cache_items and len(found):
+            has = np.any(vecs != 0, axis=1)
+            unit = l2_normalise(vecs[has])  # [n, d]
+            with self._items_lock:
+                room = self.item_cache_items - len(self._items)
+                if room > 0:
+                    for i, v in zip(found[has][:room].tolist(), unit[:room], strict=True):
+                        self._items.setdefault(int(i), v)
+        return found, vecs
 
     def get_item_vectors(self, item_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """``VectorStore.get_item_vectors`` on this view's version."""

@@ -477,10 +477,12 @@ def serve(
     storage_dtype: str | None = None,
     settings: Any = None,
     preload_items: bool = True,
+    warm_up: bool = True,
 ) -> GsuServer:
     """Build and start a server for ``dataset``/``source`` (the live version unless ``version`` pins
     one). When the dataset's folder is on this machine its items are preloaded into the item table,
-    so that no prefetch waits for item vectors; otherwise they load on demand.
+    so that no prefetch waits for item vectors; otherwise they load on demand. It reports SERVING
+    (and returns) once that is done and, with ``warm_up``, the kernels ran on every RPC thread.
 
     Raises:
         NotFoundError: no collections or no live version for (dataset, source). ConfigurationError: bad options.
@@ -498,7 +500,9 @@ def serve(
     try:
         server = GsuServer(retriever, port=port, metrics_port=metrics_port, host=host, dataset=dataset)
         # The readiness gate: SERVING only once the item table is loaded and the kernels warmed.
-        return server.start(prepare=(lambda: load_item_table(retriever, settings, dataset)) if preload_items else None)
+        return server.start(
+            prepare=(lambda: load_item_table(retriever, settings, dataset)) if preload_items else None, warm=warm_up
+        )
     except BaseException:
         retriever.close()
         raise
