@@ -232,7 +232,7 @@ def test_process_state_is_one_worker_context(world):
 def test_retry_policy():
     from sqlalchemy.exc import OperationalError
 
-    from indexer.tasks import BACKOFF_MAX_S, backoff_s, is_retriable
+    from indexer.outages import BACKOFF_MAX_S, backoff_s, is_retriable
     from muse.errors import BackendUnavailable, DataError
 
     assert is_retriable(BackendUnavailable("milvus down"))
