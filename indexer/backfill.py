@@ -168,8 +168,9 @@ def begin_chunk(
         if chunk.status == DONE:
             log.info("chunk %d of job %d is already done; skipping", chunk.id, job.id)
             return None
-        if job.status == "cancelled":
-            log.info("job %d is cancelled; skipping chunk %d", job.id, chunk.id)
+        if job.status in ("cancelled", "failed"):  # failed: e.g. a backend was down past the outage budget
+            log.info("job %d is %s; skipping chunk %d (`muse backfill resume %d` continues it)", job.id, job.status,
+                     chunk.id, job.id)
             return None
         if chunk.status in (RUNNING, QUEUED) and chunk.worker not in (None, worker) and lease_live(chunk):
             log.info("chunk %d is held by %s (lease live); skipping this delivery", chunk.id, chunk.worker)

@@ -455,6 +455,22 @@ def recover_jobs(
     return out
 
 
+def fail_job(settings: Settings, job_id: int, error: str) -> bool:
+    """Fail a running job at once with ``error`` (e.g. a backend down past ``MUSE_BACKFILL_OUTAGE_S``):
+    its chunks still queued are skipped by the workers and ``resume`` continues it. True when it was
+    running."""
+    with session_scope(settings) as session:
+        res = session.execute(
+            update(models.BackfillJob)
+            .where(models.BackfillJob.id == int(job_id), models.BackfillJob.status == "running")
+            .values(status="failed", error=error[:4000], finished_at=utcnow(), waiting_for=None, waiting_since=None)
+        )
+        failed = res.rowcount == 1
+    if failed:
+        log.error("job %d failed: %s", job_id, error)
+    return failed
+
+
 def note_outage(settings: Settings, backend: str) -> int:
     """Record on every running job that it waits for ``backend`` (since now, unless it already
     waited); returns the jobs marked."""

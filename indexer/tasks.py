@@ -66,6 +66,8 @@ class ChunkTask(Task):
                 log.warning("chunk %d: cannot record its failure; trying again in %.1fs", chunk_id, delay)
                 raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
             log.error("chunk %d failed: %s", chunk_id, exc, exc_info=not is_retriable(exc))
+            if isinstance(exc, outages.OutageTooLong):  # the job fails now, naming the backend and how long
+                _fail_chunk_job(settings, chunk_id, str(exc))
             _advance_safely(settings, chunk_id, self.app)
             raise
         _advance_safely(settings, chunk_id, self.app)
@@ -90,6 +92,20 @@ def _advance_safely(settings: Settings, chunk_id: int, app: Any) -> None:
         _advance_chunk_job(settings, chunk_id, app)
     except Exception as e:
         log.warning("chunk %d: advancing its job failed (%s); the watchdog will do it", chunk_id, e)
+
+
+def _fail_chunk_job(settings: Settings, chunk_id: int, error: str) -> None:
+    from muse import models
+    from muse.db import session_scope
+
+    try:
+        with session_scope(settings) as session:
+            chunk = session.get(models.BackfillChunk, int(chunk_id))
+            job_id = chunk.job_id if chunk is not None else None
+        if job_id is not None:
+            jobs.fail_job(settings, job_id, error)
+    except Exception as e:  # the chunk's failure is recorded; the job then fails when its chunks finish
+        log.warning("chunk %d: cannot fail its job: %s", chunk_id, e)
 
 
 def _advance_chunk_job(settings: Settings, chunk_id: int, app: Any) -> None:

@@ -311,7 +311,8 @@ class VectorStore:
             if self.settings.milvus_token:
                 kwargs["token"] = self.settings.milvus_token
             if not self.settings.embedded_milvus:
-                kwargs["timeout"] = min(10.0, self.settings.milvus_timeout_s or 10.0, timeout_s or 10.0)
+                # Under a deadline the connect gets the time left; otherwise at most 10 s.
+                kwargs["timeout"] = timeout_s or min(10.0, self.settings.milvus_timeout_s or 10.0)
             return MilvusClient(**kwargs)
         except Exception as e:  # pymilvus raises several unrelated types on connect failure
             raise BackendUnavailable(f"MUSE_MILVUS_URI={uri!r}: cannot connect to Milvus: {e}") from e
@@ -1100,7 +1101,7 @@ class VectorStore:
         """
         try:
             with deadlines.deadline(timeout_s, "Milvus check"):
-                self._call("list_collections", self.client.list_collections)
+                self._call("list_collections", self.client.list_collections, timeout=timeout_s)
         except BackendUnavailable:
             raise
         except Exception as e:
