@@ -534,3 +534,30 @@ def test_health_means_ready(settings) -> None:
         release.set()
         starting.join(60)
         server.stop()
+
+
+def test_every_muse_error_maps_to_a_status_and_back() -> None:
+    """The service's mapping: each MuseError class has its status, and its name in the trailing
+    metadata brings back the same class (subclasses the client cannot build map to their base)."""
+    import grpc
+
+    from muse.deadlines import DeadlineExceeded
+    from muse.errors import DataError, MuseError
+    from muse.vectorstore import CollectionNotFound
+    from retriever.service import _status_of, error_from, error_name
+
+    cases = [
+        (ConfigurationError("bad k"), grpc.StatusCode.INVALID_ARGUMENT, ConfigurationError),
+        (NotFoundError("no item"), grpc.StatusCode.NOT_FOUND, NotFoundError),
+        (CollectionNotFound("dropped", "c"), grpc.StatusCode.NOT_FOUND, NotFoundError),
+        (DataError("corrupt"), grpc.StatusCode.FAILED_PRECONDITION, DataError),
+        (BackendUnavailable("milvus down"), grpc.StatusCode.UNAVAILABLE, BackendUnavailable),
+        (DeadlineExceeded("too slow"), grpc.StatusCode.UNAVAILABLE, DeadlineExceeded),
+        (MuseError("other"), grpc.StatusCode.UNKNOWN, MuseError),
+        (ValueError("numpy"), grpc.StatusCode.INVALID_ARGUMENT, ConfigurationError),
+    ]
+    for exc, status, cls in cases:
+        assert _status_of(exc) == status, exc
+        back = error_from(error_name(exc), str(exc))
+        assert type(back) is cls and str(back) == str(exc)
+    assert error_from("KeyError", "x") is None
