@@ -404,6 +404,8 @@ class VectorStore:
         """
         method, client = fn.__name__, fn.__self__  # fn is always a bound method of the client
         default_timeout = kwargs.pop("timeout", None) or self._deadline(what)
+        if what == "search" and deadlines.remaining() is not None:
+            default_timeout = None  # a request's deadline (the retriever's timeout_s) is the search's deadline
         name = args[0] if args and isinstance(args[0], str) else None
         reloaded = reconnected = False
         while True:

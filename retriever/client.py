@@ -555,8 +555,8 @@ class Retriever:
 
     def _refresh_in_background(self) -> None:
         """One check of the live alias by the refresher thread; a failure keeps the current version."""
-        if not self._switch_lock.acquire(blocking=False):
-            return  # a refresh() is running
+        if self._stop.is_set() or not self._switch_lock.acquire(blocking=False):
+            return  # closed, or a refresh() is running
         try:
             with deadlines.deadline(self.write_timeout_s, "live version check"):
                 self._refresh_locked()
