@@ -142,9 +142,14 @@ def _lease_until(settings: Settings, extra_s: float = 0.0) -> dt.datetime:
     return utcnow() + dt.timedelta(seconds=settings.backfill_lease_s + extra_s)
 
 
-def begin_chunk(settings: Settings, chunk_id: int, worker: str | None = None) -> ChunkSpec | None:
+def begin_chunk(
+    settings: Settings, chunk_id: int, worker: str | None = None, count_attempt: bool = True
+) -> ChunkSpec | None:
     """Claim a chunk for this worker (status running, attempts + 1, a lease of
     ``settings.backfill_lease_s``) and return what is needed to run it.
+
+    ``count_attempt=False`` claims it without adding an attempt: the run that follows a wait for a
+    backend that was down (an outage is not the chunk's failure, :mod:`indexer.outages`).
 
     Returns None when there is nothing to do: the chunk is already done (a duplicate delivery),
     another live worker holds its lease, its job was cancelled, or it is a behaviour chunk whose
@@ -163,8 +168,9 @@ def begin_chunk(settings: Settings, chunk_id: int, worker: str | None = None) ->
         if chunk.status == DONE:
             log.info("chunk %d of job %d is already done; skipping", chunk.id, job.id)
             return None
-        if job.status == "cancelled":
-            log.info("job %d is cancelled; skipping chunk %d", job.id, chunk.id)
+        if job.status in ("cancelled", "failed"):  # failed: e.g. a backend was down past the outage budget
+            log.info("job %d is %s; skipping chunk %d (`muse backfill resume %d` continues it)", job.id, job.status,
+                     chunk.id, job.id)
             return None
         if chunk.status in (RUNNING, QUEUED) and chunk.worker not in (None, worker) and lease_live(chunk):
             log.info("chunk %d is held by %s (lease live); skipping this delivery", chunk.id, chunk.worker)
@@ -205,8 +211,8 @@ def begin_chunk(settings: Settings, chunk_id: int, worker: str | None = None) ->
                 ),
             )
             .values(
-                status=RUNNING, attempts=models.BackfillChunk.attempts + 1, started_at=now, error=None,
-                worker=worker, lease_expires_at=_lease_until(settings),
+                status=RUNNING, attempts=models.BackfillChunk.attempts + (1 if count_attempt else 0),
+                started_at=now, error=None, worker=worker, lease_expires_at=_lease_until(settings),
             )
             .execution_options(synchronize_session=False)
         )
@@ -232,7 +238,8 @@ def begin_chunk(settings: Settings, chunk_id: int, worker: str | None = None) ->
 
 
 def finish_chunk(settings: Settings, chunk_id: int, result: ChunkResult) -> None:
-    """Record a chunk as done with its counts, failed items and duration."""
+    """Record a chunk as done with its counts, failed items and duration; the job no longer waits
+    for a backend (a chunk got through)."""
     with session_scope(settings) as session:
         session.execute(
             update(models.BackfillChunk)
@@ -246,7 +253,15 @@ def finish_chunk(settings: Settings, chunk_id: int, result: ChunkResult) -> None
                 finished_at=utcnow(),
                 duration_s=float(result.duration_s),
                 lease_expires_at=None,
+                waiting_for=None,
+                waiting_since=None,
             )
+        )
+        job_id = select(models.BackfillChunk.job_id).where(models.BackfillChunk.id == int(chunk_id)).scalar_subquery()
+        session.execute(
+            update(models.BackfillJob)
+            .where(models.BackfillJob.id == job_id, models.BackfillJob.waiting_since.is_not(None))
+            .values(waiting_for=None, waiting_since=None)
         )
 
 
@@ -262,6 +277,7 @@ def mark_chunk(
     if status == FAILED:
         values["finished_at"] = utcnow()
         values["lease_expires_at"] = None
+        values["waiting_for"] = values["waiting_since"] = None
     elif hold_s is not None:
         values["lease_expires_at"] = _lease_until(settings, hold_s)  # held for the retry message
         values["worker"] = None  # whichever worker takes the retry message may claim it
@@ -340,15 +356,16 @@ def expired_leases(settings: Settings, job_id: int | None = None) -> list[tuple[
 
 
 # -- the work ------------------------------------------------------------------------------------
-def run_chunk(settings: Settings, chunk_id: int) -> ChunkResult | None:
+def run_chunk(settings: Settings, chunk_id: int, count_attempt: bool = True) -> ChunkResult | None:
     """Run one chunk end to end: begin, do the work of its kind, record the result.
 
     Returns the result, or None when the chunk was skipped (already done, job cancelled).
-    Exceptions propagate (the caller decides on retries) and leave the chunk ``running``.
+    Exceptions propagate (the caller decides on waits and retries: :mod:`indexer.outages`) and
+    leave the chunk ``running`` (``count_attempt``: see :func:`begin_chunk`).
     """
     from muse.vectorstore import CollectionNotFound
 
-    spec = begin_chunk(settings, chunk_id)
+    spec = begin_chunk(settings, chunk_id, count_attempt=count_attempt)
     if spec is None:
         return None
     t0 = time.perf_counter()

@@ -10,11 +10,14 @@ last item chunks at once never enqueue a behaviour chunk twice.
 Job statuses: ``pending`` -> ``running`` -> ``done`` | ``failed`` (a chunk exhausted its retries)
 | ``cancelled``. Re-running or resuming a ``done`` job is a no-op.
 
-A running chunk carries a lease (``worker``, ``lease_expires_at``) that its worker renews; a
-chunk waiting for a retry is held the same way. :func:`recover_jobs` (run by every worker's
-watchdog and by the foreground ``muse backfill``) re-sends chunks whose lease expired and queued
-chunks whose message was lost, and finishes the bookkeeping a failed step left undone; ``resume``
-never re-sends a chunk whose lease is live.
+A running chunk carries a lease (``worker``, ``lease_expires_at``) that its worker renews, also
+while it waits for a backend that is down or for a retry of its own failure
+(:mod:`indexer.outages`; the chunk's ``waiting_for``/``waiting_since`` say what for, the job's what
+the job waits for). :func:`recover_jobs` (run by every worker's watchdog and by the foreground
+``muse backfill``) re-sends chunks whose lease expired and queued chunks whose message was lost,
+and finishes the bookkeeping a failed step left undone; ``resume`` never re-sends a chunk whose
+lease is live. A broker outage seen by a worker's watchdog is recorded on the running jobs
+(:func:`note_outage`), which fail past ``MUSE_BACKFILL_OUTAGE_S`` (:func:`fail_outlasted`).
 """
 
 from __future__ import annotations
@@ -75,8 +78,21 @@ class JobProgress:
     elapsed_s: float | None
     failed_items: list[list[Any]] = field(default_factory=list)  # [[item_id, reason], ...]
     errors: list[str] = field(default_factory=list)  # errors of failed chunks
-    # Workers holding running chunks: {"host:pid": "alive (lease 41 s left)" | "dead (...)"}.
+    # Workers holding running chunks: {"host:pid": "alive (lease 41 s left)" | "waiting for ..." | "dead (...)"}.
     workers: dict[str, str] = field(default_factory=dict)
+    waiting_for: str | None = None  # the backend the job waits for (e.g. "Milvus at http://...")
+    waiting_since: str | None = None  # since when (ISO 8601, UTC)
+    waiting_s: float | None = None  # for how long so far
+    outage_budget_s: float | None = None  # MUSE_BACKFILL_OUTAGE_S: the job fails past it
+
+    @property
+    def waiting(self) -> str | None:
+        """One sentence saying what the job waits for and since when, or None."""
+        if not self.waiting_for:
+            return None
+        since = (self.waiting_since or "?")[11:19]
+        return (f"waiting for {self.waiting_for} since {since} UTC ({self.waiting_s or 0:.0f} s so far; the job "
+                f"fails if it is down longer than MUSE_BACKFILL_OUTAGE_S = {self.outage_budget_s or 0:.0f} s)")
 
     @property
     def dead_workers(self) -> list[str]:
@@ -376,10 +392,14 @@ def _queue_sizes(app: Any) -> dict[str, int] | None:
         return None
 
 
-def recover_jobs(settings: Settings, app: Any = None, job_id: int | None = None) -> dict[str, int]:
+def recover_jobs(
+    settings: Settings, app: Any = None, job_id: int | None = None, judge_leases: bool = True
+) -> dict[str, int]:
     """Make running jobs progress without a person; safe to run from any number of processes.
 
-    * a chunk whose lease expired (its worker died, or a retry message was lost) is re-sent;
+    * a chunk whose lease expired (its worker died, or a retry message was lost) is re-sent
+      (not with ``judge_leases=False``: right after a database outage, during which no worker
+      could renew its leases, the callers give them one lease to catch up);
     * a chunk ``queued`` for longer than a lease while the broker's queues are empty (its message
       was lost, e.g. in a broker restart without persistence) is re-sent;
     * a job whose item chunks are all finished gets its behaviour chunks enqueued, and a job whose
@@ -389,7 +409,7 @@ def recover_jobs(settings: Settings, app: Any = None, job_id: int | None = None)
     """
     app = get_app(settings) if app is None else app
     out = {"expired": 0, "lost": 0, "closed": 0}
-    for chunk_id, _job_id, kind, worker in expired_leases(settings, job_id):
+    for chunk_id, _job_id, kind, worker in expired_leases(settings, job_id) if judge_leases else []:
         with session_scope(settings) as session:
             res = session.execute(
                 update(models.BackfillChunk)
@@ -434,6 +454,61 @@ def recover_jobs(settings: Settings, app: Any = None, job_id: int | None = None)
         if before == "running" and _status_of(settings, jid) != "running":
             out["closed"] += 1
     return out
+
+
+def fail_job(settings: Settings, job_id: int, error: str) -> bool:
+    """Fail a running job at once with ``error`` (e.g. a backend down past ``MUSE_BACKFILL_OUTAGE_S``):
+    its chunks still queued are skipped by the workers and ``resume`` continues it. True when it was
+    running."""
+    with session_scope(settings) as session:
+        res = session.execute(
+            update(models.BackfillJob)
+            .where(models.BackfillJob.id == int(job_id), models.BackfillJob.status == "running")
+            .values(status="failed", error=error[:4000], finished_at=utcnow(), waiting_for=None, waiting_since=None)
+        )
+        failed = res.rowcount == 1
+    if failed:
+        log.error("job %d failed: %s", job_id, error)
+    return failed
+
+
+def note_outage(settings: Settings, backend: str) -> int:
+    """Record on every running job that it waits for ``backend`` (since now, unless it already
+    waited); returns the jobs marked."""
+    with session_scope(settings) as session:
+        running = models.BackfillJob.status == "running"
+        session.execute(update(models.BackfillJob).where(running, models.BackfillJob.waiting_since.is_(None))
+                        .values(waiting_since=utcnow()))
+        res = session.execute(update(models.BackfillJob).where(running).values(waiting_for=backend[:255]))
+        return int(res.rowcount or 0)
+
+
+def end_outage(settings: Settings, backend: str) -> None:
+    """``backend`` answers again: no job waits for it any more."""
+    with session_scope(settings) as session:
+        session.execute(update(models.BackfillJob).where(models.BackfillJob.waiting_for == backend[:255])
+                        .values(waiting_for=None, waiting_since=None))
+
+
+def fail_outlasted(settings: Settings, backend: str, budget_s: float) -> list[int]:
+    """Fail the running jobs that have waited for ``backend`` longer than ``budget_s``, with a
+    sentence naming it and how long; returns their ids (``resume`` continues them)."""
+    now = utcnow()
+    failed = []
+    with session_scope(settings) as session:
+        jobs = session.scalars(select(models.BackfillJob).where(
+            models.BackfillJob.status == "running", models.BackfillJob.waiting_for == backend[:255],
+            models.BackfillJob.waiting_since <= now - dt.timedelta(seconds=budget_s)))
+        for job in jobs:
+            waited = (now - _aware(job.waiting_since)).total_seconds()
+            job.status = "failed"
+            job.finished_at = now
+            job.error = (f"{backend} was unavailable for {waited:.0f} s, longer than MUSE_BACKFILL_OUTAGE_S "
+                         f"({budget_s:.0f} s); `muse backfill resume {job.id}` continues the job")
+            failed.append(job.id)
+    for job_id in failed:
+        log.error("job %d failed: %s did not come back within %.0f s", job_id, backend, budget_s)
+    return failed
 
 
 def _note_dead_worker(settings: Settings, job_id: int, worker: str, what: str) -> None:
@@ -532,8 +607,15 @@ def job_progress(settings: Settings, job_id: int) -> JobProgress:
             behaviours_per_s=_rate(behaviours_written, *span(user_chunks)),
             elapsed_s=(end - start).total_seconds() if start and end else None,
             failed_items=failed_items[:MAX_FAILED_LISTED],
-            errors=[f"chunk {c.kind}#{c.index}: {c.error}" for c in job.chunks if c.status == FAILED and c.error],
+            errors=[f"chunk {c.kind}#{c.index}: {c.error}" for c in job.chunks if c.status == FAILED and c.error]
+            + ([job.error] if job.status == "failed" and job.error and not any(c.status == FAILED for c in job.chunks)
+               else []),
             workers={**dict((job.options or {}).get("dead_workers", {})), **_worker_states(job.chunks)},
+            waiting_for=job.waiting_for if job.status == "running" else None,
+            waiting_since=_aware(job.waiting_since).isoformat() if job.waiting_since and job.status == "running" else None,
+            waiting_s=(utcnow() - _aware(job.waiting_since)).total_seconds()
+            if job.waiting_since and job.status == "running" else None,
+            outage_budget_s=float(settings.backfill_outage_s),
         )
 
 
@@ -544,7 +626,10 @@ def _worker_states(chunks: list[models.BackfillChunk]) -> dict[str, str]:
         if c.status != RUNNING or not c.worker:
             continue
         left = (_aware(c.lease_expires_at) - now).total_seconds() if c.lease_expires_at else None
-        if left is not None and left > 0:
+        if left is not None and left > 0 and c.waiting_for:
+            since = f"{_aware(c.waiting_since):%H:%M:%S} UTC" if c.waiting_since else "?"
+            state = f"alive, waiting for {c.waiting_for} since {since} (holding {c.kind}#{c.index}, lease {left:.0f} s left)"
+        elif left is not None and left > 0:
             state = f"alive (running {c.kind}#{c.index}, lease {left:.0f} s left)"
         else:
             ago = f"{-left:.0f} s ago" if left is not None else "never renewed"

@@ -1,57 +1,40 @@
 """Celery tasks of the indexer: thin wrappers around :mod:`indexer.backfill` and :mod:`indexer.jobs`.
 
 Each task takes a chunk id, runs the chunk, then advances its job (enqueueing behaviour chunks
-once the items are done, closing the job at the end). Connection errors (Milvus, database,
-broker: :class:`muse.errors.BackendUnavailable`, ``ConnectionError``, SQLAlchemy's
-``OperationalError``) are retried with exponential backoff; when retries run out, or on any other
-error, the chunk is marked ``failed`` with the error text. Tasks are idempotent, as ``acks_late``
-requires: a chunk already done is skipped, and every write is an upsert.
+once the items are done, closing the job at the end). The chunk runs under
+:func:`indexer.outages.run_patiently`: a backend that does not answer (Milvus, the database, the
+broker) is waited for without spending an attempt, up to ``MUSE_BACKFILL_OUTAGE_S``; a failure of
+the chunk's own (the backends answer) is retried with exponential backoff; both waits happen in the
+worker, which keeps the chunk's lease meanwhile. When its retries run out, the outage budget is
+spent, or on any other error, the chunk is marked ``failed`` with the error text. Tasks are
+idempotent, as ``acks_late`` requires: a chunk already done is skipped, and every write is an upsert.
 
-When the failure cannot be recorded (the database itself is down past the retry budget) the
-task is retried again instead of being dropped, so the message outlives the outage. While a chunk
-runs its worker renews the chunk's lease (``indexer.backfill.LeaseKeeper``); every worker runs a
-watchdog thread (:func:`start_watchdog`) that re-sends chunks whose lease expired (their worker
-died) and closes jobs whose last bookkeeping step was lost.
+When the failure cannot be recorded (the database itself is down) the task is retried again
+instead of being dropped, so the message outlives the outage. While a chunk runs its worker renews
+the chunk's lease (``indexer.backfill.LeaseKeeper``); every worker runs a watchdog thread
+(:func:`start_watchdog`) that re-sends chunks whose lease expired (their worker died), closes jobs
+whose last bookkeeping step was lost and, under the supervisor, records a broker outage on the
+running jobs (failing them past ``MUSE_BACKFILL_OUTAGE_S``).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from typing import Any
 
 from celery import Task, shared_task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-from indexer import backfill, jobs
+from indexer import backfill, jobs, outages
 from indexer.celery_app import BEHAVIOURS_TASK, ENCODE_TASK, IMPORT_TASK
-from muse.errors import BackendUnavailable
+from indexer.outages import backoff_s, is_retriable
 from muse.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-#: Retries of a chunk on connection errors, and the backoff: base * 2**retry seconds, capped, +-25% jitter.
+#: Celery retries of a task whose failure could not be recorded (the database is down).
 MAX_RETRIES = 6
-BACKOFF_BASE_S = 2.0
-BACKOFF_MAX_S = 120.0
-
-
-def is_retriable(exc: BaseException) -> bool:
-    """True for transient backend failures: worth retrying with backoff."""
-    from kombu.exceptions import OperationalError as BrokerError
-    from sqlalchemy.exc import DisconnectionError
-    from sqlalchemy.exc import OperationalError as DatabaseError
-
-    if isinstance(exc, BackendUnavailable):
-        return exc.retriable
-    return isinstance(exc, (ConnectionError, TimeoutError, DatabaseError, DisconnectionError, BrokerError))
-
-
-def backoff_s(retries: int, base_s: float = BACKOFF_BASE_S) -> float:
-    """Seconds to wait before retry number ``retries + 1``."""
-    delay = min(base_s * (2**retries), BACKOFF_MAX_S)
-    return delay * random.uniform(0.75, 1.25)
 
 
 class ChunkTask(Task):
@@ -67,18 +50,14 @@ class ChunkTask(Task):
         return settings if settings is not None else load_settings()
 
     def run_chunk(self, chunk_id: int) -> dict[str, Any]:
-        """Run the chunk and advance its job; retry on transient errors."""
+        """Run the chunk (waiting out outages, retrying its own failures) and advance its job."""
         settings = self.settings
         retries = self.request.retries
         try:
-            result = backfill.run_chunk(settings, chunk_id)
+            result = outages.run_patiently(
+                settings, chunk_id, lambda count: backfill.run_chunk(settings, chunk_id, count_attempt=count)
+            )
         except Exception as exc:
-            budget = int(settings.backfill_retries)
-            if is_retriable(exc) and retries < budget:
-                delay = backoff_s(retries, settings.backfill_backoff_s)
-                log.warning("chunk %d: %s; retry %d/%d in %.1fs", chunk_id, exc, retries + 1, budget, delay)
-                _record(settings, chunk_id, backfill.QUEUED, f"retrying: {exc}", hold_s=delay)
-                raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
             if not _record(settings, chunk_id, backfill.FAILED, f"{type(exc).__name__}: {exc}"):
                 # The failure cannot be written (the database is down): keep the message alive
                 # instead of dropping the chunk's only record; once the database is back the chunk
@@ -87,6 +66,8 @@ class ChunkTask(Task):
                 log.warning("chunk %d: cannot record its failure; trying again in %.1fs", chunk_id, delay)
                 raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
             log.error("chunk %d failed: %s", chunk_id, exc, exc_info=not is_retriable(exc))
+            if isinstance(exc, outages.OutageTooLong):  # the job fails now, naming the backend and how long
+                _fail_chunk_job(settings, chunk_id, str(exc))
             _advance_safely(settings, chunk_id, self.app)
             raise
         _advance_safely(settings, chunk_id, self.app)
@@ -111,6 +92,20 @@ def _advance_safely(settings: Settings, chunk_id: int, app: Any) -> None:
         _advance_chunk_job(settings, chunk_id, app)
     except Exception as e:
         log.warning("chunk %d: advancing its job failed (%s); the watchdog will do it", chunk_id, e)
+
+
+def _fail_chunk_job(settings: Settings, chunk_id: int, error: str) -> None:
+    from muse import models
+    from muse.db import session_scope
+
+    try:
+        with session_scope(settings) as session:
+            chunk = session.get(models.BackfillChunk, int(chunk_id))
+            job_id = chunk.job_id if chunk is not None else None
+        if job_id is not None:
+            jobs.fail_job(settings, job_id, error)
+    except Exception as e:  # the chunk's failure is recorded; the job then fails when its chunks finish
+        log.warning("chunk %d: cannot fail its job: %s", chunk_id, e)
 
 
 def _advance_chunk_job(settings: Settings, chunk_id: int, app: Any) -> None:
@@ -186,8 +181,12 @@ def broker_reachable(app: Any, timeout_s: float = 3.0) -> bool:
 def watchdog_loop(settings: Settings, app: Any, stop: threading.Event, supervised: bool = False) -> None:
     """Every half lease :func:`indexer.jobs.recover_jobs` (errors are logged, never fatal).
 
+    After a failed pass (the database was down, so no worker could renew its leases) the next
+    passes give leases one lease period to be renewed before judging any worker dead.
+
     Under a supervisor (``muse worker`` with a server broker) it also checks the broker every
-    ``BROKER_CHECK_S``: once the broker was unreachable and answers again, the worker stops warmly
+    ``BROKER_CHECK_S``: while the broker is unreachable the running jobs say they wait for it (and
+    fail past ``MUSE_BACKFILL_OUTAGE_S``); once it answers again, the worker stops warmly
     (running chunks finish) and the supervisor starts a fresh one, because Celery's Redis consumer
     may never resume consuming after a broker restart.
     """
@@ -197,15 +196,27 @@ def watchdog_loop(settings: Settings, app: Any, stop: threading.Event, supervise
 
     period = max(0.5, settings.backfill_lease_s / 2)
     last_recover = 0.0
+    failed_at = -float("inf")  # monotonic time of the last failed recovery pass
     broker_lost = False
+    broker = outages.broker(settings).label
     while not stop.wait(min(period, BROKER_CHECK_S) if supervised else period):
         if supervised:
             up = broker_reachable(app)
-            if not up and not broker_lost:
-                log.warning("watchdog: the broker %s is unreachable", settings.broker_url)
+            if not up:
+                if not broker_lost:
+                    log.warning("watchdog: the broker %s is unreachable", settings.broker_url)
                 broker_lost = True
-            elif up and broker_lost:
+                try:
+                    jobs.note_outage(settings, broker)
+                    jobs.fail_outlasted(settings, broker, settings.backfill_outage_s)
+                except Exception as e:  # the database may be down too
+                    log.warning("watchdog: cannot record the broker outage: %s", e)
+            elif broker_lost:
                 log.warning("watchdog: the broker is back; restarting this worker so it consumes again")
+                try:
+                    jobs.end_outage(settings, broker)
+                except Exception as e:
+                    log.warning("watchdog: cannot record the end of the broker outage: %s", e)
                 restart_requested.set()
                 os.kill(os.getpid(), signal.SIGTERM)
                 # A consumer wedged beyond a warm shutdown: leave anyway (the leases cover the rest).
@@ -215,8 +226,9 @@ def watchdog_loop(settings: Settings, app: Any, stop: threading.Event, supervise
             continue
         last_recover = time.monotonic()
         try:
-            jobs.recover_jobs(settings, app)
+            jobs.recover_jobs(settings, app, judge_leases=last_recover - failed_at > settings.backfill_lease_s)
         except Exception as e:  # a backend may be down; try again next period
+            failed_at = time.monotonic()
             log.warning("watchdog: recovery pass failed: %s", e)
 
 

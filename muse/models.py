@@ -118,6 +118,10 @@ class BackfillJob(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The backend the job waits for (e.g. "Milvus at http://milvus:19530") and since when: set by
+    # the first chunk that finds it down, cleared when a chunk finishes (migration 0006).
+    waiting_for: Mapped[str | None] = mapped_column(String(255))
+    waiting_since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     chunks: Mapped[list[BackfillChunk]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="BackfillChunk.id"
@@ -150,6 +154,10 @@ class BackfillChunk(Base):
     worker: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     queued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set while the chunk's worker waits, holding the lease, for a backend that is down
+    # ("Milvus at ...") or for a retry of its own failure ("retry"); migration 0006.
+    waiting_for: Mapped[str | None] = mapped_column(String(255))
+    waiting_since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     job: Mapped[BackfillJob] = relationship(back_populates="chunks")
 

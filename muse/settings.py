@@ -49,6 +49,7 @@ ENV_VARS: dict[str, str] = {
     "MUSE_BACKFILL_STALL_S": "backfill_stall_s",
     "MUSE_BACKFILL_RETRIES": "backfill_retries",
     "MUSE_BACKFILL_BACKOFF_S": "backfill_backoff_s",
+    "MUSE_BACKFILL_OUTAGE_S": "backfill_outage_s",
     "MUSE_QUEUE_PREFIX": "queue_prefix",
 }
 #: Consistency levels a Milvus search may ask for (Milvus' names).
@@ -61,6 +62,7 @@ NUMERIC_FIELDS: dict[str, type] = {
     "backfill_stall_s": float,
     "backfill_retries": int,
     "backfill_backoff_s": float,
+    "backfill_outage_s": float,
 }
 
 
@@ -90,8 +92,11 @@ class Settings:
     milvus_search_timeout_s: float = 5.0  # deadline of each Milvus vector search
     backfill_lease_s: float = 60.0  # a running chunk's lease; renewed every third of it while it runs
     backfill_stall_s: float = 600.0  # foreground `muse backfill` gives up after this long without progress
-    backfill_retries: int = 6  # retries of a chunk on backend outages (exponential backoff)
+    backfill_retries: int = 6  # retries of a chunk's own failures (exponential backoff); outages spend none
     backfill_backoff_s: float = 2.0  # first retry delay; doubles per retry, capped at 120 s
+    # a backfill waits this long for a backend that is down (Milvus, the database, the broker) without
+    # spending attempts; past it the job fails with a sentence naming the backend
+    backfill_outage_s: float = 1800.0
     # prepended to the indexer's queue names (and Redis keys), so that several deployments (or
     # tests) share one broker without taking each other's messages
     queue_prefix: str = ""

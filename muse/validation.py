@@ -21,6 +21,14 @@ ID_MIN = -(2**63) + 1
 ID_MAX = 2**63 - 1
 #: Most query vectors (targets) in one Milvus search request (``nq``); larger requests are split.
 MAX_NQ = 16384
+#: Most targets (item ids or vectors) in one retriever request, on every path (in process, Milvus
+#: backend, gRPC): a larger request is refused at once, before any backend work. A ranking call
+#: sends its candidates (hundreds to a few thousand); 4,096 unknown ids are refused by Milvus in
+#: well under the 5 s search deadline, 100,000 were not (about 21 s).
+MAX_TARGETS = 4096
+#: Largest serialised request a GSU server accepts and a ``RemoteRetriever`` sends (bytes); also the
+#: bound on an in-process ``append_behaviours`` (its ids and vectors).
+MAX_REQUEST_BYTES = 16 << 20
 #: Largest finite float32 magnitude: a vector beyond it does not survive the float32 cast.
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -146,3 +154,21 @@ def check_same_length(what: str, **arrays: Any) -> int:
         shown = ", ".join(f"{v} {k}" for k, v in lengths.items())
         raise ConfigurationError(f"{what}: lengths differ ({shown})")
     return next(iter(lengths.values())) if lengths else 0
+
+
+def check_target_count(n: int, what: str = "targets") -> int:
+    """``n`` targets in one request: at most :data:`MAX_TARGETS` (ConfigurationError otherwise)."""
+    if n > MAX_TARGETS:
+        raise ConfigurationError(
+            f"{n:,} {what} in one request; at most {MAX_TARGETS:,} per request (MAX_TARGETS): split it"
+        )
+    return n
+
+
+def check_request_bytes(n_bytes: int, what: str = "request") -> int:
+    """A request of ``n_bytes``: at most :data:`MAX_REQUEST_BYTES` (ConfigurationError otherwise)."""
+    if n_bytes > MAX_REQUEST_BYTES:
+        raise ConfigurationError(
+            f"{what} of {n_bytes:,} bytes; at most {MAX_REQUEST_BYTES:,} bytes per request (MAX_REQUEST_BYTES): split it"
+        )
+    return n_bytes

@@ -24,6 +24,7 @@ The same code runs against Milvus Lite (a local ``.db`` file), the Milvus 2.3 se
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from muse import deadlines
 from muse.arrays import check_k, l2_normalise
 from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
 from muse.settings import CONSISTENCY_LEVELS, Settings
@@ -337,6 +339,8 @@ class VectorStore:
         self.settings = settings
         self._client: Any = None
         self._lock = threading.Lock()
+        self._connecting: Future | None = None  # the connect in progress (one at a time)
+        self._epoch = 0  # bumped by close() and by dropping a failed client
         self._loaded: set[str] = set()
         self._server_version: tuple[int, int] | None = None
         self._dims: dict[str, int] = {}
@@ -345,13 +349,54 @@ class VectorStore:
     # -- connection ---------------------------------------------------------------------------
     @property
     def client(self) -> Any:
-        """The pymilvus ``MilvusClient``, connected on first use."""
-        with self._lock:
-            if self._client is None:
-                self._client = self._connect()
-            return self._client
+        """The pymilvus ``MilvusClient``, connected on first use.
 
-    def _connect(self) -> Any:
+        One connect runs at a time; other threads wait for it. Under a request deadline
+        (:mod:`muse.deadlines`) the connect gets only the time left and the caller stops waiting
+        at the deadline (the connect goes on in the background and serves the next call).
+        """
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is not None:
+                return self._client
+            flight = self._connecting
+            owner = flight is None
+            if owner:
+                flight = self._connecting = Future()
+                epoch = self._epoch
+        if owner:
+            left = deadlines.remaining()
+            if left is None:
+                self._connect_into(flight, epoch, None)
+            else:
+                timeout = max(0.5, left)
+                threading.Thread(target=self._connect_into, args=(flight, epoch, timeout),
+                                 name="muse-milvus-connect", daemon=True).start()
+        return deadlines.wait_for(flight, "Milvus (connecting)", self.settings.milvus_uri)
+
+    def _connect_into(self, flight: Future, epoch: int, timeout_s: float | None) -> None:
+        """Connect and publish the client (unless the store was closed or reset meanwhile)."""
+        try:
+            client = self._connect(timeout_s)
+        except BaseException as e:
+            with self._lock:
+                self._connecting = None
+            flight.set_exception(e)
+            return
+        with self._lock:
+            self._connecting = None
+            stale = epoch != self._epoch
+            if not stale:
+                self._client = client
+        if stale:  # closed while connecting: nobody will use this client
+            _close_quietly(client)
+            flight.set_exception(BackendUnavailable(f"Milvus at {self.settings.milvus_uri!r}: the store was closed"))
+        else:
+            flight.set_result(client)
+
+    def _connect(self, timeout_s: float | None = None) -> Any:
         from pymilvus import MilvusClient
 
         uri = self.settings.milvus_uri
@@ -372,7 +417,8 @@ class VectorStore:
             if self.settings.embedded_milvus:
                 kwargs["grpc_options"] = dict(LITE_GRPC_OPTIONS)
             else:
-                kwargs["timeout"] = min(10.0, self.settings.milvus_timeout_s or 10.0)
+                # Under a deadline the connect gets the time left; otherwise at most 10 s.
+                kwargs["timeout"] = timeout_s or min(10.0, self.settings.milvus_timeout_s or 10.0)
             return MilvusClient(**kwargs)
         except Exception as e:  # pymilvus raises several unrelated types on connect failure
             raise BackendUnavailable(f"MUSE_MILVUS_URI={uri!r}: cannot connect to Milvus: {e}") from e
@@ -389,6 +435,7 @@ class VectorStore:
 
     def close(self) -> None:
         with self._lock:
+            self._epoch += 1
             if self._sequences is not None:
                 self._sequences.close()
                 self._sequences = None
@@ -415,14 +462,14 @@ class VectorStore:
         return s.milvus_timeout_s or None
 
     def _reset_client(self, client: Any) -> None:
-        """Forget a client whose connection failed; the next call connects afresh."""
+        """Forget a client whose connection failed; the next call connects afresh. The old client is
+        closed on a thread of its own (closing a channel to a frozen server must not hold a request)."""
         with self._lock:
-            if self._client is client and client is not None:
-                self._client = None
-                try:
-                    client.close()
-                except Exception as e:  # a broken channel may fail to close; it is dropped anyway
-                    log.debug("closing a failed Milvus client: %s", e)
+            if self._client is not client or client is None:
+                return
+            self._client = None
+            self._epoch += 1
+        threading.Thread(target=_close_quietly, args=(client,), name="muse-milvus-close", daemon=True).start()
 
     def forget(self, name: str | None = None) -> None:
         """Drop what this store cached about collection ``name`` (all collections when None)."""
@@ -434,7 +481,25 @@ class VectorStore:
             self._dims.pop(name, None)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one client call with a deadline and sort its failures.
+        """Run one client call with a deadline and sort its failures (see :meth:`_call_now`).
+
+        Under a request deadline (:mod:`muse.deadlines`, e.g. a retriever search) the call gets only
+        the time left, runs on a helper thread and is given up at the deadline with a
+        :class:`~muse.deadlines.DeadlineExceeded` (a ``BackendUnavailable``): a frozen server or a
+        reconnect never holds the caller longer. The client is then dropped, so the next call
+        connects afresh.
+        """
+        if deadlines.remaining() is None:
+            return self._call_now(what, fn, *args, **kwargs)
+        try:
+            return deadlines.call_within(self._call_now, what, fn, *args, label=f"Milvus {what}",
+                                         where=repr(self.settings.milvus_uri), **kwargs)
+        except deadlines.DeadlineExceeded:
+            self._reset_client(fn.__self__)
+            raise
+
+    def _call_now(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one client call with its timeout and sort its failures.
 
         * collection not loaded (code 101, e.g. after a server restart): load it and call again once;
         * collection gone (code 100): the store's caches about it are dropped, :class:`CollectionNotFound`;
@@ -444,13 +509,16 @@ class VectorStore:
         * anything else Milvus rejects is the request's fault: :class:`ConfigurationError`.
         """
         method, client = fn.__name__, fn.__self__  # fn is always a bound method of the client
-        kwargs.setdefault("timeout", self._deadline(what))
+        default_timeout = kwargs.pop("timeout", None) or self._deadline(what)
+        if what == "search" and deadlines.remaining() is not None:
+            default_timeout = None  # a request's deadline (the retriever's timeout_s) is the search's deadline
         name = args[0] if args and isinstance(args[0], str) else None
         reloaded = reconnected = False
         while True:
+            deadlines.check(f"Milvus {what}", repr(self.settings.milvus_uri))
             t0 = time.monotonic()
             try:
-                return fn(*args, **kwargs)
+                return fn(*args, timeout=deadlines.timeout_for(default_timeout), **kwargs)
             except Exception as e:
                 kind = classify_milvus_error(e)
                 if kind == "other":
@@ -993,7 +1061,8 @@ class VectorStore:
                 # Pages still needed if the positions are dense; never more in flight than that.
                 wanted = min(FETCH_PARALLEL, max(1, -(-(total - seen) // batch_size)))
                 while len(pending) < wanted:
-                    pending.append(pool.submit(self._behaviour_page, name, user, next_low, batch_size))
+                    pending.append(pool.submit(contextvars.copy_context().run, self._behaviour_page, name, user,
+                                               next_low, batch_size))
                     next_low += batch_size
                 rows = pending.popleft().result()
                 if not rows:
@@ -1035,7 +1104,8 @@ class VectorStore:
         with ThreadPoolExecutor(FETCH_PARALLEL, thread_name_prefix="muse-seq") as pool:
             while seen < total and low < (1 << 40):
                 n_pages = min(FETCH_PARALLEL, max(1, -(-(total - seen) // size)))
-                for rows in pool.map(page, [low + i * size for i in range(n_pages)]):
+                pages = [pool.submit(contextvars.copy_context().run, page, low + i * size) for i in range(n_pages)]
+                for rows in (p.result() for p in pages):
                     seen += len(rows)
                     pos_parts.append(np.fromiter((r["position"] for r in rows), np.int64, len(rows)))
                     item_parts.append(np.fromiter((r["item_id"] for r in rows), np.int64, len(rows)))
@@ -1175,16 +1245,27 @@ class VectorStore:
             for hits in res
         ]
 
-    def check(self) -> None:
-        """Connect and list collections; raise :class:`BackendUnavailable` naming ``MUSE_MILVUS_URI``."""
+    def check(self, timeout_s: float | None = None) -> None:
+        """Connect and list collections; raise :class:`BackendUnavailable` naming ``MUSE_MILVUS_URI``.
+
+        ``timeout_s`` bounds the whole check (connect included); None: the per-call timeouts.
+        """
         try:
-            self._call("list_collections", self.client.list_collections)
+            with deadlines.deadline(timeout_s, "Milvus check"):
+                self._call("list_collections", self.client.list_collections, timeout=timeout_s)
         except BackendUnavailable:
             raise
         except Exception as e:
             raise BackendUnavailable(
                 f"MUSE_MILVUS_URI={self.settings.milvus_uri!r}: Milvus does not answer: {e}"
             ) from e
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        client.close()
+    except Exception as e:  # a broken channel may fail to close; it is dropped anyway
+        log.debug("closing a failed Milvus client: %s", e)
 
 
 def _short(exc: BaseException) -> str:

@@ -189,15 +189,17 @@ def _follow(settings: Any, job_id: int, worker: Any) -> int:
     recover_every = max(1.0, settings.backfill_lease_s / 2)
     progress = jobs.job_progress(settings, job_id)
     last_change, last_seen, last_recover = time.monotonic(), _signature(progress), 0.0
+    failed_at = -float("inf")  # the last failed pass: leases get one lease period to be renewed after it
     with tqdm(total=progress.units_total, unit="row", desc=f"job {job_id}", dynamic_ncols=True) as bar:
         while True:
             now = time.monotonic()
             try:
                 if now - last_recover >= recover_every:  # dead workers' chunks, lost messages
                     last_recover = now
-                    jobs.recover_jobs(settings, job_id=job_id)
+                    jobs.recover_jobs(settings, job_id=job_id, judge_leases=now - failed_at > settings.backfill_lease_s)
                 progress = jobs.job_progress(settings, job_id)
             except BackendUnavailable as e:  # the database or broker is down: keep waiting
+                failed_at = now
                 bar.set_postfix_str(f"waiting: {e}"[:80])
                 progress = None
             if progress is not None:
@@ -209,8 +211,13 @@ def _follow(settings: Any, job_id: int, worker: Any) -> int:
                 bar.refresh()
                 if progress.finished:
                     break
-                if _signature(progress) != last_seen:
+                waiting = progress.waiting_for and (progress.waiting_s or 0) < settings.backfill_outage_s + stall_s
+                if _signature(progress) != last_seen or waiting:
+                    # Progress, or a wait for a backend that the workers report (not a stall:
+                    # the job fails by itself past MUSE_BACKFILL_OUTAGE_S).
                     last_seen, last_change = _signature(progress), now
+                if progress.waiting_for:
+                    bar.set_postfix_str(f"waiting for {progress.waiting_for} ({progress.waiting_s or 0:.0f} s)"[:80])
             if worker is not None and not worker.alive():
                 raise BackendUnavailable(
                     f"the backfill worker exited with code {worker.proc.returncode} before job {job_id} "
@@ -263,6 +270,8 @@ def _print_summary(p: Any) -> None:
             print(f"    ... {p.items_failed - 20} more (`muse backfill status {p.job_id} --json`)")
     for err in p.errors[:10]:
         print(f"  error: {err}")
+    if p.waiting:
+        print(f"  {p.waiting}")
     for name, state in p.workers.items():
         print(f"  worker {name}: {state}")
 

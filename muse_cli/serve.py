@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="storage dtype of the item table (default float32)",
     )
     p.add_argument("--ready-file", help="write 'host:port metrics_port' here once serving (for scripts)")
+    p.add_argument(
+        "--no-warm-up", dest="warm_up", action="store_false",
+        help="report SERVING without first running the kernels on every RPC thread (for measuring a cold start)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -47,11 +51,13 @@ def _serve(args: argparse.Namespace) -> int:
         cache_bytes=args.cache_bytes,
         host=args.host,
         storage_dtype=args.dtype,
+        warm_up=args.warm_up,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"GSU server for {args.dataset}/{args.source} v{server.retriever.version} on {server.address}, metrics on port {server.metrics_port}", flush=True)
+    print(f"GSU server for {args.dataset}/{args.source} v{server.retriever.version} on {server.address}, "
+          f"metrics on port {server.metrics_port}; SERVING after {server.ready_s:.1f} s of start-up", flush=True)
     if args.ready_file:
         with open(args.ready_file + ".tmp", "w") as fh:
             fh.write(f"{server.port} {server.metrics_port}\n")

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from muse import deadlines
 from muse.configs import config_from_dict
 from muse.errors import ConfigurationError
 from retriever.kernels import TopK, gsu_topk, l2_normalise, quantise_int8
@@ -277,7 +278,12 @@ class HistoryCache:
     # -- lookups -------------------------------------------------------------------------------
     def get(self, user_id: int) -> CachedHistory:
         """The user's history, loading it (and counting a miss) when not cached. Unknown users
-        give an empty history, which is not kept."""
+        give an empty history, which is not kept.
+
+        Under a request deadline (:mod:`muse.deadlines`) a miss is loaded on the prefetch pool and
+        waited for only until the deadline (:class:`~muse.deadlines.DeadlineExceeded` then); the
+        load goes on, with the store's own timeouts, and serves the next request.
+        """
         user = int(user_id)
         with self._lock:
             entry = self._entries.get(user)
@@ -286,7 +292,9 @@ class HistoryCache:
                 self._hits += 1
                 return entry
             self._misses += 1
-        return self._ensure(user)
+        if deadlines.remaining() is None or self._closed:
+            return self._ensure(user)
+        return deadlines.wait_for(self._pool.submit(self._ensure, user), f"loading the history of user {user}")
 
     def prefetch(self, user_ids: Iterable[int]) -> Future:
         """Load the users' histories in the background; cached users are only marked recently used.

@@ -6,10 +6,18 @@
 ...     res.version, res[0].behaviour_item_ids, res[0].scores, res[0].simtier
 
 A retriever reads one (dataset, source) pair. Without ``version`` it follows the *live* version
-(the Milvus alias that ``muse source promote`` switches): it checks the alias every
-``refresh_s`` seconds (or at once on :meth:`Retriever.refresh`) and, after a switch, drops the
-cached histories and target vectors of the old version. Every request runs on one version from
-start to end (target vectors and behaviours alike) and its result says which (``result.version``).
+(the Milvus alias that ``muse source promote`` switches): a background thread checks the alias
+every ``refresh_s`` seconds (or at once on :meth:`Retriever.refresh`) and, after a switch, drops
+the cached histories and target vectors of the old version. Requests never wait for that check.
+Every request runs on one version from start to end (target vectors and behaviours alike) and its
+result says which (``result.version``).
+
+Every call returns or raises within its deadline (``timeout_s``: the settings' search deadline for
+searches, the Milvus call timeout for writes), whatever Milvus does: backend calls get only the time
+left (:mod:`muse.deadlines`), so a frozen or unreachable Milvus gives
+:class:`~muse.errors.BackendUnavailable` at the deadline, and a user already cached (with target
+vectors already read) is answered from memory without touching Milvus at all. Input is checked
+before any backend work (:func:`check_search_request`), the same checks as ``RemoteRetriever``'s.
 
 Two backends with the same results: ``backend="cache"`` (default) keeps the version's item vectors once
 on the device and users' histories as rows of that table in a cache
@@ -24,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
@@ -33,11 +42,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from muse import deadlines
 from muse.arrays import check_k, l2_normalise
-from muse.errors import BackendUnavailable, ConfigurationError, NotFoundError
+from muse.errors import BackendUnavailable, ConfigurationError, MuseError, NotFoundError
 from muse.settings import Settings, load_settings
 from muse.simtier import N_TIERS
-from muse.validation import check_id, check_ids, check_positions, check_same_length, check_vectors
+from muse.validation import (
+    check_id,
+    check_ids,
+    check_positions,
+    check_request_bytes,
+    check_same_length,
+    check_target_count,
+    check_vectors,
+)
 from muse.vectorstore import MAX_QUERY_WINDOW
 from retriever.cache import (
     CacheConfig,
@@ -45,6 +63,8 @@ from retriever.cache import (
     GatherCache,
     HistoryCache,
     ItemTable,
+    encode_history,
+    gather_history,
     sequence_loader,
     store_loader,
 )
@@ -56,6 +76,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("cache", "milvus")
 #: Seconds between checks of the live alias (a promote is followed at most this much later).
 REFRESH_S = 2.0
+#: Made-up history rows and target counts of a warm-up (:meth:`RetrieverView.warm_up`).
+WARM_ROWS = 4096
+WARM_TARGETS = (1, 16, 128)
 
 
 @dataclass(frozen=True)
@@ -125,10 +148,41 @@ def _check_user(user_id: Any) -> int:
 def _check_items(item_ids: Any) -> list[int]:
     if item_ids is None:
         raise ConfigurationError("target_item_ids is None: give at least one target item id")
+    if hasattr(item_ids, "__len__") and not isinstance(item_ids, (str, bytes)):
+        check_target_count(len(item_ids), "target items")  # before looking at 100,000 of them
     ids = check_ids(item_ids, "target item ids")
     if len(ids) == 0:
         raise ConfigurationError("target_item_ids is empty: give at least one target item")
     return ids.tolist()
+
+
+def _check_target_vectors(targets: Any, dim: int | None) -> np.ndarray:
+    shape = getattr(targets, "shape", None)
+    if shape is not None and len(shape) == 2:
+        check_target_count(int(shape[0]), "target vectors")
+    t = check_vectors(targets, dim, "target vectors", allow_zero=False)  # [B, d]
+    check_target_count(t.shape[0], "target vectors")
+    return t
+
+
+def check_search_request(
+    user_id: Any, k: Any, target_item_ids: Any = None, targets: Any = None, dim: int | None = None
+) -> tuple[int, int, list[int] | np.ndarray]:
+    """The checks every search path runs before any backend work (in process, Milvus backend,
+    ``RemoteRetriever`` before sending, the GSU service before searching): ``k`` in
+    1..16384, an int64 user id, and either 1..:data:`~muse.validation.MAX_TARGETS` integer target
+    item ids or a finite, non-zero ``[B, dim]`` array of at most that many target vectors.
+
+    Returns ``(user_id, k, item ids | float32 vectors [B, d])``.
+
+    Raises:
+        ConfigurationError: naming the bad value.
+    """
+    k = check_k(k, MAX_QUERY_WINDOW)
+    user = _check_user(user_id)
+    if targets is not None:
+        return user, k, _check_target_vectors(targets, dim)
+    return user, k, _check_items(target_item_ids)
 
 
 class RetrieverView:
@@ -146,11 +200,14 @@ class RetrieverView:
         cache_config: CacheConfig | None,
         item_cache_items: int,
         consistency_level: str | None,
+        timeout_s: float | None = None,
     ) -> None:
         self.store = store
         self.ref = ref
         self.backend = backend
         self.consistency_level = consistency_level
+        # The deadline of one search (target vectors, history load, Milvus search, all together).
+        self.timeout_s = timeout_s
         self.dim = int(store.open_collections(ref))  # NotFoundError for missing collections
         # Unit target vectors by item id (LRU, at most item_cache_items): item vectors change only
         # with the version, and a Milvus query per request would dominate the cache backend.
@@ -164,9 +221,7 @@ class RetrieverView:
         if backend == "cache":
             config = cache_config or CacheConfig()
             if config.history_from == "items":
-                self.item_table = ItemTable(
-                    lambda ids: store.get_item_vectors(ref, ids), self.dim, config.storage_dtype, config.device
-                )
+                self.item_table = ItemTable(self._fetch_items, self.dim, config.storage_dtype, config.device)
                 self.cache = GatherCache(sequence_loader(store, ref), self.item_table, config)
             else:
                 self.cache = HistoryCache(store_loader(store, ref, config.load_batch_size), self.dim, config)
@@ -174,6 +229,21 @@ class RetrieverView:
     @property
     def version(self) -> int:
         return int(self.ref.version)
+
+    def _fetch_items(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The item table's reads: ``get_item_vectors``, whose exact float32 vectors also fill the
+        target-vector LRU (a preloaded table then leaves no target to read from Milvus: the first
+        requests after a start are as fast as later ones, whatever the table's storage dtype)."""
+        found, vecs = self.store.get_item_vectors(self.ref, item_ids)
+        if self.item_cache_items and len(found):
+            has = np.any(vecs != 0, axis=1)
+            unit = l2_normalise(vecs[has])  # [n, d]
+            with self._items_lock:
+                room = self.item_cache_items - len(self._items)
+                if room > 0:
+                    for i, v in zip(found[has][:room].tolist(), unit[:room], strict=True):
+                        self._items.setdefault(int(i), v)
+        return found, vecs
 
     def get_item_vectors(self, item_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """``VectorStore.get_item_vectors`` on this view's version."""
@@ -192,6 +262,10 @@ class RetrieverView:
         if missing not in ("raise", "zero"):
             raise ConfigurationError(f"missing={missing!r}: valid: raise, zero")
         ids = _check_items(item_ids)
+        with deadlines.deadline(self.timeout_s, "target vectors"):
+            return self._target_vectors(ids, missing)
+
+    def _target_vectors(self, ids: list[int], missing: str) -> np.ndarray:
         with self._items_lock:
             by_id = {i: self._items[i] for i in ids if i in self._items}
             for i in by_id:
@@ -220,17 +294,16 @@ class RetrieverView:
 
     def search(self, user_id: int, target_item_ids: Sequence[int], k: int = 50) -> SearchResult:
         """As :meth:`Retriever.search`, on this view's version."""
-        k = check_k(k, MAX_QUERY_WINDOW)
-        user = _check_user(user_id)
-        ids = _check_items(target_item_ids)
-        return self._search(user, self.target_vectors(ids), k, ids)
+        user, k, ids = check_search_request(user_id, k, target_item_ids)
+        with deadlines.deadline(self.timeout_s, "search"):
+            return self._search(user, self._target_vectors(ids, "raise"), k, ids)
 
     def search_vectors(self, user_id: int, targets: np.ndarray, k: int = 50) -> SearchResult:
         """As :meth:`Retriever.search_vectors`, on this view's version."""
-        k = check_k(k, MAX_QUERY_WINDOW)
-        user = _check_user(user_id)
-        t = l2_normalise(check_vectors(targets, self.dim, "target vectors", allow_zero=False))  # [B, d]
-        return self._search(user, t, k, [None] * t.shape[0])
+        user, k, t = check_search_request(user_id, k, targets=targets, dim=self.dim)
+        t = l2_normalise(t)  # [B, d]
+        with deadlines.deadline(self.timeout_s, "search"):
+            return self._search(user, t, k, [None] * t.shape[0])
 
     def _search(self, user: int, targets: np.ndarray, k: int, ids: Sequence[int | None]) -> SearchResult:
         if self.backend == "cache":
@@ -246,7 +319,7 @@ class RetrieverView:
         self, user: int, targets: np.ndarray, k: int, ids: Sequence[int | None]
     ) -> SearchResult:
         assert self.cache is not None
-        history = self.cache.get(user)
+        history = self.cache.get(user)  # a miss waits for the load only until the deadline
         top = history.topk(torch.from_numpy(targets), k)  # [B, K]; targets are unit vectors
         tiers = simtier_counts(top.scores, top.valid).cpu().numpy()  # [B, 22]
         scores = top.scores.cpu().numpy()
@@ -275,6 +348,32 @@ class RetrieverView:
             hits.append(TargetHits(item_id, res.item_ids[b], res.positions[b], scores, counts))
         found = any(len(h) for h in hits) or self.store.count_behaviours(self.ref, user) > 0
         return self._result(user, found, k, hits, None)
+
+    def warm_up(self, rows: int = WARM_ROWS, target_counts: Sequence[int] = WARM_TARGETS, k: int = 50) -> float:
+        """Run this view's search kernels once, in this thread, on made-up data of the cache's dtype
+        and device: torch's first calls, this thread's scratch buffers and the kernels' once-per-
+        process choices are paid here instead of by the first requests. Touches no backend and no
+        cached history; returns seconds (0 on the Milvus backend)."""
+        if self.cache is None:
+            return 0.0
+        t0 = time.perf_counter()
+        config = self.cache.config
+        rng = np.random.default_rng(0)
+        vectors = rng.standard_normal((rows, self.dim)).astype(np.float32)  # [rows, d]
+        positions = np.arange(rows, dtype=np.int64)
+        if self.item_table is not None:
+            table = ItemTable(lambda ids: (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)),
+                              self.dim, self.item_table.storage_dtype, self.item_table.device, initial_rows=rows)
+            table.add(positions, vectors)
+            history: Any = gather_history(-1, positions, positions, table)
+        else:
+            history = encode_history(-1, positions, positions, vectors, config.storage_dtype, config.device)
+        for b in target_counts:
+            targets = torch.from_numpy(l2_normalise(rng.standard_normal((b, self.dim)).astype(np.float32)))
+            top = history.topk(targets, min(k, rows))  # [b, k]
+            simtier_counts(top.scores, top.valid).cpu().numpy()
+            top.indices.cpu().numpy()
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Drop this version's cached histories and target vectors (the store stays open)."""
@@ -319,6 +418,7 @@ class Retriever:
         item_cache_items: int = 100_000,
         consistency_level: str | None = None,
         refresh_s: float = REFRESH_S,
+        timeout_s: float | None = None,
     ) -> None:
         from muse.vectorstore import CONSISTENCY_LEVELS, CollectionRef
 
@@ -332,21 +432,31 @@ class Retriever:
             raise ConfigurationError(f"item_cache_items must be >= 0, got {item_cache_items}")
         if refresh_s <= 0:
             raise ConfigurationError(f"refresh_s must be > 0, got {refresh_s}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ConfigurationError(f"timeout_s must be > 0, got {timeout_s}")
         self.store = store
         self.source = source
         self.dataset = dataset
         self.backend = backend
         settings = getattr(store, "settings", None)
         self.consistency_level = consistency_level or getattr(settings, "search_consistency", None)
+        # Deadlines: a search (its settings' MUSE_MILVUS_SEARCH_TIMEOUT_S) and a write or admin call.
+        self.timeout_s = float(timeout_s or getattr(settings, "milvus_search_timeout_s", 0) or 5.0)
+        self.write_timeout_s = float(getattr(settings, "milvus_timeout_s", 0) or 30.0)
         self.item_cache_items = item_cache_items
         self.refresh_s = float(refresh_s)
         self.pinned = version is not None
         self._cache_config = cache_config
         self._switch_lock = threading.Lock()
-        self._checked = time.monotonic()
+        self._checked = time.monotonic()  # when the live alias was last read
         self.switches = 0  # version changes followed since construction
-        ref = CollectionRef(dataset, source, version if version is not None else self._live_version())
-        self._view = self._open(ref)
+        self.refresh_failures = 0  # background checks that failed (Milvus unreachable)
+        self._stop = threading.Event()
+        with deadlines.deadline(self.write_timeout_s, "opening the retriever"):
+            ref = CollectionRef(dataset, source, version if version is not None else self._live_version())
+            self._view = self._open(ref)
+        if not self.pinned:
+            _start_refresher(self)
         log.info("retriever on %s (%s)", ref, "pinned" if self.pinned else "following the live alias")
 
     @classmethod
@@ -362,6 +472,7 @@ class Retriever:
         item_cache_items: int = 100_000,
         consistency_level: str | None = None,
         refresh_s: float = REFRESH_S,
+        timeout_s: float | None = None,
     ) -> Retriever:
         """Connect to the settings' Milvus; the cache lives on ``settings.resolve_device()``.
 
@@ -377,6 +488,7 @@ class Retriever:
             consistency_level: Milvus backend: None (the settings' ``search_consistency``, default
                 ``Bounded``), ``Strong``, ``Session`` or ``Eventually``.
             refresh_s: seconds between checks of the live alias.
+            timeout_s: the deadline of one search (default: the settings' ``milvus_search_timeout_s``).
 
         Raises:
             ConfigurationError: unknown backend or cache option. NotFoundError: no such collections,
@@ -401,6 +513,7 @@ class Retriever:
                 item_cache_items=item_cache_items,
                 consistency_level=consistency_level,
                 refresh_s=refresh_s,
+                timeout_s=timeout_s,
             )
         except BaseException:
             store.close()
@@ -423,7 +536,8 @@ class Retriever:
 
     def _open(self, ref: Any) -> RetrieverView:
         return RetrieverView(
-            self.store, ref, self.backend, self._cache_config, self.item_cache_items, self.consistency_level
+            self.store, ref, self.backend, self._cache_config, self.item_cache_items, self.consistency_level,
+            self.timeout_s,
         )
 
     def refresh(self) -> bool:
@@ -436,8 +550,22 @@ class Retriever:
         Raises:
             NotFoundError: the live alias is gone. BackendUnavailable: Milvus does not answer.
         """
-        with self._switch_lock:
+        with self._switch_lock, deadlines.deadline(self.write_timeout_s, "live version check"):
             return self._refresh_locked()
+
+    def _refresh_in_background(self) -> None:
+        """One check of the live alias by the refresher thread; a failure keeps the current version."""
+        if self._stop.is_set() or not self._switch_lock.acquire(blocking=False):
+            return  # closed, or a refresh() is running
+        try:
+            with deadlines.deadline(self.write_timeout_s, "live version check"):
+                self._refresh_locked()
+        except MuseError as e:
+            self.refresh_failures += 1
+            log.warning("retriever %s/%s: live version check failed, staying on v%d: %s",
+                        self.dataset, self.source, self._view.version, e)
+        finally:
+            self._switch_lock.release()
 
     def _refresh_locked(self) -> bool:
         from muse.vectorstore import CollectionRef
@@ -457,22 +585,15 @@ class Retriever:
         return True
 
     def view(self) -> RetrieverView:
-        """The view of the current version (checking the live alias when ``refresh_s`` has passed).
-
-        One request thread does the check while the others go on with the current view; a failed
-        check (Milvus unreachable, alias missing) keeps the current version and is logged: it
-        never fails the request.
-        """
-        if not self.pinned and time.monotonic() - self._checked >= self.refresh_s:
-            if self._switch_lock.acquire(blocking=False):
-                try:
-                    self._refresh_locked()
-                except (BackendUnavailable, NotFoundError, ConfigurationError) as e:
-                    log.warning("retriever %s/%s: live version check failed, staying on v%d: %s",
-                                self.dataset, self.source, self._view.version, e)
-                finally:
-                    self._switch_lock.release()
+        """The view of the current version. Never waits: the live alias is read by a background
+        thread every ``refresh_s`` (a failed check keeps the current version and is logged)."""
         return self._view
+
+    @property
+    def staleness_s(self) -> float:
+        """Seconds since the live alias was last read (the most a promote can be missed by, plus
+        ``refresh_s`` until the next check); 0 when pinned."""
+        return 0.0 if self.pinned else time.monotonic() - self._checked
 
     @property
     def ref(self) -> Any:
@@ -572,22 +693,37 @@ class Retriever:
         view = self.view()
         pos = check_positions(positions)
         items = check_ids(item_ids, "item_ids")
-        if vectors is None:
+        vecs = None if vectors is None else check_vectors(vectors, view.dim, "behaviour vectors", allow_empty=True)
+        if vecs is None:
+            check_same_length("append_behaviours", positions=pos, item_ids=items)
+        else:
+            check_same_length("append_behaviours", positions=pos, item_ids=items, vectors=vecs)
+        check_request_bytes(pos.nbytes + items.nbytes + (vecs.nbytes if vecs is not None else 0),
+                            "append_behaviours request")
+        if len(pos) == 0:
+            return 0
+        with deadlines.deadline(self.write_timeout_s, "append_behaviours"):
+            return self._append(view, user, pos, items, vecs)
+
+    def _append(self, view: RetrieverView, user: int, pos: np.ndarray, items: np.ndarray,
+                vecs: np.ndarray | None) -> int:
+        if vecs is None:
             found, vecs_found = view.get_item_vectors(np.unique(items))
             by_id = {int(i): v for i, v in zip(found, vecs_found, strict=True) if np.any(v)}
             missing = [int(i) for i in items if int(i) not in by_id]
             if missing:
                 raise NotFoundError(f"item(s) {missing[:20]} have no {self.source!r} vector to append")
-            vecs = np.stack([by_id[int(i)] for i in items]).astype(np.float32) if len(items) else np.zeros((0, view.dim), np.float32)
-        else:
-            vecs = check_vectors(vectors, view.dim, "behaviour vectors", allow_empty=True)
-        check_same_length("append_behaviours", positions=pos, item_ids=items, vectors=vecs)
-        if len(pos) == 0:
-            return 0
+            vecs = np.stack([by_id[int(i)] for i in items]).astype(np.float32)
         written = self.store.upsert_behaviours(view.ref, np.full(len(pos), user), pos, items, vecs)
         if view.cache is not None:
             view.cache.append_behaviours(user, pos, items, vecs)
         return written
+
+    def warm_up(self) -> float:
+        """Run the current version's search kernels once in this thread on made-up data (see
+        :meth:`RetrieverView.warm_up`; ``muse serve`` does it on every RPC thread before reporting
+        SERVING); returns seconds."""
+        return self._view.warm_up()
 
     def forget_item_vectors(self) -> None:
         """Drop the cached target vectors (after the version's items were re-encoded) and the item
@@ -608,6 +744,7 @@ class Retriever:
         return self._view.cache.stats() if self._view.cache is not None else None
 
     def close(self) -> None:
+        self._stop.set()
         self._view.close()
         self.store.close()
 
@@ -618,4 +755,25 @@ class Retriever:
         self.close()
 
 
-__all__ = ["BACKENDS", "N_TIERS", "Retriever", "RetrieverView", "SearchResult", "TargetHits"]
+def _start_refresher(retriever: Retriever) -> threading.Thread:
+    """The thread that reads the live alias every ``refresh_s`` (holding the retriever weakly, so
+    an unclosed retriever can still be collected; it stops on ``close()``)."""
+    ref = weakref.ref(retriever)
+    stop, period = retriever._stop, retriever.refresh_s
+
+    def loop() -> None:
+        while not stop.wait(period):
+            r = ref()
+            if r is None:
+                return
+            r._refresh_in_background()
+            del r
+
+    thread = threading.Thread(target=loop, name="muse-retriever-refresh", daemon=True)
+    thread.start()
+    return thread
+
+
+__all__ = [
+    "BACKENDS", "N_TIERS", "Retriever", "RetrieverView", "SearchResult", "TargetHits", "check_search_request",
+]

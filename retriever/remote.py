@@ -11,9 +11,13 @@ each user always goes to the same server, and removing a server moves only that 
 Every call has a deadline (``timeout_s``, for all attempts together); a server that does not
 answer (UNAVAILABLE, deadline exceeded) is retried with exponential backoff until the deadline,
 then :class:`~muse.errors.BackendUnavailable` names it. Channels reconnect on their own, so a
-restarted server is used again by the same client. Bad input raises the in-process client's
-:class:`~muse.errors.ConfigurationError` (the server's INVALID_ARGUMENT message), unknown items
-:class:`~muse.errors.NotFoundError`.
+restarted server is used again by the same client.
+
+Errors are the in-process client's: the same checks run here before anything is sent
+(:func:`retriever.client.check_search_request`, a request over
+:data:`~muse.validation.MAX_REQUEST_BYTES`), and an error the server raised comes back as the same
+:class:`~muse.errors.MuseError` class with the same message (the class travels in the trailing
+metadata, see :mod:`retriever.service`), raised at once: only transport failures are retried.
 """
 
 from __future__ import annotations
@@ -28,11 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from muse.arrays import check_k
 from muse.errors import BackendUnavailable, ConfigurationError, MuseError, NotFoundError
-from muse.vectorstore import MAX_QUERY_WINDOW
+from muse.validation import check_ids, check_positions, check_request_bytes, check_same_length, check_vectors
 from retriever.cache import CacheStats
-from retriever.client import SearchResult, _check_items, _check_user
+from retriever.client import SearchResult, _check_user, check_search_request
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +67,6 @@ def rendezvous(user_id: int, addresses: Sequence[str]) -> str:
         return int.from_bytes(h, "big")
 
     return max(addresses, key=weight)
-
-
-def _int_types(values: Any, what: str) -> list[int]:
-    vals = list(values) if not isinstance(values, (int, np.integer)) else [values]
-    bad = [v for v in vals if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
-    if bad:
-        raise ConfigurationError(f"{what} must be integers, got {bad[:5]!r}")
-    return [int(v) for v in vals]
 
 
 class RemoteRetriever:
@@ -146,6 +141,7 @@ class RemoteRetriever:
         return rendezvous(int(user_id), self.addresses)
 
     def _call(self, address: str, method: str, request: Any, timeout_s: float | None = None) -> Any:
+        check_request_bytes(request.ByteSize(), f"{method} request")
         grpc = self._grpc
         start = time.monotonic()
         deadline = start + (timeout_s or self.timeout_s)  # of the call (a waited prefetch may take long)
@@ -159,6 +155,9 @@ class RemoteRetriever:
             except grpc.RpcError as e:
                 code = e.code()
                 details = e.details() or ""
+                raised = _server_error(e, details)
+                if raised is not None:  # the server's own MuseError: same class, same message
+                    raise raised from None
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ConfigurationError(details) from None
                 if code == grpc.StatusCode.NOT_FOUND:
@@ -219,11 +218,7 @@ class RemoteRetriever:
         """As :meth:`retriever.client.Retriever.search`, on the user's server."""
         from retriever.service import reply_to_result
 
-        k = check_k(k, MAX_QUERY_WINDOW)  # the in-process check and message
-        user = _check_user(user_id)
-        ids = list(target_item_ids) if not isinstance(target_item_ids, (int, np.integer)) else [target_item_ids]
-        if ids:
-            ids = _check_items(ids)
+        user, k, ids = check_search_request(user_id, k, target_item_ids)  # the in-process checks and messages
         req = self.pb.SearchRequest(user_id=user, target_item_ids=ids, k=int(k))
         return reply_to_result(self._call(self.server_of(user), "Search", req))
 
@@ -231,11 +226,7 @@ class RemoteRetriever:
         """As :meth:`retriever.client.Retriever.search_vectors`."""
         from retriever.service import reply_to_result
 
-        k = check_k(k, MAX_QUERY_WINDOW)
-        user = _check_user(user_id)
-        t = np.atleast_2d(np.asarray(targets, dtype=np.float32))
-        if t.ndim != 2 or t.size == 0:
-            raise ConfigurationError(f"targets must be [B, d], got shape {t.shape}")
+        user, k, t = check_search_request(user_id, k, targets=targets)  # the width is checked by the server
         req = self.pb.SearchRequest(user_id=user, target_vectors=t.ravel().tolist(), dim=t.shape[1], k=int(k))
         return reply_to_result(self._call(self.server_of(user), "Search", req))
 
@@ -284,13 +275,15 @@ class RemoteRetriever:
     ) -> int:
         """As :meth:`retriever.client.Retriever.append_behaviours`; returns rows written."""
         user = _check_user(user_id)
-        pos = _int_types(positions, "positions")
-        items = _int_types(item_ids, "item_ids")
-        req = self.pb.AppendRequest(user_id=user, positions=pos, item_ids=items)
-        if vectors is not None:
-            v = np.asarray(vectors, dtype=np.float32)
-            if v.ndim != 2:
-                raise ConfigurationError(f"append_behaviours: vectors must be 2-D, got shape {v.shape}")
+        pos = check_positions(positions)
+        items = check_ids(item_ids, "item_ids")
+        v = None if vectors is None else check_vectors(vectors, None, "behaviour vectors", allow_empty=True)
+        if v is None:
+            check_same_length("append_behaviours", positions=pos, item_ids=items)
+        else:
+            check_same_length("append_behaviours", positions=pos, item_ids=items, vectors=v)
+        req = self.pb.AppendRequest(user_id=user, positions=pos.tolist(), item_ids=items.tolist())
+        if v is not None:
             req.vectors.extend(v.ravel().tolist())
             req.dim = int(v.shape[1])
         return int(self._call(self.server_of(user), "AppendBehaviours", req).written)
@@ -324,6 +317,21 @@ class RemoteRetriever:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _server_error(e: Any, details: str) -> MuseError | None:
+    """The MuseError a GSU server reported (its class in the trailing metadata), or None for a
+    transport failure or a server that does not say."""
+    from retriever.service import ERROR_KEY, error_from
+
+    try:
+        metadata = e.trailing_metadata() or ()
+    except Exception:  # some RpcErrors (e.g. a channel that never connected) carry none
+        return None
+    for key, value in metadata:
+        if key == ERROR_KEY:
+            return error_from(str(value), details)
+    return None
 
 
 __all__ = ["RemoteRetriever", "parse_addresses", "rendezvous"]

@@ -6,10 +6,19 @@ table). Ranking processes on any machine share it through
 :class:`retriever.remote.RemoteRetriever`, which has the same methods, results and errors.
 
 RPCs (``retriever/gsu.proto``): Prefetch, Search, AppendBehaviours, Invalidate, Stats, plus the
-standard ``grpc.health.v1`` health service. Errors map as follows, with the in-process message as
-the status details: :class:`~muse.errors.ConfigurationError` (bad input) -> INVALID_ARGUMENT,
-:class:`~muse.errors.NotFoundError` -> NOT_FOUND, :class:`~muse.errors.BackendUnavailable`
-(Milvus, Redis) -> UNAVAILABLE, anything else -> INTERNAL (logged with its traceback).
+standard ``grpc.health.v1`` health service. Every :class:`~muse.errors.MuseError` maps to a status,
+with the in-process message as the details and the class name in the trailing metadata
+(``muse-error``), so :class:`retriever.remote.RemoteRetriever` raises the same class and message:
+:class:`~muse.errors.ConfigurationError` (bad input) -> INVALID_ARGUMENT,
+:class:`~muse.errors.NotFoundError` -> NOT_FOUND, :class:`~muse.errors.DataError` ->
+FAILED_PRECONDITION, :class:`~muse.errors.BackendUnavailable` (Milvus, Redis, a missed deadline)
+-> UNAVAILABLE, another ``MuseError`` -> UNKNOWN, anything else -> INTERNAL (logged with its
+traceback). Requests larger than :data:`~muse.validation.MAX_REQUEST_BYTES` are refused by gRPC.
+
+**Health means ready**: the server answers health checks from the start, NOT_SERVING until its
+item table is loaded (whatever loads it: :meth:`GsuServer.start`'s ``prepare``) and its kernels are
+warmed on every RPC thread; only then SERVING. RPCs that arrive before are refused with
+UNAVAILABLE ("starting"), which ``RemoteRetriever`` retries within its deadline.
 
 Prometheus metrics are served on their own HTTP port: ``muse_gsu_requests_total{method,code}``,
 ``muse_gsu_request_seconds{method}`` (histogram), ``muse_gsu_cache_{hits,misses,loads,evictions}_total``,
@@ -29,14 +38,40 @@ from typing import Any
 
 import numpy as np
 
-from muse.errors import BackendUnavailable, ConfigurationError, MuseError, NotFoundError
+from muse.errors import BackendUnavailable, ConfigurationError, DataError, MuseError, NotFoundError
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "muse.gsu.v1.Gsu"
 PROTO = Path(__file__).with_name("gsu.proto")
-#: Largest gRPC message either side accepts (a 100-target reply of k = 16384 stays below it).
+#: Largest gRPC reply (a 100-target reply of k = 16384 stays below it); requests are bounded by
+#: :data:`muse.validation.MAX_REQUEST_BYTES`.
 MAX_MESSAGE_BYTES = 64 << 20
+#: Trailing-metadata key carrying the class name of a MuseError.
+ERROR_KEY = "muse-error"
+
+
+def _error_classes() -> dict[str, type[MuseError]]:
+    from muse.deadlines import DeadlineExceeded
+
+    classes = (MuseError, ConfigurationError, NotFoundError, DataError, BackendUnavailable, DeadlineExceeded)
+    return {c.__name__: c for c in classes}
+
+
+def error_name(exc: BaseException) -> str:
+    """The name of the nearest class of ``exc`` that a client can raise again (by :data:`ERROR_KEY`)."""
+    classes = _error_classes()
+    for cls in type(exc).__mro__:
+        if cls.__name__ in classes and classes[cls.__name__] is cls:
+            return cls.__name__
+    return ConfigurationError.__name__ if isinstance(exc, ValueError) else "MuseError"
+
+
+def error_from(name: str, message: str) -> MuseError | None:
+    """The MuseError of class ``name`` (as sent in :data:`ERROR_KEY`) with ``message``; None for an
+    unknown name."""
+    cls = _error_classes().get(name)
+    return None if cls is None else cls(message)
 
 
 def regenerate(out_dir: Path) -> list[Path]:
@@ -57,12 +92,16 @@ def regenerate(out_dir: Path) -> list[Path]:
 def _status_of(exc: BaseException) -> Any:
     import grpc
 
-    if isinstance(exc, (ConfigurationError, ValueError)):
+    if isinstance(exc, (ConfigurationError, ValueError)) and not isinstance(exc, DataError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NotFoundError):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, DataError):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, BackendUnavailable):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, MuseError):
+        return grpc.StatusCode.UNKNOWN
     return grpc.StatusCode.INTERNAL
 
 
@@ -126,31 +165,35 @@ class GsuServicer:
         self._queued = 0
         self._queue_lock = threading.Lock()
         self.metrics = _Metrics(retriever, lambda: self._queued)
+        #: Set once the item table is loaded and the kernels warmed (health SERVING).
+        self.ready = threading.Event()
+        self.starting = "loading its item table"  # what a request before ``ready`` is told
 
     # -- plumbing --------------------------------------------------------------------------------
-    def _run(self, method: str, context: Any, fn: Callable[[], Any]) -> Any:
+    def _run(self, method: str, context: Any, fn: Callable[[], Any], before_ready: bool = False) -> Any:
+        import grpc
+
         t0 = time.perf_counter()
-        code = "OK"
+        status, message, name = None, "", None
         try:
-            return fn()
+            if not before_ready and not self.ready.is_set():
+                status = grpc.StatusCode.UNAVAILABLE
+                message = f"the GSU server is starting ({self.starting}); not ready yet"
+            else:
+                return fn()
         except MuseError as e:
-            status = _status_of(e)
-            code = status.name
-            context.abort(status, str(e))
+            status, message, name = _status_of(e), str(e), error_name(e)
         except ValueError as e:  # numpy/torch conversions of bad input
-            code = "INVALID_ARGUMENT"
-            import grpc
-
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            status, message, name = grpc.StatusCode.INVALID_ARGUMENT, str(e), ConfigurationError.__name__
         except Exception as e:
-            code = "INTERNAL"
             log.exception("%s failed", method)
-            import grpc
-
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            status, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
         finally:
-            self.metrics.requests.labels(method, code).inc()
+            self.metrics.requests.labels(method, "OK" if status is None else status.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+        if name is not None:
+            context.set_trailing_metadata(((ERROR_KEY, name),))
+        context.abort(status, message)
 
     def _track(self, fut: Any, n: int) -> Any:
         with self._queue_lock:
@@ -241,7 +284,7 @@ class GsuServicer:
                 version=self.retriever.version,
             )
 
-        return self._run("Stats", context, run)
+        return self._run("Stats", context, run, before_ready=True)
 
 
 def result_to_reply(pb: Any, res: Any) -> Any:
@@ -322,15 +365,19 @@ class GsuServer:
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+        from muse.validation import MAX_REQUEST_BYTES
         from retriever import gsu_pb2_grpc
 
         self.retriever = retriever
         self.servicer = GsuServicer(retriever, dataset, max_concurrent_searches)
+        self.workers = int(workers)
+        self.ready_s: float | None = None  # start-up seconds until SERVING
+        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="muse-gsu")
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="muse-gsu"),
+            self._executor,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -352,12 +399,60 @@ class GsuServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self) -> GsuServer:
+    def start(self, prepare: Callable[[], Any] | None = None, warm: bool = True) -> GsuServer:
+        """Start answering, then get ready and only then report SERVING (the readiness gate).
+
+        Health checks answer NOT_SERVING from the first moment, and other RPCs UNAVAILABLE
+        ("starting"), while ``prepare()`` runs (whatever loads the item table: from Milvus, from a
+        local file) and then, with ``warm``, the search kernels are run once on every RPC thread
+        (:meth:`warm_up`). If ``prepare`` raises, the server is stopped and the error propagates.
+        """
+        not_serving = self._health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, not_serving)
         self._server.start()
+        t0 = time.perf_counter()
+        try:
+            if prepare is not None:
+                self.servicer.starting = "loading its item table"
+                prepare()
+            if warm:
+                self.servicer.starting = "warming its kernels"
+                self.warm_up()
+        except BaseException:
+            self._server.stop(0).wait()
+            raise
+        self.servicer.ready.set()
         for name in ("", SERVICE_NAME):
             self.health.set(name, self._health_pb2.HealthCheckResponse.SERVING)
-        log.info("GSU server on %s (metrics on %s)", self.address, self.metrics_port)
+        self.ready_s = time.perf_counter() - t0
+        log.info("GSU server on %s (metrics on %s): SERVING after %.2f s of start-up", self.address,
+                 self.metrics_port, self.ready_s)
         return self
+
+    def warm_up(self, timeout_s: float = 60.0) -> float:
+        """Run the retriever's kernels (:meth:`retriever.client.Retriever.warm_up`) once on each of
+        the server's RPC threads, so that no request pays a first call (torch's, a thread's scratch
+        buffers, the kernels' once-per-process choices); returns seconds."""
+        t0 = time.perf_counter()
+        warm = getattr(self.retriever, "warm_up", None)
+        if warm is None:
+            return 0.0
+        # One task per RPC thread: each waits until all have started, so they land on distinct threads.
+        barrier = threading.Barrier(self.workers)
+
+        def one() -> None:
+            try:
+                barrier.wait(timeout=timeout_s)
+            except threading.BrokenBarrierError:
+                pass
+            warm()
+
+        for f in [self._executor.submit(one) for _ in range(self.workers)]:
+            f.result(timeout=timeout_s)
+        took = time.perf_counter() - t0
+        log.info("warmed the kernels on %d RPC threads in %.2f s", self.workers, took)
+        return took
 
     def wait(self) -> None:
         self._server.wait_for_termination()
@@ -382,10 +477,12 @@ def serve(
     storage_dtype: str | None = None,
     settings: Any = None,
     preload_items: bool = True,
+    warm_up: bool = True,
 ) -> GsuServer:
     """Build and start a server for ``dataset``/``source`` (the live version unless ``version`` pins
     one). When the dataset's folder is on this machine its items are preloaded into the item table,
-    so that no prefetch waits for item vectors; otherwise they load on demand.
+    so that no prefetch waits for item vectors; otherwise they load on demand. It reports SERVING
+    (and returns) once that is done and, with ``warm_up``, the kernels ran on every RPC thread.
 
     Raises:
         NotFoundError: no collections or no live version for (dataset, source). ConfigurationError: bad options.
@@ -401,21 +498,33 @@ def serve(
         cache["storage_dtype"] = storage_dtype
     retriever = Retriever.from_settings(source, settings, dataset=dataset, version=version, backend="cache", cache=cache)
     try:
-        if preload_items:
-            from muse.data.format import Dataset
-
-            try:
-                item_ids = Dataset.open(settings, dataset).item_ids()
-            except NotFoundError:
-                log.info("dataset %s has no folder here: item vectors load on demand", dataset)
-            else:
-                t0 = time.perf_counter()
-                rows = retriever.preload_items(item_ids)
-                log.info("item table: %d of %d items in %.1f s", rows, len(item_ids), time.perf_counter() - t0)
-        return GsuServer(retriever, port=port, metrics_port=metrics_port, host=host, dataset=dataset).start()
+        server = GsuServer(retriever, port=port, metrics_port=metrics_port, host=host, dataset=dataset)
+        # The readiness gate: SERVING only once the item table is loaded and the kernels warmed.
+        return server.start(
+            prepare=(lambda: load_item_table(retriever, settings, dataset)) if preload_items else None, warm=warm_up
+        )
     except BaseException:
         retriever.close()
         raise
 
 
-__all__ = ["GsuServer", "GsuServicer", "PROTO", "SERVICE_NAME", "regenerate", "serve"]
+def load_item_table(retriever: Any, settings: Any, dataset: str) -> int:
+    """Fill the retriever's item table with every item of ``dataset`` when its folder is on this
+    machine (otherwise items load on demand); returns the table's rows."""
+    from muse.data.format import Dataset
+
+    try:
+        item_ids = Dataset.open(settings, dataset).item_ids()
+    except NotFoundError:
+        log.info("dataset %s has no folder here: item vectors load on demand", dataset)
+        return 0
+    t0 = time.perf_counter()
+    rows = retriever.preload_items(item_ids)
+    log.info("item table: %d of %d items in %.1f s", rows, len(item_ids), time.perf_counter() - t0)
+    return rows
+
+
+__all__ = [
+    "ERROR_KEY", "GsuServer", "GsuServicer", "PROTO", "SERVICE_NAME", "error_from", "error_name", "load_item_table",
+    "regenerate", "serve",
+]

@@ -9,8 +9,14 @@ The suite starts servers of its own, so it can kill them: a Milvus 2.3 server
 run the chunks. The job: the ``tiny`` simworld (600 items, 60 users) with 60 item chunks and 20
 behaviour chunks, so each fault lands mid-job. Leases are 3 s here (60 s by default).
 
+Outages: Milvus down for 150 s (past what retries alone once covered) during a backfill, which must
+end ``done`` with no ``resume``; an outage past ``MUSE_BACKFILL_OUTAGE_S`` failing the job with a
+sentence; a worker waiting out a retry of its own failure never reported dead; Milvus frozen for
+20 s while clients search on both retriever backends, every call within its deadline.
+
 At the end the suite prints its closing figures: faults injected, jobs recovered with no manual
-step, rows expected / found / duplicated.
+step, rows expected / found / duplicated, and the table of faults and outages with their measured
+times (docs/indexer.md and docs/retriever.md carry it).
 """
 
 from __future__ import annotations
@@ -44,7 +50,14 @@ FAULT_SETTINGS: dict[str, Any] = {
     "milvus_timeout_s": 10.0,
     "milvus_search_timeout_s": 3.0,
 }
-FIGURES: dict[str, Any] = {"faults": [], "jobs": 0, "recovered": 0, "expected": 0, "found": 0, "duplicated": 0}
+FIGURES: dict[str, Any] = {"faults": [], "jobs": 0, "recovered": 0, "expected": 0, "found": 0, "duplicated": 0,
+                           "timings": []}
+
+
+def timing(fault: str, outcome: str, measured: str) -> None:
+    """One row of the closing table of faults and outages with their measured times."""
+    FIGURES["timings"].append((fault, outcome, measured))
+    print(f"fault timing: {fault} | {outcome} | {measured}")
 
 
 class _NoProgress:
@@ -87,6 +100,10 @@ def _print_figures(request: pytest.FixtureRequest) -> None:
         f"  jobs recovered with no manual step: {f['recovered']}/{f['jobs']}",
         f"  rows expected {f['expected']:,}, found {f['found']:,}, duplicated {f['duplicated']:,}",
     ]
+    if f["timings"]:
+        lines.append("  | fault | outcome | measured |")
+        lines.append("  |---|---|---|")
+        lines += [f"  | {a} | {b} | {c} |" for a, b, c in f["timings"]]
     request.config.muse_fault_figures = lines  # printed in the terminal summary (tests/conftest.py)
     print("\n".join(lines))
 
@@ -348,15 +365,27 @@ def test_postgres_down_past_the_retry_budget_then_redis_restarted(run: Run) -> N
     run.start_job()
     run.mid_job()
     run.servers.postgres.kill()
+    t0 = time.monotonic()
     time.sleep(8)
     run.servers.postgres.start()
+    back = time.monotonic()
     run.fault("PostgreSQL down past the retry budget")
     run.more_progress()
+    timing("PostgreSQL down 8 s (retries: 1)", "chunks wait for the database; `status` cannot read it meanwhile "
+           "(one sentence); the job continues", f"down {back - t0:.0f} s; 2 more chunks done "
+           f"{time.monotonic() - back:.0f} s after it was back")
     run.servers.redis.kill()
-    time.sleep(5)
+    t0 = time.monotonic()
+    seen = _watch(run, 6.0, period=0.5)
     run.servers.redis.start()
+    back = time.monotonic()
     run.fault("Redis killed and restarted")
-    run.finish()
+    p = run.finish()
+    waits = [q.waiting for q in seen if q is not None and q.waiting]
+    assert any("waiting for the broker at" in w for w in waits), waits
+    timing("Redis (the broker) down 6 s", "`status`: waiting for the broker; the worker restarts its consumer "
+           "when the broker is back; job `done`", f"down {back - t0:.0f} s; job done {time.monotonic() - back:.0f} s "
+           f"later ({p.elapsed_s:.0f} s in all)")
 
 
 def test_behaviour_chunks_not_sent_when_item_chunks_failed(run: Run) -> None:
@@ -423,3 +452,183 @@ def test_foreground_backfill_without_workers_stops_waiting(run: Run) -> None:
     assert len(errors) == 1 and "made no progress for 4 s" in errors[0], res.stderr
     assert "Traceback" not in res.stderr
     assert time.monotonic() - t0 < 60
+
+
+# -- outages: no person, and deadlines that hold -------------------------------------------------------
+def _watch(run: Run, seconds: float, period: float = 1.0) -> list[Any]:
+    """Poll the job's progress for ``seconds``; every progress read (None while the database is down)."""
+    seen = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.append(run.progress())
+        time.sleep(period)
+    return seen
+
+
+def _attempts(run: Run) -> list[int]:
+    from muse import models
+    from muse.db import session_scope
+
+    with session_scope(run.settings) as session:
+        return [c.attempts for c in session.get(models.BackfillJob, run.job_id).chunks]
+
+
+def test_milvus_down_150_s_during_a_backfill(run: Run) -> None:
+    """Milvus killed for 150 s mid-job (longer than the ~126 s that retries alone covered): the
+    chunks wait for Milvus without spending attempts, their workers keep their leases (``status``
+    says "waiting for Milvus", never "dead"), and the job ends ``done`` with exact counts, no resume."""
+    run.worker(), run.worker()
+    run.start_job()
+    run.mid_job()
+    run.servers.milvus.kill()
+    t0 = time.monotonic()
+    seen = _watch(run, 150.0)
+    run.servers.milvus.start()
+    back = time.monotonic()
+    p = run.finish("Milvus down 150 s")
+    done_after = time.monotonic() - back
+    waits = [q.waiting for q in seen if q is not None and q.waiting]
+    states = [st for q in seen if q is not None for st in q.workers.values()]
+    assert waits and "waiting for Milvus at" in waits[-1], waits[-3:]
+    assert any("waiting for Milvus" in st for st in states), states[-5:]
+    assert not any(st.startswith("dead") for st in states), [st for st in states if st.startswith("dead")]
+    assert all(q is None or q.chunks.get("failed", 0) == 0 for q in seen)
+    assert not p.dead_workers and p.waiting is None
+    attempts = _attempts(run)
+    assert max(attempts) <= 2, f"the outage spent attempts: {attempts}"
+    timing("Milvus down 150 s during a backfill (2 workers)",
+           f"job `done` with exact counts, no resume; chunks waited without spending attempts (max {max(attempts)}); "
+           "`status`: waiting for Milvus, workers alive",
+           f"outage {back - t0:.0f} s (restart incl.); job done {done_after:.0f} s after Milvus was back")
+
+
+def test_outage_past_its_budget_fails_the_job_with_a_sentence(run: Run) -> None:
+    """An outage longer than MUSE_BACKFILL_OUTAGE_S (8 s here) fails the job at once with one
+    sentence naming the backend and how long; no chunk spent an attempt on it."""
+    run.worker(backfill_outage_s=8.0)
+    run.start_job()
+    run.mid_job()
+    run.servers.milvus.kill()
+    t0 = time.monotonic()
+    p = run.wait(lambda p: p.finished, 90, "the job failing past its outage budget")
+    took = time.monotonic() - t0
+    run.servers.milvus.start()
+    assert p.status == "failed", p
+    assert any("Milvus at" in e and "MUSE_BACKFILL_OUTAGE_S (8 s)" in e for e in p.errors), p.errors
+    assert max(_attempts(run)) == 1
+    timing("Milvus down past MUSE_BACKFILL_OUTAGE_S (8 s here; 1800 s by default)",
+           "job `failed`: 'Milvus at ... was unavailable for N s, longer than MUSE_BACKFILL_OUTAGE_S'; "
+           "`resume` continues it", f"failed {took:.0f} s after the kill")
+
+
+def test_worker_in_a_retry_delay_is_not_reported_dead(run: Run) -> None:
+    """A chunk's own failure (a Milvus call past its 1 s timeout while Milvus answers probes: frozen
+    for 3 s) is retried after a 6 s backoff, twice the 3 s lease: the worker keeps the lease while it
+    waits, ``status`` says "waiting for a retry", never "dead", and the chunk runs again (attempt 2)."""
+    run.worker(milvus_timeout_s=1.0, backfill_backoff_s=6.0)
+    run.start_job()
+    run.mid_job()
+    run.servers.milvus.pause()
+    time.sleep(3.0)
+    run.servers.milvus.resume()
+    seen = _watch(run, 12.0, period=0.25)
+    states = [st for q in seen if q is not None for st in q.workers.values()]
+    if run.servers.milvus.proc.poll() is not None:
+        run.servers.milvus.start()
+    p = run.finish("a retry delay longer than the lease")
+    assert any("waiting for a retry" in st for st in states), states[-5:]
+    assert not any(st.startswith("dead") for st in states) and not p.dead_workers, p.workers
+    attempts = _attempts(run)
+    assert max(attempts) == 2, attempts
+    timing("a chunk's own failure retried after a 6 s backoff (lease 3 s)",
+           "worker `alive, waiting for a retry` throughout, never `dead`; the chunk's attempt 2 succeeds",
+           f"{sum(a - 1 for a in attempts)} retried chunk(s); job done")
+
+
+def test_milvus_frozen_20_s_while_clients_search(servers: Servers, tmp_path: Path) -> None:
+    """Milvus frozen (SIGSTOP) for 20 s while clients loop on both retriever backends: every call
+    returns or raises within the search deadline + 1 s; users already cached (with their target
+    vectors) are answered from memory in under 1 s each, never failing; after the thaw both backends
+    answer again."""
+    import threading
+
+    from muse.vectorstore import CollectionRef
+    from retriever.client import Retriever
+
+    deadline_s = FAULT_SETTINGS["milvus_search_timeout_s"]
+    settings = _settings(servers, tmp_path, f"f{uuid.uuid4().hex[:8]}")
+    ref, dim = CollectionRef("frozen-ds", "scl", 1), 16
+    rng = np.random.default_rng(5)
+    items = np.arange(100, 300, dtype=np.int64)
+    vecs = rng.normal(size=(len(items), dim)).astype(np.float32)
+    store = VectorStore(settings)
+    store.ensure_collections(ref, dim)
+    store.upsert_items(ref, items, vecs, np.zeros(len(items), np.int64))
+    for user in range(1, 21):
+        picked = rng.choice(len(items), 40, replace=False)
+        store.upsert_behaviours(ref, np.full(40, user), np.arange(40), items[picked], vecs[picked])
+    store.set_live(ref)
+    cached, uncached, targets = list(range(1, 11)), list(range(11, 21)), [int(items[0]), int(items[1])]
+    calls: dict[str, list[tuple[float, float, BaseException | None]]] = {"cached": [], "uncached": [], "milvus": []}
+    stop = threading.Event()
+    with (
+        Retriever.from_settings("scl", settings, dataset="frozen-ds", backend="cache") as cache,
+        Retriever.from_settings("scl", settings, dataset="frozen-ds", backend="milvus") as milvus,
+    ):
+        cache.prefetch(cached).result(timeout=60)
+        for user in cached:
+            cache.search(user, targets, k=5)
+        milvus.search(1, targets, k=5)
+
+        def loop(name: str, r: Retriever, users: list[int]) -> None:
+            i = 0
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r.search(users[i % len(users)], targets, k=5)
+                    err = None
+                except Exception as e:  # collected: the test asserts they are all MuseErrors
+                    err = e
+                calls[name].append((t0, time.monotonic() - t0, err))
+                i += 1
+                time.sleep(0.05)
+
+        threads = [threading.Thread(target=loop, args=a) for a in
+                   (("cached", cache, cached), ("uncached", cache, uncached), ("milvus", milvus, cached))]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)
+            servers.milvus.pause()
+            frozen_at = time.monotonic()
+            time.sleep(20.0)
+            servers.milvus.resume()
+            thawed_at = time.monotonic()
+            if servers.milvus.proc.poll() is not None:  # 2.3 standalone may exit when its etcd lease lapsed
+                servers.milvus.start()
+            time.sleep(10.0)
+        finally:
+            stop.set()
+            servers.milvus.resume()
+            for t in threads:
+                t.join(30)
+        refresh_failures = cache.refresh_failures
+    store.close()
+
+    during = {n: [c for c in cs if frozen_at <= c[0] < thawed_at] for n, cs in calls.items()}
+    slowest = {n: max((d for _, d, _ in cs), default=0.0) for n, cs in calls.items()}
+    for name, cs in calls.items():
+        assert all(d <= deadline_s + 1.0 for _, d, _ in cs), f"{name}: a call took {slowest[name]:.1f} s"
+        assert all(e is None or isinstance(e, MuseError) for _, _, e in cs), [e for _, _, e in cs if e][:3]
+    assert len(during["cached"]) >= 50 and all(e is None and d < 1.0 for _, d, e in during["cached"])
+    assert any(e is not None for _, _, e in during["milvus"]), "the Milvus backend never noticed the freeze"
+    ok_after = [t0 + d for t0, d, e in calls["milvus"] if t0 >= thawed_at and e is None]
+    assert ok_after, "the Milvus backend did not answer after the thaw"
+    cached_ms = sorted(d * 1e3 for _, d, _ in during["cached"])
+    timing("Milvus frozen 20 s, clients on both retriever backends (search deadline 3 s)",
+           f"cached users answered from memory ({len(during['cached'])} calls, none failed); uncached users and the "
+           f"Milvus backend: `BackendUnavailable` at the deadline; live-version checks failed in the background "
+           f"({refresh_failures})",
+           f"cached p50 {cached_ms[len(cached_ms) // 2]:.1f} ms, max {cached_ms[-1]:.0f} ms; slowest call: cache "
+           f"{max(slowest['cached'], slowest['uncached']):.1f} s, Milvus {slowest['milvus']:.1f} s; first Milvus "
+           f"answer {ok_after[0] - thawed_at:.1f} s after the thaw")

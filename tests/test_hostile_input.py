@@ -91,19 +91,29 @@ def test_hostile_client_input_is_a_clear_configuration_error(world, backend: str
 
 @pytest.mark.parametrize("backend", ["cache", "milvus"])
 def test_huge_vectors_and_many_targets(world, backend: str) -> None:
-    """A 1e30-sized target ranks like its unit vector (not five 0.0 scores); more targets than one
-    Milvus request takes (16,384) are split into batches."""
-    settings, _, vecs = world
+    """A 1e30-sized target ranks like its unit vector (not five 0.0 scores); a retriever request
+    takes at most MAX_TARGETS targets (more is refused at once, before any backend work), while the
+    store splits more targets than one Milvus request takes (16,384) into batches."""
+    from muse.validation import MAX_TARGETS
+
+    settings, store, vecs = world
+    # 4,096 targets in one Milvus search take seconds on Milvus Lite under load: a deadline to match.
     with Retriever.from_settings(SOURCE, settings, dataset=DATASET, version=1, backend=backend,
-                                 consistency_level="Strong") as r:
+                                 consistency_level="Strong", timeout_s=60.0) as r:
         unit = r.search_vectors(USER, _target(), k=5)[0]
         huge = r.search_vectors(USER, _target(1e30), k=5)[0]
         assert huge.positions.tolist() == unit.positions.tolist()
         np.testing.assert_allclose(huge.scores, unit.scores, atol=1e-5)
         assert np.all(huge.scores != 0.0)
-        many = np.tile(_target(), (16385, 1))
-        res = r.search_vectors(USER, many, k=2)
-        assert len(res) == 16385 and res[16384].positions.tolist() == unit.positions[:2].tolist()
+        res = r.search_vectors(USER, np.tile(_target(), (MAX_TARGETS, 1)), k=2)
+        assert len(res) == MAX_TARGETS and res[-1].positions.tolist() == unit.positions[:2].tolist()
+        for call in (lambda: r.search_vectors(USER, np.tile(_target(), (MAX_TARGETS + 1, 1)), k=2),
+                     lambda: r.search(USER, list(range(10**6, 10**6 + 100_000)), k=2)):
+            with pytest.raises(ConfigurationError, match="per request"):
+                call()
+    if backend == "milvus":
+        hits = store.search_behaviours(REF, USER, np.tile(_target(), (16385, 1)), k=2, consistency_level="Strong")
+        assert len(hits) == 16385 and [h.position for h in hits[16384]] == unit.positions[:2].tolist()
 
 
 def test_store_maps_milvus_input_errors_and_dropped_collections(world) -> None:

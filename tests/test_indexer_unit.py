@@ -232,7 +232,7 @@ def test_process_state_is_one_worker_context(world):
 def test_retry_policy():
     from sqlalchemy.exc import OperationalError
 
-    from indexer.tasks import BACKOFF_MAX_S, backoff_s, is_retriable
+    from indexer.outages import BACKOFF_MAX_S, OutageTooLong, backoff_s, is_retriable
     from muse.errors import BackendUnavailable, DataError
 
     assert is_retriable(BackendUnavailable("milvus down"))
@@ -241,6 +241,7 @@ def test_retry_policy():
     assert is_retriable(ConnectionResetError())
     assert not is_retriable(DataError("corrupt shard"))
     assert not is_retriable(FileNotFoundError("items.parquet"))
+    assert not is_retriable(OutageTooLong("Milvus at x was unavailable for 1801 s"))  # the budget is spent
     assert 1.5 <= backoff_s(0) <= 2.5 and 6.0 <= backoff_s(2) <= 10.0
     assert backoff_s(20) <= BACKOFF_MAX_S * 1.25
 

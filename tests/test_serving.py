@@ -407,3 +407,157 @@ def test_sequences_follow_behaviour_writes_and_rebuild_old_users(settings) -> No
     assert store.sequences.get(name, 8)[0].tolist() == [0, 2, 4]  # written back
     store.drop_collections(REF)
     store.close()
+
+
+@pytest.mark.milvus_server
+@pytest.mark.redis
+@pytest.mark.slow
+def test_bad_input_and_a_frozen_server_through_grpc(served) -> None:
+    """Each bad input raises the in-process class and message through ``muse serve`` +
+    ``RemoteRetriever`` (the issue's cases: no targets list, a vector of strings, 100,000 targets),
+    oversized requests are refused at once on every path, and a frozen server (SIGSTOP) gives
+    BackendUnavailable within the client's deadline."""
+    import grpc
+
+    from muse.validation import MAX_TARGETS
+    from retriever import gsu_pb2, gsu_pb2_grpc
+    from retriever.remote import RemoteRetriever
+    from retriever.service import ERROR_KEY
+
+    settings, _, server = served
+    many = list(range(10**6, 10**6 + 100_000))  # 100,000 distinct unknown items
+    strings = [["a"] * DIM]
+    with (
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="cache") as local,
+        Retriever.from_settings(SOURCE, settings, dataset=DATASET, backend="milvus") as milvus,
+        RemoteRetriever([server.address], timeout_s=3.0, settings=settings) as remote,
+    ):
+        cases = [
+            ("targets None", lambda r: r.search(11, None, k=5)),
+            ("vector of strings", lambda r: r.search_vectors(11, strings, k=5)),
+            ("100,000 targets", lambda r: r.search(11, many, k=5)),
+            ("MAX_TARGETS + 1 vectors", lambda r: r.search_vectors(11, np.ones((MAX_TARGETS + 1, DIM)), k=5)),
+            ("unknown item", lambda r: r.search(11, [4242], k=5)),
+        ]
+        for case, call in cases:
+            raised = {}
+            for name, r in (("in process", local), ("milvus backend", milvus), ("gRPC", remote)):
+                t0 = time.monotonic()
+                with pytest.raises(Exception) as info:
+                    call(r)
+                raised[name] = (type(info.value), str(info.value))
+                assert time.monotonic() - t0 < 1.0, f"{case} on {name}: refused after {time.monotonic() - t0:.1f} s"
+            assert len(set(raised.values())) == 1, f"{case}: {raised}"
+            assert raised["gRPC"][0] in (ConfigurationError, NotFoundError), f"{case}: {raised}"
+        # The server checks on its own too, before any backend work (a client that skips the checks).
+        stub = gsu_pb2_grpc.GsuStub(grpc.insecure_channel(server.address))
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as wire:
+            stub.Search(gsu_pb2.SearchRequest(user_id=11, target_item_ids=many, k=5), timeout=5)
+        assert time.monotonic() - t0 < 1.0
+        assert wire.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "per request" in wire.value.details()
+        assert (ERROR_KEY, "ConfigurationError") in tuple(wire.value.trailing_metadata())
+        # Request bytes: refused by both clients before anything is sent or written.
+        n = 300_000
+        big = (11, np.arange(n) + 10, np.full(n, int(ITEMS[20])), np.ones((n, DIM), np.float32))
+        for r in (local, remote):
+            t0 = time.monotonic()
+            with pytest.raises(ConfigurationError, match="MAX_REQUEST_BYTES"):
+                r.append_behaviours(*big)
+            assert time.monotonic() - t0 < 2.0
+
+        # A frozen server: BackendUnavailable within the deadline; thawed: answers again.
+        remote.search(11, [int(ITEMS[0])], k=5)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(2):
+                t0 = time.monotonic()
+                with pytest.raises(BackendUnavailable, match=server.address):
+                    remote.search(11, [int(ITEMS[0])], k=5)
+                assert time.monotonic() - t0 < remote.timeout_s + 1.0
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert len(remote.search(11, [int(ITEMS[0])], k=5)[0]) == 5
+
+
+def test_health_means_ready(settings) -> None:
+    """A server reports NOT_SERVING (and refuses searches with UNAVAILABLE "starting", which the
+    client retries within its deadline) until its item table is loaded and its kernels warmed;
+    then SERVING, with the same results as in process."""
+    import threading
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from retriever.remote import RemoteRetriever
+    from retriever.service import GsuServer
+
+    rng = np.random.default_rng(4)
+    store = VectorStore(settings)
+    store.ensure_collections(REF, DIM)
+    item_vecs = _unit(rng, len(ITEMS))
+    store.upsert_items(REF, ITEMS, item_vecs, np.zeros(len(ITEMS), np.int64))
+    store.upsert_behaviours(REF, np.full(30, 7), np.arange(30), ITEMS[10:40], item_vecs[10:40])
+    store.set_live(REF)
+    retriever = Retriever(store, SOURCE, dataset=DATASET)
+    server = GsuServer(retriever, port=0, metrics_port=None)
+    release = threading.Event()
+
+    def load_table() -> None:  # whatever loads the item table; here: it waits for the test first
+        release.wait(30)
+        retriever.preload_items(ITEMS)
+
+    starting = threading.Thread(target=server.start, kwargs={"prepare": load_table})
+    starting.start()
+    try:
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+        for _ in range(100):
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                break
+            except grpc.RpcError:
+                time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with RemoteRetriever([server.address], timeout_s=0.5) as remote:
+            with pytest.raises(BackendUnavailable, match="starting"):
+                remote.search(7, [int(ITEMS[12])], k=5)
+            release.set()
+            starting.join(60)
+            assert server.servicer.ready.is_set() and server.ready_s is not None
+            for name in ("", "muse.gsu.v1.Gsu"):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert len(retriever.item_table) == len(ITEMS)
+            with Retriever(VectorStore(settings), SOURCE, dataset=DATASET) as local:
+                _same(remote.search(7, [int(ITEMS[12])], k=5), local.search(7, [int(ITEMS[12])], k=5))
+    finally:
+        release.set()
+        starting.join(60)
+        server.stop()
+
+
+def test_every_muse_error_maps_to_a_status_and_back() -> None:
+    """The service's mapping: each MuseError class has its status, and its name in the trailing
+    metadata brings back the same class (subclasses the client cannot build map to their base)."""
+    import grpc
+
+    from muse.deadlines import DeadlineExceeded
+    from muse.errors import DataError, MuseError
+    from muse.vectorstore import CollectionNotFound
+    from retriever.service import _status_of, error_from, error_name
+
+    cases = [
+        (ConfigurationError("bad k"), grpc.StatusCode.INVALID_ARGUMENT, ConfigurationError),
+        (NotFoundError("no item"), grpc.StatusCode.NOT_FOUND, NotFoundError),
+        (CollectionNotFound("dropped", "c"), grpc.StatusCode.NOT_FOUND, NotFoundError),
+        (DataError("corrupt"), grpc.StatusCode.FAILED_PRECONDITION, DataError),
+        (BackendUnavailable("milvus down"), grpc.StatusCode.UNAVAILABLE, BackendUnavailable),
+        (DeadlineExceeded("too slow"), grpc.StatusCode.UNAVAILABLE, DeadlineExceeded),
+        (MuseError("other"), grpc.StatusCode.UNKNOWN, MuseError),
+        (ValueError("numpy"), grpc.StatusCode.INVALID_ARGUMENT, ConfigurationError),
+    ]
+    for exc, status, cls in cases:
+        assert _status_of(exc) == status, exc
+        back = error_from(error_name(exc), str(exc))
+        assert type(back) is cls and str(back) == str(exc)
+    assert error_from("KeyError", "x") is None
