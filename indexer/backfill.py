@@ -77,6 +77,8 @@ class ChunkSpec:
     dim: int
     dataset_location: str
     dataset: str  # dataset name (collections are per dataset)
+    bulk: bool = False  # the job writes behaviours through Milvus bulk import (indexer.bulk)
+    attempt: int = 1  # this run's number among the chunk's claims (1 = the first)
 
     @property
     def ref(self) -> Any:
@@ -213,6 +215,7 @@ def begin_chunk(settings: Settings, chunk_id: int, worker: str | None = None) ->
         if claim.rowcount != 1:
             log.info("chunk %d was claimed by another worker; skipping this delivery", chunk.id)
             return None
+        attempt = int(chunk.attempts or 0) + 1  # the claim above incremented it in the database
         if job.status == "pending":
             job.status = "running"
             job.started_at = job.started_at or utcnow()
@@ -228,6 +231,8 @@ def begin_chunk(settings: Settings, chunk_id: int, worker: str | None = None) ->
             dim=int(source.dim),
             dataset_location=dataset.location,
             dataset=dataset.name,
+            bulk=bool((job.options or {}).get("bulk")),
+            attempt=attempt,
         )
 
 
@@ -353,6 +358,10 @@ def run_chunk(settings: Settings, chunk_id: int) -> ChunkResult | None:
         return None
     t0 = time.perf_counter()
     work = {ITEMS: encode_items_chunk, IMPORT: import_vectors_chunk, BEHAVIOURS: copy_behaviours_chunk}.get(spec.kind)
+    if spec.kind == BEHAVIOURS and spec.bulk:
+        from indexer.bulk import import_behaviours_chunk
+
+        work = import_behaviours_chunk
     if work is None:
         raise DataError(f"chunk {chunk_id} has unknown kind {spec.kind!r}; valid: {', '.join(CHUNK_KINDS)}")
     with LeaseKeeper(settings, chunk_id):
