@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_indexer_helpers import expected_behaviours, wait_for_job, worker_log
+from test_indexer_helpers import expected_behaviours, worker_log
 
 from indexer import backfill, bulk, jobs, worker_context
 from indexer.celery_app import WorkerProcess, settings_env
@@ -229,6 +229,7 @@ def test_cli_bulk_worker_killed_mid_import_then_resumed(server_settings, tmp_pat
     with VectorStore(settings) as store:  # the killed worker's task went on without it; its rows were replaced
         assert store.import_task(killed_task).finished
     assert max(c.attempts for c in _chunks(settings, job_id) if c.kind == "behaviours") >= 2
+    assert "deleting the chunk's keys before importing it again" in (tmp_path / "worker-1.log").read_text()
 
 
 @pytest.mark.slow
@@ -244,3 +245,60 @@ def test_cli_bulk_on_milvus_lite_says_so_and_upserts(settings):  # noqa: ANN001
     assert not bulk.is_bulk_job(settings, jobs.find_job(settings, SOURCE, dataset.name))
     with VectorStore(settings) as store:
         assert store.count_behaviours(bulk_ref(settings, 1)) == n
+
+
+# -- a Milvus restart mid-import (the fault suite's style: a server of its own, killed) -------------
+@pytest.mark.faults
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.slow
+def test_milvus_restarted_mid_import_recovers_with_no_person(tmp_path, postgres_url, redis_url, unique_prefix):
+    from tests.milvus_process import MilvusProcess
+
+    milvus = MilvusProcess(tmp_path / "milvus").start()
+    settings = load_settings(
+        env={}, data_dir=tmp_path / "muse-data", device="cpu", database_url=postgres_url, broker_url=redis_url,
+        queue_prefix=f"{unique_prefix}-", milvus_uri=milvus.uri, milvus_prefix=unique_prefix,
+        backfill_lease_s=5.0, backfill_backoff_s=0.5, backfill_retries=10, milvus_timeout_s=20.0,
+    )
+    worker = None
+    try:
+        dataset = make_world(settings)
+        job_id = bulk.create_job(settings, SOURCE, dataset.name, chunk_size=1000, user_chunk_size=15)
+        jobs.enqueue_job(settings, job_id)
+        worker = WorkerProcess(settings, pool="prefork", concurrency=1, log_path=tmp_path / "worker.log").start()
+        ref = bulk_ref(settings, job_id)
+        deadline = time.monotonic() + 120
+        running: list = []
+        with VectorStore(settings) as store:
+            while not running and time.monotonic() < deadline:
+                if store.has_collections(ref):
+                    running = [t for t in store.import_tasks(ref, BEHAVIOURS_KIND) if not t.finished]
+                time.sleep(0.05)
+        assert running, worker_log(worker.log_path)
+        milvus.kill()  # SIGKILL, as a crash
+        milvus.start()
+        progress = jobs.job_progress(settings, job_id)
+        deadline = time.monotonic() + 300
+        while not progress.finished and time.monotonic() < deadline:  # no resume, no restart by hand
+            time.sleep(0.5)
+            progress = jobs.job_progress(settings, job_id)
+        assert progress.status == "done", f"{progress}\n{worker_log(worker.log_path)}"
+        n = expected_behaviours(dataset)
+        assert progress.behaviours_written == n
+        assert bulk.verify_job(settings, job_id).found == n
+        assert rows_and_keys(settings, dataset, ref) == (n, n)
+        with VectorStore(settings) as store:
+            assert store.import_task(running[0].task_id).failed  # the server failed it when it restarted
+    finally:
+        if worker is not None:
+            worker.stop(timeout=20)
+        worker_context.reset()
+        milvus.stop()
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{unique_prefix}-*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
