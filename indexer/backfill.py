@@ -8,7 +8,8 @@ Three kinds of chunk, each a row range in the dataset's canonical order:
 * ``import``: upsert precomputed vectors, rows ``[start, stop)`` of ``embeddings/<source>.parquet``.
 * ``behaviours``: for users ``[start, stop)`` copy each history entry's item vector into the
   behaviour collection (primary key = ``behaviour_pk(user, position)``); entries whose item has
-  no vector are skipped and counted in ``n_failed``.
+  no vector are skipped and counted in ``n_failed``. In a bulk job (``options["bulk"]``) the same
+  rows go through a Milvus bulk import instead (:mod:`indexer.bulk`).
 
 Every write is an upsert with a deterministic primary key, so re-running a chunk (a retry, a
 redelivery after a worker died, a ``resume``) never duplicates rows. Each function records its

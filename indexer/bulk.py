@@ -220,7 +220,7 @@ def create_job(settings: Settings, source: str, dataset: str, *, user_chunk_size
     from indexer import jobs
     from muse.data.format import Dataset
 
-    size = user_chunk_size or bulk_user_chunk_size(Dataset.open(settings, dataset))
+    size = bulk_user_chunk_size(Dataset.open(settings, dataset)) if user_chunk_size is None else user_chunk_size
     job_id = jobs.create_job(settings, source, dataset, user_chunk_size=size, **kwargs)
     with session_scope(settings) as session:
         job = session.get(models.BackfillJob, job_id)

@@ -14,7 +14,9 @@ write: a collection of another dataset or version is never used by accident. Col
 old naming (``<prefix>_<source>_items``, no identity) are *legacy*: :meth:`VectorStore.legacy_collections`.
 
 Primary keys are deterministic, so every write is an ``upsert`` and a retried task never
-duplicates rows. Vectors are stored L2-normalised, so COSINE (CPU indexes) and IP (GPU indexes)
+duplicates rows. A server also takes behaviour rows as files through its bulk import
+(:meth:`VectorStore.start_import`, used by :mod:`indexer.bulk`, which keeps re-runs free of
+duplicates by deleting by key first). Vectors are stored L2-normalised, so COSINE (CPU indexes) and IP (GPU indexes)
 rank identically. Filters are built from typed ints, never from user text.
 
 The same code runs against Milvus Lite (a local ``.db`` file), the Milvus 2.3 server of the

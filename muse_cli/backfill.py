@@ -101,7 +101,7 @@ def _create(settings: Any, args: argparse.Namespace, ref: Any) -> int:
     if choice.bulk:
         job_id = bulk.create_job(settings, args.source, args.dataset, user_chunk_size=args.user_chunk_size, **options)
     else:
-        size = args.user_chunk_size or jobs.DEFAULT_USER_CHUNK_SIZE
+        size = jobs.DEFAULT_USER_CHUNK_SIZE if args.user_chunk_size is None else args.user_chunk_size
         job_id = jobs.create_job(settings, args.source, args.dataset, user_chunk_size=size, **options)
     print(f"created job {job_id}: {args.source} v{ref.version} on {args.dataset}{_mode(settings, job_id)}")
     return job_id
