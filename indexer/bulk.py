@@ -312,11 +312,14 @@ def chunk_key(store: Any, spec: ChunkSpec) -> str:
 
 
 def chunk_tasks(store: Any, storage: BulkStorage, spec: ChunkSpec) -> list[Any]:
-    """Import tasks the server remembers whose files lie under this chunk's folder (any attempt)."""
+    """Import tasks the server remembers whose files lie under this chunk's folder (any attempt),
+    plus every unfinished task that does not say which files it reads (a server that lists tasks
+    without their files): those might be this chunk's."""
     from muse.vectorstore import BEHAVIOURS_KIND
 
     prefix = storage.server_path(chunk_key(store, spec))
-    return [t for t in store.import_tasks(spec.ref, BEHAVIOURS_KIND) if t.files and t.files[0].startswith(prefix)]
+    return [t for t in store.import_tasks(spec.ref, BEHAVIOURS_KIND)
+            if (t.files and t.files[0].startswith(prefix)) or (not t.files and not t.finished)]
 
 
 def wait_for_task(store: Any, task_id: int, timeout_s: float = IMPORT_WAIT_S) -> Any:
@@ -365,10 +368,11 @@ def import_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
     # delete whatever they (or an earlier job) wrote under the chunk's keys before importing once.
     earlier = chunk_tasks(store, storage, spec) if spec.attempt > 1 else []
     earlier = [t if t.finished else wait_for_task(store, t.task_id) for t in earlier]
-    completed = [t for t in earlier if t.completed]
+    completed = [t for t in earlier if t.completed or not t.files]
     if completed:
-        log.warning("chunk %d: earlier import tasks %s completed (%s rows); deleting the chunk's keys before "
-                    "importing it again", spec.chunk_id, [t.task_id for t in completed], [t.row_count for t in completed])
+        log.warning("chunk %d: earlier import tasks %s may have written rows (%s); deleting the chunk's keys before "
+                    "importing it again", spec.chunk_id, [t.task_id for t in completed],
+                    [f"{t.state}, {t.row_count} rows" for t in completed])
         store.delete_behaviours_by_pk(spec.ref, rows.pks)
     elif store.count_behaviours_of(spec.ref, np.unique(rows.users)) > 0:
         log.info("chunk %d: its users already have rows (an earlier job); replacing them", spec.chunk_id)
