@@ -26,10 +26,10 @@ waits until none of them is still running: a task outlives the worker that start
 
 Rows of the chunk's users already visible (an earlier job into the same collection) are deleted
 the same way first. Deleting and importing again is always right, where adopting an earlier
-task's rows would not be (an attempt may have deleted them before dying). The one case this does not cover: a worker that
-stops (frozen, not dead) for longer than its lease between its last check and starting its
-import while another worker re-runs the chunk; the lease check just before starting keeps that
-window to milliseconds.
+task's rows would not be (an attempt may have deleted them before dying). The one case this does
+not cover: a worker that stops (frozen, not dead) for longer than its lease between its last
+check and starting its import while another worker re-runs the chunk; the lease check just
+before starting keeps that window to milliseconds.
 
 Milvus Lite has no import: :func:`choose` says so in one sentence and the job upserts instead.
 """
@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 
 #: Behaviour rows aimed at per bulk chunk (sets the default users per chunk from the mean history
 #: length): the server's fixed cost per import task (a segment per partition-key bucket) is
-#: amortised over this many rows, and one chunk's arrays stay a few hundred MB.
+#: amortised over this many rows, and one chunk's index arrays stay about 50 MB (the vectors are
+#: gathered into a memory-mapped file, ``WRITE_ROWS`` at a time).
 BULK_CHUNK_ROWS = 1_000_000
 #: Seconds a chunk waits for an import task (its own, or one an earlier attempt left running)
 #: before giving up; Milvus itself kills a task after ``rootCoord.importTaskExpiration`` (900 s).
