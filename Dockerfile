@@ -8,6 +8,6 @@ COPY indexer ./indexer
 COPY retriever ./retriever
 COPY ranker ./ranker
 COPY migrations ./migrations
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir -e ".[bulk]"
 ENV MUSE_DATA_DIR=/data
 CMD ["muse", "--help"]

@@ -8,7 +8,8 @@ Three kinds of chunk, each a row range in the dataset's canonical order:
 * ``import``: upsert precomputed vectors, rows ``[start, stop)`` of ``embeddings/<source>.parquet``.
 * ``behaviours``: for users ``[start, stop)`` copy each history entry's item vector into the
   behaviour collection (primary key = ``behaviour_pk(user, position)``); entries whose item has
-  no vector are skipped and counted in ``n_failed``.
+  no vector are skipped and counted in ``n_failed``. In a bulk job (``options["bulk"]``) the same
+  rows go through a Milvus bulk import instead (:mod:`indexer.bulk`).
 
 Every write is an upsert with a deterministic primary key, so re-running a chunk (a retry, a
 redelivery after a worker died, a ``resume``) never duplicates rows. Each function records its
@@ -77,6 +78,8 @@ class ChunkSpec:
     dim: int
     dataset_location: str
     dataset: str  # dataset name (collections are per dataset)
+    bulk: bool = False  # the job writes behaviours through Milvus bulk import (indexer.bulk)
+    attempt: int = 1  # this run's number among the chunk's claims (1 = the first)
 
     @property
     def ref(self) -> Any:
@@ -219,6 +222,7 @@ def begin_chunk(
         if claim.rowcount != 1:
             log.info("chunk %d was claimed by another worker; skipping this delivery", chunk.id)
             return None
+        attempt = int(chunk.attempts or 0) + 1  # the claim above incremented it in the database
         if job.status == "pending":
             job.status = "running"
             job.started_at = job.started_at or utcnow()
@@ -234,6 +238,8 @@ def begin_chunk(
             dim=int(source.dim),
             dataset_location=dataset.location,
             dataset=dataset.name,
+            bulk=bool((job.options or {}).get("bulk")),
+            attempt=attempt,
         )
 
 
@@ -370,6 +376,10 @@ def run_chunk(settings: Settings, chunk_id: int, count_attempt: bool = True) -> 
         return None
     t0 = time.perf_counter()
     work = {ITEMS: encode_items_chunk, IMPORT: import_vectors_chunk, BEHAVIOURS: copy_behaviours_chunk}.get(spec.kind)
+    if spec.kind == BEHAVIOURS and spec.bulk:
+        from indexer.bulk import import_behaviours_chunk
+
+        work = import_behaviours_chunk
     if work is None:
         raise DataError(f"chunk {chunk_id} has unknown kind {spec.kind!r}; valid: {', '.join(CHUNK_KINDS)}")
     with LeaseKeeper(settings, chunk_id):

@@ -27,6 +27,7 @@ CPU_INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX")
 GPU_INDEX_TYPES = ("GPU_BRUTE_FORCE", "GPU_IVF_FLAT", "GPU_CAGRA")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")
 BROKER_SCHEMES = ("filesystem", "redis", "rediss", "amqp", "pyamqp", "memory")
+BULK_SCHEMES = ("file", "s3")
 
 #: Environment variable -> settings field. The single list of ``MUSE_*`` variables.
 ENV_VARS: dict[str, str] = {
@@ -51,6 +52,11 @@ ENV_VARS: dict[str, str] = {
     "MUSE_BACKFILL_BACKOFF_S": "backfill_backoff_s",
     "MUSE_BACKFILL_OUTAGE_S": "backfill_outage_s",
     "MUSE_QUEUE_PREFIX": "queue_prefix",
+    "MUSE_BULK_URL": "bulk_url",
+    "MUSE_BULK_MIN_ROWS": "bulk_min_rows",
+    "MUSE_BULK_S3_ENDPOINT": "bulk_s3_endpoint",
+    "MUSE_BULK_S3_ACCESS_KEY": "bulk_s3_access_key",
+    "MUSE_BULK_S3_SECRET_KEY": "bulk_s3_secret_key",
 }
 #: Consistency levels a Milvus search may ask for (Milvus' names).
 CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
@@ -63,6 +69,7 @@ NUMERIC_FIELDS: dict[str, type] = {
     "backfill_retries": int,
     "backfill_backoff_s": float,
     "backfill_outage_s": float,
+    "bulk_min_rows": int,
 }
 
 
@@ -100,6 +107,14 @@ class Settings:
     # prepended to the indexer's queue names (and Redis keys), so that several deployments (or
     # tests) share one broker without taking each other's messages
     queue_prefix: str = ""
+    # Milvus bulk import (indexer.bulk): where the behaviour files go. "" -> file://<data_dir>/bulk,
+    # read by a Milvus server with local storage on this host; s3://BUCKET/PREFIX uploads them to
+    # the MinIO/S3 bucket the Milvus server itself stores its data in.
+    bulk_url: str = ""
+    bulk_min_rows: int = 2_000_000  # `muse backfill` imports behaviours in bulk from this many on (server Milvus)
+    bulk_s3_endpoint: str = ""  # host:port of MinIO/S3 for s3:// (http://... or https://...; bare = http)
+    bulk_s3_access_key: str = ""
+    bulk_s3_secret_key: str = ""
 
     @property
     def embedded_milvus(self) -> bool:
@@ -208,6 +223,15 @@ def _validate(s: Settings) -> Settings:
             raise ConfigurationError(f"{var}={value!r} must be a number >= 0")
         if kind is int and int(value) != value:
             raise ConfigurationError(f"{var}={value!r} must be a whole number")
+    bulk_scheme = urlparse(s.bulk_url).scheme
+    if bulk_scheme not in BULK_SCHEMES:
+        raise ConfigurationError(
+            f"MUSE_BULK_URL={s.bulk_url!r}: unknown scheme {bulk_scheme!r}; valid: file:///ABSOLUTE/DIR, s3://BUCKET/PREFIX"
+        )
+    if bulk_scheme == "s3" and not (urlparse(s.bulk_url).netloc and s.bulk_s3_endpoint):
+        raise ConfigurationError(
+            f"MUSE_BULK_URL={s.bulk_url!r} needs a bucket (s3://BUCKET/PREFIX) and MUSE_BULK_S3_ENDPOINT (host:port of MinIO/S3)"
+        )
     dev = s.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigurationError(f"MUSE_DEVICE={dev!r} is invalid; valid: auto, cpu, cuda, cuda:N")
@@ -265,5 +289,9 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         values["database_url"] = "postgresql+psycopg2://" + str(values["database_url"]).split("://", 1)[1]
     if not values.get("broker_url"):
         values["broker_url"] = "filesystem://"
+    if not values.get("bulk_url"):
+        values["bulk_url"] = (data_dir / "bulk").absolute().as_uri()
+    elif str(values["bulk_url"]).startswith("/"):
+        values["bulk_url"] = Path(values["bulk_url"]).as_uri()
     values["index_type"] = str(values.get("index_type", "FLAT")).upper()
     return _validate(Settings(**values))

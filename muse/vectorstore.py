@@ -14,7 +14,9 @@ write: a collection of another dataset or version is never used by accident. Col
 old naming (``<prefix>_<source>_items``, no identity) are *legacy*: :meth:`VectorStore.legacy_collections`.
 
 Primary keys are deterministic, so every write is an ``upsert`` and a retried task never
-duplicates rows. Vectors are stored L2-normalised, so COSINE (CPU indexes) and IP (GPU indexes)
+duplicates rows. A server also takes behaviour rows as files through its bulk import
+(:meth:`VectorStore.start_import`, used by :mod:`indexer.bulk`, which keeps re-runs free of
+duplicates by deleting by key first). Vectors are stored L2-normalised, so COSINE (CPU indexes) and IP (GPU indexes)
 rank identically. Filters are built from typed ints, never from user text.
 
 The same code runs against Milvus Lite (a local ``.db`` file), the Milvus 2.3 server of the
@@ -68,6 +70,13 @@ ITEMS_KIND, BEHAVIOURS_KIND = "items", "behaviours"
 #: Collection properties holding a collection's exact identity.
 PROP_DATASET, PROP_SOURCE, PROP_VERSION, PROP_KIND = "muse.dataset", "muse.source", "muse.version", "muse.kind"
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+#: Fields of a behaviour collection in the order of its bulk-import files (``<field>.npy`` each).
+BEHAVIOUR_FIELDS = ("pk", "user_id", "item_id", "position", "vector")
+#: Import task states (pymilvus' names) after which a task changes no more.
+IMPORT_COMPLETED = "Completed"
+IMPORT_FAILED_STATES = ("Failed", "Failed and cleaned")
+#: Primary keys per ``pk in [...]`` delete request.
+DELETE_BATCH = 2000
 
 
 class CollectionNotFound(NotFoundError):
@@ -200,6 +209,30 @@ class Hit:
     position: int
     item_id: int
     score: float
+
+
+@dataclass(frozen=True)
+class ImportTask:
+    """One Milvus bulk-import task as the server reports it."""
+
+    task_id: int
+    state: str  # Pending, Started, Persisted, Completed, Failed, ... (Milvus' names)
+    row_count: int  # rows the task persisted
+    files: tuple[str, ...]  # the paths it was given
+    reason: str  # why it failed ("" otherwise)
+    progress: int  # percent, as reported
+
+    @property
+    def completed(self) -> bool:
+        return self.state == IMPORT_COMPLETED
+
+    @property
+    def failed(self) -> bool:
+        return self.state in IMPORT_FAILED_STATES
+
+    @property
+    def finished(self) -> bool:
+        return self.completed or self.failed
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -998,6 +1031,95 @@ class VectorStore:
         name = self._require(ref, BEHAVIOURS_KIND)
         self._call("delete", self.client.delete, name, filter=f"user_id == {check_id(user_id, 'user_id')}")
         self.sequences.delete_user(name, int(user_id))
+
+    # -- bulk import ---------------------------------------------------------------------------
+    @property
+    def supports_bulk_import(self) -> bool:
+        """False on Milvus Lite, which has no import; True on a server (2.3 and later)."""
+        return not self.settings.embedded_milvus
+
+    def _import_call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One call of the import API (the gRPC handler under ``MilvusClient``: the 2.3 server has
+        only the gRPC ``Import``, which ``MilvusClient`` does not wrap), with a deadline; failures
+        sorted like :meth:`_call`'s, without its automatic retry."""
+        if not self.supports_bulk_import:
+            raise ConfigurationError("Milvus Lite has no bulk import; write with upserts")
+        client = self.client
+        kwargs.setdefault("timeout", self._deadline(what))
+        try:
+            return getattr(client._get_connection(), method)(*args, **kwargs)
+        except Exception as e:
+            kind = classify_milvus_error(e)
+            if kind == "other":
+                raise
+            if kind == "not_found":
+                raise CollectionNotFound(f"Milvus {what}: collection does not exist: {_short(e)}", None) from e
+            if kind in ("transient", "not_loaded"):
+                self._reset_client(client)
+                raise BackendUnavailable(f"Milvus {what} failed at {self.settings.milvus_uri!r}: {_short(e)}") from e
+            raise ConfigurationError(f"Milvus rejected the {what} request: {_short(e)}") from e
+
+    def start_import(self, ref: CollectionRef, kind: str, files: Sequence[str]) -> int:
+        """Start a bulk import of ``files`` (paths the server reads: absolute paths on a server with
+        local storage, object keys in its bucket with MinIO/S3) into ``ref``'s ``kind`` collection.
+        Returns the task id; :meth:`import_task` follows it."""
+        name = self._require(ref, kind)
+        task_id = self._import_call("import", "do_bulk_insert", collection_name=name, partition_name="",
+                                    files=list(files))
+        log.info("import task %s started: %d file(s) into %s", task_id, len(files), name)
+        return int(task_id)
+
+    @staticmethod
+    def _import_task(state: Any) -> ImportTask:
+        infos = dict(getattr(state, "infos", None) or {})
+        files = tuple(f for f in str(infos.get("files", "")).split(",") if f)
+        try:
+            progress = int(float(infos.get("progress_percent") or getattr(state, "progress", 0) or 0))
+        except (TypeError, ValueError):
+            progress = 0
+        return ImportTask(
+            task_id=int(state.task_id), state=str(state.state_name), row_count=int(state.row_count or 0),
+            files=files, reason=str(infos.get("failed_reason") or getattr(state, "failed_reason", "") or ""),
+            progress=progress,
+        )
+
+    def import_task(self, task_id: int) -> ImportTask:
+        """The state of one import task."""
+        return self._import_task(self._import_call("import state", "get_bulk_insert_state", int(task_id)))
+
+    def import_tasks(self, ref: CollectionRef, kind: str) -> list[ImportTask]:
+        """Every import task the server still remembers for ``ref``'s ``kind`` collection (Milvus keeps
+        them for ``rootCoord.importTaskRetention``, a day by default), oldest first."""
+        name = self.collection_name(ref, kind)
+        states = self._import_call("import list", "list_bulk_insert_tasks", limit=0, collection_name=name)
+        return sorted((self._import_task(s) for s in states), key=lambda t: t.task_id)
+
+    def delete_behaviours_by_pk(self, ref: CollectionRef, pks: np.ndarray | Sequence[int]) -> None:
+        """Delete behaviour rows by primary key (``pk in [...]``, :data:`DELETE_BATCH` a request).
+
+        A delete by primary key needs no query first, so it also removes rows of an import that
+        completed but is not yet visible to queries."""
+        name = self._require(ref, BEHAVIOURS_KIND)
+        keys = check_ids(pks, "pks")
+        for lo in range(0, len(keys), DELETE_BATCH):
+            expr = f"pk in [{', '.join(str(k) for k in keys[lo : lo + DELETE_BATCH].tolist())}]"
+            self._call("delete", self.client.delete, name, filter=expr)
+
+    def count_behaviours_of(self, ref: CollectionRef, user_ids: np.ndarray | Sequence[int]) -> int:
+        """Behaviour rows (visible to queries) of the given users."""
+        name = self._require(ref, BEHAVIOURS_KIND)
+        users = _int_list(user_ids, "user_ids")
+        total = 0
+        for lo in range(0, len(users), DELETE_BATCH):
+            total += self._count(name, f"user_id in [{', '.join(str(u) for u in users[lo : lo + DELETE_BATCH])}]")
+        return total
+
+    def write_sequences(self, ref: CollectionRef, user_ids: np.ndarray, positions: np.ndarray,
+                        item_ids: np.ndarray) -> None:
+        """Write behaviours to the users' sequence store only (rows that reached Milvus another way,
+        e.g. a bulk import); :meth:`upsert_behaviours` does this itself."""
+        self.sequences.write(self.behaviour_collection(ref), np.asarray(user_ids, np.int64),
+                             np.asarray(positions, np.int64), np.asarray(item_ids, np.int64))
 
     # -- reads -----------------------------------------------------------------------------------
     def _query(self, name: str, filter_expr: str, fields: list[str], limit: int) -> Any:

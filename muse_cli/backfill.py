@@ -28,7 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=None,
                    help="source version to write (default: the newest; see `muse embed list`)")
     p.add_argument("--chunk-size", type=int, default=512, help="items per chunk (default: 512)")
-    p.add_argument("--user-chunk-size", type=int, default=64, help="users per behaviour chunk (default: 64)")
+    p.add_argument("--user-chunk-size", type=int, default=None,
+                   help="users per behaviour chunk (default: 64; with bulk import about 1M behaviours a chunk)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--bulk", dest="bulk", action="store_true", default=None,
+                      help="write the behaviours through Milvus bulk import (files the server imports); "
+                           "default: automatic from MUSE_BULK_MIN_ROWS behaviours on a Milvus server")
+    mode.add_argument("--no-bulk", dest="bulk", action="store_false", help="write the behaviours with upserts")
     p.add_argument("--items-only", action="store_true", help="skip the behaviour collection")
     p.add_argument("--new", action="store_true", help="start a new job even if one exists for this source+dataset")
     p.add_argument("--detach", action="store_true", help="enqueue and return at once (the job continues)")
@@ -68,18 +74,56 @@ def _run(args: argparse.Namespace) -> int:
             _print_summary(progress)
             _print_version(settings, ref)
             return 0
-        print(f"continuing job {job_id} ({progress.status})")
+        print(f"continuing job {job_id} ({progress.status}{_mode(settings, job_id)})")
     else:
-        job_id = jobs.create_job(
-            settings, args.source, args.dataset, chunk_size=args.chunk_size,
-            user_chunk_size=args.user_chunk_size, behaviours=not args.items_only, version=ref.version,
-        )
-        print(f"created job {job_id}: {args.source} v{ref.version} on {args.dataset}")
+        job_id = _create(settings, args, ref)
     _print_version(settings, ref, before=True)
     code = _drive(settings, job_id, args.detach)
     if not args.detach:
+        code = _verify(settings, job_id, code)
         _print_version(settings, ref)
     return code
+
+
+def _create(settings: Any, args: argparse.Namespace, ref: Any) -> int:
+    """Create the job: behaviours by bulk import or by upserts (``indexer.bulk.choose``, which says
+    when Milvus Lite makes it upserts)."""
+    from indexer import bulk, jobs
+    from muse.data.format import Dataset
+
+    options = dict(chunk_size=args.chunk_size, behaviours=not args.items_only, version=ref.version)
+    choice = bulk.BulkChoice(False, None)
+    if not args.items_only:
+        n_behaviours = int(Dataset.open(settings, args.dataset).meta.get("n_behaviours") or 0)
+        choice = bulk.choose(settings, n_behaviours, args.bulk)
+    if choice.note:
+        print(choice.note)
+    if choice.bulk:
+        job_id = bulk.create_job(settings, args.source, args.dataset, user_chunk_size=args.user_chunk_size, **options)
+    else:
+        size = jobs.DEFAULT_USER_CHUNK_SIZE if args.user_chunk_size is None else args.user_chunk_size
+        job_id = jobs.create_job(settings, args.source, args.dataset, user_chunk_size=size, **options)
+    print(f"created job {job_id}: {args.source} v{ref.version} on {args.dataset}{_mode(settings, job_id)}")
+    return job_id
+
+
+def _mode(settings: Any, job_id: int) -> str:
+    from indexer import bulk
+
+    return "; behaviours through Milvus bulk import" if bulk.is_bulk_job(settings, job_id) else ""
+
+
+def _verify(settings: Any, job_id: int, code: int) -> int:
+    """After a bulk job is done: wait until the behaviour collection shows exactly the rows written."""
+    from indexer import bulk
+
+    if code != 0 or not bulk.is_bulk_job(settings, job_id):
+        return code
+    found = bulk.verify_job(settings, job_id)
+    print(f"verified: {found.collection} holds {found.found:,} behaviour rows, the {found.expected:,} the job "
+          f"imported (visible after {found.waited_s:.1f} s)")
+    return code
+
 
 
 def _target(settings: Any, source: str, dataset: str, version: int | None) -> Any:
@@ -282,12 +326,13 @@ def _status(args: argparse.Namespace) -> int:
     from indexer import jobs
     from muse.settings import load_settings
 
-    progress = jobs.job_progress(load_settings(), args.job)
+    settings = load_settings()
+    progress = jobs.job_progress(settings, args.job)
     if args.json:
         print(json.dumps(progress.to_dict(), indent=2))
     else:
         done = f"{progress.units_done}/{progress.units_total} rows"
-        print(f"{done}")
+        print(f"{done}{_mode(settings, args.job)}")
         _print_summary(progress)
     return 0
 
@@ -302,7 +347,8 @@ def _resume(args: argparse.Namespace) -> int:
         print(f"job {args.job} is already done; nothing to do")
         _print_summary(progress)
         return 0
-    return _drive(settings, args.job, args.detach)
+    code = _drive(settings, args.job, args.detach)
+    return code if args.detach else _verify(settings, args.job, code)
 
 
 def _cancel(args: argparse.Namespace) -> int:
