@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=512, help="items per chunk (default: 512)")
     p.add_argument("--user-chunk-size", type=int, default=64, help="users per behaviour chunk (default: 64)")
     p.add_argument("--items-only", action="store_true", help="skip the behaviour collection")
+    p.add_argument("--users", type=int, default=None, metavar="N",
+                   help="behaviours of the first N users only (a slice for trials and benchmarks)")
     p.add_argument("--new", action="store_true", help="start a new job even if one exists for this source+dataset")
     p.add_argument("--detach", action="store_true", help="enqueue and return at once (the job continues)")
     p.set_defaults(func=_run)
@@ -73,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         job_id = jobs.create_job(
             settings, args.source, args.dataset, chunk_size=args.chunk_size,
             user_chunk_size=args.user_chunk_size, behaviours=not args.items_only, version=ref.version,
+            max_users=args.users,
         )
         print(f"created job {job_id}: {args.source} v{ref.version} on {args.dataset}")
     _print_version(settings, ref, before=True)
