@@ -11,11 +11,12 @@ scan     a bare pyarrow scan of the raw files (``iter_batches`` over every file)
          the import is held against (goal: import <= 3x the scan)
 import   ``muse data taobao-mm RAW``
 train    ``muse rank train --model muse --source scl-taobao --max-train N``: the ranker's data
-         set-up plus a fixed number of training steps (``--train-samples``, default 200 steps of
+         set-up plus a fixed number of training steps (``--train-samples``, default 100 steps of
          256); throughput = the training loop's samples/s as the run reports it
-eval     ``muse rank eval RUN``: the whole test split, with a fast model (``--eval-model``,
-         default ``din --esu ta``, trained for ``--eval-train-samples`` first, not measured);
-         the MUSE model itself evaluates at about a quarter of its speed on 2 CPUs
+eval     the whole test split with a fast model (``--eval-model``, default ``din --esu ta``):
+         ``muse rank train --max-train 1024`` without ``--max-eval``, i.e. the data set-up, four
+         steps and the evaluation ``muse rank eval`` runs, in one process (MUSE itself evaluates
+         at about a quarter of DIN's speed on 2 CPUs: 2M test impressions at f = 0.01)
 backfill ``muse backfill --source scl-taobao --users N``: every item vector and the behaviours of
          the first ``--backfill-users`` users (default 1,000) into a Milvus server (one the bench
          starts on free ports, or ``--milvus-uri``), through the queue and its worker process
@@ -331,12 +332,14 @@ class Options:
     budget_gb: float = 16.0
     seed: int = 0
     train_model: str = "muse"
-    train_samples: int = 51_200
+    train_samples: int = 25_600
     batch_size: int = 256
     eval_model: str = "din"
     eval_esu: str | None = "ta"
-    eval_train_samples: int = 1_024
+    eval_train_samples: int = 1_024  # the eval model's training before it evaluates
     backfill_users: int = 1_000
+    backfill_chunk_size: int = 4_096  # items per backfill chunk (the CLI's default is 512)
+    keep: bool = False  # keep each fraction's Milvus collections (else dropped after its last stage)
     prefetch_users: int = 1_000
     device: str = "cpu"
     sequence_url: str = "file"
@@ -475,34 +478,29 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
                                f"{wall - tr['seconds']:.1f} s set-up and the rest", {"run": train_run, **tr}))
 
     if ready("eval"):
-        same = opts.eval_model == opts.train_model and opts.eval_esu is None and train_run is not None
-        run_id, prep_s, ok = train_run, 0.0, True
-        if not same:
-            argv = _muse("rank", "train", "--model", opts.eval_model, "--dataset", name, "--source", SOURCE,
-                         "--max-train", str(opts.eval_train_samples), "--max-eval", str(opts.batch_size),
-                         "--seed", str(opts.seed), "--json", *(["--esu", opts.eval_esu] if opts.eval_esu else []))
-            child, prep_s = run_child(argv, env, logs, "eval-prep", timeout)
-            ok = child.code == 0
-            if ok:
-                run_id = _json_out(child)["run"]
-            else:
-                record(_failed("eval", f, child, prep_s))
-        if ok:
-            child, wall = run_child(_muse("rank", "eval", str(run_id), "--json"), env, logs, "eval", timeout)
-            if child.code != 0:
-                record(_failed("eval", f, child, wall))
-            else:
-                m = _json_out(child)["overall"]
-                label = opts.eval_model + (f" --esu {opts.eval_esu}" if opts.eval_esu else "")
-                record(StageResult("eval", f, True, wall, child.maxrss, m["n"], "impressions", m["n"] / wall,
-                                   f"{label}: {m['n']:,} test impressions, AUC {m['auc']:.4f} GAUC {m['gauc']:.4f}",
-                                   {"run": run_id, "prep_s": prep_s, **m}))
+        # One process: the data set-up, a few training steps of the fast model and the whole test
+        # split (no --max-eval), the same evaluate() as ``muse rank eval`` without a second set-up.
+        argv = _muse("rank", "train", "--model", opts.eval_model, "--dataset", name, "--source", SOURCE,
+                     "--max-train", str(opts.eval_train_samples), "--batch-size", str(opts.batch_size),
+                     "--seed", str(opts.seed), "--json", *(["--esu", opts.eval_esu] if opts.eval_esu else []))
+        child, wall = run_child(argv, env, logs, "eval", timeout)
+        if child.code != 0:
+            record(_failed("eval", f, child, wall))
+        else:
+            out = _json_out(child)
+            m = out["overall"]
+            label = opts.eval_model + (f" --esu {opts.eval_esu}" if opts.eval_esu else "")
+            record(StageResult("eval", f, True, wall, child.maxrss, m["n"], "impressions", m["n"] / wall,
+                               f"{label}: set-up, {out['train']['samples']:,} train samples and all {m['n']:,} "
+                               f"test impressions (AUC {m['auc']:.3f}, GAUC {m['gauc']:.3f})",
+                               {"run": out["run"], **m, "train_loop_s": out["train"]["seconds"]}))
 
     if ready("backfill"):
         if milvus_uri is None:
             record(StageResult("backfill", f, False, note="skipped: no Milvus server (--milvus-uri, or the milvus package)"))
         else:
-            argv = _muse("backfill", "--source", SOURCE, "--dataset", name, "--users", str(opts.backfill_users))
+            argv = _muse("backfill", "--source", SOURCE, "--dataset", name, "--users", str(opts.backfill_users),
+                         "--chunk-size", str(opts.backfill_chunk_size))
             child, wall = run_child(argv, env, logs, "backfill", timeout)
             status = None
             if child.code == 0:
@@ -542,6 +540,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
                 record(_failed("serve", f, server, wall))
             else:
                 hwm = server.hwm()
+                rss_before = _status_kb(server.pid, "VmRSS") * 1024 if server.pid else 0
                 n_items = info["rows"]["scl_embedding_int8_p90"]
                 record(StageResult("serve", f, True, wall, hwm, n_items, "items", n_items / wall,
                                    f"healthy after {wall:.1f} s; item table of {n_items:,} vectors"))
@@ -554,11 +553,14 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
                     else:
                         out = _json_out(client)
                         peak = server.hwm()
+                        rss_after = _status_kb(server.pid, "VmRSS") * 1024 if server.pid else 0
+                        per_user = (rss_after - rss_before) / max(out["users"], 1)  # what the cache added per user
                         record(StageResult("prefetch", f, True, out["seconds"], peak, out["users"], "users",
                                            out["users"] / max(out["seconds"], 1e-9),
                                            f"{out['users']:,} users, {out['behaviours']:,} behaviours cold in "
-                                           f"{out['seconds']:.2f} s (server's peak RSS)",
-                                           {**out, "client_rss": client.maxrss, "client_wall_s": cwall}))
+                                           f"{out['seconds']:.2f} s; server RSS +{per_user / 1e3:,.1f} kB a user",
+                                           {**out, "client_rss": client.maxrss, "client_wall_s": cwall,
+                                            "server_bytes_per_user": per_user}))
         finally:
             server.stop()
         for r in results:  # the server's peak over its whole life, from the wrapper, as a check
@@ -692,7 +694,10 @@ def render(report: dict[str, Any]) -> str:
     lines += [head, "-" * len(head)]
     for g in report["goals"]:
         lines.append(f"{g['goal']:<62} {g['measured']:<30} {g['verdict']}")
-    lines += ["", f"whole run: {_duration(report['total_s'])}"]
+    machine = report.get("machine") or {}
+    load = "".join(f", load average {machine[k][0]:.1f} at the {w}" for k, w in
+                   (("load_average_start", "start"), ("load_average_end", "end")) if machine.get(k))
+    lines += ["", f"whole run: {_duration(report['total_s'])} on {machine.get('cpus', '?')} CPUs{load}"]
     return "\n".join(lines) + "\n"
 
 
@@ -730,19 +735,22 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--keep", action="store_true", help="keep the work folder (raw files, data sets, logs)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--train-model", default=d.train_model, help="model of the train stage (default muse)")
-    p.add_argument("--train-samples", type=int, default=d.train_samples, help="train impressions (200 steps of 256)")
+    p.add_argument("--train-samples", type=int, default=d.train_samples, help="train impressions (100 steps of 256)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--eval-model", default=d.eval_model, help="model of the eval stage (default din)")
     p.add_argument("--eval-esu", default=d.eval_esu, help="its ESU (default ta; 'default' for the model's own)")
     p.add_argument("--eval-train-samples", type=int, default=d.eval_train_samples)
     p.add_argument("--backfill-users", type=int, default=d.backfill_users, help="users backfilled (default 1000)")
+    p.add_argument("--backfill-chunk-size", type=int, default=d.backfill_chunk_size,
+                   help="items per backfill chunk (default 4096)")
     p.add_argument("--prefetch-users", type=int, default=d.prefetch_users, help="users prefetched (default 1000)")
     p.add_argument("--device", default=d.device, help="MUSE_DEVICE of the stages (default cpu)")
     p.add_argument("--sequence-url", default=d.sequence_url, help="MUSE_SEQUENCE_URL (default file)")
     p.add_argument("--milvus-uri", default=None, help="a Milvus server to use instead of starting one")
     p.add_argument("--stage-timeout-s", type=float, default=d.stage_timeout_s)
     args = p.parse_args(argv)
-    for name in ("train_samples", "batch_size", "eval_train_samples", "backfill_users", "prefetch_users"):
+    for name in ("train_samples", "batch_size", "eval_train_samples", "backfill_users", "backfill_chunk_size",
+                 "prefetch_users"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.prefetch_users > args.backfill_users:
@@ -755,7 +763,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
                    train_model=args.train_model, train_samples=args.train_samples, batch_size=args.batch_size,
                    eval_model=args.eval_model, eval_esu=None if args.eval_esu == "default" else args.eval_esu,
                    eval_train_samples=args.eval_train_samples, backfill_users=args.backfill_users,
-                   prefetch_users=args.prefetch_users, device=args.device, sequence_url=args.sequence_url,
+                   backfill_chunk_size=args.backfill_chunk_size, keep=args.keep, prefetch_users=args.prefetch_users, device=args.device, sequence_url=args.sequence_url,
                    milvus_uri=args.milvus_uri, stage_timeout_s=args.stage_timeout_s)
     return opts, args
 
@@ -763,6 +771,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
 def run(opts: Options, work: Path, progress: Any = print) -> dict[str, Any]:
     """Run every fraction; returns the report (results, fits, goals)."""
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     prefix = f"scale{os.getpid()}"
     milvus = None
     needs_milvus = any(s in opts.stages for s in ("backfill", "serve", "prefetch"))
@@ -777,37 +786,41 @@ def run(opts: Options, work: Path, progress: Any = print) -> dict[str, Any]:
             notes.append(f"no Milvus server: {e}")
             progress(f"  no Milvus server ({e}): backfill, serve and prefetch are skipped")
     results: list[StageResult] = []
+    uri = opts.milvus_uri or (milvus.uri if milvus is not None else None)
     try:
         for f in opts.fractions:
             progress(f"fraction {f:g}")
-            results += run_fraction(f, opts, work, milvus, prefix, progress)
+            try:
+                results += run_fraction(f, opts, work, milvus, prefix, progress)
+            finally:
+                if uri and needs_milvus and not opts.keep:  # the next fraction's Milvus work starts afresh
+                    _drop_collections(opts, work, prefix, f, uri)
     finally:
         if milvus is not None:
             milvus.stop()
-        elif opts.milvus_uri:
-            _drop_collections(opts, work, prefix)
     fitted = fits(results)
     return {"fractions": list(opts.fractions), "budget_gb": opts.budget_gb, "options": asdict(opts),
             "results": [asdict(r) for r in results], "fits": fitted, "goals": goals(results, fitted, opts.budget_gb),
             "notes": notes, "total_s": time.perf_counter() - t0,
-            "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}}
+            "machine": {"cpus": os.cpu_count(), "load_average_start": load_start, "load_average_end": os.getloadavg()}}
 
 
-def _drop_collections(opts: Options, work: Path, prefix: str) -> None:
-    """Drop what the run wrote into a Milvus server it did not start (collections of its prefix)."""
+def _drop_collections(opts: Options, work: Path, prefix: str, f: float, uri: str) -> None:
+    """Drop the Milvus collections and aliases fraction ``f`` wrote (the run's own prefix)."""
     from muse.settings import load_settings
     from muse.vectorstore import CollectionRef, VectorStore
 
-    for f in opts.fractions:
-        settings = load_settings(env=muse_env(work / f"f-{f:g}" / "data", opts, opts.milvus_uri, prefix))
-        try:
-            with VectorStore(settings) as store:
-                name = _dataset_name(f)
-                for v in store.versions(name, SOURCE):
-                    store.drop_collections(CollectionRef(name, SOURCE, v))
+    name = _dataset_name(f)
+    try:
+        settings = load_settings(env=muse_env(work / f"f-{f:g}" / "data", opts, uri, prefix))
+        with VectorStore(settings) as store:
+            versions = store.versions(name, SOURCE)
+            if store.live_version(name, SOURCE) is not None:
                 store.drop_live(name, SOURCE)
-        except Exception as e:  # cleanup must not hide the report
-            print(f"warning: could not drop the collections of {_dataset_name(f)}: {e}", file=sys.stderr)
+            for v in versions:
+                store.drop_collections(CollectionRef(name, SOURCE, v))
+    except Exception as e:  # cleanup must not hide the report
+        print(f"warning: could not drop the collections of {name}: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
