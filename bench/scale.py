@@ -352,9 +352,10 @@ def _dataset_name(fraction: float) -> str:
 
 
 def muse_env(data_dir: Path, opts: Options, milvus_uri: str | None, prefix: str) -> dict[str, str]:
-    """The environment of every child of one fraction: this process's, without any ``MUSE_*``
-    variable of the caller's, plus the fraction's own settings (embedded metadata and broker)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MUSE_")}
+    """The environment of every child of one fraction: this process's, without the caller's
+    ``MUSE_*`` variables (``MUSE_MILVUS_TOKEN`` aside, for ``--milvus-uri``), plus the fraction's own
+    settings (embedded metadata and broker under its data folder)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUSE_") or k == "MUSE_MILVUS_TOKEN"}
     env.update(MUSE_DATA_DIR=str(data_dir), MUSE_DEVICE=opts.device, MUSE_SEQUENCE_URL=opts.sequence_url,
                MUSE_MILVUS_PREFIX=prefix, PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     if milvus_uri:
