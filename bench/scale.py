@@ -136,6 +136,7 @@ class Child:
         self.code: int | None = None
         self.maxrss = 0  # bytes
         self.wall_s = 0.0
+        self.cpu_s = 0.0  # user + system seconds (a loaded machine stretches wall time, not this)
         self._pid: int | None = None
 
     @property
@@ -157,6 +158,7 @@ class Child:
         try:
             res = json.loads(self.result_path.read_text())
             self.code, self.maxrss, self.wall_s = int(res["code"]), int(res["maxrss"]), float(res["wall_s"])
+            self.cpu_s = float(res.get("cpu_s", 0.0))
         except (OSError, ValueError, KeyError):  # the wrapper itself was killed
             self.code, self.wall_s = self.proc.returncode or -1, time.perf_counter() - self.started
         return True
@@ -369,7 +371,7 @@ def _muse(*args: str) -> list[str]:
 
 def _failed(stage: str, f: float, child: Child, wall: float) -> StageResult:
     return StageResult(stage, f, False, wall, child.maxrss, note=f"exit {child.code}",
-                       extra={"log_tail": child.tail(), "argv": child.argv})
+                       extra={"log_tail": child.tail(), "argv": child.argv, "cpu_s": child.cpu_s})
 
 
 def _health_serving(address: str, timeout_s: float = 1.0) -> bool:
@@ -399,7 +401,9 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
     timeout = opts.stage_timeout_s
     done: set[str] = set()
 
-    def record(res: StageResult) -> StageResult:
+    def record(res: StageResult, child: Child | None = None) -> StageResult:
+        if child is not None:
+            res.extra["cpu_s"] = child.cpu_s
         results.append(res)
         if res.ok:
             done.add(res.stage)
@@ -425,7 +429,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
             record(_failed("generate", f, child, wall))
             return results
         info = _json_out(child)
-        gen = StageResult("generate", f, True, wall, child.maxrss)
+        gen = StageResult("generate", f, True, wall, child.maxrss, extra={"cpu_s": child.cpu_s})
     else:
         gen = StageResult("generate", f, True, info["seconds"], 0, note="reused")
     raw_bytes = sum(info["bytes"].values())
@@ -434,7 +438,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
     gen.throughput = gen.work / max(gen.wall_s, 1e-9)
     gen.note = (gen.note + "; " if gen.note else "") + (
         f"{spec.n_users:,} users, {spec.n_items:,} items, {n_samples:,} samples, {raw_bytes / 1e6:,.0f} MB")
-    gen.extra = {"rows": info["rows"], "bytes": info["bytes"]}
+    gen.extra.update(rows=info["rows"], bytes=info["bytes"])
     record(gen)
 
     if "scan" in opts.stages:
@@ -445,7 +449,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
             out = _json_out(child)
             record(StageResult("scan", f, True, wall, child.maxrss, raw_bytes / 1e6, "MB",
                                raw_bytes / 1e6 / max(out["seconds"], 1e-9),
-                               f"{out['rows']:,} rows in {out['seconds']:.1f} s of iter_batches", out))
+                               f"{out['rows']:,} rows in {out['seconds']:.1f} s of iter_batches", out), child)
 
     if ready("import"):
         child, wall = run_child(_muse("db", "upgrade"), env, logs, "db-upgrade", timeout)
@@ -460,7 +464,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
                 ratio = wall / scan.wall_s if scan is not None else None
                 note = f"{n_samples / wall:,.0f} samples/s" + (f"; {ratio:.1f}x the bare scan" if ratio else "")
                 record(StageResult("import", f, True, wall, child.maxrss, raw_bytes / 1e6, "MB",
-                                   raw_bytes / 1e6 / wall, note, {"over_scan": ratio, "samples": n_samples}))
+                                   raw_bytes / 1e6 / wall, note, {"over_scan": ratio, "samples": n_samples}), child)
 
     train_run = None
     if ready("train"):
@@ -476,7 +480,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
             train_run = out["run"]
             record(StageResult("train", f, True, wall, child.maxrss, tr["samples"], "samples", tr["samples_per_s"],
                                f"{opts.train_model}: {tr['samples']:,} samples, {tr['seconds']:.1f} s in the loop, "
-                               f"{wall - tr['seconds']:.1f} s set-up and the rest", {"run": train_run, **tr}))
+                               f"{wall - tr['seconds']:.1f} s set-up and the rest", {"run": train_run, **tr}), child)
 
     if ready("eval"):
         # One process: the data set-up, a few training steps of the fast model and the whole test
@@ -494,7 +498,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
             record(StageResult("eval", f, True, wall, child.maxrss, m["n"], "impressions", m["n"] / wall,
                                f"{label}: set-up, {out['train']['samples']:,} train samples and all {m['n']:,} "
                                f"test impressions (AUC {m['auc']:.3f}, GAUC {m['gauc']:.3f})",
-                               {"run": out["run"], **m, "train_loop_s": out["train"]["seconds"]}))
+                               {"run": out["run"], **m, "train_loop_s": out["train"]["seconds"]}), child)
 
     if ready("backfill"):
         if milvus_uri is None:
@@ -520,7 +524,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
                 record(StageResult("backfill", f, True, wall, child.maxrss, rows, "rows", rows / wall,
                                    f"{status['items_written']:,} items ({status['items_per_s'] or 0:,.0f}/s) + "
                                    f"{status['behaviours_written']:,} behaviours of {status['users_total']:,} users "
-                                   f"({status['behaviours_per_s'] or 0:,.0f}/s)", extra))
+                                   f"({status['behaviours_per_s'] or 0:,.0f}/s)", extra), child)
 
     if ready("serve"):
         port = free_ports(1)[0]
@@ -555,18 +559,20 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
                         out = _json_out(client)
                         peak = server.hwm()
                         rss_after = _status_kb(server.pid, "VmRSS") * 1024 if server.pid else 0
-                        per_user = (rss_after - rss_before) / max(out["users"], 1)  # what the cache added per user
+                        per_user = out["cache_bytes"] / max(out["cache_entries"], 1)  # the cache's own count
                         record(StageResult("prefetch", f, True, out["seconds"], peak, out["users"], "users",
                                            out["users"] / max(out["seconds"], 1e-9),
                                            f"{out['users']:,} users, {out['behaviours']:,} behaviours cold in "
-                                           f"{out['seconds']:.2f} s; server RSS +{per_user / 1e3:,.1f} kB a user",
+                                           f"{out['seconds']:.2f} s; cache {per_user / 1e3:,.1f} kB a user",
                                            {**out, "client_rss": client.maxrss, "client_wall_s": cwall,
-                                            "server_bytes_per_user": per_user}))
+                                            "cache_bytes_per_user": per_user,
+                                            "server_rss_growth": rss_after - rss_before}))
         finally:
             server.stop()
         for r in results:  # the server's peak over its whole life, from the wrapper, as a check
             if r.stage in ("serve", "prefetch") and r.ok:
                 r.extra["server_maxrss_at_exit"] = server.maxrss
+                r.extra["server_cpu_s"] = server.cpu_s
     return results
 
 
@@ -584,8 +590,10 @@ def prefetch_client(address: str, dataset: str, n_users: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         lengths = remote.prefetch(users).result()
         seconds = time.perf_counter() - t0
+        stats = remote.stats()
     return {"users": len(users), "behaviours": int(sum(lengths.values())),
-            "users_with_history": int(sum(1 for n in lengths.values() if n)), "seconds": seconds}
+            "users_with_history": int(sum(1 for n in lengths.values() if n)), "seconds": seconds,
+            "cache_entries": int(stats.entries), "cache_bytes": int(stats.bytes)}
 
 
 # -- fits and goals --------------------------------------------------------------------------------------
@@ -666,12 +674,15 @@ def _duration(s: float) -> str:
 def render(report: dict[str, Any]) -> str:
     """The report as text tables."""
     results = [StageResult(**r) for r in report["results"]]
-    lines = ["measured (each stage a fresh process; peak RSS from the child's own resource usage)", ""]
-    head = f"{'f':>7} {'stage':<9} {'wall':>9} {'throughput':>20} {'peak RSS':>9}  note"
+    lines = ["measured (each stage a fresh process; cpu = its user + system seconds, peak RSS its own; "
+             "serve/prefetch: the server's)", ""]
+    head = f"{'f':>7} {'stage':<9} {'wall':>9} {'cpu':>7} {'throughput':>20} {'peak RSS':>9}  note"
     lines += [head, "-" * len(head)]
     for r in results:
         thr = f"{r.throughput:,.0f} {r.unit}/s" if r.ok and r.unit else "-"
-        lines.append(f"{r.fraction:>7g} {r.stage:<9} {r.wall_s:>8.1f}s {thr:>20} "
+        cpu = r.extra.get("cpu_s", r.extra.get("server_cpu_s"))
+        cpu_text = f"{cpu:.0f}s" if cpu else "-"
+        lines.append(f"{r.fraction:>7g} {r.stage:<9} {r.wall_s:>8.1f}s {cpu_text:>7} {thr:>20} "
                      f"{(r.peak_rss / GB if r.peak_rss else 0):>6.2f} GB  {r.note}")
     fitted, budget = report["fits"], report["budget_gb"]
     lines += ["", f"least squares y = a + b*f over f = {', '.join(f'{x:g}' for x in report['fractions'])}; "

@@ -7,7 +7,7 @@ least the bench's own RSS. This wrapper imports only the standard library (run w
 10 MB), spawns ``ARGV``, waits for it with ``os.wait4`` and writes ``RESULT`` (JSON): ``pid``
 (also written alone to ``RESULT.pid`` as soon as the child runs), ``code`` (negative: killed by
 that signal), ``maxrss`` (bytes: the child's peak RSS, with the descendants it waited for) and
-``wall_s``. SIGTERM reaches the child through its process group; the wrapper outlives it to
+``wall_s``, ``cpu_s`` (user + system seconds of the child and its waited-for descendants). SIGTERM reaches the child through its process group; the wrapper outlives it to
 write the result.
 """
 
@@ -31,7 +31,8 @@ def main(argv: list) -> int:
     _, status, usage = os.wait4(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     with open(result + ".tmp", "w") as fh:
-        json.dump({"pid": pid, "code": code, "maxrss": usage.ru_maxrss * 1024, "wall_s": time.perf_counter() - t0}, fh)
+        json.dump({"pid": pid, "code": code, "maxrss": usage.ru_maxrss * 1024, "wall_s": time.perf_counter() - t0,
+                   "cpu_s": usage.ru_utime + usage.ru_stime}, fh)
     os.replace(result + ".tmp", result)
     return 0
 
