@@ -211,18 +211,24 @@ def create_job(
     user_chunk_size: int = DEFAULT_USER_CHUNK_SIZE,
     behaviours: bool = True,
     version: int | None = None,
+    max_users: int | None = None,
 ) -> int:
     """Create a job and its chunk rows (all ``pending``; nothing is enqueued). Returns the job id.
 
     The job writes the collections of (dataset, source, ``version``), the newest source version
-    when None, beside any other version of the pair (see :mod:`muse.versions`).
+    when None, beside any other version of the pair (see :mod:`muse.versions`). With
+    ``max_users`` only the first ``max_users`` users (canonical order) get behaviour chunks: a
+    slice for trials and benchmarks (such a version is short of the dataset's behaviours, so
+    ``promote`` refuses it without ``force``).
 
     Raises:
-        ConfigurationError: a chunk size below 1.
+        ConfigurationError: a chunk size or ``max_users`` below 1.
         NotFoundError: unknown dataset or source.
     """
     if chunk_size < 1 or user_chunk_size < 1:
         raise ConfigurationError(f"chunk sizes must be >= 1, got {chunk_size} and {user_chunk_size}")
+    if max_users is not None and max_users < 1:
+        raise ConfigurationError(f"max_users must be >= 1, got {max_users}")
     ds, dataset_id = _dataset_row(settings, dataset)
     source_id = resolve_source(settings, source, ds, version)
     with session_scope(settings) as session:
@@ -231,7 +237,8 @@ def create_job(
             source_id=src.id, dataset_id=dataset_id, status="pending", chunk_size=int(chunk_size),
             options={"user_chunk_size": int(user_chunk_size), "behaviours": bool(behaviours),
                      "source": src.name, "source_version": src.version, "dataset": ds.name,
-                     "naming": "per-version"},  # jobs without it wrote the legacy per-source collections
+                     "naming": "per-version",  # jobs without it wrote the legacy per-source collections
+                     **({"max_users": int(max_users)} if max_users is not None else {})},
         )
         session.add(job)
         session.flush()
@@ -246,7 +253,8 @@ def create_job(
             item_kind, n_rows = ITEMS, ds.n_items
         chunks = [(item_kind, lo, hi) for lo, hi in _ranges(n_rows, chunk_size)]
         if behaviours:
-            chunks += [(BEHAVIOURS, lo, hi) for lo, hi in _ranges(ds.n_users, user_chunk_size)]
+            n_users = ds.n_users if max_users is None else min(ds.n_users, int(max_users))
+            chunks += [(BEHAVIOURS, lo, hi) for lo, hi in _ranges(n_users, user_chunk_size)]
         counters: dict[str, int] = {}
         for kind, lo, hi in chunks:
             index = counters.get(kind, 0)

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "default: automatic from MUSE_BULK_MIN_ROWS behaviours on a Milvus server")
     mode.add_argument("--no-bulk", dest="bulk", action="store_false", help="write the behaviours with upserts")
     p.add_argument("--items-only", action="store_true", help="skip the behaviour collection")
+    p.add_argument("--users", type=int, default=None, metavar="N",
+                   help="behaviours of the first N users only (a slice for trials and benchmarks)")
     p.add_argument("--new", action="store_true", help="start a new job even if one exists for this source+dataset")
     p.add_argument("--detach", action="store_true", help="enqueue and return at once (the job continues)")
     p.set_defaults(func=_run)
@@ -91,7 +93,8 @@ def _create(settings: Any, args: argparse.Namespace, ref: Any) -> int:
     from indexer import bulk, jobs
     from muse.data.format import Dataset
 
-    options = dict(chunk_size=args.chunk_size, behaviours=not args.items_only, version=ref.version)
+    options = dict(chunk_size=args.chunk_size, behaviours=not args.items_only, version=ref.version,
+                   max_users=args.users)
     choice = bulk.BulkChoice(False, None)
     if not args.items_only:
         n_behaviours = int(Dataset.open(settings, args.dataset).meta.get("n_behaviours") or 0)

@@ -84,6 +84,19 @@ def test_create_job_chunks_cover_the_dataset(world):
         jobs.create_job(settings, SOURCE, dataset.name, chunk_size=0)
 
 
+def test_create_job_max_users_backfills_a_slice_of_users(world):
+    settings, dataset = world
+    job_id = jobs.create_job(settings, SOURCE, dataset.name, chunk_size=128, user_chunk_size=25, max_users=40)
+    chunks = _chunks(settings, job_id)
+    assert [(lo, hi) for _, kind, lo, hi, _, _ in chunks if kind == "behaviours"] == [(0, 25), (25, 40)]
+    assert [hi for _, kind, _, hi, _, _ in chunks if kind == "items"][-1] == dataset.n_items  # every item still
+    everyone = jobs.create_job(settings, SOURCE, dataset.name, user_chunk_size=1000, max_users=10**6)
+    assert [(lo, hi) for _, kind, lo, hi, _, _ in _chunks(settings, everyone) if kind == "behaviours"] == [
+        (0, dataset.n_users)]
+    with pytest.raises(ConfigurationError, match="max_users"):
+        jobs.create_job(settings, SOURCE, dataset.name, max_users=0)
+
+
 def test_chunks_in_process_are_idempotent_and_fail_only_the_corrupt_item(world):
     settings, dataset = world
     bad_item = int(dataset.item_ids()[7])
