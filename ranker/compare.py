@@ -160,7 +160,8 @@ def render_table(result: dict[str, Any]) -> str:
     seeds = spec.get("seeds", [])
     lines = [f"Dataset `{spec.get('dataset')}`, seeds {', '.join(map(str, seeds))} "
              f"(mean ± sample std over seeds), batch {spec.get('train', {}).get('batch_size')}, "
-             f"{spec.get('threads') or 'default'} torch thread(s).", "",
+             f"{spec.get('threads') or 'default'} torch thread(s)"
+             f"{_processes(spec)}.", "",
              "| model (ESU) | source | GAUC | AUC | logloss | GAUC long-tail | GAUC long-history | runs | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
@@ -180,6 +181,12 @@ def render_table(result: dict[str, Any]) -> str:
             note = "" if ev else " (not evaluated: run `muse embed eval`)"
             lines.append(f"| {source}{note} | {info.get('version') or '-'} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def _processes(spec: dict[str, Any]) -> str:
+    """Words for a comparison trained by several processes (empty for one)."""
+    p = spec.get("processes")
+    return f" per process, {p['world_size']} processes ({p['backend']})" if p else ""
 
 
 def render_plot(result: dict[str, Any], path: Path, title: str) -> Path:
@@ -312,7 +319,7 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
             on_row: Callable[[CompareRow], None] | None = None, progress: bool = False,
             seeds: Sequence[int] | None = None, reuse: bool = True, threads: int | None = None,
             write_files: bool = True, config: dict[str, Any] | None = None,
-            vectors_for: VectorsFor | None = None) -> CompareResult:
+            vectors_for: VectorsFor | None = None, dist: Any = None) -> CompareResult:
     """Train (or reuse) and evaluate every combination for every seed; store and write the result.
 
     Args:
@@ -327,6 +334,9 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
             stored with it as ``spec["config"]`` (:func:`with_config`).
         vectors_for: ``vectors_for(source, dataset)`` gives a source's item vectors for the runs that
             read them (the CLI passes the embedding stage's ``item_vectors``); called once per source.
+        dist: this process is one rank of a distributed comparison (:class:`ranker.distributed.Dist`):
+            every run is trained by all ranks; rank 0 decides reuse, stores and writes the comparison
+            (the other ranks return a result without id or files).
     """
     import torch
 
@@ -341,17 +351,19 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
         for seed in seed_list:
             run_cfg = dataclasses.replace(cfg, seed=seed)
             found = None
-            if reuse:
+            if reuse and (dist is None or dist.is_main):
                 model_config = make_config(model, **{**overrides, "esu": esu}).to_dict()
                 found = find_reusable_run(settings, model=model, esu=esu, source=source, dataset=dataset, seed=seed,
                                           model_config=model_config, train_config=dataclasses.asdict(run_cfg))
+            if dist is not None:
+                found = dist.broadcast(found)
             if found is not None:
                 row = CompareRow(model, esu, source, found.id, seed, found.metrics, reused=True)
             else:
                 log.info("compare: training %s esu=%s source=%s seed=%d", model, esu, source, seed)
                 res = train(settings, model, dataset, source=source, esu=esu, train_config=run_cfg,
                             model_overrides=overrides, progress=progress,
-                            vectors=_vectors_of(vectors_for, source, dataset, loaded_vectors))
+                            vectors=_vectors_of(vectors_for, source, dataset, loaded_vectors), dist=dist)
                 row = CompareRow(model, esu, source, res.run_id, seed, res.metrics)
             rows.append(row)
             if on_row is not None:
@@ -359,6 +371,10 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
     spec = {"dataset": dataset, "models": models, "sources": list(sources), "esus": list(esus or ["default"]),
             "seeds": seed_list, "train": dataclasses.asdict(cfg) | {"seed": None}, "overrides": overrides,
             "threads": threads or torch.get_num_threads()}
+    if dist is not None:
+        spec["processes"] = {"world_size": dist.world, "backend": dist.backend, "launcher": dist.launcher}
+        if not dist.is_main:
+            return CompareResult(None, {"spec": spec}, rows, "", None, None, None)
     spec = with_config(spec, config)
     used_sources = sorted({r.source for r in rows if r.source})
     result = aggregate(rows, spec, intrinsic_metrics(settings, used_sources, dataset))
