@@ -221,8 +221,9 @@ def render_plot(result: dict[str, Any], path: Path, title: str) -> Path:
 
 
 def find_reusable_run(settings: Settings, *, model: str, esu: str, source: str | None, dataset: str, seed: int,
-                      model_config: dict[str, Any], train_config: dict[str, Any]) -> Any:
-    """A finished run with exactly this set-up (and the source's current version), or None."""
+                      model_config: dict[str, Any], train_config: dict[str, Any], world_size: int = 1) -> Any:
+    """A finished run with exactly this set-up (and the source's current version), trained by as many
+    processes (``world_size``: ranks split the batches differently, so the numbers differ), or None."""
     from muse import models
     from muse.db import session_scope
     from ranker.runs import _info, _jsonable, dataset_id, source_id
@@ -240,7 +241,8 @@ def find_reusable_run(settings: Settings, *, model: str, esu: str, source: str |
             if row.source_name != source or row.source_id != src_id:
                 continue
             cfg = row.config or {}
-            if cfg.get("model") == want["model"] and cfg.get("train") == want["train"] and row.checkpoint_path:
+            if cfg.get("model") == want["model"] and cfg.get("train") == want["train"] and row.checkpoint_path \
+                    and (cfg.get("distributed") or {}).get("world_size", 1) == world_size:
                 return _info(row, dataset)
     return None
 
@@ -354,7 +356,8 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
             if reuse and (dist is None or dist.is_main):
                 model_config = make_config(model, **{**overrides, "esu": esu}).to_dict()
                 found = find_reusable_run(settings, model=model, esu=esu, source=source, dataset=dataset, seed=seed,
-                                          model_config=model_config, train_config=dataclasses.asdict(run_cfg))
+                                          model_config=model_config, train_config=dataclasses.asdict(run_cfg),
+                                          world_size=1 if dist is None else dist.world)
             if dist is not None:
                 found = dist.broadcast(found)
             if found is not None:

@@ -71,6 +71,8 @@ LAUNCH_DIR_ENV = "MUSE_LAUNCH_DIR"
 BLOCKS_PER_RANK = 16
 #: Fewest impressions in one rank's step (BatchNorm in Dice needs two rows).
 MIN_LOCAL_BATCH = 2
+#: Steps of a :class:`TrainPlan` worked out at once (bounds the plan's memory at large sizes).
+_PLAN_CHUNK = 1 << 15
 #: Largest piece of prediction records one rank sends to rank 0 at once.
 GATHER_BYTES = 32 << 20
 #: Columns of an impression batch (and ``row``: its row in the split).
@@ -313,8 +315,10 @@ def train_block(n: int, world: int) -> int:
 class TrainPlan:
     """Which rows each rank trains on in one epoch, and how many per step.
 
-    Every rank takes ``steps = ceil(n / global_batch)`` steps; rank r's ``counts[r]`` rows are cut into
-    ``steps`` near-equal local batches, so a step's global batch is about ``global_batch``.
+    Every rank takes ``steps = ceil(n / global_batch)`` steps, as many as one process. Step j uses
+    ``(j+1)·n // steps - j·n // steps`` rows over all ranks (never more than ``global_batch``), each
+    rank's share in proportion to its rows (``j·c_r // steps`` after step j, the rows left over by the
+    rounding going to the ranks with the largest remainders).
     """
 
     n: int  # impressions of the split used (after max_train)
@@ -324,34 +328,41 @@ class TrainPlan:
     counts: tuple[int, ...]  # rows of each rank
     steps: int
 
+    def _used(self, j: np.ndarray) -> np.ndarray:
+        """Rows each rank has used after steps ``j``: int64 ``[world, len(j)]``, summing to ``j·n // steps``."""
+        c = np.asarray(self.counts, np.int64)[:, None]  # [W, 1]
+        prod = j[None, :] * c  # [W, J]
+        base, rem = prod // self.steps, prod % self.steps
+        short = (j * self.n) // self.steps - base.sum(axis=0)  # [J], in [0, W): rows the floors left out
+        order = np.argsort(-rem, axis=0, kind="stable")  # [W, J]: ranks by remainder, largest first
+        place = np.empty_like(order)
+        np.put_along_axis(place, order, np.broadcast_to(np.arange(self.world)[:, None], order.shape), axis=0)
+        return base + (place < short[None, :])
+
     def local_sizes(self, rank: int) -> np.ndarray:
         """Rank ``rank``'s batch size at every step: int64 ``[steps]``."""
         if self.steps == 0:
             return np.zeros(0, np.int64)
-        c = self.counts[rank]
-        bounds = np.array([j * c // self.steps for j in range(self.steps + 1)], np.int64)
-        return np.diff(bounds)
+        used = [self._used(np.arange(lo, min(lo + _PLAN_CHUNK, self.steps + 1), dtype=np.int64))[rank]
+                for lo in range(0, self.steps + 1, _PLAN_CHUNK)]
+        return np.diff(np.concatenate(used))
 
     def global_sizes(self) -> np.ndarray:
         """Impressions of every step over all ranks: int64 ``[steps]``."""
-        out = np.zeros(self.steps, np.int64)
-        for r in range(self.world):
-            out += self.local_sizes(r)
-        return out
+        return np.diff(np.arange(self.steps + 1, dtype=np.int64) * self.n // max(1, self.steps))
 
     def describe(self) -> dict[str, Any]:
-        local = [int(self.counts[r] // self.steps) if self.steps else 0 for r in range(self.world)]
+        sizes = [self.local_sizes(r) for r in range(self.world)] if self.steps else [np.zeros(1, np.int64)]
         return {"global_batch": self.global_batch, "steps_per_epoch": self.steps, "block": self.block,
                 "impressions_per_rank": list(self.counts),
-                "local_batch": {"min": min(local), "max": max(-(-c // self.steps) if self.steps else 0
-                                                               for c in self.counts)}}
+                "local_batch": {"min": int(min(x.min() for x in sizes)), "max": int(max(x.max() for x in sizes))}}
 
 
 def plan_epoch(n: int, world: int, global_batch: int) -> TrainPlan:
     """The :class:`TrainPlan` of ``n`` impressions over ``world`` ranks with ``global_batch`` per step.
 
     Raises:
-        ConfigurationError: some rank would get fewer than ``MIN_LOCAL_BATCH`` impressions in a step
+        ConfigurationError: some rank could get fewer than ``MIN_LOCAL_BATCH`` impressions in a step
             (says which batch size or process count would work).
     """
     if world < 1 or global_batch < 1:
@@ -360,13 +371,16 @@ def plan_epoch(n: int, world: int, global_batch: int) -> TrainPlan:
     counts = tuple(sum(hi - lo for lo, hi in impression_blocks(n, world, r, block)) for r in range(world))
     steps = -(-n // global_batch) if n else 0
     if steps:
-        smallest = min(counts) // steps
+        rounding = 1 if world > 1 else 0  # a rank's share of a step is its even share, -1 or +1
+        smallest = min(counts) // steps - rounding
         if smallest < MIN_LOCAL_BATCH:
-            need = -(-MIN_LOCAL_BATCH * n // max(1, min(counts)))
+            most_steps = min(counts) // (MIN_LOCAL_BATCH + rounding)  # steps that leave every rank enough rows
+            fix = f"use --batch-size {-(-n // most_steps)} or more, or fewer processes" if most_steps else \
+                "use fewer processes"
             raise ConfigurationError(
-                f"a global batch of {global_batch} over {world} processes gives rank {counts.index(min(counts))} "
-                f"{smallest} impression(s) per step ({min(counts)} of {n} impressions over {steps} steps); every "
-                f"rank needs at least {MIN_LOCAL_BATCH}: use --batch-size {need} or more, or fewer processes")
+                f"a global batch of {global_batch} over {world} process(es) gives rank {counts.index(min(counts))} "
+                f"as few as {max(0, smallest)} impression(s) per step ({min(counts)} of {n} impressions over {steps} "
+                f"steps); every rank needs at least {MIN_LOCAL_BATCH} (BatchNorm): {fix}")
     return TrainPlan(n, world, global_batch, block, counts, steps)
 
 
