@@ -186,9 +186,10 @@ def _train_run(args: argparse.Namespace, settings: Any, dist: Any) -> int:
     from ranker.train import train
 
     main = dist is None or dist.is_main
+    vectors = _train_vectors(settings, args) if dist is None else dist.in_turn(lambda: _train_vectors(settings, args))
     res = train(settings, args.model, args.dataset, source=args.source, esu=args.esu,
                 train_config=_train_config(args), model_overrides=_overrides(args), progress=main,
-                vectors=_train_vectors(settings, args), dist=dist)
+                vectors=vectors, dist=dist)
     if not main:
         return 0
     _record_options(settings, res.run_id, args)
@@ -224,7 +225,7 @@ def _eval_run(args: argparse.Namespace, settings: Any, dist: Any) -> int:
     if dist is None and args.threads:
         torch.set_num_threads(args.threads)
     metrics = evaluate_run(settings, args.run, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                           vectors_for=_vectors_for(settings), dist=dist)
+                           vectors_for=_vectors_for(settings, dist), dist=dist)
     if dist is not None and not dist.is_main:
         return 0
     if args.json:
@@ -356,7 +357,7 @@ def _compare_run(args: argparse.Namespace, settings: Any, dist: Any) -> int:
 
     cfg = _train_config(args)
     main = dist is None or dist.is_main
-    vectors_for = _vectors_for(settings)
+    vectors_for = _vectors_for(settings, dist)
     if dist is None:
         threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args),
                                requested=args.threads, vectors_for=vectors_for)
@@ -436,15 +437,23 @@ def _write_compare_config(out_dir: Any, args: argparse.Namespace) -> Any:
     return path
 
 
-def _vectors_for(settings: Any) -> Any:
+def _vectors_for(settings: Any, dist: Any = None) -> Any:
     """``vectors_for(source, dataset)`` for the ranker: the embedding stage's one function for the
     item vectors of a (dataset, source, version), the newest version; each (source, dataset) is read
-    once per command (the thread probe and the comparison share the table)."""
+    once per command (the thread probe and the comparison share the table). In a distributed run the
+    ranks read it in turn (``Dist.in_turn``): the first one writes the table, the others map it."""
     import functools
 
     from indexer.item_vectors import item_vectors
 
-    return functools.cache(functools.partial(item_vectors, settings))
+    load = functools.partial(item_vectors, settings)
+    if dist is not None:
+        base = load
+
+        def load(source: str, dataset: str) -> Any:
+            return dist.in_turn(lambda: base(source, dataset))
+
+    return functools.cache(load)
 
 
 def _train_vectors(settings: Any, args: argparse.Namespace) -> Any:

@@ -50,10 +50,10 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ from muse.errors import ConfigurationError, DataError, MuseError
 from ranker.data import SHUFFLE_BUFFER, impression_blocks
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Set by ``muse ... --nproc N`` for the ranks it starts: a folder where rank 0 notes the run it records,
 #: so that the launcher can mark it failed when a rank dies.
@@ -176,6 +177,19 @@ class Dist:
 
     def barrier(self) -> None:
         tdist.barrier()
+
+    def in_turn(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on every rank: rank 0 first, then the first rank of each other node, then the rest, so
+        that what ``fn`` writes once (a database row, a cached table under ``MUSE_DATA_DIR``) is written by
+        one process while the others wait, and read by them after."""
+        out = fn() if self.is_main else None
+        self.barrier()
+        if self.local_rank == 0 and not self.is_main:
+            out = fn()
+        self.barrier()
+        if self.local_rank != 0:
+            out = fn()
+        return out  # type: ignore[return-value]
 
     # the run record ---------------------------------------------------------------------------------
     def describe(self, plan: TrainPlan | None = None) -> dict[str, Any]:
