@@ -167,15 +167,20 @@ def as_rank(args: argparse.Namespace, settings: Any, work: Callable[[Any], int])
     rank then exits quietly with its code (the parent prints the one sentence), under torchrun it is
     raised (the CLI prints it, torchrun names the rank).
     """
-    from ranker.distributed import lost_peer, start, write_error_file
+    from ranker.distributed import DistributedError, lost_peer, start, write_error_file
 
     dist = None
     try:
         dist = start(settings.resolve_device(), threads=getattr(args, "threads", None))
         return work(dist)
-    except BaseException as e:
-        if isinstance(e, SystemExit):
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
             raise
+        e = exc
+        if lost_peer(exc) and not isinstance(exc, MuseError):  # a collective whose peer went away: one sentence
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            e = DistributedError(f"rank {os.environ.get('RANK', '?')} lost contact with another rank ({first}); "
+                                 "the launcher's report names the rank that failed first", secondary=True)
         write_error_file(str(e) if isinstance(e, MuseError) else f"{type(e).__name__}: {e}", lost_peer(e))
         if os.environ.get(LAUNCH_DIR_ENV) and not isinstance(e, KeyboardInterrupt):
             if args.verbose:
@@ -184,6 +189,8 @@ def as_rank(args: argparse.Namespace, settings: Any, work: Callable[[Any], int])
                 traceback.print_exc()
             raise SystemExit(INPUT_ERROR_EXIT if isinstance(e, (ConfigurationError, NotFoundError, DataError))
                              else 1) from None
+        if e is not exc:
+            raise e from exc
         raise
     finally:
         if dist is not None:
