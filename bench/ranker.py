@@ -108,9 +108,11 @@ def train_rate(settings: Settings, dataset: str, name: str, args: argparse.Names
     return best[0], best[1], model
 
 
-def process_rates(data_dir: str, dataset: str, args: argparse.Namespace, nproc: int) -> dict[str, float]:
+def process_rates(data_dir: str, dataset: str, args: argparse.Namespace,
+                  nproc: int) -> dict[str, tuple[float, float]]:
     """Training samples/s of every model of ``args.models`` with ``nproc`` processes started by the elastic
-    launcher (one launch for all models): every rank's samples over the slowest rank's seconds."""
+    launcher (one launch for all models): every rank's samples over the slowest rank's seconds, and over
+    the CPU-seconds of all ranks together (each rank's process time: its batch builder and torch's threads)."""
     import uuid
 
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
@@ -126,7 +128,7 @@ def process_rates(data_dir: str, dataset: str, args: argparse.Namespace, nproc: 
         return elastic_launch(config, _rank_rates)(params)[0]
 
 
-def _rank_rates(params: dict[str, Any]) -> dict[str, float]:
+def _rank_rates(params: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """One rank of :func:`process_rates` (started by the launcher)."""
     from muse.data.format import Dataset
     from ranker.distributed import StepSync, plan_epoch, rank_batches, start
@@ -151,16 +153,19 @@ def _rank_rates(params: dict[str, Any]) -> dict[str, float]:
             model = build_model(name, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
             sync = StepSync(dist, model)
             cfg = RankTrainConfig(batch_size=batch)
-            best = 0.0
+            best = (0.0, 0.0)
             for repeat in range(params["repeats"]):
                 sync.begin_epoch(plan)
                 batches = list(rank_batches(ds, "train", plan, dist.rank, seed=repeat))
                 train_steps(model, builder, batches[:warm], cfg, sync=sync)  # warm-up
                 dist.barrier()
+                cpu = time.process_time()
                 _, n, seconds = train_steps(model, builder, batches[warm:], cfg, sync=sync)
+                cpu_ms = int(1000 * (time.process_time() - cpu))
                 sync.end_epoch()  # every row of the plan trained once
                 total, slowest = sync.totals(n, seconds)
-                best = max(best, total / max(slowest, 1e-9))
+                cpu_s = dist.all_sum_int([cpu_ms])[0] / 1000
+                best = max(best, (total / max(slowest, 1e-9), total / max(cpu_s, 1e-9)))
             out[name] = best
         return out
     finally:
@@ -281,24 +286,24 @@ def _print_process_table(settings: Settings, dataset: str, args: argparse.Namesp
     counts = [int(n) for n in args.nproc.split(",")]
     batch = int(args.batches.split(",")[0])
     models = args.models.split(",")
-    rates: dict[int, dict[str, float]] = {}
+    rates: dict[int, dict[str, tuple[float, float]]] = {}
     for n in counts:
         t0 = time.perf_counter()
         if n == 1:  # this process, as `muse rank train` runs
-            rates[n] = {m: train_rate(settings, dataset, m, args, parts, batch, default_threads(1))[0] for m in models}
+            rates[n] = {m: train_rate(settings, dataset, m, args, parts, batch, default_threads(1))[:2] for m in models}
         else:
             rates[n] = process_rates(str(settings.data_dir), dataset, args, n)
         print(f"{n} process(es): measured in {time.perf_counter() - t0:.0f}s (start-up included), load average "
               f"{os.getloadavg()[0]:.1f}", flush=True)
     first, last = counts[0], counts[-1]
     print(f"\ntraining samples/s by processes (global batch {batch}; torch threads per process = "
-          f"{os.cpu_count()} CPUs // N; gloo)")
+          f"{os.cpu_count()} CPUs // N; gloo); in parentheses: samples per CPU-second of all processes")
     print(f"| model (ESU) | {' | '.join(f'{n} proc x {default_threads(n)} thr' for n in counts)} | {last} / {first} |")
     print("|---|" + "---|" * (len(counts) + 1))
     for m in models:
-        cells = " | ".join(f"{rates[n][m]:.0f}" for n in counts)
-        print(f"| {m} ({make_config(m).esu}) | {cells} | {rates[last][m] / max(rates[first][m], 1e-9):.2f} |",
-              flush=True)
+        cells = " | ".join(f"{rates[n][m][0]:.0f} ({rates[n][m][1]:.0f})" for n in counts)
+        ratio = rates[last][m][0] / max(rates[first][m][0], 1e-9)
+        print(f"| {m} ({make_config(m).esu}) | {cells} | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
