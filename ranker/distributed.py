@@ -44,6 +44,7 @@ A process is one rank of a run when the launcher has set ``RANK`` and ``WORLD_SI
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -157,12 +158,6 @@ class Dist:
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Element-wise sums over the ranks (float64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-        return t.cpu().tolist()
-
     def all_sum_int(self, values: list[int]) -> list[int]:
         """Element-wise exact sums over the ranks of integers below 2**62 / world (int64)."""
         t = torch.tensor(values, dtype=torch.int64, device=self.comm_device)
@@ -176,7 +171,10 @@ class Dist:
         return t.cpu().tolist()
 
     def barrier(self) -> None:
-        tdist.barrier()
+        if self.backend == "nccl":
+            tdist.barrier(device_ids=[self.device.index])
+        else:
+            tdist.barrier()
 
     def in_turn(self, fn: Callable[[], T]) -> T:
         """``fn()`` on every rank: rank 0 first, then the first rank of each other node, then the rest, so
@@ -366,10 +364,17 @@ class TrainPlan:
         return np.diff(np.arange(self.steps + 1, dtype=np.int64) * self.n // max(1, self.steps))
 
     def describe(self) -> dict[str, Any]:
-        sizes = [self.local_sizes(r) for r in range(self.world)] if self.steps else [np.zeros(1, np.int64)]
+        low, high = (0, 0)
+        if self.steps:  # the smallest and largest local batch, one pass over the steps for every rank
+            low, high = self.n, 0
+            prev = np.zeros(self.world, np.int64)
+            for lo in range(1, self.steps + 1, _PLAN_CHUNK):
+                used = self._used(np.arange(lo, min(lo + _PLAN_CHUNK, self.steps + 1), dtype=np.int64))
+                sizes = np.diff(np.concatenate([prev[:, None], used], axis=1), axis=1)
+                low, high = min(low, int(sizes.min())), max(high, int(sizes.max()))
+                prev = used[:, -1]
         return {"global_batch": self.global_batch, "steps_per_epoch": self.steps, "block": self.block,
-                "impressions_per_rank": list(self.counts),
-                "local_batch": {"min": int(min(x.min() for x in sizes)), "max": int(max(x.max() for x in sizes))}}
+                "impressions_per_rank": list(self.counts), "local_batch": {"min": low, "max": high}}
 
 
 def plan_epoch(n: int, world: int, global_batch: int) -> TrainPlan:
@@ -454,6 +459,7 @@ def row_digest(rows: np.ndarray) -> tuple[int, int]:
     return int((h >> np.uint64(32)).astype(np.int64).sum()), int((h & np.uint64(0xFFFFFFFF)).astype(np.int64).sum())
 
 
+@functools.lru_cache(maxsize=8)
 def expected_digest(n: int, chunk: int = 1 << 22) -> int:
     """The digest of rows ``0 .. n-1`` (what one epoch must add up to), as one 64-bit integer."""
     hi = lo = 0
