@@ -235,7 +235,7 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
             else:
                 sync.begin_epoch(plan)
                 batches = rank_batches(ds, "train", plan, dist.rank, seed=cfg.seed + epoch)
-            ep_losses, n, s = train_steps(net, builder, batches, cfg, bar, sync)
+            ep_losses, n, s = train_steps(net, builder, batches, cfg, bar, **({} if sync is None else {"sync": sync}))
             if sync is not None:
                 coverage.append(sync.end_epoch())
             losses += ep_losses
