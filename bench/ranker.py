@@ -5,6 +5,13 @@ scoring latency (100 candidates), on one synthetic dataset with fixed-length his
     python -m bench.ranker                       # every model, batch 100 and 256, 1 and 2 threads
     python -m bench.ranker --models muse --batches 100 --threads 2 --no-score
     python -m bench.ranker --no-score --repeats 3 --cpu   # best of 3; and samples per CPU-second
+    python -m bench.ranker --no-score --nproc 1,2         # also: samples/s at 1 and 2 processes
+
+``--nproc 1,2`` adds a table of training samples/s per model at each process count, with the same
+global batch (the first of ``--batches``) and CPUs // N torch threads per process: 1 is this process
+(what ``muse rank train`` runs), N > 1 are N processes started by torch.distributed's elastic launcher
+(what ``muse rank train --nproc N`` runs: gloo, DDP, each rank on its own impressions; samples of every
+rank over the slowest rank's seconds).
 
 Training runs the real pipeline (history join + in-batch GSU with the retriever's kernel + forward +
 backward + sparse/dense optimiser steps). Scoring goes through :class:`ranker.scoring.Ranker`; for
@@ -101,6 +108,70 @@ def train_rate(settings: Settings, dataset: str, name: str, args: argparse.Names
     return best[0], best[1], model
 
 
+def process_rates(data_dir: str, dataset: str, args: argparse.Namespace,
+                  nproc: int) -> dict[str, tuple[float, float]]:
+    """Training samples/s of every model of ``args.models`` with ``nproc`` processes started by the elastic
+    launcher (one launch for all models): every rank's samples over the slowest rank's seconds, and over
+    the CPU-seconds of all ranks together (each rank's process time: its batch builder and torch's threads)."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    with tempfile.TemporaryDirectory(prefix="bench-launch-") as logs:
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=logs))
+        params = {"data_dir": data_dir, "dataset": dataset, "models": args.models.split(","), "k": args.k,
+                  "history": args.history, "batch": int(args.batches.split(",")[0]), "steps": args.steps,
+                  "repeats": args.repeats}
+        return elastic_launch(config, _rank_rates)(params)[0]
+
+
+def _rank_rates(params: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """One rank of :func:`process_rates` (started by the launcher)."""
+    from muse.data.format import Dataset
+    from ranker.distributed import StepSync, plan_epoch, rank_batches, start
+
+    dist = start("cpu")
+    try:
+        settings = load_settings(env={}, data_dir=Path(params["data_dir"]), device="cpu")
+        ds = Dataset.open(settings, params["dataset"])
+        space = FeatureSpace.from_dataset(ds)
+        histories = HistoryStore.from_dataset(ds, space)
+        from indexer.item_vectors import item_vectors
+
+        vectors = VectorTable(space, item_vectors(settings, SOURCE, ds))
+        batch, warm = params["batch"], 3
+        plan = plan_epoch(batch * (params["steps"] + warm), dist.world, batch)
+        out = {}
+        for name in params["models"]:
+            config = make_config(name, k=params["k"], max_history=params["history"])
+            builder = BatchBuilder(space, histories, model_class(name).retrieval, config.k, config.recent_len,
+                                   config.max_history, vectors if config.needs_vectors else None)
+            torch.manual_seed(0)
+            model = build_model(name, FeatureSpec(space.vocab_sizes(), space.user_fields), config)
+            sync = StepSync(dist, model)
+            cfg = RankTrainConfig(batch_size=batch)
+            best = (0.0, 0.0)
+            for repeat in range(params["repeats"]):
+                sync.begin_epoch(plan)
+                batches = list(rank_batches(ds, "train", plan, dist.rank, seed=repeat))
+                train_steps(model, builder, batches[:warm], cfg, sync=sync)  # warm-up
+                dist.barrier()
+                cpu = time.process_time()
+                _, n, seconds = train_steps(model, builder, batches[warm:], cfg, sync=sync)
+                cpu_ms = int(1000 * (time.process_time() - cpu))
+                sync.end_epoch()  # every row of the plan trained once
+                total, slowest = sync.totals(n, seconds)
+                cpu_s = dist.all_sum_int([cpu_ms])[0] / 1000
+                best = max(best, (total / max(slowest, 1e-9), total / max(cpu_s, 1e-9)))
+            out[name] = best
+        return out
+    finally:
+        dist.close()
+
+
 def score_latency(model: Any, dataset: str, name: str, args: argparse.Namespace, parts: dict) -> tuple[float, float]:
     """p50 and p95 milliseconds of scoring ``args.candidates`` items through :class:`Ranker`."""
     space, histories = parts["space"], parts["histories"]
@@ -139,6 +210,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="timings per setting; the best is reported")
     p.add_argument("--cpu", action="store_true",
                    help="also print samples per CPU-second (process CPU time: less sensitive to other load)")
+    p.add_argument("--nproc", default=None,
+                   help="process counts, comma-separated (e.g. 1,2): a table of training samples/s per model at "
+                        "each count, same global batch (the first of --batches), CPUs // N threads per process")
     args = p.parse_args()
     batch_sizes = [int(b) for b in args.batches.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]
@@ -198,9 +272,38 @@ def main() -> None:
                 p50, p95 = score_latency(model, dataset, name, args, parts)
                 line += f" {p50:.1f} / {p95:.1f} |"
             print(line, flush=True)
+        if args.nproc:
+            _print_process_table(settings, dataset, args, parts)
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
         if retriever is not None:
             retriever.close()
+
+
+def _print_process_table(settings: Settings, dataset: str, args: argparse.Namespace, parts: dict) -> None:
+    """Training samples/s per model at each of ``args.nproc`` process counts (one launch per count)."""
+    from ranker.distributed import default_threads
+
+    counts = [int(n) for n in args.nproc.split(",")]
+    batch = int(args.batches.split(",")[0])
+    models = args.models.split(",")
+    rates: dict[int, dict[str, tuple[float, float]]] = {}
+    for n in counts:
+        t0 = time.perf_counter()
+        if n == 1:  # this process, as `muse rank train` runs
+            rates[n] = {m: train_rate(settings, dataset, m, args, parts, batch, default_threads(1))[:2] for m in models}
+        else:
+            rates[n] = process_rates(str(settings.data_dir), dataset, args, n)
+        print(f"{n} process(es): measured in {time.perf_counter() - t0:.0f}s (start-up included), load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+    first, last = counts[0], counts[-1]
+    print(f"\ntraining samples/s by processes (global batch {batch}; torch threads per process = "
+          f"{os.cpu_count()} CPUs // N; gloo); in parentheses: samples per CPU-second of all processes")
+    print(f"| model (ESU) | {' | '.join(f'{n} proc x {default_threads(n)} thr' for n in counts)} | {last} / {first} |")
+    print("|---|" + "---|" * (len(counts) + 1))
+    for m in models:
+        cells = " | ".join(f"{rates[n][m][0]:.0f} ({rates[n][m][1]:.0f})" for n in counts)
+        ratio = rates[last][m][0] / max(rates[first][m][0], 1e-9)
+        print(f"| {m} ({make_config(m).esu}) | {cells} | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from muse_cli.config_files import add_config_option, parse_set_items
+from muse_cli.launch import add_nproc_option, as_rank, launch, launched, wants_launch
 from muse_cli.registries import LazyChoices, esu_variants, model_names
 
 #: The names ``--model`` and ``--esu`` accept, read from ``ranker.models`` when first needed.
@@ -26,14 +27,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset name (see `muse data list`)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the train split (default 1)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="impressions per step (default 256, lower on a small train split so that an epoch has "
-                        "at least 100 steps: ranker.schedule)")
+                   help="impressions per step, over all processes with --nproc or torchrun (default 256, lower on a "
+                        "small train split so that an epoch has at least 100 steps: ranker.schedule)")
     p.add_argument("--seed", type=int, default=None, help="seed of weights and shuffle (default 0)")
     p.add_argument("--max-train", type=int, default=None, help="stop each epoch after this many impressions")
     p.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many test impressions")
     p.add_argument("--k", type=int, default=None, help="behaviours kept by the GSU (default 50)")
     p.add_argument("--max-history", type=int, default=None, help="newest behaviours kept (default 1000)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's; per process with --nproc: the CPUs // N)")
+    add_nproc_option(p)
     p.add_argument("--lr", type=float, default=None, help="learning rate of the dense weights (default 2e-4)")
     p.add_argument("--sparse-lr", type=float, default=None,
                    help="learning rate of the embedding tables (default 2e-3)")
@@ -61,6 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("run", type=int, help="run id (see `muse rank list`)")
     e.add_argument("--split", default="test", choices=("train", "test"), help="split to evaluate (default test)")
     e.add_argument("--limit", type=int, default=None, help="evaluate at most this many impressions")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="impressions per evaluation batch (default: the run's own, eval_batch_size)")
+    e.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's; per process with --nproc: the CPUs // N)")
+    add_nproc_option(e)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.set_defaults(func=_eval)
 
@@ -160,14 +168,45 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         print(f"  {verdict}: these metrics are not a result (more steps: a smaller --batch-size or more --epochs)")
 
 
+def _distributed(args: argparse.Namespace, settings: Any, work: Any, check: Any = None) -> int:
+    """Run ``work(dist)`` as the command wants: through the launcher (``--nproc N``; ``check()`` first, so
+    that an input error is one sentence, not one per process), as one rank (started by a launcher), or
+    in this process (``work(None)``)."""
+    if wants_launch(args):
+        if check is not None:
+            check()
+        return launch(args, settings)
+    if launched():
+        return as_rank(args, settings, work)
+    return work(None)
+
+
 def _train(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
-    from ranker.train import train
 
     settings = load_settings()
+
+    def check() -> None:
+        from muse.data.format import Dataset
+        from ranker.train import train_model_config
+
+        _train_config(args)
+        train_model_config(args.model, args.esu, _overrides(args), args.source)
+        Dataset.open(settings, args.dataset)
+
+    return _distributed(args, settings, lambda dist: _train_run(args, settings, dist), check)
+
+
+def _train_run(args: argparse.Namespace, settings: Any, dist: Any) -> int:
+    from ranker.train import train
+
+    main = dist is None or dist.is_main
+    vectors = _train_vectors(settings, args) if dist is None else dist.in_turn(lambda: _train_vectors(settings, args))
     res = train(settings, args.model, args.dataset, source=args.source, esu=args.esu,
-                train_config=_train_config(args), model_overrides=_overrides(args), progress=True,
-                vectors=_train_vectors(settings, args))
+                train_config=_train_config(args), model_overrides=_overrides(args), progress=main,
+                vectors=vectors, dist=dist)
+    if not main:
+        return 0
     _record_options(settings, res.run_id, args)
     if args.json:
         print(json.dumps({"run": res.run_id, **res.metrics}, indent=2, default=str))
@@ -175,21 +214,40 @@ def _train(args: argparse.Namespace) -> int:
     tr = res.metrics["train"]
     from ranker.runs import get_run
 
+    over = "" if dist is None else f" per process, over {dist.world} processes ({dist.backend})"
+
     schedule = get_run(settings, res.run_id).config.get("schedule") or {}
     print(f"run {res.run_id}: {args.model} on {args.dataset}, {tr['samples']} samples in {tr.get('steps')} steps "
           f"(batch {schedule.get('batch_size')}, {schedule.get('chosen')}), {tr['samples_per_s']:.0f} samples/s on "
-          f"{tr.get('threads')} thread(s); checkpoint {res.checkpoint}")
+          f"{tr.get('threads')} thread(s){over}; checkpoint {res.checkpoint}")
     _print_metrics(res.metrics)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from muse.settings import load_settings
-    from ranker.evaluate import evaluate_run
 
     settings = load_settings()
-    metrics = evaluate_run(settings, args.run, split=args.split, limit=args.limit,
-                           vectors_for=_vectors_for(settings))
+
+    def check() -> None:
+        from ranker.runs import load_run
+
+        load_run(settings, args.run)
+
+    return _distributed(args, settings, lambda dist: _eval_run(args, settings, dist), check)
+
+
+def _eval_run(args: argparse.Namespace, settings: Any, dist: Any) -> int:
+    import torch
+
+    from ranker.evaluate import evaluate_run
+
+    if dist is None and args.threads:
+        torch.set_num_threads(args.threads)
+    metrics = evaluate_run(settings, args.run, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                           vectors_for=_vectors_for(settings, dist), dist=dist)
+    if dist is not None and not dist.is_main:
+        return 0
     if args.json:
         print(json.dumps(metrics, indent=2, default=str))
         return 0
@@ -249,6 +307,15 @@ def _show(args: argparse.Namespace) -> int:
         print(f"  trained: batch {schedule.get('batch_size')} ({schedule.get('chosen')}), {schedule.get('n_train')} "
               f"train impressions, {schedule.get('steps_per_epoch')} steps per epoch; {tr.get('steps', '-')} steps, "
               f"{tr.get('threads', '-')} torch thread(s)")
+    d = r.config.get("distributed")
+    if d:
+        batch = d.get("local_batch") or {}
+        print(f"processes: {d['world_size']} ({d['nodes']} node(s) x {d['procs_per_node']}, {d['backend']}, "
+              f"started by {d['launcher']}); global batch {d.get('global_batch')} "
+              f"({batch.get('min')}-{batch.get('max')} per process); torch threads per process: "
+              f"{', '.join(str(t) for t in d.get('threads') or [])}")
+    if r.status == "failed" and r.metrics.get("error"):
+        print(f"error: {r.metrics['error']}")
     _print_metrics(r.metrics)
     cli = r.config.get("cli")
     if cli:
@@ -284,11 +351,9 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from muse.errors import ConfigurationError
     from muse.settings import load_settings
-    from ranker.compare import compare, get_comparison, list_comparisons, render_table
+    from ranker.compare import get_comparison, list_comparisons, render_table
 
     settings = load_settings()
     if args.list:
@@ -316,29 +381,52 @@ def _compare(args: argparse.Namespace) -> int:
         args.seeds = COMPARE_SEEDS
     if args.seeds < 1:
         raise ConfigurationError(f"--seeds {args.seeds} must be >= 1")
-    cfg = _train_config(args)
-    from ranker.compare import pick_threads
 
-    vectors_for = _vectors_for(settings)
-    threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args),
-                           requested=args.threads, vectors_for=vectors_for)
-    if not args.json:
+    def check() -> None:
+        from muse.data.format import Dataset
+        from ranker.compare import plan
+
+        _train_config(args)
+        plan(args.models or list(model_names()), args.sources, args.esu)
+        Dataset.open(settings, args.dataset)
+
+    return _distributed(args, settings, lambda dist: _compare_run(args, settings, dist), check)
+
+
+def _compare_run(args: argparse.Namespace, settings: Any, dist: Any) -> int:
+    from pathlib import Path
+
+    from ranker.compare import compare, pick_threads
+
+    cfg = _train_config(args)
+    main = dist is None or dist.is_main
+    vectors_for = _vectors_for(settings, dist)
+    if dist is None:
+        threads = pick_threads(settings, args.dataset, args.models, args.sources, args.esu, cfg, _overrides(args),
+                               requested=args.threads, vectors_for=vectors_for)
         how = "--threads" if args.threads is not None else "the faster of 1 and 2 on a short probe"
+    else:
+        threads = dist.threads
+        how = (f"per process, {dist.world} processes" if args.threads is not None
+               else f"per process: the CPUs // {dist.local_world} processes")
+    if main and not args.json:
         print(f"torch threads: {threads} ({how})", flush=True)
 
     def show(row: Any) -> None:
-        if not row.reused:
+        if not row.reused and main:
             record_started_run(settings, row.run_id, "muse compare", args.config)
-        if not args.json:
+        if main and not args.json:
             under = f"  {row.undertrained}" if row.undertrained else ""
             print(f"  {row.label:<26} {row.source or '-':<11} seed {row.seed} run {row.run_id}"
                   f"{' (reused)' if row.reused else ''}: GAUC {row.metrics['overall']['gauc']:.4f}{under}", flush=True)
 
     res = compare(settings, args.dataset, models=args.models, sources=args.sources, esus=args.esu,
                   train_config=cfg, model_overrides=_overrides(args),
-                  out_dir=Path(args.out) if args.out else None, on_row=show, progress=not args.json,
+                  out_dir=Path(args.out) if args.out else None, on_row=show, progress=main and not args.json,
                   seeds=[cfg.seed + i for i in range(args.seeds)], reuse=not args.no_reuse, threads=threads,
-                  config=_compare_config(args), vectors_for=vectors_for)
+                  config=_compare_config(args), vectors_for=vectors_for, dist=dist)
+    if not main:
+        return 0
     config_path = None if res.table_path is None else res.table_path.with_suffix(".toml")
     if config_path is not None and not (res.stored_before and config_path.exists()):  # the stored one's stays
         _write_compare_config(config_path, args)
@@ -466,15 +554,23 @@ def record_started_run(settings: Any, run_id: int | None, command: str, config_f
     record_run_options(settings, run_id, {"command": command, "file": config_file, "options": options}, text)
 
 
-def _vectors_for(settings: Any) -> Any:
+def _vectors_for(settings: Any, dist: Any = None) -> Any:
     """``vectors_for(source, dataset)`` for the ranker: the embedding stage's one function for the
     item vectors of a (dataset, source, version), the newest version; each (source, dataset) is read
-    once per command (the thread probe and the comparison share the table)."""
+    once per command (the thread probe and the comparison share the table). In a distributed run the
+    ranks read it in turn (``Dist.in_turn``): the first one writes the table, the others map it."""
     import functools
 
     from indexer.item_vectors import item_vectors
 
-    return functools.cache(functools.partial(item_vectors, settings))
+    load = functools.partial(item_vectors, settings)
+    if dist is not None:
+        base = load
+
+        def load(source: str, dataset: str) -> Any:
+            return dist.in_turn(lambda: base(source, dataset))
+
+    return functools.cache(load)
 
 
 def _train_vectors(settings: Any, args: argparse.Namespace) -> Any:

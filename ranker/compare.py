@@ -201,7 +201,8 @@ def render_table(result: dict[str, Any]) -> str:
     steps = f" ({schedule['steps_per_epoch']} steps per epoch)" if schedule.get("steps_per_epoch") else ""
     lines = [f"Dataset `{spec.get('dataset')}`, seeds {', '.join(map(str, seeds))} "
              f"(mean ± sample std over seeds), batch {batch}{steps}, "
-             f"{spec.get('threads') or 'default'} torch thread(s).", "",
+             f"{spec.get('threads') or 'default'} torch thread(s)"
+             f"{_processes(spec)}.", "",
              "| model (ESU) | source | GAUC | AUC | logloss | GAUC long-tail | GAUC long-history | runs | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:
@@ -229,6 +230,12 @@ def source_colours(cells: Sequence[dict[str, Any]]) -> dict[str | None, str]:
             named = sum(1 for s in out if s is not None)
             out[c["source"]] = NO_SOURCE_COLOUR if c["source"] is None else SOURCE_COLOURS[named % len(SOURCE_COLOURS)]
     return out
+
+
+def _processes(spec: dict[str, Any]) -> str:
+    """Words for a comparison trained by several processes (empty for one)."""
+    p = spec.get("processes")
+    return f" per process, {p['world_size']} processes ({p['backend']})" if p else ""
 
 
 def render_plot(result: dict[str, Any], path: Path, title: str) -> Path:
@@ -273,10 +280,11 @@ def render_plot(result: dict[str, Any], path: Path, title: str) -> Path:
 
 
 def find_reusable_run(settings: Settings, *, model: str, esu: str, source: str | None, dataset: str, seed: int,
-                      model_config: dict[str, Any], train_config: dict[str, Any]) -> Any:
+                      model_config: dict[str, Any], train_config: dict[str, Any], world_size: int = 1) -> Any:
     """A finished run with exactly this set-up, or None: the same dataset, source version (the one a
     run on ``dataset`` reads now, :func:`ranker.runs.source_id`), model, ESU, model and train config
-    (``train_config`` with its batch size resolved, as runs record it) and seed. Runs trained in between
+    (``train_config`` with its batch size resolved, as runs record it), seed, and number of processes
+    (``world_size``: ranks split the batches differently, so the numbers differ). Runs trained in between
     on other datasets or set-ups do not matter."""
     from muse import models
     from muse.db import session_scope
@@ -295,7 +303,8 @@ def find_reusable_run(settings: Settings, *, model: str, esu: str, source: str |
             if row.source_name != source or row.source_id != src_id:
                 continue
             cfg = row.config or {}
-            if cfg.get("model") == want["model"] and cfg.get("train") == want["train"] and row.checkpoint_path:
+            if cfg.get("model") == want["model"] and cfg.get("train") == want["train"] and row.checkpoint_path \
+                    and (cfg.get("distributed") or {}).get("world_size", 1) == world_size:
                 return _info(row, dataset)
     return None
 
@@ -375,7 +384,7 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
             seeds: Sequence[int] | None = None, reuse: bool = True, threads: int | None = None,
             write_files: bool = True, config: dict[str, Any] | None = None,
             vectors_for: VectorsFor | None = None,
-            groups: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None) -> CompareResult:
+            groups: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None, dist: Any = None) -> CompareResult:
     """Train (or reuse) and evaluate every combination for every seed; store and write the result.
 
     Args:
@@ -395,6 +404,9 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
             stored with it as ``spec["config"]`` (:func:`with_config`).
         vectors_for: ``vectors_for(source, dataset)`` gives a source's item vectors for the runs that
             read them (the CLI passes the embedding stage's ``item_vectors``); called once per source.
+        dist: this process is one rank of a distributed comparison (:class:`ranker.distributed.Dist`):
+            every run is trained by all ranks; rank 0 decides reuse, stores and writes the comparison
+            (the other ranks return a result without id or files).
     """
     import torch
 
@@ -418,18 +430,21 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
         for seed in seed_list:
             run_cfg = dataclasses.replace(cfg, seed=seed)
             found = None
-            if reuse:
+            if reuse and (dist is None or dist.is_main):
                 model_config = make_config(model, **{**overrides, "esu": esu}).to_dict()
                 found = find_reusable_run(settings, model=model, esu=esu, source=source, dataset=dataset, seed=seed,
                                           model_config=model_config,
-                                          train_config=dataclasses.asdict(dataclasses.replace(resolved, seed=seed)))
+                                          train_config=dataclasses.asdict(dataclasses.replace(resolved, seed=seed)),
+                                          world_size=1 if dist is None else dist.world)
+            if dist is not None:
+                found = dist.broadcast(found)
             if found is not None:
                 row = CompareRow(model, esu, source, found.id, seed, found.metrics, reused=True)
             else:
                 log.info("compare: training %s esu=%s source=%s seed=%d", model, esu, source, seed)
                 res = train(settings, model, dataset, source=source, esu=esu, train_config=run_cfg,
                             model_overrides=overrides, progress=progress,
-                            vectors=_vectors_of(vectors_for, source, dataset, loaded_vectors))
+                            vectors=_vectors_of(vectors_for, source, dataset, loaded_vectors), dist=dist)
                 row = CompareRow(model, esu, source, res.run_id, seed, res.metrics)
             rows.append(row)
             if on_row is not None:
@@ -439,6 +454,10 @@ def compare(settings: Settings, dataset: str, models: Sequence[str] | None = Non
             "threads": threads or torch.get_num_threads(), "schedule": schedule.to_dict()}
     if groups:
         spec["groups"] = [[m, x] for m, x in matrices]
+    if dist is not None:
+        spec["processes"] = {"world_size": dist.world, "backend": dist.backend, "launcher": dist.launcher}
+        if not dist.is_main:
+            return CompareResult(None, {"spec": spec}, rows, "", None, None, None)
     spec = with_config(spec, config)
     used_sources = sorted({r.source for r in rows if r.source})
     result = aggregate(rows, spec, intrinsic_metrics(settings, used_sources, dataset))

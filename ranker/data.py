@@ -420,14 +420,15 @@ def impression_blocks(n: int, world: int = 1, rank: int = 0, block: int = SHUFFL
 
 def iter_impression_batches(dataset: Any, split: str | None, batch_size: int, shuffle: bool = False,
                             seed: int = 0, limit: int | None = None, world: int = 1,
-                            rank: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                            rank: int = 0, block: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Stream impressions of ``split`` (or of both, train first) in batches of ``batch_size`` (the last
     may be smaller), read from the memory-mapped columns a block of ``SHUFFLE_BUFFER`` rows at a time.
 
     With ``shuffle`` the blocks are visited in a seeded random order and the rows shuffled within each.
     ``limit`` keeps the first ``limit`` impressions of the split (before sharding). ``world``/``rank``:
-    this process reads only its blocks (:func:`impression_blocks`); the ranks together read each
-    impression once.
+    this process reads only its blocks (:func:`impression_blocks`, ``block`` rows each, default
+    ``SHUFFLE_BUFFER``); the ranks together read each impression once. Without shuffle, one process's
+    batches do not depend on ``block``.
     """
     rng = np.random.default_rng(seed)
     columns = ("user_id", "item_id", "label", "hist_len")
@@ -435,7 +436,7 @@ def iter_impression_batches(dataset: Any, split: str | None, batch_size: int, sh
     for sp in splits:
         cols = dataset.impressions(sp)
         n = len(cols) if limit is None else min(len(cols), max(0, limit))
-        blocks = impression_blocks(n, world, rank)
+        blocks = impression_blocks(n, world, rank, block or SHUFFLE_BUFFER)
         if shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         carry: dict[str, np.ndarray] | None = None

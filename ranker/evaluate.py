@@ -63,13 +63,15 @@ def train_item_counts(dataset: Any, space: Any, limit: int | None = None, rows: 
 
 def evaluate(model: CTRModel, builder: BatchBuilder, dataset: Any, split: str = "test", batch_size: int = 1024,
              limit: int | None = None, item_counts: np.ndarray | None = None, world: int = 1,
-             rank: int = 0, stream: PredictionStream | None = None) -> dict[str, Any]:
+             rank: int = 0, stream: PredictionStream | None = None, block: int | None = None) -> dict[str, Any]:
     """Metrics (overall and slices) of ``model`` on ``split`` of ``dataset``, exact and in bounded
     memory (predictions spill to disk, see :class:`ranker.metrics.PredictionStream`).
 
     ``item_counts`` (:func:`train_item_counts`) gives the long-tail slice. ``world``/``rank``: this
-    process predicts only its share; with ``stream`` given the predictions go there (the caller merges
-    the ranks' streams) and the result is empty.
+    process predicts only its share (blocks of ``block`` rows, default ``SHUFFLE_BUFFER``; a multiple of
+    ``batch_size`` gives every rank the batches one process builds); with ``stream`` given the predictions
+    go there (the caller merges the ranks' streams, :func:`ranker.distributed.evaluate_sharded`) and the
+    result is empty.
     """
     own = stream is None
     stream = stream or PredictionStream(with_tail=item_counts is not None)
@@ -77,7 +79,8 @@ def evaluate(model: CTRModel, builder: BatchBuilder, dataset: Any, split: str = 
     device = next(model.parameters(), torch.empty(0)).device
     try:
         with torch.no_grad():
-            for raw in iter_impression_batches(dataset, split, batch_size, limit=limit, world=world, rank=rank):
+            for raw in iter_impression_batches(dataset, split, batch_size, limit=limit, world=world, rank=rank,
+                                               block=block):
                 batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"])
                 if device.type != "cpu":
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -98,11 +101,17 @@ def evaluate(model: CTRModel, builder: BatchBuilder, dataset: Any, split: str = 
 
 
 def evaluate_run(settings: Settings, run_id: int, split: str = "test", limit: int | None = None,
-                 batch_size: int = 1024, vectors_for: VectorsFor | None = None) -> dict[str, Any]:
+                 batch_size: int | None = None, vectors_for: VectorsFor | None = None,
+                 dist: Any = None) -> dict[str, Any]:
     """Reload run ``run_id``'s checkpoint, evaluate it on ``split`` and store the metrics in its row.
 
+    ``batch_size`` defaults to the run's own evaluation batch (``eval_batch_size``), so that the
+    predictions are those of the run's evaluation.
+
     ``vectors_for(source, dataset)`` gives the item vectors when the run's model reads them (the
-    caller injects it, e.g. the CLI with the embedding stage's ``item_vectors``).
+    caller injects it, e.g. the CLI with the embedding stage's ``item_vectors``). ``dist`` (a
+    :class:`ranker.distributed.Dist`): this process is one rank; the ranks share the split and rank 0
+    stores the merged metrics (the same floats as one process).
     """
     from muse.data.format import Dataset
     from ranker.runs import finish_run, get_run, load_run
@@ -113,7 +122,14 @@ def evaluate_run(settings: Settings, run_id: int, split: str = "test", limit: in
     vectors = run_vectors(loaded.model, loaded.source, loaded.dataset, vectors_for)
     builder = open_builder(dataset, loaded.model.retrieval, loaded.model.config, vectors, loaded.space)
     counts = train_item_counts(dataset, loaded.space, loaded.train_config.get("max_train"))
-    metrics = evaluate(loaded.model, builder, dataset, split, batch_size, limit, counts)
-    finish_run(settings, run_id, status=info.status, metrics={**info.metrics, **metrics})
+    batch_size = int(batch_size or loaded.train_config.get("eval_batch_size") or 1024)
+    if dist is None:
+        metrics = evaluate(loaded.model, builder, dataset, split, batch_size, limit, counts)
+    else:
+        from ranker.distributed import evaluate_sharded
+
+        metrics = evaluate_sharded(dist, loaded.model, builder, dataset, split, batch_size, limit, counts)
+    if dist is None or dist.is_main:
+        finish_run(settings, run_id, status=info.status, metrics={**info.metrics, **metrics})
     return metrics
 

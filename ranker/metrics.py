@@ -169,6 +169,11 @@ class PredictionStream:
             self._spill.write(rec.tobytes())
 
     # reading back -----------------------------------------------------------------------------
+    def records(self) -> Iterator[np.ndarray]:
+        """The added records (``RECORD``) in chunks, in the order they were added (e.g. to send them to
+        another process, which adds them with :meth:`add_records`)."""
+        return self._chunks()
+
     def _chunks(self) -> Iterator[np.ndarray]:
         if self._ram is not None:
             yield from self._ram

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,10 @@ def checkpoint_path(settings: Settings, run_id: int) -> Path:
 
 def save_checkpoint(path: Path, model: CTRModel, space: FeatureSpace, *, source: str | None,
                     dataset: str, train_config: dict[str, Any]) -> Path:
-    """Write the weights and everything needed to rebuild the model and its feature mapping."""
+    """Write the weights and everything needed to rebuild the model and its feature mapping (through a
+    temporary file renamed into place: a process killed while writing leaves no checkpoint at ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     torch.save({
         "model": model.name,
         "config": model.config.to_dict(),
@@ -198,7 +201,8 @@ def save_checkpoint(path: Path, model: CTRModel, space: FeatureSpace, *, source:
         "dataset": dataset,
         "train_config": train_config,
         "state_dict": model.state_dict(),
-    }, path)
+    }, tmp)
+    os.replace(tmp, path)
     return path
 
 

@@ -86,9 +86,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def train_steps(model: CTRModel, builder: BatchBuilder, batches: Any, cfg: RankTrainConfig,
-                progress: Any = None) -> tuple[list[float], int, float]:
+                progress: Any = None, sync: Any = None) -> tuple[list[float], int, float]:
     """Train on raw impression ``batches``; return (losses per step, samples, seconds). Batches are
     built on the CPU and moved to the model's device.
+
+    ``sync`` (a :class:`ranker.distributed.StepSync`): this process is one rank of a distributed run;
+    the forward goes through DDP, the loss is weighted by the rank's share of the step's global batch
+    and the sparse embedding gradients are reduced across ranks (batches: ``rank_batches``).
 
     Raises:
         DataError: the loss or a gradient became NaN/inf (names the step).
@@ -96,22 +100,26 @@ def train_steps(model: CTRModel, builder: BatchBuilder, batches: Any, cfg: RankT
     model.train()
     device = model_device(model)
     optimisers = make_optimisers(model, cfg)
+    forward = model if sync is None else sync.forward
     loss_fn = torch.nn.BCEWithLogitsLoss()
     losses: list[float] = []
     n_samples, started = 0, time.perf_counter()
-    usable = (raw for raw in batches if len(raw["label"]) >= 2)  # BatchNorm in Dice needs two rows
+    # BatchNorm in Dice needs two rows (a distributed plan guarantees them: every rank takes every step)
+    usable = batches if sync is not None else (raw for raw in batches if len(raw["label"]) >= 2)
 
     def build(raw: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         batch = builder.build(raw["user_id"], raw["item_id"], raw["hist_len"], raw["label"])
         return batch if device.type == "cpu" else to_device(batch, device)
 
     for step, (raw, batch) in enumerate(background(usable, build)):
-        loss = loss_fn(model(batch)["logit"], batch["label"])
+        loss = loss_fn(forward(batch)["logit"], batch["label"])
         if not torch.isfinite(loss):
             raise DataError(f"training loss is {loss.item()} at step {step}: lower the learning rates or check the data")
         for opt in optimisers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if sync is None else sync.weight(loss, raw)).backward()
+        if sync is not None:
+            sync.reduce_sparse()
         for opt in optimisers:
             opt.step()
         losses.append(loss.item())
@@ -131,11 +139,34 @@ def model_needs_vectors(model: str, esu: str | None = None, model_overrides: dic
     return bool(make_config(model, **overrides).needs_vectors)
 
 
+def train_model_config(model: str, esu: str | None = None, model_overrides: dict[str, Any] | None = None,
+                       source: str | None = None) -> Any:
+    """The model config :func:`train` trains ``model`` with (``esu`` and ``model_overrides`` applied).
+
+    Raises:
+        ConfigurationError: unknown model, ESU or keys, or a model that reads vectors without a ``source``.
+    """
+    overrides = dict(model_overrides or {})
+    if esu is not None:
+        overrides["esu"] = esu
+    config = make_config(model, **overrides)
+    if config.needs_vectors and source is None:
+        hint = "" if config.gsu_needs_vectors else f" for its {config.esu} ESU (or --esu ta for the ID-only ESU)"
+        raise ConfigurationError(f"model {model!r} needs an embedding source{hint} (e.g. source='scl')")
+    return config
+
+
 def train(settings: Settings, model: str, dataset: str, source: str | None = None, esu: str | None = None,
           train_config: RankTrainConfig | None = None, model_overrides: dict[str, Any] | None = None,
-          progress: bool = False, record: bool = True, vectors: ItemVectorsLike | None = None) -> TrainResult:
+          progress: bool = False, record: bool = True, vectors: ItemVectorsLike | None = None,
+          dist: Any = None) -> TrainResult:
     """Train ``model`` on ``dataset`` (GSU source ``source`` for muse), evaluate it on the test split,
     save a checkpoint and record the run. The model and its batches are on ``settings.resolve_device()``.
+
+    With ``dist`` (a :class:`ranker.distributed.Dist`) this process is one rank of a distributed run
+    (see :mod:`ranker.distributed`): ``batch_size`` is the global batch, each rank trains on its own
+    impressions and evaluates its share, rank 0 records the run (with ``config["distributed"]``: world
+    size, global batch, every rank's threads) and writes the checkpoint; every rank returns the metrics.
 
     Args:
         source: the embedding source's name (recorded with the run; scoring opens its retriever).
@@ -160,13 +191,7 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
 
     cfg = train_config or RankTrainConfig()
     cls = model_class(model)
-    overrides = dict(model_overrides or {})
-    if esu is not None:
-        overrides["esu"] = esu
-    config = make_config(model, **overrides)
-    if config.needs_vectors and source is None:
-        hint = "" if config.gsu_needs_vectors else f" for its {config.esu} ESU (or --esu ta for the ID-only ESU)"
-        raise ConfigurationError(f"model {model!r} needs an embedding source{hint} (e.g. source='scl')")
+    config = train_model_config(model, esu, model_overrides, source)
     if config.needs_vectors and vectors is None:
         raise ConfigurationError(
             f"model {model!r} reads the item vectors of source {source!r}: pass them as vectors= "
@@ -175,56 +200,87 @@ def train(settings: Settings, model: str, dataset: str, source: str | None = Non
     used_source = source if config.needs_vectors else None
     ds = Dataset.open(settings, dataset)
     cfg, schedule = plan_schedule(cfg, ds)  # the batch size (ranker.schedule's rule), recorded below
-    device = settings.resolve_device()
+    device = settings.resolve_device() if dist is None else dist.device
+    main = dist is None or dist.is_main  # the process that records the run and writes the checkpoint
+    plan = None
+    if dist is not None:
+        from ranker.distributed import StepSync, evaluate_sharded, plan_epoch, rank_batches
+
+        n_train = ds.n_impressions("train")
+        plan = plan_epoch(n_train if cfg.max_train is None else min(n_train, max(0, cfg.max_train)), dist.world,
+                          cfg.batch_size)
     torch.manual_seed(cfg.seed)
     builder = open_builder(ds, cls.retrieval, config, vectors if config.needs_vectors else None)
     space = builder.space
     net = build_model(model, FeatureSpec(space.vocab_sizes(), space.user_fields), config).to(device)
     log.info("training %s on %s", model, device)
     run_id = None
-    if record:
+    if record and main:
+        run_config = {"model": config.to_dict(), "train": dataclasses.asdict(cfg), "schedule": schedule.to_dict()}
+        if dist is not None:
+            run_config["distributed"] = dist.describe(plan)
         run_id = create_run(settings, model=model, esu=config.esu, source=used_source,
-                            dataset=dataset, seed=cfg.seed, config={"model": config.to_dict(),
-                                                                     "train": dataclasses.asdict(cfg),
-                                                                     "schedule": schedule.to_dict()})
+                            dataset=dataset, seed=cfg.seed, config=run_config)
+    if dist is not None:
+        run_id = dist.broadcast(run_id)
+        dist.note_run(run_id)
     try:
         losses: list[float] = []
         n_samples, seconds = 0, 0.0
-        bar = _progress_bar(ds, cfg) if progress else None
+        sync = None if dist is None else StepSync(dist, net)
+        coverage = []
+        bar = _progress_bar(ds, cfg, plan) if progress and main else None
         for epoch in range(cfg.epochs):
-            batches = iter_impression_batches(ds, "train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
-                                              limit=cfg.max_train)
-            ep_losses, n, s = train_steps(net, builder, batches, cfg, bar)
+            if sync is None:
+                batches = iter_impression_batches(ds, "train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
+                                                  limit=cfg.max_train)
+            else:
+                sync.begin_epoch(plan)
+                batches = rank_batches(ds, "train", plan, dist.rank, seed=cfg.seed + epoch)
+            ep_losses, n, s = train_steps(net, builder, batches, cfg, bar, **({} if sync is None else {"sync": sync}))
+            if sync is not None:
+                coverage.append(sync.end_epoch())
             losses += ep_losses
             n_samples, seconds = n_samples + n, seconds + s
             log.info("epoch %d: %d samples, mean loss %.4f", epoch, n, float(np.mean(ep_losses or [np.nan])))
         if bar is not None:
             bar.close()
-        metrics = evaluate(net, builder, ds, "test", cfg.eval_batch_size, cfg.max_eval,
-                           train_item_counts(ds, space, cfg.max_train))
+        counts = train_item_counts(ds, space, cfg.max_train)
+        if dist is None:
+            metrics = evaluate(net, builder, ds, "test", cfg.eval_batch_size, cfg.max_eval, counts)
+        else:
+            sync.share_buffers()
+            metrics = evaluate_sharded(dist, net, builder, ds, "test", cfg.eval_batch_size, cfg.max_eval, counts)
+            n_samples, seconds = sync.totals(n_samples, seconds)
         metrics["train"] = {"samples": n_samples, "seconds": seconds, "samples_per_s": n_samples / max(seconds, 1e-9),
                             "first_loss": losses[0] if losses else None,
                             "last_loss": float(np.mean(losses[-20:])) if losses else None,
                             "steps": len(losses), "threads": torch.get_num_threads(), **loss_trend(losses)}
         metrics["base_rate"] = base_rate(ds, "test", cfg.max_eval)  # what ranker.schedule.undertrained reads
+        if dist is not None:  # samples: every rank's; seconds: the slowest rank's; losses: rank 0's
+            metrics["train"]["distributed"] = {"world_size": dist.world, "epochs": coverage}
         ckpt = None
         net.cpu()  # checkpoints hold CPU tensors: they load anywhere
-        if record:
+        if record and main:
             ckpt = save_checkpoint(checkpoint_path(settings, run_id), net, space, source=used_source,
                                    dataset=dataset, train_config=dataclasses.asdict(cfg))
             finish_run(settings, run_id, status="done", metrics=metrics, checkpoint=ckpt)
     except BaseException as e:
-        if run_id is not None:
+        if run_id is not None and main:
             finish_run(settings, run_id, status="failed", metrics={"error": f"{type(e).__name__}: {e}"})
         raise
     return TrainResult(run_id, metrics, ckpt, losses, n_samples / max(seconds, 1e-9))
 
 
-def _progress_bar(ds: Any, cfg: RankTrainConfig) -> Any:
+def _progress_bar(ds: Any, cfg: RankTrainConfig, plan: Any = None) -> Any:
+    """A bar over the train impressions (of rank 0 only in a distributed run: ``plan``)."""
     from tqdm import tqdm
 
     total = ds.n_impressions("train")
     if cfg.max_train is not None:
         total = min(total, cfg.max_train)
+    desc = "train"
+    if plan is not None:
+        total, desc = plan.counts[0], f"train (rank 0 of {plan.world})"
     total *= cfg.epochs
-    return tqdm(total=total, unit="imp", desc="train")
+    return tqdm(total=total, unit="imp", desc=desc)
