@@ -48,6 +48,7 @@ from retriever.cache import (
     sequence_loader,
     store_loader,
 )
+from retriever.item_table import TableLoad, load_item_table
 from retriever.kernels import simtier_counts
 from retriever.milvus_search import milvus_topk
 
@@ -161,12 +162,15 @@ class RetrieverView:
         self.item_fetches = 0  # of those, read from Milvus
         self.cache: HistoryCache | None = None
         self.item_table: ItemTable | None = None
+        self.table_load: TableLoad | None = None  # how the item table was filled (retriever.item_table)
         if backend == "cache":
             config = cache_config or CacheConfig()
             if config.history_from == "items":
                 self.item_table = ItemTable(
                     lambda ids: store.get_item_vectors(ref, ids), self.dim, config.storage_dtype, config.device
                 )
+                if config.item_table_file:
+                    self.table_load = load_item_table(self.item_table, store, ref)
                 self.cache = GatherCache(sequence_loader(store, ref), self.item_table, config)
             else:
                 self.cache = HistoryCache(store_loader(store, ref, config.load_batch_size), self.dim, config)
@@ -588,6 +592,19 @@ class Retriever:
         if view.cache is not None:
             view.cache.append_behaviours(user, pos, items, vecs)
         return written
+
+    def load_item_table(self, scan_milvus: bool = True) -> TableLoad | None:
+        """Fill the current version's item table now (``muse serve`` does at start-up): from the
+        version's table file, else, with ``scan_milvus``, from one Milvus scan written to that file
+        (see :func:`retriever.item_table.load_item_table`). None without an item table (Milvus
+        backend, or per-user vectors)."""
+        view = self._view
+        if view.item_table is None:
+            return None
+        if view.table_load is not None and view.table_load.how == "file":
+            return view.table_load
+        view.table_load = load_item_table(view.item_table, self.store, view.ref, scan_milvus=scan_milvus)
+        return view.table_load
 
     def forget_item_vectors(self) -> None:
         """Drop the cached target vectors (after the version's items were re-encoded) and the item

@@ -384,8 +384,10 @@ def serve(
     preload_items: bool = True,
 ) -> GsuServer:
     """Build and start a server for ``dataset``/``source`` (the live version unless ``version`` pins
-    one). When the dataset's folder is on this machine its items are preloaded into the item table,
-    so that no prefetch waits for item vectors; otherwise they load on demand.
+    one). With ``preload_items`` the item table is filled before the server starts, so that no
+    prefetch waits for item vectors: from the version's table file, or, for a version without one,
+    from one scan of its Milvus item collection written to that file when the dataset's folder is on
+    this machine (see :mod:`retriever.item_table`); otherwise items load on demand.
 
     Raises:
         NotFoundError: no collections or no live version for (dataset, source). ConfigurationError: bad options.
@@ -402,16 +404,7 @@ def serve(
     retriever = Retriever.from_settings(source, settings, dataset=dataset, version=version, backend="cache", cache=cache)
     try:
         if preload_items:
-            from muse.data.format import Dataset
-
-            try:
-                item_ids = Dataset.open(settings, dataset).item_ids()
-            except NotFoundError:
-                log.info("dataset %s has no folder here: item vectors load on demand", dataset)
-            else:
-                t0 = time.perf_counter()
-                rows = retriever.preload_items(item_ids)
-                log.info("item table: %d of %d items in %.1f s", rows, len(item_ids), time.perf_counter() - t0)
+            retriever.load_item_table(scan_milvus=True)  # the version's table file (or one Milvus scan, written)
         return GsuServer(retriever, port=port, metrics_port=metrics_port, host=host, dataset=dataset).start()
     except BaseException:
         retriever.close()
