@@ -12,6 +12,8 @@ One folder per :class:`muse.vectorstore.CollectionRef`, :func:`table_dir`::
         index_keys.npy  int64 [2^b]: the id -> row hash (:class:`IdHash`) over ``item_ids`` ...
         index_rows.npy  int32 [2^b]: ... giving the item's row among the present rows, or ABSENT
         index.json      {"format", "rows", "present", "bits"}: written last; names the index valid
+        int8_vectors.npy, int8_scale.npy, int8.json: the rows as int8 with a per-row scale, for
+                        int8 GSU tables (:func:`int8_rows`; written by the first server that wants them)
 
 The table is written by the embedding stage (``indexer.item_vectors``: when a version is
 backfilled or promoted, or when training first asks for it) and, for a version that has none, by a
@@ -322,6 +324,73 @@ def ensure_index(folder: Path, table: ItemVectors) -> IdHash:
     return index
 
 
+# -- the int8 form --------------------------------------------------------------------------------
+INT8_FILE = "int8.json"
+INT8_VECTORS = "int8_vectors.npy"
+INT8_SCALE = "int8_scale.npy"
+
+
+def quantise_rows(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 quantisation of float rows: ``(q int8 [n, d], scale float32 [n])`` with
+    ``row ~= q * scale``, scale = max |row| / 127 (zero rows: scale 0); the numpy twin of
+    ``retriever.kernels.quantise_int8``."""
+    v = np.asarray(unit, np.float32)
+    scale = (np.abs(v).max(axis=1) / np.float32(127.0)).astype(np.float32)  # [n]
+    q = np.rint(v / np.maximum(scale, np.float32(1e-30))[:, None])
+    return np.clip(q, -127, 127).astype(np.int8), scale
+
+
+def int8_rows(folder: Path, table: ItemVectors) -> tuple[np.ndarray, np.ndarray]:
+    """The table's rows as int8 with a per-row scale (cosine = (target . q) * scale), memory-mapped:
+    what an int8 GSU table holds, a quarter of float32's bytes. Shipped int8 rows are used as they
+    are, with scale 1 / norm (exact: no second rounding); float rows are quantised per row
+    (:func:`quantise_rows` of the unit row). Written beside the table by the first reader that wants
+    them (``int8_vectors.npy`` for float tables, ``int8_scale.npy``, then ``int8.json``), so later
+    starts read 1 byte a component instead of converting 4; computed in memory where the folder is
+    read-only."""
+    folder = Path(folder)
+    n = len(table.item_ids)
+    shipped = table.vectors.dtype == np.int8
+    try:
+        doc = json.loads((folder / INT8_FILE).read_text())
+        if doc.get("rows") == n and doc.get("shipped") == shipped:
+            q = table.vectors if shipped else open_array(folder / INT8_VECTORS)
+            return q, open_array(folder / INT8_SCALE)
+    except (OSError, ValueError, MuseError):
+        pass
+    tag = f".tmp-{os.getpid()}"
+    try:
+        q_w = None if shipped else ArrayWriter(folder / (INT8_VECTORS + tag), np.int8, (table.dim,))
+        s_w = ArrayWriter(folder / (INT8_SCALE + tag), np.float32)
+    except OSError as e:
+        log.warning("cannot write the int8 rows of %s (%s): converted in memory only", folder, e)
+        q_w = s_w = None
+    qs, ss = [], []
+    for lo in range(0, n, BLOCK):
+        raw = np.asarray(table.vectors[lo:lo + BLOCK])
+        if shipped:
+            norms = np.linalg.norm(raw.astype(np.float32), axis=1)
+            q, scale = None, (1.0 / np.maximum(norms, np.float32(1e-30))).astype(np.float32)
+        else:
+            q, scale = quantise_rows(table.unit_rows(slice(lo, lo + BLOCK)))
+        if s_w is None:
+            qs.append(q)
+            ss.append(scale)
+            continue
+        if q_w is not None:
+            q_w.append(q)
+        s_w.append(scale)
+    if s_w is None:
+        return (table.vectors if shipped else np.concatenate(qs)), np.concatenate(ss)
+    for w, name in ((q_w, INT8_VECTORS), (s_w, INT8_SCALE)):
+        if w is not None:
+            w.close()
+            os.replace(folder / (name + tag), folder / name)
+    (folder / (INT8_FILE + tag)).write_text(json.dumps({"rows": n, "shipped": shipped}) + "\n")
+    os.replace(folder / (INT8_FILE + tag), folder / INT8_FILE)
+    return int8_rows(folder, table)
+
+
 # -- writing a table from a vector store ---------------------------------------------------------
 def export_key(dataset: str, source: str, version: int, dim: int, dataset_path: Path | None,
                collection: str) -> dict[str, Any]:
@@ -406,6 +475,8 @@ __all__ = [
     "ItemVectors",
     "check_table",
     "ensure_index",
+    "int8_rows",
+    "quantise_rows",
     "export_from_store",
     "export_key",
     "export_table",

@@ -558,14 +558,17 @@ class ItemTable:
             return quantise_int8(t)
         return t.to(self._dtype), None
 
-    def load_file(self, table: Any, index: IdHash | None = None, block_rows: int = 1 << 16) -> int:
+    def load_file(self, table: Any, index: IdHash | None = None, block_rows: int = 1 << 16,
+                  int8_rows: tuple[np.ndarray, np.ndarray] | None = None) -> int:
         """Fill this (empty) table with every row of a table file that has a vector, in file order.
 
         Args:
             table: a :class:`muse.itemtable.ItemVectors` (memory-mapped ``item_ids``, ``vectors``,
                 ``present``, ``scale``, ``normalised``), e.g. from :func:`muse.itemtable.read_table`.
             index: its id -> row hash (:func:`muse.itemtable.ensure_index`); built here when None.
-            block_rows: file rows copied per step (bounds the host memory of the copy).
+            block_rows: file rows read per step (bounds the host memory of the copy).
+            int8_rows: for an int8 table, the file's rows as int8 with their per-row scales
+                (:func:`muse.itemtable.int8_rows`), copied as they are instead of quantised here.
 
         Returns:
             the rows loaded. Raises ConfigurationError when the table is not empty or the widths differ.
@@ -577,22 +580,43 @@ class ItemTable:
         present = np.asarray(table.present, bool)
         n, m = len(present), int(np.count_nonzero(present))
         index = index if index is not None else table_index(table)
+        int8_rows = int8_rows if self._dtype == torch.int8 else None
+        src = table.vectors if int8_rows is None else int8_rows[0]
+        stored = torch.from_numpy(np.zeros(0, src.dtype)).dtype
+        # Rows already in the table's form are read straight into it on the CPU (unit float32 rows
+        # into a float32 table, int8 rows with their scales into an int8 table); others go through a
+        # reused block buffer and are converted (and moved to the device).
+        ready = int8_rows is not None or (stored == self._dtype == torch.float32 and table.normalised)
         with self._lock:
             if self.rows:
                 raise ConfigurationError(f"load_file needs an empty item table, this one holds {self.rows} rows")
             vectors = torch.empty((m, self.dim), dtype=self._dtype, device=self.device)
             scale = torch.empty(m, dtype=torch.float32, device=self.device) if self._dtype == torch.int8 else None
+            if scale is not None and int8_rows is not None:
+                scale.copy_(torch.from_numpy(np.compress(present, int8_rows[1])))
+            dest = vectors.numpy() if ready and self.device == "cpu" else None
             at = 0
-            for lo in range(0, n, block_rows):
-                keep = present[lo:lo + block_rows]
-                raw = np.compress(keep, table.vectors[lo:lo + block_rows], axis=0)  # [k, d], one copy
-                if not len(raw):
-                    continue
-                q, s = self._encode_stored(raw, table.normalised)
-                vectors[at:at + len(raw)] = q
-                if scale is not None and s is not None:
-                    scale[at:at + len(raw)] = s
-                at += len(raw)
+            with _RowReader(src, block_rows) as reader:
+                for lo in range(0, n, block_rows):
+                    keep = present[lo:lo + block_rows]
+                    k = int(np.count_nonzero(keep))
+                    if k == 0:
+                        continue
+                    if dest is not None and k == len(keep):  # every row present: one read, no copy
+                        reader.read_into(lo, dest[at:at + k])
+                    else:
+                        raw = reader.read(lo, len(keep))
+                        raw = raw if k == len(keep) else raw[keep]  # [k, d]
+                        if dest is not None:
+                            dest[at:at + k] = raw
+                        elif ready:
+                            vectors[at:at + k] = torch.from_numpy(raw)
+                        else:
+                            q, s = self._encode_stored(raw, table.normalised)
+                            vectors[at:at + k] = q
+                            if scale is not None and s is not None:
+                                scale[at:at + k] = s
+                    at += k
             self.vectors, self.scale = vectors, scale
             self.rows = self.file_rows = m
             self._index = index
@@ -676,6 +700,48 @@ class ItemTable:
         with self._lock:
             self._absent.clear()
             self._index.vals[self._index.vals == ABSENT] = -1
+
+
+class _RowReader:
+    """Reads row blocks of a memory-mapped ``.npy`` array with plain ``read`` calls (one copy from the
+    page cache, no page faults on a mapping); arrays that are not mapped files are sliced."""
+
+    def __init__(self, array: np.ndarray, block_rows: int) -> None:
+        self.array = array
+        self.row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+        path, offset = getattr(array, "filename", None), getattr(array, "offset", None)
+        self._fh = open(path, "rb", buffering=0) if path is not None and offset is not None else None
+        self._offset = int(offset or 0)
+        self._buf = np.empty((block_rows, *array.shape[1:]), array.dtype) if self._fh is not None else None
+
+    def read_into(self, lo: int, out: np.ndarray) -> None:
+        """Rows ``lo : lo + len(out)`` into ``out`` (C-contiguous)."""
+        if self._fh is None:
+            out[...] = self.array[lo:lo + len(out)]
+            return
+        view = memoryview(out).cast("B")
+        self._fh.seek(self._offset + lo * self.row_bytes)
+        done = 0
+        while done < len(view):
+            got = self._fh.readinto(view[done:])
+            if not got:
+                raise ConfigurationError(f"{self.array.filename} ends before row {lo + len(out)}")
+            done += got
+
+    def read(self, lo: int, n: int) -> np.ndarray:
+        """Rows ``lo : lo + n`` (a view of the reused buffer: valid until the next read)."""
+        if self._buf is None:
+            return np.asarray(self.array[lo:lo + n])
+        out = self._buf[:n]
+        self.read_into(lo, out)
+        return out
+
+    def __enter__(self) -> _RowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
 
 
 @dataclass

@@ -6,8 +6,9 @@
 1. from the version's table file (:func:`muse.itemtable.table_dir`, written by the embedding stage
    when the version was backfilled or promoted), when it holds that (dataset, source, version) at
    the collections' width and, if the dataset is on this machine, was written from its current
-   ``meta.json``: the mapped rows are copied into the storage dtype a block at a time and the
-   persisted id -> row index is read (millions of rows a second, ``bench/item_table.py``);
+   ``meta.json``: the rows are read into the storage dtype a block at a time and the persisted id
+   -> row index is read (millions of rows a second, ``bench/item_table.py``); an int8 table reads
+   the file's int8 form (:func:`muse.itemtable.int8_rows`, written beside it the first time);
 2. otherwise, with ``scan_milvus`` (``muse serve``) and the dataset's item ids on this machine: one
    scan of the version's Milvus item collection (thousands of rows a second), written to the table
    file so that the next start is step 1, then step 1; one log line says so. Where the folder cannot
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from muse.errors import NotFoundError
-from muse.itemtable import check_table, ensure_index, export_from_store, ref_table_dir
+from muse.itemtable import check_table, ensure_index, export_from_store, int8_rows, ref_table_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def load_item_table(table: Any, store: Any, ref: Any, *, scan_milvus: bool = Fal
     dataset_path = dataset_here(settings, ref.dataset)
     found, reason = check_table(folder, ref.dataset, ref.source, ref.version, table.dim, dataset_path)
     if found is not None:
-        rows = table.load_file(found, ensure_index(folder, found))
+        rows = _fill(table, folder, found)
         seconds = time.perf_counter() - t0
         log.info("%s: item table from %s: %d rows (%s) in %.2f s, %.0f rows/s", ref, folder, rows,
                  table.storage_dtype, seconds, rows / max(seconds, 1e-9))
@@ -102,8 +103,14 @@ def load_item_table(table: Any, store: Any, ref: Any, *, scan_milvus: bool = Fal
         log.warning("%s: cannot write the item table to %s (%s): items scanned into memory only", ref, folder, e)
         rows = table.load(np.asarray(item_ids))
         return TableLoad("milvus-memory", rows, time.perf_counter() - t0, folder, f"{reason}; {e}")
-    rows = table.load_file(written, ensure_index(folder, written))
+    rows = _fill(table, folder, written)
     return TableLoad("milvus", rows, time.perf_counter() - t0, folder, reason)
+
+
+def _fill(table: Any, folder: Path, found: Any) -> int:
+    """Copy a checked table file into ``table``: its index, and for an int8 table its int8 rows."""
+    int8 = int8_rows(folder, found) if table.storage_dtype == "int8" else None
+    return table.load_file(found, ensure_index(folder, found), int8_rows=int8)
 
 
 __all__ = ["HOW", "TableLoad", "dataset_here", "load_item_table"]
