@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from muse.settings import Settings
 from muse.vectorstore import CollectionRef, VectorStore
 
 DIM = 16
+#: The device of the ItemTable tests (cpu; MUSE_TEST_DEVICE=cuda on a GPU machine).
+DEVICE = os.environ.get("MUSE_TEST_DEVICE", "cpu")
 KEY = {"source": {"name": "scl", "version": 2, "dim": DIM}, "dataset": {"name": "ds", "meta_mtime_ns": None}}
 
 
@@ -113,9 +116,9 @@ def test_item_table_from_the_file_equals_the_table_from_milvus(tmp_path: Path, d
     all_ids = np.concatenate([ids, [extra_id]])
     all_vecs = np.concatenate([vecs, l2_normalise(np.ones((1, DIM), np.float32))])
     fetch = _fetcher(all_ids, all_vecs, np.concatenate([present, [True]]), calls)
-    from_file = ItemTable(fetch, DIM, dtype)
+    from_file = ItemTable(fetch, DIM, dtype, DEVICE)
     assert from_file.load_file(table_file, ensure_index(tmp_path / "t", table_file)) == int(present.sum())
-    fetched = ItemTable(_fetcher(all_ids, all_vecs, np.concatenate([present, [True]])), DIM, dtype)
+    fetched = ItemTable(_fetcher(all_ids, all_vecs, np.concatenate([present, [True]])), DIM, dtype, DEVICE)
     fetched.load(ids)
 
     rng = np.random.default_rng(1)
@@ -126,10 +129,10 @@ def test_item_table_from_the_file_equals_the_table_from_milvus(tmp_path: Path, d
     np.testing.assert_array_equal(a.positions, b.positions)
     np.testing.assert_array_equal(a.missing_positions, b.missing_positions)
     np.testing.assert_array_equal(np.isin(seq, ids[~present]), np.isin(np.arange(len(seq)), a.missing_positions))
-    targets = torch.from_numpy(l2_normalise(rng.normal(size=(8, DIM)).astype(np.float32)))
+    targets = torch.from_numpy(l2_normalise(rng.normal(size=(8, DIM)).astype(np.float32))).to(DEVICE)
     ta, tb = a.topk(targets, 50), b.topk(targets, 50)
     tol = {"float32": 1e-6, "bfloat16": 1e-2, "float16": 2e-3, "int8": 1e-2}[dtype]
-    np.testing.assert_allclose(ta.scores.numpy(), tb.scores.numpy(), atol=tol)
+    np.testing.assert_allclose(ta.scores.cpu().numpy(), tb.scores.cpu().numpy(), atol=tol)
 
     # An item written after the file is fetched once and appended.
     rows = from_file.rows_of(np.asarray([extra_id, ids[0]]))
@@ -166,15 +169,51 @@ def test_int8_vectors_as_shipped_are_exact_in_an_int8_table(tmp_path: Path) -> N
     unit = l2_normalise(raw.astype(np.float64) / 127.0)
     targets = l2_normalise(rng.normal(size=(4, DIM)))
     expected = (targets.astype(np.float64) @ unit.T.astype(np.float64))[:, present]  # [4, n_present]
-    for dtype in ("int8", "float32"):
-        t = ItemTable(lambda ids: (np.zeros(0, np.int64), np.zeros((0, DIM), np.float32)), DIM, dtype)
-        t.load_file(table, ensure_index(folder, table))
+    from muse.itemtable import int8_rows
+
+    form = int8_rows(folder, table)
+    assert form[0] is table.vectors and not (folder / "int8_vectors.npy").exists()  # shipped rows as they are
+    for dtype, rows in (("int8", None), ("int8", form), ("float32", None)):
+        t = ItemTable(_no_fetch, DIM, dtype, DEVICE)
+        t.load_file(table, ensure_index(folder, table), block_rows=300, int8_rows=rows)
         h = gather_history(1, np.arange(n), ids, t)
         assert len(h.positions) == int(present.sum())
-        top = h.topk(torch.from_numpy(targets), int(present.sum()))
-        got = np.sort(top.scores.numpy(), axis=1)
+        top = h.topk(torch.from_numpy(targets).to(DEVICE), int(present.sum()))
+        got = np.sort(top.scores.cpu().numpy(), axis=1)
         np.testing.assert_allclose(got, np.sort(expected, axis=1), atol=2e-6)
     assert t.vectors.dtype == torch.float32
+
+
+def test_direct_reads_and_the_int8_form_give_the_same_table(tmp_path: Path) -> None:
+    """A float32 table of a file whose rows are all present is the file's bytes; an int8 table read
+    from the int8 form written beside the file equals one quantised while loading."""
+    from muse.itemtable import int8_rows
+    from retriever.cache import ItemTable
+
+    ids, vecs, _ = _catalogue(2000, seed=5)
+    everything = np.ones(len(ids), bool)
+    folder = tmp_path / "t"
+    table = export_table(folder, ids, _fetcher(ids, l2_normalise(vecs + 0.01), everything), DIM, KEY)
+    index = ensure_index(folder, table)
+    t32 = ItemTable(_fetcher(ids, vecs, everything), DIM, "float32", DEVICE)
+    t32.load_file(table, index, block_rows=700)
+    np.testing.assert_array_equal(t32.vectors.cpu().numpy(), np.asarray(table.vectors))
+
+    q, scale = int8_rows(folder, table)
+    assert (folder / "int8.json").exists() and q.dtype == np.int8 and scale.shape == (len(ids),)
+    stamp = (folder / "int8_vectors.npy").stat().st_mtime_ns
+    assert int8_rows(folder, table)[0].shape == q.shape and (folder / "int8_vectors.npy").stat().st_mtime_ns == stamp
+    via_form = ItemTable(_no_fetch, DIM, "int8", DEVICE)
+    via_form.load_file(table, index, block_rows=700, int8_rows=(q, scale))
+    quantised = ItemTable(_no_fetch, DIM, "int8", DEVICE)
+    quantised.load_file(table, index, block_rows=700)
+    mismatched = (via_form.vectors != quantised.vectors).sum().item()
+    assert mismatched <= 2  # the same rounding, but for a rare tie at .5 between numpy and torch
+    np.testing.assert_allclose(via_form.scale.cpu().numpy(), quantised.scale.cpu().numpy(), rtol=1e-6)
+
+
+def _no_fetch(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, np.int64), np.zeros((0, DIM), np.float32)
 
 
 # -- a Retriever on real Milvus (Lite and the 2.3 server) ------------------------------------------
