@@ -545,18 +545,34 @@ class ItemTable:
             return quantise_int8(v)
         return v.to(self._dtype), None
 
-    def _encode_stored(self, raw: np.ndarray, normalised: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows of a table file (``[n, d]``, non-zero) in this table's dtype. Unit float32 rows are
-        copied (cast); int8 rows as shipped stay as they are in an int8 table, with the per-row scale
-        1 / norm (exactly the unit vector, no second rounding); anything else is normalised first."""
+    def _store_rows(self, raw: np.ndarray, normalised: bool, out: torch.Tensor, out_scale: torch.Tensor | None,
+                    row_scale: np.ndarray | None) -> None:
+        """Write rows of a table file (``[n, d]``, non-zero) into ``out`` (and ``out_scale``) in this
+        table's dtype. Int8 rows as shipped stay as they are in an int8 table, with the per-row scale
+        1 / norm (``row_scale`` when given), so the scores are exactly the unit vectors'; in a float
+        table they are converted in place and multiplied by that scale. Unit float32 rows are cast;
+        other float rows are normalised first; an int8 table quantises float rows per row."""
         t = torch.from_numpy(np.ascontiguousarray(raw)).to(self.device)  # [n, d]
-        if t.dtype == torch.int8 and self._dtype == torch.int8:
-            return t, 1.0 / torch.linalg.vector_norm(t.float(), dim=1).clamp_min(1e-30)  # [n, d], [n]
+        if t.dtype == torch.int8:
+            s = (torch.from_numpy(row_scale).to(self.device) if row_scale is not None
+                 else 1.0 / torch.linalg.vector_norm(t.float(), dim=1).clamp_min(1e-30))  # [n]
+            if out_scale is not None:
+                out.copy_(t)
+                out_scale.copy_(s)
+            elif out.dtype == torch.float32:
+                out.copy_(t)  # int8 -> float32 is exact
+                out.mul_(s.unsqueeze(1))
+            else:  # one rounding to the half dtype, of the float32 unit row
+                out.copy_(t.float().mul_(s.unsqueeze(1)))
+            return
         if t.dtype != torch.float32 or not normalised:
             t = l2_normalise(t.float())
-        if self._dtype == torch.int8:
-            return quantise_int8(t)
-        return t.to(self._dtype), None
+        if out_scale is not None:
+            q, s = quantise_int8(t)
+            out.copy_(q)
+            out_scale.copy_(s)
+        else:
+            out.copy_(t)
 
     def load_file(self, table: Any, index: IdHash | None = None, block_rows: int = 1 << 16,
                   int8_rows: tuple[np.ndarray, np.ndarray] | None = None) -> int:
@@ -567,8 +583,9 @@ class ItemTable:
                 ``present``, ``scale``, ``normalised``), e.g. from :func:`muse.itemtable.read_table`.
             index: its id -> row hash (:func:`muse.itemtable.ensure_index`); built here when None.
             block_rows: file rows read per step (bounds the host memory of the copy).
-            int8_rows: for an int8 table, the file's rows as int8 with their per-row scales
-                (:func:`muse.itemtable.int8_rows`), copied as they are instead of quantised here.
+            int8_rows: the file's rows as int8 with their per-row scales (:func:`muse.itemtable.int8_rows`):
+                an int8 table copies them as they are instead of quantising; a float table of shipped
+                int8 rows takes their scales instead of computing norms.
 
         Returns:
             the rows loaded. Raises ConfigurationError when the table is not empty or the widths differ.
@@ -580,20 +597,22 @@ class ItemTable:
         present = np.asarray(table.present, bool)
         n, m = len(present), int(np.count_nonzero(present))
         index = index if index is not None else table_index(table)
-        int8_rows = int8_rows if self._dtype == torch.int8 else None
-        src = table.vectors if int8_rows is None else int8_rows[0]
-        stored = torch.from_numpy(np.zeros(0, src.dtype)).dtype
+        int8 = self._dtype == torch.int8
+        src, row_scale = table.vectors, None
+        if int8_rows is not None and (int8 or table.vectors.dtype == np.int8):
+            src, row_scale = int8_rows
         # Rows already in the table's form are read straight into it on the CPU (unit float32 rows
         # into a float32 table, int8 rows with their scales into an int8 table); others go through a
         # reused block buffer and are converted (and moved to the device).
-        ready = int8_rows is not None or (stored == self._dtype == torch.float32 and table.normalised)
+        ready = (int8 and row_scale is not None) or (
+            src.dtype == np.float32 and table.normalised and self._dtype == torch.float32)
         with self._lock:
             if self.rows:
                 raise ConfigurationError(f"load_file needs an empty item table, this one holds {self.rows} rows")
             vectors = torch.empty((m, self.dim), dtype=self._dtype, device=self.device)
-            scale = torch.empty(m, dtype=torch.float32, device=self.device) if self._dtype == torch.int8 else None
-            if scale is not None and int8_rows is not None:
-                scale.copy_(torch.from_numpy(np.compress(present, int8_rows[1])))
+            scale = torch.empty(m, dtype=torch.float32, device=self.device) if int8 else None
+            if scale is not None and ready:
+                scale.copy_(torch.from_numpy(np.compress(present, row_scale)))
             dest = vectors.numpy() if ready and self.device == "cpu" else None
             at = 0
             with _RowReader(src, block_rows) as reader:
@@ -604,18 +623,18 @@ class ItemTable:
                         continue
                     if dest is not None and k == len(keep):  # every row present: one read, no copy
                         reader.read_into(lo, dest[at:at + k])
+                        at += k
+                        continue
+                    raw = reader.read(lo, len(keep))
+                    raw = raw if k == len(keep) else raw[keep]  # [k, d]
+                    if dest is not None:
+                        dest[at:at + k] = raw
+                    elif ready:
+                        vectors[at:at + k] = torch.from_numpy(raw)
                     else:
-                        raw = reader.read(lo, len(keep))
-                        raw = raw if k == len(keep) else raw[keep]  # [k, d]
-                        if dest is not None:
-                            dest[at:at + k] = raw
-                        elif ready:
-                            vectors[at:at + k] = torch.from_numpy(raw)
-                        else:
-                            q, s = self._encode_stored(raw, table.normalised)
-                            vectors[at:at + k] = q
-                            if scale is not None and s is not None:
-                                scale[at:at + k] = s
+                        rs = None if row_scale is None else np.compress(keep, row_scale[lo:lo + block_rows])
+                        self._store_rows(raw, table.normalised, vectors[at:at + k],
+                                         None if scale is None else scale[at:at + k], rs)
                     at += k
             self.vectors, self.scale = vectors, scale
             self.rows = self.file_rows = m

@@ -109,7 +109,9 @@ def load_item_table(table: Any, store: Any, ref: Any, *, scan_milvus: bool = Fal
 
 def _fill(table: Any, folder: Path, found: Any) -> int:
     """Copy a checked table file into ``table``: its index, and for an int8 table its int8 rows."""
-    int8 = int8_rows(folder, found) if table.storage_dtype == "int8" else None
+    # an int8 table reads the int8 form; a float table of shipped int8 rows reads their scales
+    wants = table.storage_dtype == "int8" or found.vectors.dtype == np.int8
+    int8 = int8_rows(folder, found) if wants else None
     return table.load_file(found, ensure_index(folder, found), int8_rows=int8)
 
 

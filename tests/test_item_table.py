@@ -173,7 +173,7 @@ def test_int8_vectors_as_shipped_are_exact_in_an_int8_table(tmp_path: Path) -> N
 
     form = int8_rows(folder, table)
     assert form[0] is table.vectors and not (folder / "int8_vectors.npy").exists()  # shipped rows as they are
-    for dtype, rows in (("int8", None), ("int8", form), ("float32", None)):
+    for dtype, rows in (("int8", None), ("int8", form), ("float32", form), ("float32", None)):
         t = ItemTable(_no_fetch, DIM, dtype, DEVICE)
         t.load_file(table, ensure_index(folder, table), block_rows=300, int8_rows=rows)
         h = gather_history(1, np.arange(n), ids, t)
