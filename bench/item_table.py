@@ -358,10 +358,11 @@ def table(res: dict[str, Any]) -> str:
                      + ", ".join(f"{dt} {v:.4f}" for dt, v in res["recall"].items()))
     if res["milvus"]:
         m = res["milvus"]
-        best = min(e["cold_s"] for e in res["extrapolated"] if e["file"] == "f32")
+        f32 = {e["dtype"]: e["cold_s"] for e in res["extrapolated"] if e["file"] == "f32"}
+        vs = ", ".join(f"{dt} {sec:.0f} s" for dt, sec in f32.items())
         lines.append(f"Milvus scan (the start-up before table files): {m['rows']} items in {m['seconds']:.1f} s, "
                      f"{m['rows_per_s']:,.0f} rows/s; 35M items: {FULL_ITEMS / m['rows_per_s'] / 3600:.1f} h "
-                     f"(vs {best:.0f} s from the file, cold)")
+                     f"(from the f32 file, cold: {vs})")
     lines.append(f"device {res['device']}, torch threads {res['torch_threads']}, {res['cpus']} CPUs, load average "
                  f"{res['loadavg'][0]:.1f} -> {res['loadavg'][1]:.1f} (cpu s: this process's CPU time, all threads)")
     return "\n".join(lines)
