@@ -6,23 +6,27 @@ both come from the same checkpoint (or shipped file) through :mod:`indexer.encod
 to float32 rounding (``tests/test_embed_sources.py`` checks it against a backfilled collection).
 
 The table is a folder ``<source dir>/items-<dataset>/`` of memory-mapped arrays
-(:mod:`muse.ondisk`): ``item_ids.npy`` (the dataset's canonical order), ``vectors.npy`` in the
-source's storage dtype (unit float32 rows for encoder and ``id`` sources; int8 as shipped for
-Taobao-MM's ``scl-taobao``, with its scale), ``present.npy``, and ``key.json``. It is written once,
+(:mod:`muse.itemtable`, which owns the layout, the path rule and the reader): ``item_ids.npy`` (the
+dataset's canonical order), ``vectors.npy`` in the source's storage dtype (unit float32 rows for
+encoder and ``id`` sources; int8 as shipped for Taobao-MM's ``scl-taobao``, with its scale),
+``present.npy``, ``key.json``, and the id -> row index the GSU servers load. It is written once,
 a block of items at a time (bounded memory whatever the catalogue), and opened without loading:
 readers touch only the rows they use. The key holds the source version's identity (row id,
 version, kind, dim, checkpoint path with its size and modification time) and the dataset's (its name
 and ``meta.json`` stamp); the table is used only when that key and the dataset's item ids equal the
 current ones. A stale table is rebuilt, with a WARNING saying what changed; it is never read
 silently.
+
+:func:`publish_item_table` puts a version's table on disk for the GSU servers when its backfill is
+done and when it is promoted (``retriever.item_table`` loads it at start-up).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +47,20 @@ from indexer.source_registry import (
     SourceVersion,
     check_source,
     get_version,
-    source_dir,
 )
 from muse.arrays import l2_normalise
 from muse.data.format import IdIndex
 from muse.errors import MuseError
-from muse.ondisk import open_array, write_array
+from muse.itemtable import (
+    ItemVectors,
+    check_table,
+    ensure_index,
+    export_from_store,
+    read_table,
+    table_dir,
+    write_index,
+)
+from muse.ondisk import write_array
 from muse.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,28 +69,6 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 3
 #: Items encoded (or copied) per block while the table is written.
 BLOCK = 65_536
-
-
-@dataclass(frozen=True)
-class ItemVectors:
-    """Every item of a dataset under one source version (``ranker.data.ItemVectorsLike``)."""
-
-    item_ids: np.ndarray  # int64 [n], the dataset's canonical order
-    vectors: np.ndarray  # [n, d]: unit float32 rows, or int8 with ``scale``; rows of absent items are zero
-    present: np.ndarray  # bool [n]: False where the item has no vector (no image, unknown, not shipped)
-    scale: float | None = None  # int8 storage: the vector is row / scale (then L2-normalised)
-    normalised: bool = True  # float rows are unit vectors already
-
-    def unit_rows(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
-        """Rows (all by default) as unit float32 vectors (zero rows stay zero)."""
-        raw = np.asarray(self.vectors if rows is None else self.vectors[rows])
-        if self.scale is None and self.normalised:
-            return raw.astype(np.float32, copy=False)
-        return l2_normalise(raw.astype(np.float32) / np.float32(self.scale or 1.0))
-
-    def as_float(self) -> ItemVectors:
-        """The whole table as unit float32 rows in RAM (small catalogues: intrinsic evaluation, benches)."""
-        return ItemVectors(np.array(self.item_ids), np.array(self.unit_rows()), np.array(self.present))
 
 
 def _file_stamp(path: str | None) -> dict[str, Any]:
@@ -104,26 +94,42 @@ def cache_key(row: SourceVersion, dataset: Any) -> dict[str, Any]:
 
 
 def cache_path(settings: Settings, row: SourceVersion, dataset: Any) -> Path:
-    """Where the vectors of ``dataset`` under source version ``row`` are kept (a folder)."""
-    return source_dir(settings, row.name, row.version) / f"items-{dataset.name}"
+    """Where the vectors of ``dataset`` under source version ``row`` are kept (a folder: the rule of
+    :func:`muse.itemtable.table_dir`)."""
+    return table_dir(settings, dataset.name, row.name, row.version)
 
 
 def _read_cache(cache: Path, key: dict[str, Any], item_ids: np.ndarray) -> tuple[ItemVectors | None, str]:
     """The table in ``cache`` (memory-mapped) when it holds exactly ``key`` and ``item_ids``, else
     ``(None, why not)``."""
     try:
-        doc = json.loads((cache / "key.json").read_text())
+        table, doc = read_table(cache)
         if doc.get("key") != json.loads(json.dumps(key)):
             old = doc.get("key") or {}
+            if "exported_from" in old:
+                return None, f"it was exported from {old['exported_from']}, not computed from the source"
             changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
             return None, f"its key changed ({', '.join(changed)}: {old} -> {key})"
-        ids = open_array(cache / "item_ids.npy")
-        if not np.array_equal(ids, item_ids):
+        if not np.array_equal(table.item_ids, item_ids):
             return None, "the dataset's item ids changed"
-        return ItemVectors(ids, open_array(cache / "vectors.npy"), open_array(cache / "present.npy"),
-                           doc.get("scale"), bool(doc.get("normalised", True))), ""
+        return table, ""
     except (OSError, ValueError, KeyError, MuseError) as e:
         return None, f"it cannot be read ({e})"
+
+
+def _resolve(settings: Settings, source: Any, dataset: Any, version: int | None) -> tuple[SourceVersion, Any]:
+    """The source version row and the opened dataset of an :func:`item_vectors` call."""
+    if not isinstance(source, str):  # a CollectionRef
+        source, dataset, version = source.source, source.dataset, source.version
+    if dataset is None:
+        from muse.errors import ConfigurationError
+
+        raise ConfigurationError("item_vectors needs a dataset (a Dataset, its name, or a CollectionRef)")
+    check_source(source)
+    dataset = open_dataset(settings, dataset)
+    if source in IMPORTED_SOURCES and version is None:
+        return ensure_imported(settings, source, dataset), dataset
+    return get_version(settings, source, version), dataset
 
 
 def item_vectors(
@@ -140,18 +146,8 @@ def item_vectors(
         ConfigurationError: an unknown source.
         NotFoundError: no such source version or dataset.
     """
-    if not isinstance(source, str):  # a CollectionRef
-        source, dataset, version = source.source, source.dataset, source.version
-    if dataset is None:
-        from muse.errors import ConfigurationError
-
-        raise ConfigurationError("item_vectors needs a dataset (a Dataset, its name, or a CollectionRef)")
-    check_source(source)
-    dataset = open_dataset(settings, dataset)
-    if source in IMPORTED_SOURCES and version is None:
-        row = ensure_imported(settings, source, dataset)
-    else:
-        row = get_version(settings, source, version, dataset=dataset.name)
+    row, dataset = _resolve(settings, source, dataset, version)
+    source = row.name
     cache = cache_path(settings, row, dataset)
     key = cache_key(row, dataset)
     item_ids = dataset.item_ids()
@@ -159,15 +155,21 @@ def item_vectors(
         cached, reason = _read_cache(cache, key, item_ids)
         if cached is not None:
             return cached
-        log.warning("%s v%d: the vector table %s is stale: %s; rebuilding it", source, row.version, cache, reason)
+        if reason.startswith("it was exported"):  # a GSU server's copy of the Milvus collection
+            log.info("%s v%d: the vector table %s: %s; computing it", source, row.version, cache, reason)
+        else:
+            log.warning("%s v%d: the vector table %s is stale: %s; rebuilding it", source, row.version, cache, reason)
     else:
         log.info("%s v%d: no vector table for %s yet; computing it", source, row.version, dataset.name)
-    tmp = cache.with_name(cache.name + ".tmp")
+    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     scale, normalised = _compute(settings, row, dataset, item_ids, batch_size, tmp)
     (tmp / "key.json").write_text(json.dumps({"key": key, "scale": scale, "normalised": normalised},
                                              sort_keys=True, indent=2) + "\n")
+    written, _ = read_table(tmp)
+    write_index(tmp, written)  # the GSU servers' id -> row hash, so that none of them builds it
+    del written
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)
     table, _ = _read_cache(cache, key, item_ids)
@@ -175,6 +177,36 @@ def item_vectors(
     log.info("%s v%d: %d of %d items have a vector", source, row.version, int(np.count_nonzero(table.present)),
              len(item_ids))
     return table
+
+
+def publish_item_table(settings: Settings, ref: Any, store: Any, compute: bool = False) -> Path:
+    """Put the item table of ``ref`` (a :class:`muse.vectorstore.CollectionRef`) on disk with its
+    index, where GSU servers load it (:func:`muse.itemtable.table_dir`); returns the folder. Called
+    when a backfill job is done (``compute=True``) and when a version is promoted or rolled back to.
+
+    What a GSU server must hold is what the version's Milvus item collection holds, so:
+
+    * a table already in the folder for this (dataset, source, version), computed for training or
+      written before, is kept (indexed if it was not);
+    * else, right after the backfill (``compute``), an imported or ``id`` source computes it (a copy
+      of the shipped file or a lookup: what the backfill has just written);
+    * else it is exported from the Milvus item collection (a trained source's vectors without
+      encoding every image again; an imported source whose shipped file may have changed since).
+
+    Raises:
+        ConfigurationError / NotFoundError: as :func:`item_vectors`. BackendUnavailable: Milvus.
+    """
+    row, dataset = _resolve(settings, ref, None, None)
+    folder = cache_path(settings, row, dataset)
+    table, _ = check_table(folder, ref.dataset, ref.source, ref.version, row.dim, Path(dataset.path))
+    if table is None and compute and row.name not in TRAINED_SOURCES:
+        table = item_vectors(settings, ref)
+    elif table is None:
+        table = export_from_store(store, ref, dataset.item_ids(), Path(dataset.path), folder)
+    ensure_index(folder, table)
+    log.info("%s: item table for the GSU servers in %s (%d items, %d with a vector)", ref, folder,
+             len(table.item_ids), int(np.count_nonzero(table.present)))
+    return folder
 
 
 def _compute(settings: Settings, row: SourceVersion, dataset: Any, item_ids: np.ndarray,

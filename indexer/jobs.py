@@ -381,6 +381,22 @@ def _update_job_status(settings: Settings, job_id: int) -> None:
         except Exception as e:  # the job's rows are written; only making it live failed
             log.error("job %d is done but recording its version failed: %s; run `muse source list`, then "
                       "`muse source promote DATASET SOURCE VERSION`", job_id, e)
+        publish_job_table(settings, job_id)
+
+
+def publish_job_table(settings: Settings, job_id: int) -> None:
+    """Write the item table of a done job's version for the GSU servers
+    (:func:`indexer.item_vectors.publish_item_table`); a failure is logged, never the job's: a GSU
+    server then reads the version's items from Milvus once and writes the table itself."""
+    from indexer.backfill import get_store
+    from indexer.item_vectors import publish_item_table
+    from muse.versions import job_ref
+
+    try:
+        publish_item_table(settings, job_ref(settings, job_id), get_store(settings), compute=True)
+    except Exception as e:
+        log.error("job %d is done but writing its item table failed: %s; `muse serve` reads the items from "
+                  "Milvus once instead (or run `muse source promote`)", job_id, e)
 
 
 def _queue_sizes(app: Any) -> dict[str, int] | None:

@@ -58,6 +58,12 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"GSU server for {args.dataset}/{args.source} v{server.retriever.version} on {server.address}, "
           f"metrics on port {server.metrics_port}; SERVING after {server.ready_s:.1f} s of start-up", flush=True)
+    load = server.retriever.view().table_load
+    if load is not None:
+        source = {"file": f"from {load.folder}", "milvus": f"from Milvus, written to {load.folder}",
+                  "milvus-memory": "from Milvus (could not write the table file)",
+                  "on-demand": f"empty: items are read from Milvus when first needed ({load.note})"}[load.how]
+        print(f"item table: {load.rows} rows {source} in {load.seconds:.1f} s", flush=True)
     if args.ready_file:
         with open(args.ready_file + ".tmp", "w") as fh:
             fh.write(f"{server.port} {server.metrics_port}\n")

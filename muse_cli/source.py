@@ -91,9 +91,9 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_switch(res: Any, verb: str, as_json: bool) -> None:
+def _print_switch(res: Any, verb: str, as_json: bool, table: str | None = None) -> None:
     if as_json:
-        print(json.dumps(res.to_dict(), indent=2))
+        print(json.dumps({**res.to_dict(), "item_table": table}, indent=2))
         return
     before = f"v{res.previous}" if res.previous is not None else "none"
     print(f"{verb} {res.dataset}/{res.source}: live v{res.version} (was {before}); collections "
@@ -101,6 +101,21 @@ def _print_switch(res: Any, verb: str, as_json: bool) -> None:
           f"(checks {res.check_s * 1000:.0f} ms)")
     for p in res.problems_ignored:
         print(f"  forced past: {p}")
+    if table:
+        print(f"  item table for the GSU servers: {table}")
+
+
+def _publish_table(settings: Any, store: Any, res: Any) -> str:
+    """Write the live version's item table for the GSU servers (`muse serve` loads it at start-up);
+    returns its folder, or why it could not be written (the switch itself stands)."""
+    from indexer.item_vectors import publish_item_table
+    from muse.errors import MuseError
+    from muse.vectorstore import CollectionRef
+
+    try:
+        return str(publish_item_table(settings, CollectionRef(res.dataset, res.source, res.version), store))
+    except MuseError as e:
+        return f"not written ({e}); `muse serve` reads the items from Milvus once and writes it"
 
 
 def _promote(args: argparse.Namespace) -> int:
@@ -109,7 +124,8 @@ def _promote(args: argparse.Namespace) -> int:
     settings, store = _open()
     with store:
         res = versions.promote(settings, store, args.dataset, args.source, args.version, force=args.force)
-    _print_switch(res, "promoted", args.json)
+        table = _publish_table(settings, store, res)
+    _print_switch(res, "promoted", args.json, table)
     return 0
 
 
@@ -119,7 +135,8 @@ def _rollback(args: argparse.Namespace) -> int:
     settings, store = _open()
     with store:
         res = versions.rollback(settings, store, args.dataset, args.source)
-    _print_switch(res, "rolled back", args.json)
+        table = _publish_table(settings, store, res)
+    _print_switch(res, "rolled back", args.json, table)
     return 0
 
 

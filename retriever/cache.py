@@ -42,6 +42,7 @@ import torch
 from muse import deadlines
 from muse.configs import config_from_dict
 from muse.errors import ConfigurationError
+from muse.itemtable import ABSENT, IdHash
 from retriever.kernels import TopK, gsu_topk, l2_normalise, quantise_int8
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class CacheConfig:
     load_batch_size: int = 8192  # behaviours per store query when loading a history
     prefetch_workers: int = 2  # threads that load histories in the background
     history_from: str = "items"  # items: gather from the shared item table | behaviours: per-user vectors
+    item_table_file: bool = True  # items: fill the item table from the version's table file at start-up
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in DTYPES:
@@ -484,93 +486,24 @@ class HistoryCache:
 
 
 # -- the item-table path ---------------------------------------------------------------------------
-_EMPTY = np.iinfo(np.int64).min
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-class IdIndex:
-    """Item id -> row: an open-addressing hash table (linear probing, Fibonacci hashing, load
-    <= 1/2) looked up for a whole array at once in numpy: a 100K-id lookup is a handful of
-    vector operations where a binary search (``np.searchsorted``) makes 17 dependent random reads
-    per id. The id ``-2**63`` is reserved as the empty marker."""
-
-    def __init__(self, capacity: int = 1024) -> None:
-        bits = max(10, int(np.ceil(np.log2(max(capacity, 1) * 2))))
-        self._alloc(bits)
-        self.n = 0
-
-    def _alloc(self, bits: int) -> None:
-        self.bits = bits
-        self.mask = (1 << bits) - 1
-        self.keys = np.full(1 << bits, _EMPTY, np.int64)
-        self.vals = np.zeros(1 << bits, np.int64)
-
-    def _slots(self, ids: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            return ((ids.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.bits)).astype(np.int64)
-
-    def get(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of ``ids``, -1 where absent."""
-        keys, vals = self.keys, self.vals
-        mask = len(keys) - 1
-        bits = mask.bit_length()
-        ids = np.asarray(ids, dtype=np.int64)
-        out = np.full(len(ids), -1, np.int64)
-        with np.errstate(over="ignore"):
-            slot = ((ids.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - bits)).astype(np.int64)
-        k = keys[slot]
-        hit = k == ids
-        out[hit] = vals[slot[hit]]
-        todo = np.flatnonzero(~hit & (k != _EMPTY))
-        slot = (slot[todo] + 1) & mask
-        while len(todo):
-            k = keys[slot]
-            hit = k == ids[todo]
-            out[todo[hit]] = vals[slot[hit]]
-            more = ~hit & (k != _EMPTY)
-            todo = todo[more]
-            slot = (slot[more] + 1) & mask
-        return out
-
-    def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Insert ids not yet present (unique) with their rows."""
-        ids = np.asarray(ids, dtype=np.int64)
-        rows = np.asarray(rows, dtype=np.int64)
-        if (self.n + len(ids)) * 2 > len(self.keys):
-            old_k, old_v = self.keys, self.vals
-            present = old_k != _EMPTY
-            bits = self.bits
-            while (self.n + len(ids)) * 2 > (1 << bits):
-                bits += 1
-            self._alloc(bits)
-            self.n = 0
-            self._insert(old_k[present], old_v[present])
-        self._insert(ids, rows)
-
-    def _insert(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        slot = self._slots(ids)
-        while len(ids):
-            free = self.keys[slot] == _EMPTY
-            # among the ids aiming at one free slot, the first takes it
-            _, first = np.unique(slot[free], return_index=True)
-            take = np.flatnonzero(free)[first]
-            self.keys[slot[take]] = ids[take]
-            self.vals[slot[take]] = rows[take]
-            self.n += len(take)
-            rest = np.ones(len(ids), bool)
-            rest[take] = False
-            ids, rows, slot = ids[rest], rows[rest], (slot[rest] + 1) & self.mask
-
+#: Item id -> row hash of an :class:`ItemTable` (kept under its old name; the class lives in core,
+#: which writes it beside a table file so that a server loads it instead of building it).
+IdIndex = IdHash
 
 ItemFetcher = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 SequenceLoader = Callable[[int], tuple[np.ndarray, np.ndarray]]
+#: Rows an :class:`ItemTable` adds at once when it grows past this size (below it, it doubles):
+#: a table loaded from a file is exactly full, and doubling 35M rows for one new item would not fit.
+GROW_ROWS = 1 << 20
 
 
 class ItemTable:
     """A source's item vectors, once, on the device: L2-normalised, in the storage dtype (int8 with a
-    per-row scale). Grows on demand: rows are looked up by item id and items not seen yet are read
-    through ``fetch`` (``ids -> (found_ids, vectors)``, e.g. ``VectorStore.get_item_vectors``) and
-    appended. Items without a vector are remembered as absent until :meth:`forget_absent`.
+    per-row scale). Filled at start-up from the version's table file (:meth:`load_file`, see
+    :mod:`retriever.item_table`), and grows on demand: rows are looked up by item id and items not
+    seen yet are read through ``fetch`` (``ids -> (found_ids, vectors)``, e.g.
+    ``VectorStore.get_item_vectors``) and appended. Items without a vector are remembered as absent
+    until :meth:`forget_absent`.
 
     Thread-safe; rows never move, so a history's rows stay valid while the table grows.
     """
@@ -596,9 +529,10 @@ class ItemTable:
             torch.zeros(initial_rows, dtype=torch.float32, device=device) if self._dtype == torch.int8 else None
         )
         self.rows = 0
-        self._index = IdIndex(initial_rows)  # item id -> row
+        self._index = IdHash(initial_rows)  # item id -> row (ABSENT: known, no vector)
         self._absent: set[int] = set()
         self.fetched = 0  # items read through fetch
+        self.file_rows = 0  # rows loaded from a table file
 
     def __len__(self) -> int:
         return self.rows
@@ -608,11 +542,113 @@ class ItemTable:
         """Bytes the table holds on the device (allocated rows, vectors and int8 scales)."""
         return tensor_bytes(self.vectors, self.scale)
 
+    @property
+    def index_bytes(self) -> int:
+        """Host bytes of the id -> row index."""
+        return self._index.nbytes
+
     def _encode(self, vectors: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         v = l2_normalise(torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device))
         if self._dtype == torch.int8:
             return quantise_int8(v)
         return v.to(self._dtype), None
+
+    def _store_rows(self, raw: np.ndarray, normalised: bool, out: torch.Tensor, out_scale: torch.Tensor | None,
+                    row_scale: np.ndarray | None) -> None:
+        """Write rows of a table file (``[n, d]``, non-zero) into ``out`` (and ``out_scale``) in this
+        table's dtype. Int8 rows as shipped stay as they are in an int8 table, with the per-row scale
+        1 / norm (``row_scale`` when given), so the scores are exactly the unit vectors'; in a float
+        table they are converted in place and multiplied by that scale. Unit float32 rows are cast;
+        other float rows are normalised first; an int8 table quantises float rows per row."""
+        t = torch.from_numpy(np.ascontiguousarray(raw)).to(self.device)  # [n, d]
+        if t.dtype == torch.int8:
+            s = (torch.from_numpy(row_scale).to(self.device) if row_scale is not None
+                 else 1.0 / torch.linalg.vector_norm(t.float(), dim=1).clamp_min(1e-30))  # [n]
+            if out_scale is not None:
+                out.copy_(t)
+                out_scale.copy_(s)
+            elif out.dtype == torch.float32:
+                out.copy_(t)  # int8 -> float32 is exact
+                out.mul_(s.unsqueeze(1))
+            else:  # one rounding to the half dtype, of the float32 unit row
+                out.copy_(t.float().mul_(s.unsqueeze(1)))
+            return
+        if t.dtype != torch.float32 or not normalised:
+            t = l2_normalise(t.float())
+        if out_scale is not None:
+            q, s = quantise_int8(t)
+            out.copy_(q)
+            out_scale.copy_(s)
+        else:
+            out.copy_(t)
+
+    def load_file(self, table: Any, index: IdHash | None = None, block_rows: int = 1 << 16,
+                  int8_rows: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+        """Fill this (empty) table with every row of a table file that has a vector, in file order.
+
+        Args:
+            table: a :class:`muse.itemtable.ItemVectors` (memory-mapped ``item_ids``, ``vectors``,
+                ``present``, ``scale``, ``normalised``), e.g. from :func:`muse.itemtable.read_table`.
+            index: its id -> row hash (:func:`muse.itemtable.ensure_index`); built here when None.
+            block_rows: file rows read per step (bounds the host memory of the copy).
+            int8_rows: the file's rows as int8 with their per-row scales (:func:`muse.itemtable.int8_rows`):
+                an int8 table copies them as they are instead of quantising; a float table of shipped
+                int8 rows takes their scales instead of computing norms.
+
+        Returns:
+            the rows loaded. Raises ConfigurationError when the table is not empty or the widths differ.
+        """
+        from muse.itemtable import table_index
+
+        if table.vectors.shape[1] != self.dim:
+            raise ConfigurationError(f"the table file holds {table.vectors.shape[1]}-d vectors, this table {self.dim}-d")
+        present = np.asarray(table.present, bool)
+        n, m = len(present), int(np.count_nonzero(present))
+        index = index if index is not None else table_index(table)
+        int8 = self._dtype == torch.int8
+        src, row_scale = table.vectors, None
+        if int8_rows is not None and (int8 or table.vectors.dtype == np.int8):
+            src, row_scale = int8_rows
+        # Rows already in the table's form are read straight into it on the CPU (unit float32 rows
+        # into a float32 table, int8 rows with their scales into an int8 table); others go through a
+        # reused block buffer and are converted (and moved to the device).
+        ready = (int8 and row_scale is not None) or (
+            src.dtype == np.float32 and table.normalised and self._dtype == torch.float32)
+        with self._lock:
+            if self.rows:
+                raise ConfigurationError(f"load_file needs an empty item table, this one holds {self.rows} rows")
+            vectors = torch.empty((m, self.dim), dtype=self._dtype, device=self.device)
+            scale = torch.empty(m, dtype=torch.float32, device=self.device) if int8 else None
+            if scale is not None and ready:
+                scale.copy_(torch.from_numpy(np.compress(present, row_scale)))
+            dest = vectors.numpy() if ready and self.device == "cpu" else None
+            at = 0
+            with _RowReader(src, block_rows) as reader:
+                for lo in range(0, n, block_rows):
+                    keep = present[lo:lo + block_rows]
+                    k = int(np.count_nonzero(keep))
+                    if k == 0:
+                        continue
+                    if dest is not None and k == len(keep):  # every row present: one read, no copy
+                        reader.read_into(lo, dest[at:at + k])
+                        at += k
+                        continue
+                    raw = reader.read(lo, len(keep))
+                    raw = raw if k == len(keep) else raw[keep]  # [k, d]
+                    if dest is not None:
+                        dest[at:at + k] = raw
+                    elif ready:
+                        vectors[at:at + k] = torch.from_numpy(raw)
+                    else:
+                        rs = None if row_scale is None else np.compress(keep, row_scale[lo:lo + block_rows])
+                        self._store_rows(raw, table.normalised, vectors[at:at + k],
+                                         None if scale is None else scale[at:at + k], rs)
+                    at += k
+            self.vectors, self.scale = vectors, scale
+            self.rows = self.file_rows = m
+            self._index = index
+            self._absent.clear()
+        return m
 
     def add(self, item_ids: np.ndarray, vectors: np.ndarray) -> None:
         """Insert or overwrite items (all-zero vectors are recorded as absent)."""
@@ -630,10 +666,11 @@ class ItemTable:
             if self._absent:
                 self._absent.difference_update(ids.tolist())
             known = self._index.get(ids)
-            new = known < 0
+            new = known < 0  # unknown, or known without a vector (ABSENT): a new row
             n_new = int(new.sum())
             if self.rows + n_new > self.vectors.shape[0]:
-                cap = max(self.rows + n_new, 2 * self.vectors.shape[0])
+                cap = self.vectors.shape[0]
+                cap = max(self.rows + n_new, cap + (cap if cap < GROW_ROWS else GROW_ROWS))
                 grown = torch.zeros((cap, self.dim), dtype=self._dtype, device=self.device)
                 grown[: self.rows] = self.vectors[: self.rows]
                 self.vectors = grown
@@ -652,7 +689,7 @@ class ItemTable:
                 self._index.put(ids[new], rows[new])
 
     def _lookup(self, item_ids: np.ndarray) -> np.ndarray:
-        """Rows of ``item_ids`` (-1 where not in the table)."""
+        """Rows of ``item_ids``: -1 where not in the table, ABSENT where known without a vector."""
         with self._lock:  # not during a put
             return self._index.get(item_ids)
 
@@ -661,7 +698,7 @@ class ItemTable:
         before are fetched first."""
         items = np.asarray(item_ids, dtype=np.int64)
         rows = self._lookup(items)
-        unknown = np.unique(items[rows < 0])
+        unknown = np.unique(items[rows == -1])
         if len(unknown):
             with self._lock:
                 unknown = np.asarray([i for i in unknown.tolist() if i not in self._absent], np.int64)
@@ -672,6 +709,7 @@ class ItemTable:
                 with self._lock:
                     self._absent.update(set(unknown.tolist()) - set(np.asarray(found).tolist()))
                 rows = self._lookup(items)
+        rows[rows < 0] = -1
         return rows
 
     def load(self, item_ids: np.ndarray, batch: int = 4096, parallel: int = 4) -> int:
@@ -684,9 +722,53 @@ class ItemTable:
         return self.rows
 
     def forget_absent(self) -> None:
-        """Forget which items had no vector (after a backfill wrote more items)."""
+        """Forget which items had no vector (after a backfill wrote more items): they are fetched
+        again on their next use, those the table file marked absent included."""
         with self._lock:
             self._absent.clear()
+            self._index.vals[self._index.vals == ABSENT] = -1
+
+
+class _RowReader:
+    """Reads row blocks of a memory-mapped ``.npy`` array with plain ``read`` calls (one copy from the
+    page cache, no page faults on a mapping); arrays that are not mapped files are sliced."""
+
+    def __init__(self, array: np.ndarray, block_rows: int) -> None:
+        self.array = array
+        self.row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+        path, offset = getattr(array, "filename", None), getattr(array, "offset", None)
+        self._fh = open(path, "rb", buffering=0) if path is not None and offset is not None else None
+        self._offset = int(offset or 0)
+        self._buf = np.empty((block_rows, *array.shape[1:]), array.dtype) if self._fh is not None else None
+
+    def read_into(self, lo: int, out: np.ndarray) -> None:
+        """Rows ``lo : lo + len(out)`` into ``out`` (C-contiguous)."""
+        if self._fh is None:
+            out[...] = self.array[lo:lo + len(out)]
+            return
+        view = memoryview(out).cast("B")
+        self._fh.seek(self._offset + lo * self.row_bytes)
+        done = 0
+        while done < len(view):
+            got = self._fh.readinto(view[done:])
+            if not got:
+                raise ConfigurationError(f"{self.array.filename} ends before row {lo + len(out)}")
+            done += got
+
+    def read(self, lo: int, n: int) -> np.ndarray:
+        """Rows ``lo : lo + n`` (a view of the reused buffer: valid until the next read)."""
+        if self._buf is None:
+            return np.asarray(self.array[lo:lo + n])
+        out = self._buf[:n]
+        self.read_into(lo, out)
+        return out
+
+    def __enter__(self) -> _RowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
 
 
 @dataclass

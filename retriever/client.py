@@ -68,6 +68,7 @@ from retriever.cache import (
     sequence_loader,
     store_loader,
 )
+from retriever.item_table import TableLoad, load_item_table
 from retriever.kernels import simtier_counts
 from retriever.milvus_search import milvus_topk
 
@@ -218,10 +219,14 @@ class RetrieverView:
         self.item_fetches = 0  # of those, read from Milvus
         self.cache: HistoryCache | None = None
         self.item_table: ItemTable | None = None
+        self.table_load: TableLoad | None = None  # how the item table was filled (retriever.item_table)
         if backend == "cache":
             config = cache_config or CacheConfig()
             if config.history_from == "items":
                 self.item_table = ItemTable(self._fetch_items, self.dim, config.storage_dtype, config.device)
+                if config.item_table_file:
+                    self.table_load = load_item_table(self.item_table, store, ref)
+                    self._targets_from_file()
                 self.cache = GatherCache(sequence_loader(store, ref), self.item_table, config)
             else:
                 self.cache = HistoryCache(store_loader(store, ref, config.load_batch_size), self.dim, config)
@@ -244,6 +249,30 @@ class RetrieverView:
                     for i, v in zip(found[has][:room].tolist(), unit[:room], strict=True):
                         self._items.setdefault(int(i), v)
         return found, vecs
+
+    def _targets_from_file(self) -> None:
+        """After the item table came from its file: fill the target-vector LRU from the same file (unit
+        float32 rows, what Milvus holds), so that the first requests read no target from Milvus either."""
+        load = getattr(self, "table_load", None)
+        if load is None or load.how not in ("file", "milvus") or not self.item_cache_items:
+            return
+        from muse.itemtable import read_table
+
+        try:
+            table, _ = read_table(load.folder)
+        except MuseError as e:
+            log.info("%s: target vectors stay on demand (%s)", self.ref, e)
+            return
+        rows = np.flatnonzero(np.asarray(table.present[: self.item_cache_items * 2]))[: self.item_cache_items]
+        if len(rows) == 0:
+            return
+        unit = table.unit_rows(rows)
+        ids = np.asarray(table.item_ids[rows])
+        with self._items_lock:
+            for i, v in zip(ids.tolist(), unit, strict=True):
+                if len(self._items) >= self.item_cache_items:
+                    break
+                self._items.setdefault(int(i), v)
 
     def get_item_vectors(self, item_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """``VectorStore.get_item_vectors`` on this view's version."""
@@ -724,6 +753,20 @@ class Retriever:
         :meth:`RetrieverView.warm_up`; ``muse serve`` does it on every RPC thread before reporting
         SERVING); returns seconds."""
         return self._view.warm_up()
+
+    def load_item_table(self, scan_milvus: bool = True) -> TableLoad | None:
+        """Fill the current version's item table now (``muse serve`` does at start-up): from the
+        version's table file, else, with ``scan_milvus``, from one Milvus scan written to that file
+        (see :func:`retriever.item_table.load_item_table`). None without an item table (Milvus
+        backend, or per-user vectors)."""
+        view = self._view
+        if view.item_table is None:
+            return None
+        if view.table_load is not None and view.table_load.how == "file":
+            return view.table_load
+        view.table_load = load_item_table(view.item_table, self.store, view.ref, scan_milvus=scan_milvus)
+        view._targets_from_file()
+        return view.table_load
 
     def forget_item_vectors(self) -> None:
         """Drop the cached target vectors (after the version's items were re-encoded) and the item

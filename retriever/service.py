@@ -480,8 +480,10 @@ def serve(
     warm_up: bool = True,
 ) -> GsuServer:
     """Build and start a server for ``dataset``/``source`` (the live version unless ``version`` pins
-    one). When the dataset's folder is on this machine its items are preloaded into the item table,
-    so that no prefetch waits for item vectors; otherwise they load on demand. It reports SERVING
+    one). With ``preload_items`` the item table is filled before the server reports SERVING, so that no
+    prefetch waits for item vectors: from the version's table file, or, for a version without one,
+    from one scan of its Milvus item collection written to that file when the dataset's folder is on
+    this machine (see :mod:`retriever.item_table`); otherwise items load on demand. It reports SERVING
     (and returns) once that is done and, with ``warm_up``, the kernels ran on every RPC thread.
 
     Raises:
@@ -501,30 +503,14 @@ def serve(
         server = GsuServer(retriever, port=port, metrics_port=metrics_port, host=host, dataset=dataset)
         # The readiness gate: SERVING only once the item table is loaded and the kernels warmed.
         return server.start(
-            prepare=(lambda: load_item_table(retriever, settings, dataset)) if preload_items else None, warm=warm_up
+            prepare=(lambda: retriever.load_item_table(scan_milvus=True)) if preload_items else None, warm=warm_up
         )
     except BaseException:
         retriever.close()
         raise
 
 
-def load_item_table(retriever: Any, settings: Any, dataset: str) -> int:
-    """Fill the retriever's item table with every item of ``dataset`` when its folder is on this
-    machine (otherwise items load on demand); returns the table's rows."""
-    from muse.data.format import Dataset
-
-    try:
-        item_ids = Dataset.open(settings, dataset).item_ids()
-    except NotFoundError:
-        log.info("dataset %s has no folder here: item vectors load on demand", dataset)
-        return 0
-    t0 = time.perf_counter()
-    rows = retriever.preload_items(item_ids)
-    log.info("item table: %d of %d items in %.1f s", rows, len(item_ids), time.perf_counter() - t0)
-    return rows
-
-
 __all__ = [
-    "ERROR_KEY", "GsuServer", "GsuServicer", "PROTO", "SERVICE_NAME", "error_from", "error_name", "load_item_table",
+    "ERROR_KEY", "GsuServer", "GsuServicer", "PROTO", "SERVICE_NAME", "error_from", "error_name",
     "regenerate", "serve",
 ]

@@ -296,6 +296,7 @@ def test_cli_list_promote_rollback_and_legacy_adopt(world, monkeypatch, capsys) 
     assert main(["source", "promote", A, SOURCE, "2"]) == 0
     out = capsys.readouterr().out
     assert f"promoted {A}/{SOURCE}: live v2 (was v1)" in out and "_simworld_tiny_0_scl_taobao_v2_items" in out
+    assert f"item table for the GSU servers: {settings.path('embeddings', SOURCE, 'v2', 'items-' + A)}" in out
     assert main(["source", "list"]) == 0
     table = capsys.readouterr().out
     assert "live" in table and f"{B:<22}" in table
