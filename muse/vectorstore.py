@@ -1280,49 +1280,14 @@ class VectorStore:
         Returns one list of hits per target, best first.
         """
         k = check_k(k, MAX_QUERY_WINDOW)
-        extra: dict[str, Any] = {}
-        if consistency_level is not None:
-            if consistency_level not in CONSISTENCY_LEVELS:
-                raise ConfigurationError(
-                    f"consistency_level {consistency_level!r} is unknown; valid: {', '.join(CONSISTENCY_LEVELS)}"
-                )
-            extra["consistency_level"] = consistency_level
         user = check_id(user_id, "user_id")
-        name = self._require(ref, BEHAVIOURS_KIND)
-        if name not in self._dims:
-            self._dims[name] = self._vector_dim(name)
-        t = l2_normalise(check_vectors(targets, self._dims[name], "target vectors", allow_zero=False))
-        res: list[Any] = []
-        for lo in range(0, t.shape[0], MAX_NQ):  # Milvus takes at most MAX_NQ targets per request
-            res.extend(
-                self._call(
-                    "search",
-                    self.client.search,
-                    name,
-                    data=t[lo : lo + MAX_NQ].tolist(),
-                    filter=f"user_id == {user}",
-                    limit=int(k),
-                    output_fields=["position", "item_id"],
-                    search_params={
-                        "metric_type": self.settings.metric_type,
-                        "params": dict(self.settings.search_params),
-                    },
-                    **extra,
-                )
-            )
-        out: list[list[Hit]] = []
-        for hits in res:
-            out.append(
-                [
-                    Hit(
-                        position=int(h["entity"]["position"]),
-                        item_id=int(h["entity"]["item_id"]),
-                        score=float(h["distance"]),
-                    )
-                    for h in hits
-                ]
-            )
-        return out
+        res = self._search(self._require(ref, BEHAVIOURS_KIND), targets, k, consistency_level,
+                           ["position", "item_id"], filter=f"user_id == {user}")
+        return [
+            [Hit(position=int(h["entity"]["position"]), item_id=int(h["entity"]["item_id"]), score=float(h["distance"]))
+             for h in hits]
+            for hits in res
+        ]
 
     def search_items(
         self, ref: CollectionRef, targets: np.ndarray, k: int, consistency_level: str | None = None
@@ -1333,39 +1298,35 @@ class VectorStore:
         Returns one list of hits per target, best first. Items stored without a vector never match.
         """
         k = check_k(k, MAX_QUERY_WINDOW)
-        extra: dict[str, Any] = {}
+        res = self._search(self._require(ref, ITEMS_KIND), targets, k, consistency_level, ["item_id"])
+        return [
+            [ItemHit(item_id=int(h["entity"]["item_id"]), score=float(h["distance"]))
+             for h in hits if np.isfinite(h["distance"])]
+            for hits in res
+        ]
+
+    def _search(self, name: str, targets: np.ndarray, k: int, consistency_level: str | None,
+                output_fields: list[str], **filters: Any) -> list[Any]:
+        """One vector search of collection ``name`` (targets checked and L2-normalised, at most
+        ``MAX_NQ`` per request: Milvus's limit), with an optional consistency level."""
+        extra: dict[str, Any] = dict(filters)
         if consistency_level is not None:
             if consistency_level not in CONSISTENCY_LEVELS:
                 raise ConfigurationError(
                     f"consistency_level {consistency_level!r} is unknown; valid: {', '.join(CONSISTENCY_LEVELS)}"
                 )
             extra["consistency_level"] = consistency_level
-        name = self._require(ref, ITEMS_KIND)
         if name not in self._dims:
             self._dims[name] = self._vector_dim(name)
         t = l2_normalise(check_vectors(targets, self._dims[name], "target vectors", allow_zero=False))
         res: list[Any] = []
         for lo in range(0, t.shape[0], MAX_NQ):
-            res.extend(
-                self._call(
-                    "search",
-                    self.client.search,
-                    name,
-                    data=t[lo : lo + MAX_NQ].tolist(),
-                    limit=int(k),
-                    output_fields=["item_id"],
-                    search_params={
-                        "metric_type": self.settings.metric_type,
-                        "params": dict(self.settings.search_params),
-                    },
-                    **extra,
-                )
-            )
-        return [
-            [ItemHit(item_id=int(h["entity"]["item_id"]), score=float(h["distance"]))
-             for h in hits if np.isfinite(h["distance"])]
-            for hits in res
-        ]
+            res.extend(self._call("search", self.client.search, name, data=t[lo : lo + MAX_NQ].tolist(),
+                                  limit=int(k), output_fields=output_fields,
+                                  search_params={"metric_type": self.settings.metric_type,
+                                                 "params": dict(self.settings.search_params)},
+                                  **extra))
+        return res
 
     def check(self, timeout_s: float | None = None) -> None:
         """Connect and list collections; raise :class:`BackendUnavailable` naming ``MUSE_MILVUS_URI``.

@@ -11,7 +11,6 @@ so training, evaluation and serving compute the same top K.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from muse.ahead import ahead
 from muse.arrays import lookup_sorted
 from muse.errors import ConfigurationError, DataError, NotFoundError
 from ranker.layers.rows import chunked, row_chunks
@@ -501,41 +501,8 @@ def run_vectors(model: Any, source: str | None, dataset: str, vectors_for: Vecto
     return vectors_for(source, dataset)
 
 
-_DONE = object()
-
-
 def background(items: Iterable[Any], fn: Callable[[Any], Any], depth: int = 2) -> Iterator[Any]:
-    """``fn(item)`` for each item, computed ``depth`` items ahead in a background thread, so that
-    building the next batch (memory-bound gathers, the GSU) overlaps the training step. Errors in
-    the thread are re-raised in the caller."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put((item, fn(item)))
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            q.put((_DONE, e))
-            return
-        q.put((_DONE, None))
-
-    thread = threading.Thread(target=work, name="ranker-batches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, value = q.get()
-            if item is _DONE:
-                if value is not None:
-                    raise value
-                return
-            yield item, value
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+    """``(item, fn(item))`` for each item, computed ``depth`` items ahead in a background thread, so that
+    building the next batch (memory-bound gathers, the GSU) overlaps the training step. Errors in the
+    thread are re-raised in the caller."""
+    return ahead(((item, fn(item)) for item in items), depth, name="ranker-batches")

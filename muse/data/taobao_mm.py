@@ -31,8 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from muse.ahead import ahead
 from muse.arrays import lookup_sorted
 from muse.data.format import Dataset, DatasetWriter, IdIndex, check_name, datasets_root
 from muse.errors import DataError, NotFoundError
@@ -182,42 +181,6 @@ def _read_units(files: dict[str, list[Path]], units: list[_Unit], columns: dict[
                     yield unit, out[0], out[1], False
                 out = (piece, lo)
         yield unit, (out[0] if out else None), (out[1] if out else unit.lo), True
-
-
-def _ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """``items`` produced ``depth`` ahead in a thread (parquet decoding overlaps the mapping)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
-            return
-        q.put(done)
-
-    thread = threading.Thread(target=work, name="taobao-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
 
 
 # -- the per-user state ---------------------------------------------------------------------------------
@@ -581,7 +544,7 @@ class _Import:
         feature_units = [u for u in self.units if u.phase.endswith("user_features")]
         if not todo or todo[0].phase not in ("test_user_features", "train_user_features"):
             self._after_users(feature_units)
-        for unit, batch, lo, last in _ahead(_read_units(self.files, todo, columns, batch_rows)):
+        for unit, batch, lo, last in ahead(_read_units(self.files, todo, columns, batch_rows)):
             if unit.phase.endswith("user_features"):
                 if batch is not None:
                     self._user_unit(unit, batch, lo)
