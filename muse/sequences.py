@@ -32,6 +32,7 @@ import shutil
 import sqlite3
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -157,6 +158,20 @@ def _by_user(user_ids: np.ndarray, positions: np.ndarray, item_ids: np.ndarray):
         yield int(users[lo]), pos[lo:hi], items[lo:hi]
 
 
+def _wal(conn: sqlite3.Connection, wait_s: float = 60.0) -> None:
+    """Put the file in WAL mode. Two processes creating the same file can both ask at once, and
+    SQLite answers the loser with "database is locked" at once, without its busy handler: retry."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class FileSequences:
     """One SQLite file per collection, ``root/<collection>.sqlite3``: a row per user (the user id as
     the row id, the whole sequence as one packed chunk). A write merges the new behaviours into the
@@ -200,7 +215,7 @@ class FileSequences:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("CREATE TABLE IF NOT EXISTS seq (user INTEGER PRIMARY KEY, data BLOB NOT NULL)")
         except sqlite3.Error as e:
