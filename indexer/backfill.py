@@ -322,12 +322,14 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         period = max(0.2, self.settings.backfill_lease_s / 3)
-        while not self._stop.wait(period):
+        while True:  # renewed at once (a keeper taking over from another leaves no gap), then every period
             try:
                 if not renew_lease(self.settings, self.chunk_id, self.worker):
                     return
             except Exception as e:  # the database may be down; the lease then lapses, as it should
                 log.warning("cannot renew the lease of chunk %d: %s", self.chunk_id, e)
+            if self._stop.wait(period):
+                return
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()

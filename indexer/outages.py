@@ -267,38 +267,39 @@ def run_patiently(settings: Settings, chunk_id: int, attempt: Callable[[bool], T
         except Exception as exc:
             if not is_retriable(exc):
                 raise
-            backend = down_backend(settings, exc)
-            if backend is None:  # every backend answers: the chunk's own failure
-                own += 1
-                first_seen = None
-                if own > int(settings.backfill_retries):
-                    raise
-                delay = backoff_s(own - 1, settings.backfill_backoff_s)
-                log.warning("chunk %d: %s; retry %d/%d in %.1f s", chunk_id, exc, own, settings.backfill_retries, delay)
-                note_wait(settings, chunk_id, RETRY,
-                          f"retrying (retry {own} of {settings.backfill_retries}) in {delay:.1f} s after: {exc}", False)
-                with LeaseKeeper(settings, chunk_id):  # the worker keeps the chunk while it waits
-                    time.sleep(delay)
-                count = True
-                continue
-            first_seen = first_seen if first_seen is not None else time.monotonic()
-            since = note_wait(settings, chunk_id, backend.label,
-                              f"waiting for {backend.label} (it does not answer): {exc}", True)
-            waited = (utcnow() - since).total_seconds() if since is not None else time.monotonic() - first_seen
-            left = budget - waited
-            if left <= 0:
-                raise OutageTooLong(
-                    f"{backend.label} was unavailable for {waited:.0f} s, longer than MUSE_BACKFILL_OUTAGE_S "
-                    f"({budget:.0f} s); last error: {exc}"
-                ) from exc
-            log.warning("chunk %d: %s does not answer (%s); waiting for it, up to %.0f s more, without spending "
-                        "an attempt", chunk_id, backend.label, exc, left)
+            # From the failure on, through the probes (a frozen backend takes up to PROBE_TIMEOUT_S to
+            # answer) and the waits, the worker keeps renewing the chunk's lease: it is never taken for dead.
             with LeaseKeeper(settings, chunk_id):
+                backend = down_backend(settings, exc)
+                if backend is None:  # every backend answers: the chunk's own failure
+                    own += 1
+                    first_seen = None
+                    if own > int(settings.backfill_retries):
+                        raise
+                    delay = backoff_s(own - 1, settings.backfill_backoff_s)
+                    log.warning("chunk %d: %s; retry %d/%d in %.1f s", chunk_id, exc, own, settings.backfill_retries, delay)
+                    note_wait(settings, chunk_id, RETRY,
+                              f"retrying (retry {own} of {settings.backfill_retries}) in {delay:.1f} s after: {exc}", False)
+                    time.sleep(delay)
+                    count = True
+                    continue
+                first_seen = first_seen if first_seen is not None else time.monotonic()
+                since = note_wait(settings, chunk_id, backend.label,
+                                  f"waiting for {backend.label} (it does not answer): {exc}", True)
+                waited = (utcnow() - since).total_seconds() if since is not None else time.monotonic() - first_seen
+                left = budget - waited
+                if left <= 0:
+                    raise OutageTooLong(
+                        f"{backend.label} was unavailable for {waited:.0f} s, longer than MUSE_BACKFILL_OUTAGE_S "
+                        f"({budget:.0f} s); last error: {exc}"
+                    ) from exc
+                log.warning("chunk %d: %s does not answer (%s); waiting for it, up to %.0f s more, without spending "
+                            "an attempt", chunk_id, backend.label, exc, left)
                 if wait_until_up(backend, time.monotonic() + left):
                     log.warning("chunk %d: %s answers again after %.0f s; running the chunk again", chunk_id,
                                 backend.label, time.monotonic() - first_seen)
-            count = False
-            continue
+                count = False
+                continue
         return result  # the chunk's record (done) clears what it waited for
 
 

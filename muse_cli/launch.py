@@ -170,9 +170,12 @@ def as_rank(args: argparse.Namespace, settings: Any, work: Callable[[Any], int])
     from ranker.distributed import DistributedError, lost_peer, start, write_error_file
 
     dist = None
+    ok = False
     try:
         dist = start(settings.resolve_device(), threads=getattr(args, "threads", None))
-        return work(dist)
+        code = work(dist)
+        ok = True
+        return code
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
@@ -194,7 +197,7 @@ def as_rank(args: argparse.Namespace, settings: Any, work: Callable[[Any], int])
         raise
     finally:
         if dist is not None:
-            dist.close()
+            dist.close(ok=ok)
 
 
 class _LauncherFilter(logging.Filter):

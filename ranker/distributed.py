@@ -207,9 +207,20 @@ class Dist:
             tmp.write_text(json.dumps({"run_id": int(run_id)}))
             os.replace(tmp, path)
 
-    def close(self) -> None:
-        """Leave the process group and put the SIGTERM handler back."""
+    def close(self, ok: bool = False) -> None:
+        """Leave the process group and put the SIGTERM handler back.
+
+        ``ok``: this rank finished its work without an error. The ranks then meet at a barrier first, so
+        that none leaves (closing its gloo connections) while another still works or destroys its group:
+        a rank that finished early (rank 1 of ``compare``, while rank 0 stores the comparison) otherwise
+        sometimes died of SIGABRT in gloo's teardown. After an error there is no barrier: a peer may be gone.
+        """
         if tdist.is_initialized():
+            if ok:
+                try:
+                    self.barrier()
+                except Exception as e:  # a peer failed after its work: its own report says why
+                    log.warning("rank %d: the closing barrier failed (%s)", self.rank, e)
             tdist.destroy_process_group()
         if self._previous_sigterm is not None:
             try:
