@@ -448,23 +448,45 @@ def encode_items_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
 
 
 def import_vectors_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
-    """Upsert rows ``[spec.start, spec.stop)`` of the dataset's ``embeddings/<source>.parquet``.
+    """Upsert rows ``[spec.start, spec.stop)`` of the vectors the dataset ships for the source:
+    ``embeddings/<source>/`` (memory-mapped, in its storage dtype, e.g. Taobao-MM's int8 SCL,
+    de-quantised here) or an older ``embeddings/<source>.parquet`` (only the overlapping row groups
+    are read).
 
     Items not in the dataset's item table get category -1.
     """
-    path = Path(spec.dataset_location) / "embeddings" / f"{spec.source}.parquet"
-    if not path.exists():
-        raise NotFoundError(f"source {spec.source!r} has no precomputed vectors at {path}")
-    table = _read_rows(path, spec.start, spec.stop)
-    ids = table.column("item_id").to_numpy().astype(np.int64)  # [n]
-    flat = pc.list_flatten(table.column("vector")).to_numpy().astype(np.float32)
-    if len(ids) and flat.size != len(ids) * spec.dim:
-        raise DataError(f"{path}: rows {spec.start}:{spec.stop} are not all {spec.dim}-d vectors")
-    vectors = flat.reshape(len(ids), spec.dim)  # [n, d]
+    ids, vectors = shipped_rows(spec.dataset_location, spec.source, spec.start, spec.stop)
+    if len(ids) and vectors.shape[1] != spec.dim:
+        raise DataError(f"the {spec.source} vectors of {spec.dataset_location} are {vectors.shape[1]}-d, "
+                        f"the source version is {spec.dim}-d")
     cats = categories_of(spec.dataset_location, ids)  # int64[n]
     store = _ensure_collections(settings, spec.ref, spec.dim)
     written = store.upsert_items(spec.ref, ids, vectors, cats) if len(ids) else 0
     return ChunkResult(n_written=written)
+
+
+def shipped_rows(location: str, source: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[start, stop)`` of the vectors shipped for ``source`` with the dataset at ``location``:
+    ``(item ids int64 [n], vectors float32 [n, d])``.
+
+    Raises:
+        NotFoundError: the dataset ships no vectors for ``source``.
+        DataError: a parquet file whose vectors have unequal lengths.
+    """
+    dataset = current().dataset(location)
+    path = dataset.embeddings_path(source)
+    if path is None:
+        raise NotFoundError(f"source {source!r} has no precomputed vectors in {location}/embeddings/")
+    if path.is_dir():
+        shipped = dataset.embeddings(source)
+        ids = np.asarray(shipped.item_ids[start:stop], dtype=np.int64)
+        return ids, shipped.float_rows(slice(start, stop))
+    table = _read_rows(path, start, stop)
+    ids = table.column("item_id").to_numpy().astype(np.int64)  # [n]
+    flat = pc.list_flatten(table.column("vector")).to_numpy().astype(np.float32)
+    if len(ids) and flat.size % len(ids):
+        raise DataError(f"{path}: rows {start}:{stop} are not vectors of one length")
+    return ids, flat.reshape(len(ids), -1) if len(ids) else np.zeros((0, 0), np.float32)
 
 
 def categories_of(location: str, item_ids: np.ndarray) -> np.ndarray:

@@ -109,7 +109,7 @@ def ensure_imported(settings: Settings, name: str, dataset: Any) -> SourceVersio
     dataset = open_dataset(settings, dataset)
     path = dataset.embeddings_path(name)
     if path is None:
-        raise NotFoundError(f"dataset {dataset.name!r} ships no embeddings/{name}.parquet")
+        raise NotFoundError(f"dataset {dataset.name!r} ships no embeddings/{name}/ (nor embeddings/{name}.parquet)")
     for v in reversed(list_versions(settings, name, dataset=dataset.name)):
         if v.checkpoint_path == str(path):
             return v

@@ -248,7 +248,9 @@ def create_job(
             path = ds.embeddings_path(src.name)
             if path is None:
                 raise NotFoundError(f"imported source {src.name!r}: dataset {ds.name!r} ships no vectors for it")
-            item_kind, n_rows = IMPORT, pq.ParquetFile(path).metadata.num_rows
+            # embeddings/<source>/ (memory-mapped: only its ids' length is read) or an older .parquet
+            n_rows = len(ds.embeddings(src.name).item_ids) if path.is_dir() else pq.ParquetFile(path).metadata.num_rows
+            item_kind = IMPORT
         else:
             item_kind, n_rows = ITEMS, ds.n_items
         chunks = [(item_kind, lo, hi) for lo, hi in _ranges(n_rows, chunk_size)]

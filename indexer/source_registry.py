@@ -181,7 +181,7 @@ def get_version(settings: Settings, name: str, version: int | None = None, datas
     where = f" for dataset {dataset!r}" if dataset is not None and name in IMPORTED_SOURCES else ""
     if not versions:
         hint = (
-            "it is imported on first use from a dataset that ships embeddings/scl-taobao.parquet"
+            "it is imported on first use from a dataset that ships its vectors (`muse data taobao-mm` writes embeddings/scl-taobao/)"
             if name in IMPORTED_SOURCES
             else f"train one with `muse embed train --source {name} --dataset NAME`"
         )

@@ -297,3 +297,41 @@ def test_killed_import_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     assert f"resuming the import at unit {done_before}" in resumed.stderr
     a, b = _digests(data / "datasets" / "whole"), _digests(data / "datasets" / "cut")
     assert a == b and any(k.startswith("histories/") for k in a) and not journal.exists()
+
+
+def test_backfill_reads_the_shipped_int8_table(demo: Dataset) -> None:
+    """A backfill of ``scl-taobao`` on an imported Taobao-MM set reads the int8 table the import
+    wrote (``embeddings/scl-taobao/``) chunk by chunk: every item in Milvus Lite, de-quantised and
+    L2-normalised, with its category from the item table."""
+    from indexer import backfill as bf
+    from indexer import jobs
+    from muse import db, models
+    from muse.db import session_scope
+    from muse.settings import load_settings
+    from muse.vectorstore import CollectionRef
+
+    settings = load_settings(env={}, data_dir=demo.path.parents[1], device="cpu")
+    db.upgrade(settings)
+    job_id = jobs.create_job(settings, "scl-taobao", demo.name, chunk_size=4, behaviours=False)
+    with session_scope(settings) as session:
+        job = session.get(models.BackfillJob, job_id)
+        chunks = [(c.id, c.kind, c.start, c.stop) for c in job.chunks]
+        version = int(job.options["source_version"])
+    assert [(k, lo, hi) for _, k, lo, hi in chunks] == [("import", 0, 4), ("import", 4, 8), ("import", 8, 10)]
+    try:
+        for chunk_id, *_ in chunks:
+            bf.run_chunk(settings, chunk_id)
+        shipped = demo.embeddings("scl-taobao")
+        ids = np.asarray(shipped.item_ids)
+        store = bf.get_store(settings)
+        ref = CollectionRef(demo.name, "scl-taobao", version)
+        assert store.count_items(ref) == 10
+        found, vectors = store.get_item_vectors(ref, ids)
+        order = {int(i): r for r, i in enumerate(found)}
+        want = shipped.float_rows()
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        got = np.stack([vectors[order[int(i)]] for i in ids])
+        assert np.allclose(got, want, atol=1e-6)
+    finally:
+        bf.close_stores()
+        db._engine_for.cache_clear()
