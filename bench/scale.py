@@ -20,7 +20,8 @@ eval     the whole test split with a fast model (``--eval-model``, default ``din
 backfill ``muse backfill --source scl-taobao --users N``: every item vector and the behaviours of
          the first ``--backfill-users`` users (default 1,000) into a Milvus server (one the bench
          starts on free ports, or ``--milvus-uri``), through the queue and its worker process
-serve    ``muse serve``: start-up until the gRPC health check answers SERVING (the item table)
+serve    ``muse serve --dtype int8``: start-up until the gRPC health check answers SERVING (the item
+         table, in the shipped SCL's int8 by default; ``--serve-dtype float32`` for 4x the bytes)
 prefetch a client process prefetching the backfilled users cold through ``RemoteRetriever``
          (``--prefetch-users``, default 1,000): users/s
 ======== ==================================================================================
@@ -343,6 +344,7 @@ class Options:
     backfill_chunk_size: int = 4_096  # items per backfill chunk (the CLI's default is 512)
     keep: bool = False  # keep each fraction's Milvus collections (else dropped after its last stage)
     prefetch_users: int = 1_000
+    serve_dtype: str = "int8"  # the GSU table in the shipped SCL's own dtype, as docs/scale.md serves the full set
     device: str = "cpu"
     sequence_url: str = "file"
     milvus_uri: str | None = None
@@ -530,7 +532,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
         port = free_ports(1)[0]
         address = f"127.0.0.1:{port}"
         server = Child(_muse("serve", "--dataset", name, "--source", SOURCE, "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "-1"), env, logs, "serve")
+                             "--metrics-port", "-1", "--dtype", opts.serve_dtype), env, logs, "serve")
         try:
             healthy = False
             deadline = time.perf_counter() + timeout
@@ -548,7 +550,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
                 rss_before = _status_kb(server.pid, "VmRSS") * 1024 if server.pid else 0
                 n_items = info["rows"]["scl_embedding_int8_p90"]
                 record(StageResult("serve", f, True, wall, hwm, n_items, "items", n_items / wall,
-                                   f"healthy after {wall:.1f} s; item table of {n_items:,} vectors"))
+                                   f"healthy after {wall:.1f} s; {opts.serve_dtype} item table of {n_items:,} vectors"))
                 if ready("prefetch"):
                     argv = [sys.executable, "-m", "bench.scale", "prefetch-client", "--address", address,
                             "--dataset", name, "--users", str(opts.prefetch_users)]
@@ -756,6 +758,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--backfill-chunk-size", type=int, default=d.backfill_chunk_size,
                    help="items per backfill chunk (default 4096)")
     p.add_argument("--prefetch-users", type=int, default=d.prefetch_users, help="users prefetched (default 1000)")
+    p.add_argument("--serve-dtype", choices=("float32", "bfloat16", "float16", "int8"), default=d.serve_dtype,
+                   help="`muse serve --dtype` of the serve stage (default int8: the shipped SCL's dtype; "
+                        "float32 holds 4x the bytes)")
     p.add_argument("--device", default=d.device, help="MUSE_DEVICE of the stages (default cpu)")
     p.add_argument("--sequence-url", default=d.sequence_url, help="MUSE_SEQUENCE_URL (default file)")
     p.add_argument("--milvus-uri", default=None, help="a Milvus server to use instead of starting one")
@@ -775,7 +780,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
                    train_model=args.train_model, train_samples=args.train_samples, batch_size=args.batch_size,
                    eval_model=args.eval_model, eval_esu=None if args.eval_esu == "default" else args.eval_esu,
                    eval_train_samples=args.eval_train_samples, backfill_users=args.backfill_users,
-                   backfill_chunk_size=args.backfill_chunk_size, keep=args.keep, prefetch_users=args.prefetch_users, device=args.device, sequence_url=args.sequence_url,
+                   backfill_chunk_size=args.backfill_chunk_size, keep=args.keep, prefetch_users=args.prefetch_users,
+                   serve_dtype=args.serve_dtype, device=args.device, sequence_url=args.sequence_url,
                    milvus_uri=args.milvus_uri, stage_timeout_s=args.stage_timeout_s)
     return opts, args
 

@@ -306,6 +306,40 @@ class CSR:
         return np.diff(off)
 
 
+def read_runs(array: np.ndarray, firsts: np.ndarray, counts: np.ndarray, width: int) -> np.ndarray:
+    """Rows ``[B, width]`` of a 1-D ``array``: row ``b`` holds ``array[firsts[b] : firsts[b] + counts[b]]``
+    left-aligned, zeros after (``counts <= width``).
+
+    For a memory-mapped ``.npy`` file the runs are read with ``os.preadv`` from the file (through the
+    page cache), not through the mapping: a read maps nothing into this process, whereas a fault on a
+    mapping maps the whole cached folio around it (up to 2 MiB where the file system caches large
+    folios), which for scattered short runs costs hundreds of KiB of resident memory per run. An
+    array in RAM is indexed.
+    """
+    firsts = np.asarray(firsts, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    out = np.zeros((len(firsts), width), dtype=array.dtype)
+    filename = getattr(array, "filename", None)
+    if not isinstance(array, np.memmap) or filename is None or not array.flags.c_contiguous:
+        cols = np.arange(width)[None, :]
+        valid = cols < counts[:, None]
+        out[valid] = np.asarray(array)[(firsts[:, None] + cols)[valid]]
+        return out
+    item = array.dtype.itemsize
+    base = int(array.offset)
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        for b in np.flatnonzero(counts > 0).tolist():
+            n = int(counts[b])
+            view = memoryview(out[b, :n]).cast("B")
+            got = os.preadv(fd, [view], base + int(firsts[b]) * item)
+            if got != n * item:
+                raise DataError(f"{filename}: short read of {n} entries at {int(firsts[b])} (file truncated?)")
+    finally:
+        os.close(fd)
+    return out
+
+
 def release(array: np.ndarray) -> None:
     """Drop the pages of a memory-mapped ``array`` from this process (they stay in the page cache and
     are read again on the next touch): a long pass over a mapped file then keeps a bounded resident

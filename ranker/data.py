@@ -109,6 +109,13 @@ class FeatureSpace:
         return cls(state["items"], state["users"], tuple(state["user_fields"]))
 
 
+#: What reading one user's run of entries may map into the process, per file: Linux maps the cached
+#: pages around a fault too (``fault_around_bytes``, 64 KiB by default), and where the page cache
+#: holds large folios (ext4 since Linux 6.16, xfs) a fault maps the whole folio, up to 2 MiB. Counted
+#: at 1 MiB, a batch of a few dozen users or more releases the pages it mapped right after it.
+MAPPED_PER_RUN_BYTES = 1 << 20
+
+
 class HistoryStore:
     """Every user's history, memory-mapped from the dataset's CSR (``histories/``): per user a run of
     item positions and category positions, mapped to the model's vocabulary indices on read.
@@ -116,8 +123,9 @@ class HistoryStore:
     Held in RAM by design (sized by the vocabularies): the sorted user ids with their rows (16 bytes per
     user), item position -> item index (4 bytes per item) and category position -> category index.
     The entries (8 bytes per behaviour) stay on disk; pages read are dropped from this process's
-    memory every ``release_bytes`` of reads (:meth:`touch`), so a pass over every history does not
-    grow the process (the page cache keeps what it can).
+    memory every ``release_bytes`` mapped (:meth:`touch`: the bytes read plus the pages the kernel maps
+    around each user's run), so a pass over every history does not grow the process (the page cache
+    keeps what it can).
     """
 
     def __init__(self, csr: Any, item_map: np.ndarray, category_map: np.ndarray,
@@ -135,6 +143,7 @@ class HistoryStore:
         self.category_map = category_map  # int64 [n category positions] -> category index
         self.release_bytes = release_bytes
         self._read = 0
+        self._pad: tuple[int, int] | None = None  # what padded window slots hold (the first entry's indices)
 
     @classmethod
     def from_dataset(cls, dataset: Any, space: FeatureSpace, mmap: bool = True) -> HistoryStore:
@@ -161,8 +170,31 @@ class HistoryStore:
         """(item indices, category indices) at flat entry positions ``pos`` (any shape)."""
         items = self.item_map[self.item_positions[pos]]
         categories = self.category_map[self.category_positions[pos]]
-        self.touch(pos.size * 8)
+        # What the reads map, not what they use: each user's run of entries (a row of ``pos``) faults
+        # in pages of both files, and the kernel maps more around each fault (MAPPED_PER_RUN_BYTES).
+        runs = pos.shape[0] if pos.ndim > 1 else 1
+        self.touch(pos.size * 8 + runs * 2 * MAPPED_PER_RUN_BYTES)
         return items.astype(np.int64, copy=False), categories
+
+    def window(self, starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The newest ``min(length, width)`` entries of each history ``(start, length)``, left-aligned:
+        item indices int64 ``[B, width]``, category indices ``[B, width]`` and validity ``[B, width]``.
+        Read from the files with positional reads (:func:`muse.ondisk.read_runs`): nothing is mapped."""
+        from muse.ondisk import read_runs
+
+        n = np.minimum(np.asarray(lengths, dtype=np.int64), width)  # [B]
+        first = np.asarray(starts, dtype=np.int64) + np.asarray(lengths, dtype=np.int64) - n  # [B]
+        valid = np.arange(width)[None, :] < n[:, None]  # [B, W]
+        item_pos = read_runs(self.item_positions, first, n, width)  # [B, W] (0 where padded)
+        category_pos = read_runs(self.category_positions, first, n, width)
+        # padded slots hold the first entry's indices, as indexing position 0 always gave (masked anyway)
+        if self._pad is None:
+            one = np.ones(1, np.int64)
+            self._pad = (int(self.item_map[read_runs(self.item_positions, one - 1, one, 1)[0, 0]]),
+                         int(self.category_map[read_runs(self.category_positions, one - 1, one, 1)[0, 0]]))
+        items = np.where(valid, self.item_map[item_pos], self._pad[0])
+        categories = np.where(valid, self.category_map[category_pos], self._pad[1])
+        return items.astype(np.int64, copy=False), categories, valid
 
     def touch(self, n_bytes: int) -> None:
         """Count ``n_bytes`` read; past ``release_bytes`` the mapped pages are released."""
@@ -282,17 +314,6 @@ def _nonzero_rows(vectors: np.ndarray, rows: int = 1 << 16) -> np.ndarray:
     return out
 
 
-def _window(starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat positions ``[B, width]`` of the newest ``min(length, width)`` entries (oldest first,
-    left-aligned) and their validity mask."""
-    n = np.minimum(lengths, width)  # [B]
-    first = starts + lengths - n  # [B]
-    cols = np.arange(width)[None, :]  # [1, W]
-    valid = cols < n[:, None]  # [B, W]
-    pos = np.where(valid, first[:, None] + cols, 0)  # [B, W]
-    return pos, valid
-
-
 class BatchBuilder:
     """Turns ``(user_ids, item_ids, hist_lens)`` into a model batch (see :mod:`ranker.models.base`).
 
@@ -327,13 +348,12 @@ class BatchBuilder:
             "user": torch.from_numpy(user),
             "target": torch.from_numpy(target),
         }
-        pos, valid = _window(starts, lengths, self.recent_len)
-        batch["recent"] = self._ids(pos)  # [B, R, 2]
+        batch["recent"], valid = self._window_ids(starts, lengths, self.recent_len)  # [B, R, 2]
         batch["recent_mask"] = torch.from_numpy(valid)  # [B, R]
         if self.retrieval != "none":
             width = max(self.k, int(min(lengths.max(initial=0), self.max_history)))
-            hpos, hvalid = _window(starts, lengths, width)
-            history, history_mask = self._ids(hpos), torch.from_numpy(hvalid)  # [B, L, 2], [B, L]
+            history, hvalid = self._window_ids(starts, lengths, width)
+            history_mask = torch.from_numpy(hvalid)  # [B, L, 2], [B, L]
             if self.retrieval == "history":
                 batch["history"], batch["history_mask"] = history, history_mask
                 if self.vectors is not None:
@@ -352,6 +372,12 @@ class BatchBuilder:
         if labels is not None:
             batch["label"] = torch.from_numpy(np.asarray(labels, dtype=np.float32))
         return batch
+
+    def _window_ids(self, starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[torch.Tensor, np.ndarray]:
+        """(item, category) indices ``[B, width, 2]`` of the newest ``min(length, width)`` entries of
+        each row (oldest first, left-aligned; padding 0) and their validity ``[B, width]``."""
+        items, categories, valid = self.histories.window(starts, lengths, width)
+        return torch.from_numpy(np.stack([items, categories], axis=-1)), valid
 
     def _ids(self, pos: np.ndarray) -> torch.Tensor:
         """(item, category) indices at flat positions ``pos`` -> int64 ``[..., 2]`` (padding where pos masked

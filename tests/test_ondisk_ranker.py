@@ -102,3 +102,38 @@ def test_streamed_evaluation_equals_in_ram_metrics(synth: Dataset, monkeypatch: 
     got = evaluate(model, builder, synth, "test", batch_size=64, item_counts=counts)
     got.pop("split")
     assert got == want and got["overall"]["n"] == synth.n_impressions("test")
+
+
+def _resident_kb(array: np.ndarray) -> int:
+    """Resident kB of the mapping that holds ``array``'s data (from /proc/self/smaps)."""
+    address, inside = array.ctypes.data, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and all(c in "0123456789abcdef-" for c in head[0]):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("Rss:"):
+            return int(head[1])
+    raise AssertionError("the array's mapping is not in /proc/self/smaps")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_history_windows_are_read_not_mapped(synth: Dataset) -> None:
+    """The windows a batch reads come from the files by positional reads: the same values as indexing
+    the arrays (padding: the first entry's, as before), and no page of the mapped files becomes
+    resident (a fault would map the whole cached folio around each short run)."""
+    from muse.ondisk import release
+
+    mapped = open_builder(synth, "none", make_config("din", esu="ta"), None).histories
+    in_ram = open_builder(synth, "none", make_config("din", esu="ta"), None, mmap=False).histories
+    users = mapped.user_ids[::3]
+    starts, lengths = mapped.rows(users)
+    lengths = np.minimum(lengths, np.arange(len(lengths)) % 40)  # some empty, some shorter than the window
+    release(mapped.item_positions), release(mapped.category_positions)
+    items, categories, valid = mapped.window(starts, lengths, 25)
+    assert _resident_kb(mapped.item_positions) == 0 and _resident_kb(mapped.category_positions) == 0
+    n = np.minimum(lengths, 25)
+    pos = np.where(valid, (starts + lengths - n)[:, None] + np.arange(25)[None, :], 0)  # the indexed reference
+    want_items, want_categories = in_ram.entries(pos)
+    assert valid.sum() == n.sum() > 0 and (n == 0).any()
+    assert np.array_equal(items, want_items) and np.array_equal(categories, want_categories)
