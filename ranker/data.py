@@ -76,25 +76,36 @@ class FeatureSpace:
         self.vocabs.update({f: Vocab(users[f]) for f in self.user_fields})
         # item index -> feature indices [n_items + 1, 3] (row 0: padding)
         order = np.searchsorted(self.items.values, np.asarray(items["item_id"], dtype=np.int64))
-        self.item_features = np.zeros((self.items.size, len(ITEM_FEATURES)), dtype=np.int64)
+        # int32 indices (vocabularies stay far below 2**31): 12 bytes an item, 4 a user field
+        self.item_features = np.zeros((self.items.size, len(ITEM_FEATURES)), dtype=np.int32)
         for j, f in enumerate(ITEM_FEATURES):
             self.item_features[order + 1, j] = self.vocabs[f].lookup(items[f])
         self.users = Vocab(users["user_id"])
         uorder = np.searchsorted(self.users.values, np.asarray(users["user_id"], dtype=np.int64))
-        self.user_features = np.zeros((self.users.size, len(self.user_fields)), dtype=np.int64)
+        self.user_features = np.zeros((self.users.size, len(self.user_fields)), dtype=np.int32)
         for j, f in enumerate(self.user_fields):
             self.user_features[uorder + 1, j] = self.vocabs[f].lookup(users[f])
-        self._raw = {"items": items, "users": users}
+        # The raw columns rebuild this space (checkpoints): kept when given by a checkpoint, re-read
+        # from the dataset when built from one (:meth:`state`), not held meanwhile (40+ bytes an item).
+        self._raw: dict[str, Any] | None = {"items": items, "users": users}
+        self._dataset: Any = None
 
     @classmethod
     def from_dataset(cls, dataset: Any) -> FeatureSpace:
         """Build from ``items.parquet`` and ``users.parquet`` of a :class:`muse.data.format.Dataset`."""
-        items_t = dataset.items()
+        import pyarrow as pa
+
+        items_t = dataset.items(columns=["item_id", *ITEM_FEATURES])  # not the titles: never used here
         users_t = dataset.users()
         user_fields = tuple(dataset.meta.get("user_feature_names") or [c for c in users_t.column_names if c != "user_id"])
         items = {c: items_t.column(c).to_numpy() for c in ("item_id", *ITEM_FEATURES)}
         users = {c: users_t.column(c).to_numpy() for c in ("user_id", *user_fields)}
-        return cls(items, users, user_fields)
+        del items_t, users_t
+        space = cls(items, users, user_fields)
+        space._raw, space._dataset = None, dataset  # state() reads the columns again
+        del items, users
+        pa.default_memory_pool().release_unused()  # the tables' buffers go back to the system
+        return space
 
     def vocab_sizes(self) -> dict[str, int]:
         """Embedding table sizes: ``item`` and every feature field."""
@@ -102,7 +113,13 @@ class FeatureSpace:
 
     def state(self) -> dict[str, Any]:
         """Raw columns to rebuild this space (saved in checkpoints)."""
-        return {"items": self._raw["items"], "users": self._raw["users"], "user_fields": list(self.user_fields)}
+        raw = self._raw
+        if raw is None:
+            items_t = self._dataset.items(columns=["item_id", *ITEM_FEATURES])
+            users_t = self._dataset.users()
+            raw = {"items": {c: items_t.column(c).to_numpy() for c in ("item_id", *ITEM_FEATURES)},
+                   "users": {c: users_t.column(c).to_numpy() for c in ("user_id", *self.user_fields)}}
+        return {"items": raw["items"], "users": raw["users"], "user_fields": list(self.user_fields)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> FeatureSpace:
@@ -341,8 +358,8 @@ class BatchBuilder:
         if hist_lens is not None:
             lengths = np.minimum(lengths, np.asarray(hist_lens, dtype=np.int64))
         item_idx = self.space.items.lookup(item_ids)  # [B]
-        target = np.concatenate([item_idx[:, None], self.space.item_features[item_idx]], axis=1)  # [B, 4]
-        user = self.space.user_features[self.space.users.lookup(user_ids)]  # [B, n_user]
+        target = np.concatenate([item_idx[:, None], self.space.item_features[item_idx]], axis=1)  # [B, 4] int64
+        user = self.space.user_features[self.space.users.lookup(user_ids)].astype(np.int64)  # [B, n_user]
         batch: dict[str, torch.Tensor] = {
             "user_id": torch.from_numpy(user_ids),
             "user": torch.from_numpy(user),

@@ -649,9 +649,10 @@ class Dataset:
         return int(self.meta["n_items"])
 
     # items and users ---------------------------------------------------------------------------
-    def items(self) -> pa.Table:
-        """All item rows (``item_id``, ``category``, ``feat_a``, ``feat_b``, ``title``) in canonical order."""
-        return pq.ParquetFile(self.path / "items.parquet").read()
+    def items(self, columns: list[str] | None = None) -> pa.Table:
+        """All item rows (``item_id``, ``category``, ``feat_a``, ``feat_b``, ``title``; or only ``columns``)
+        in canonical order."""
+        return pq.ParquetFile(self.path / "items.parquet").read(columns=columns)
 
     def item_ids(self) -> np.ndarray:
         """Item ids (int64) in canonical order."""
