@@ -33,8 +33,9 @@ LONG_TAIL_IMPRESSIONS = 5
 LONG_HISTORY_QUANTILE = 0.75
 #: Probabilities are clipped to [EPS, 1 - EPS] in the logloss.
 EPS = 1e-7
-#: At most this many predictions are held in RAM at once by a :class:`PredictionStream`.
-BUCKET_ROWS = 4_000_000
+#: At most this many predictions are held in RAM at once by a :class:`PredictionStream` (22 bytes
+#: each; the metrics over one bucket take a few times that: about 0.1 GB at this size).
+BUCKET_ROWS = 1_000_000
 #: One spilled prediction.
 RECORD = np.dtype([("user", "<i8"), ("prob", "<f8"), ("hist", "<i4"), ("label", "i1"), ("tail", "i1")])
 SLICES = ("overall", "long_tail", "long_history")
