@@ -21,6 +21,7 @@ import torch
 from muse.ahead import ahead
 from muse.arrays import lookup_sorted
 from muse.errors import ConfigurationError, DataError, NotFoundError
+from muse.ondisk import read_runs
 from ranker.layers.rows import chunked, row_chunks
 from retriever.kernels import TopK, gsu_topk, l2_normalise
 
@@ -69,7 +70,8 @@ class Vocab:
 class FeatureSpace:
     """Vocabularies of every field, item features by item index and user features by user index."""
 
-    def __init__(self, items: dict[str, np.ndarray], users: dict[str, np.ndarray], user_fields: tuple[str, ...]) -> None:
+    def __init__(self, items: dict[str, np.ndarray], users: dict[str, np.ndarray], user_fields: tuple[str, ...],
+                 dataset: Any = None) -> None:
         self.user_fields = tuple(user_fields)
         self.items = Vocab(items["item_id"])
         self.vocabs: dict[str, Vocab] = {f: Vocab(items[f]) for f in ITEM_FEATURES}
@@ -85,24 +87,18 @@ class FeatureSpace:
         self.user_features = np.zeros((self.users.size, len(self.user_fields)), dtype=np.int32)
         for j, f in enumerate(self.user_fields):
             self.user_features[uorder + 1, j] = self.vocabs[f].lookup(users[f])
-        # The raw columns rebuild this space (checkpoints): kept when given by a checkpoint, re-read
-        # from the dataset when built from one (:meth:`state`), not held meanwhile (40+ bytes an item).
-        self._raw: dict[str, Any] | None = {"items": items, "users": users}
-        self._dataset: Any = None
+        # The raw columns rebuild this space (checkpoints): re-read from ``dataset`` when built from one
+        # (:meth:`state`), not held meanwhile (40+ bytes an item); kept when there is none (a checkpoint).
+        self._dataset = dataset
+        self._raw = None if dataset is not None else (items, users)
 
     @classmethod
     def from_dataset(cls, dataset: Any) -> FeatureSpace:
         """Build from ``items.parquet`` and ``users.parquet`` of a :class:`muse.data.format.Dataset`."""
         import pyarrow as pa
 
-        items_t = dataset.items(columns=["item_id", *ITEM_FEATURES])  # not the titles: never used here
-        users_t = dataset.users()
-        user_fields = tuple(dataset.meta.get("user_feature_names") or [c for c in users_t.column_names if c != "user_id"])
-        items = {c: items_t.column(c).to_numpy() for c in ("item_id", *ITEM_FEATURES)}
-        users = {c: users_t.column(c).to_numpy() for c in ("user_id", *user_fields)}
-        del items_t, users_t
-        space = cls(items, users, user_fields)
-        space._raw, space._dataset = None, dataset  # state() reads the columns again
+        items, users = _raw_columns(dataset, dataset.meta.get("user_feature_names"))
+        space = cls(items, users, tuple(c for c in users if c != "user_id"), dataset=dataset)
         del items, users
         pa.default_memory_pool().release_unused()  # the tables' buffers go back to the system
         return space
@@ -113,24 +109,22 @@ class FeatureSpace:
 
     def state(self) -> dict[str, Any]:
         """Raw columns to rebuild this space (saved in checkpoints)."""
-        raw = self._raw
-        if raw is None:
-            items_t = self._dataset.items(columns=["item_id", *ITEM_FEATURES])
-            users_t = self._dataset.users()
-            raw = {"items": {c: items_t.column(c).to_numpy() for c in ("item_id", *ITEM_FEATURES)},
-                   "users": {c: users_t.column(c).to_numpy() for c in ("user_id", *self.user_fields)}}
-        return {"items": raw["items"], "users": raw["users"], "user_fields": list(self.user_fields)}
+        items, users = self._raw if self._raw is not None else _raw_columns(self._dataset, self.user_fields)
+        return {"items": items, "users": users, "user_fields": list(self.user_fields)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> FeatureSpace:
         return cls(state["items"], state["users"], tuple(state["user_fields"]))
 
 
-#: What reading one user's run of entries may map into the process, per file: Linux maps the cached
-#: pages around a fault too (``fault_around_bytes``, 64 KiB by default), and where the page cache
-#: holds large folios (ext4 since Linux 6.16, xfs) a fault maps the whole folio, up to 2 MiB. Counted
-#: at 1 MiB, a batch of a few dozen users or more releases the pages it mapped right after it.
-MAPPED_PER_RUN_BYTES = 1 << 20
+def _raw_columns(dataset: Any, user_fields: Any = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The item columns (not the titles: never used here) and the user columns (``user_id`` and
+    ``user_fields``; every column when None) a :class:`FeatureSpace` is built from, in that order."""
+    items_t = dataset.items(columns=["item_id", *ITEM_FEATURES])
+    users_t = dataset.users()
+    fields = list(user_fields) if user_fields else [c for c in users_t.column_names if c != "user_id"]
+    return ({c: items_t.column(c).to_numpy() for c in ("item_id", *ITEM_FEATURES)},
+            {c: users_t.column(c).to_numpy() for c in ("user_id", *fields)})
 
 
 class HistoryStore:
@@ -140,9 +134,10 @@ class HistoryStore:
     Held in RAM by design (sized by the vocabularies): the sorted user ids with their rows (16 bytes per
     user), item position -> item index (4 bytes per item) and category position -> category index.
     The entries (8 bytes per behaviour) stay on disk; pages read are dropped from this process's
-    memory every ``release_bytes`` mapped (:meth:`touch`: the bytes read plus the pages the kernel maps
-    around each user's run), so a pass over every history does not grow the process (the page cache
-    keeps what it can).
+    memory: the batches' windows (:meth:`window`) are read with positional reads, which map nothing;
+    reads by position (:meth:`entries`, the reference path) drop the mapped pages every
+    ``release_bytes`` (:meth:`touch`). A pass over every history does not grow the process (the page
+    cache keeps what it can).
     """
 
     def __init__(self, csr: Any, item_map: np.ndarray, category_map: np.ndarray,
@@ -160,7 +155,13 @@ class HistoryStore:
         self.category_map = category_map  # int64 [n category positions] -> category index
         self.release_bytes = release_bytes
         self._read = 0
-        self._pad: tuple[int, int] | None = None  # what padded window slots hold (the first entry's indices)
+        # What padded window slots hold: the first entry's indices, as indexing position 0 always gave
+        # (the mask hides them). Read once, by position: touching the mapping would map pages.
+        self._pad = (0, 0)
+        if len(self.item_positions):
+            zero, one = np.zeros(1, np.int64), np.ones(1, np.int64)
+            self._pad = (int(item_map[read_runs(self.item_positions, zero, one, 1)[0, 0]]),
+                         int(category_map[read_runs(self.category_positions, zero, one, 1)[0, 0]]))
 
     @classmethod
     def from_dataset(cls, dataset: Any, space: FeatureSpace, mmap: bool = True) -> HistoryStore:
@@ -187,28 +188,18 @@ class HistoryStore:
         """(item indices, category indices) at flat entry positions ``pos`` (any shape)."""
         items = self.item_map[self.item_positions[pos]]
         categories = self.category_map[self.category_positions[pos]]
-        # What the reads map, not what they use: each user's run of entries (a row of ``pos``) faults
-        # in pages of both files, and the kernel maps more around each fault (MAPPED_PER_RUN_BYTES).
-        runs = pos.shape[0] if pos.ndim > 1 else 1
-        self.touch(pos.size * 8 + runs * 2 * MAPPED_PER_RUN_BYTES)
+        self.touch(pos.size * 8)
         return items.astype(np.int64, copy=False), categories
 
     def window(self, starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The newest ``min(length, width)`` entries of each history ``(start, length)``, left-aligned:
         item indices int64 ``[B, width]``, category indices ``[B, width]`` and validity ``[B, width]``.
         Read from the files with positional reads (:func:`muse.ondisk.read_runs`): nothing is mapped."""
-        from muse.ondisk import read_runs
-
         n = np.minimum(np.asarray(lengths, dtype=np.int64), width)  # [B]
         first = np.asarray(starts, dtype=np.int64) + np.asarray(lengths, dtype=np.int64) - n  # [B]
         valid = np.arange(width)[None, :] < n[:, None]  # [B, W]
         item_pos = read_runs(self.item_positions, first, n, width)  # [B, W] (0 where padded)
         category_pos = read_runs(self.category_positions, first, n, width)
-        # padded slots hold the first entry's indices, as indexing position 0 always gave (masked anyway)
-        if self._pad is None:
-            one = np.ones(1, np.int64)
-            self._pad = (int(self.item_map[read_runs(self.item_positions, one - 1, one, 1)[0, 0]]),
-                         int(self.category_map[read_runs(self.category_positions, one - 1, one, 1)[0, 0]]))
         items = np.where(valid, self.item_map[item_pos], self._pad[0])
         categories = np.where(valid, self.category_map[category_pos], self._pad[1])
         return items.astype(np.int64, copy=False), categories, valid
@@ -392,15 +383,9 @@ class BatchBuilder:
 
     def _window_ids(self, starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[torch.Tensor, np.ndarray]:
         """(item, category) indices ``[B, width, 2]`` of the newest ``min(length, width)`` entries of
-        each row (oldest first, left-aligned; padding 0) and their validity ``[B, width]``."""
+        each row (oldest first, left-aligned) and their validity ``[B, width]``."""
         items, categories, valid = self.histories.window(starts, lengths, width)
         return torch.from_numpy(np.stack([items, categories], axis=-1)), valid
-
-    def _ids(self, pos: np.ndarray) -> torch.Tensor:
-        """(item, category) indices at flat positions ``pos`` -> int64 ``[..., 2]`` (padding where pos masked
-        is harmless: the mask hides it)."""
-        items, categories = self.histories.entries(pos)
-        return torch.from_numpy(np.stack([items, categories], axis=-1))
 
     def _same_category(self, history: torch.Tensor, mask: torch.Tensor,
                        target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

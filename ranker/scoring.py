@@ -123,11 +123,14 @@ class Ranker:
         has = np.flatnonzero(target_vec.any(dim=-1).numpy()).tolist()
         if has:
             res = view.search_vectors(user_id, target_vec[has].numpy(), k=k + oldest if oldest else k)
+            # the user's window, read once for every target (positional reads: nothing is mapped)
+            window_items, window_categories, _ = self.histories.window(np.array([start]), np.array([length]),
+                                                                       length - oldest)
             for b, hits in zip(has, res, strict=True):
                 keep = hits.positions >= oldest
                 pos, scores = hits.positions[keep][:k], hits.scores[keep][:k]
                 m = len(pos)
-                items, categories = self.histories.entries(start + pos)
+                items, categories = window_items[0, pos - oldest], window_categories[0, pos - oldest]
                 long[b, :m, 0] = torch.from_numpy(items)
                 long[b, :m, 1] = torch.from_numpy(categories)
                 long_mask[b, :m] = True
