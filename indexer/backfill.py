@@ -511,6 +511,20 @@ def _read_rows(path: Path, start: int, stop: int) -> pa.Table:
     return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table()
 
 
+def history_entries(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every entry of a batch of histories (``user_id``, ``item_ids`` list): ``(user ids, positions in
+    the user's history, item ids)``, int64 ``[m]`` each."""
+    lists = batch.column("item_ids")
+    items = pc.list_flatten(lists).to_numpy().astype(np.int64)  # [m] all entries of the batch
+    if len(items) == 0:
+        return items, items, items
+    parents = pc.list_parent_indices(lists).to_numpy()  # [m] row of each entry
+    offsets = lists.offsets.to_numpy()[:-1] - lists.offsets[0].as_py()  # [rows] first entry of each row
+    positions = np.arange(len(items), dtype=np.int64) - offsets[parents]  # [m] index within the history
+    users = batch.column("user_id").to_numpy().astype(np.int64)[parents]  # [m]
+    return users, positions, items
+
+
 def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
     """Copy item vectors into the behaviour collection for users ``[spec.start, spec.stop)``."""
     dataset = current().dataset(spec.dataset_location)
@@ -520,14 +534,9 @@ def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
     buffered = 0
     batches = dataset.iter_histories(HISTORY_BATCH, spec.start, spec.stop, columns=["user_id", "item_ids"])
     for batch in batches:
-        lists = batch.column("item_ids")
-        items = pc.list_flatten(lists).to_numpy().astype(np.int64)  # [m] all entries of the batch
+        users, positions, items = history_entries(batch)
         if len(items) == 0:
             continue
-        parents = pc.list_parent_indices(lists).to_numpy()  # [m] row of each entry
-        offsets = lists.offsets.to_numpy()[:-1] - lists.offsets[0].as_py()  # [rows] first entry of each row
-        positions = np.arange(len(items), dtype=np.int64) - offsets[parents]  # [m] index within the history
-        users = batch.column("user_id").to_numpy().astype(np.int64)[parents]  # [m]
         unique = np.unique(items)
         found, vectors = store.get_item_vectors(spec.ref, unique)  # int64[k], float32[k, d]
         if len(found) == 0:

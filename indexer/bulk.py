@@ -45,7 +45,6 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
-import pyarrow.compute as pc
 from sqlalchemy import select
 
 from indexer.backfill import (
@@ -56,6 +55,7 @@ from indexer.backfill import (
     ChunkSpec,
     _ensure_collections,
     copy_behaviours_chunk,
+    history_entries,
     renew_lease,
 )
 from indexer.worker_context import current
@@ -266,15 +266,12 @@ def read_chunk_rows(store: Any, spec: ChunkSpec) -> ChunkRows:
     dataset = current().dataset(spec.dataset_location)
     users, positions, items = [], [], []
     for batch in dataset.iter_histories(HISTORY_BATCH, spec.start, spec.stop, columns=["user_id", "item_ids"]):
-        lists = batch.column("item_ids")
-        flat = pc.list_flatten(lists).to_numpy().astype(np.int64)  # [m] every entry of the batch
-        if len(flat) == 0:
+        batch_users, batch_positions, batch_items = history_entries(batch)
+        if len(batch_items) == 0:
             continue
-        parents = pc.list_parent_indices(lists).to_numpy()  # [m] row of each entry
-        offsets = lists.offsets.to_numpy()[:-1] - lists.offsets[0].as_py()  # [rows] first entry of each row
-        positions.append(np.arange(len(flat), dtype=np.int64) - offsets[parents])  # [m] index in the history
-        users.append(batch.column("user_id").to_numpy().astype(np.int64)[parents])
-        items.append(flat)
+        users.append(batch_users)
+        positions.append(batch_positions)
+        items.append(batch_items)
     if not users:
         empty = np.zeros(0, np.int64)
         return ChunkRows(empty, empty, empty, empty, np.zeros((0, spec.dim), np.float32), 0)
