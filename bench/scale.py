@@ -12,7 +12,11 @@ scan     a bare pyarrow scan of the raw files (``iter_batches`` over every file)
 import   ``muse data taobao-mm RAW``
 train    ``muse rank train --model muse --source scl-taobao --max-train N``: the ranker's data
          set-up plus a fixed number of training steps (``--train-samples``, default 100 steps of
-         256); throughput = the training loop's samples/s as the run reports it
+         256); throughput = the training loop's samples/s as the run reports it. It trains as the
+         full set trains: the item ID table with sparse gradients (SparseAdam), as the model gives
+         a table of 1M rows or more (``--set sparse_min_rows=N``, N the fraction's item table;
+         below 1M rows the default is dense Adam, about twice the bytes an item, which would put
+         on the line a cost the full set does not have)
 eval     the whole test split with a fast model (``--eval-model``, default ``din --esu ta``):
          ``muse rank train --max-train 1024`` without ``--max-eval``, i.e. the data set-up, four
          steps and the evaluation ``muse rank eval`` runs, in one process (MUSE itself evaluates
@@ -71,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.scale_raw import RawSpec, existing_raw, scan_raw
+from bench.scale_raw import FULL_ITEMS, RawSpec, existing_raw, scan_raw
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("scan", "import", "train", "eval", "backfill", "serve", "prefetch")
@@ -367,6 +371,15 @@ def muse_env(data_dir: Path, opts: Options, milvus_uri: str | None, prefix: str)
     return env
 
 
+def full_set_regime(n_items: int) -> int:
+    """The ``sparse_min_rows`` under which a fraction's item table (``n_items`` + padding) trains as the
+    full set's does: sparse when the full set's table reaches the model's default threshold."""
+    from ranker.models.config import ModelConfig
+
+    default = ModelConfig.sparse_min_rows
+    return min(default, n_items + 1) if FULL_ITEMS + 1 >= default else default
+
+
 def _muse(*args: str) -> list[str]:
     return [sys.executable, "-m", "muse_cli", *args]
 
@@ -472,7 +485,8 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
     if ready("train"):
         argv = _muse("rank", "train", "--model", opts.train_model, "--source", SOURCE, "--dataset", name,
                      "--max-train", str(opts.train_samples), "--max-eval", str(opts.batch_size),
-                     "--batch-size", str(opts.batch_size), "--seed", str(opts.seed), "--json")
+                     "--batch-size", str(opts.batch_size), "--seed", str(opts.seed), "--json",
+                     "--set", f"sparse_min_rows={full_set_regime(spec.n_items)}")
         child, wall = run_child(argv, env, logs, "train", timeout)
         if child.code != 0:
             record(_failed("train", f, child, wall))

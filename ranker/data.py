@@ -56,6 +56,13 @@ class Vocab:
     def __init__(self, values: np.ndarray) -> None:
         self.values = np.unique(np.asarray(values, dtype=np.int64))  # sorted
 
+    @classmethod
+    def from_sorted(cls, values: np.ndarray) -> Vocab:
+        """A vocabulary over ``values``, already sorted and distinct (:attr:`values` of another)."""
+        vocab = cls.__new__(cls)
+        vocab.values = np.asarray(values, dtype=np.int64)
+        return vocab
+
     @property
     def size(self) -> int:
         """Rows an embedding table needs (values + padding)."""
@@ -67,11 +74,20 @@ class Vocab:
         return np.where(hit, pos + 1, 0).astype(np.int64)
 
 
-class FeatureSpace:
-    """Vocabularies of every field, item features by item index and user features by user index."""
+#: Version of :meth:`FeatureSpace.state` (checkpoints before it hold the raw columns instead).
+SPACE_STATE_FORMAT = 2
 
-    def __init__(self, items: dict[str, np.ndarray], users: dict[str, np.ndarray], user_fields: tuple[str, ...],
-                 dataset: Any = None) -> None:
+
+class FeatureSpace:
+    """Vocabularies of every field, item features by item index and user features by user index.
+
+    Held in RAM by design, sized by the vocabularies: the sorted item ids (8 bytes an item), the item
+    features' indices (int32, 12 bytes an item), the sorted user ids (8 bytes a user), the user
+    features' indices (4 bytes a user and field) and each feature's distinct values. A checkpoint
+    saves exactly these arrays (:meth:`state`), as tensors written from their own memory.
+    """
+
+    def __init__(self, items: dict[str, np.ndarray], users: dict[str, np.ndarray], user_fields: tuple[str, ...]) -> None:
         self.user_fields = tuple(user_fields)
         self.items = Vocab(items["item_id"])
         self.vocabs: dict[str, Vocab] = {f: Vocab(items[f]) for f in ITEM_FEATURES}
@@ -87,10 +103,6 @@ class FeatureSpace:
         self.user_features = np.zeros((self.users.size, len(self.user_fields)), dtype=np.int32)
         for j, f in enumerate(self.user_fields):
             self.user_features[uorder + 1, j] = self.vocabs[f].lookup(users[f])
-        # The raw columns rebuild this space (checkpoints): re-read from ``dataset`` when built from one
-        # (:meth:`state`), not held meanwhile (40+ bytes an item); kept when there is none (a checkpoint).
-        self._dataset = dataset
-        self._raw = None if dataset is not None else (items, users)
 
     @classmethod
     def from_dataset(cls, dataset: Any) -> FeatureSpace:
@@ -98,7 +110,7 @@ class FeatureSpace:
         import pyarrow as pa
 
         items, users = _raw_columns(dataset, dataset.meta.get("user_feature_names"))
-        space = cls(items, users, tuple(c for c in users if c != "user_id"), dataset=dataset)
+        space = cls(items, users, tuple(c for c in users if c != "user_id"))
         del items, users
         pa.default_memory_pool().release_unused()  # the tables' buffers go back to the system
         return space
@@ -108,13 +120,38 @@ class FeatureSpace:
         return {"item": self.items.size, **{f: v.size for f, v in self.vocabs.items()}}
 
     def state(self) -> dict[str, Any]:
-        """Raw columns to rebuild this space (saved in checkpoints)."""
-        items, users = self._raw if self._raw is not None else _raw_columns(self._dataset, self.user_fields)
-        return {"items": items, "users": users, "user_fields": list(self.user_fields)}
+        """The built space, to rebuild it exactly (saved in checkpoints): tensors over the arrays this
+        space holds (no copy; ``torch.save`` writes them from their memory)."""
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a))
+
+        return {"format": SPACE_STATE_FORMAT, "user_fields": list(self.user_fields),
+                "item_ids": t(self.items.values), "user_ids": t(self.users.values),
+                "vocabs": {f: t(v.values) for f, v in self.vocabs.items()},
+                "item_features": t(self.item_features), "user_features": t(self.user_features)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> FeatureSpace:
-        return cls(state["items"], state["users"], tuple(state["user_fields"]))
+        """The space :meth:`state` saved (or, from an older checkpoint, the raw columns it saved)."""
+        if state.get("format") != SPACE_STATE_FORMAT:
+            return cls(state["items"], state["users"], tuple(state["user_fields"]))
+
+        def a(x: Any) -> np.ndarray:
+            return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+        space = cls.__new__(cls)
+        space.user_fields = tuple(state["user_fields"])
+        space.items = Vocab.from_sorted(a(state["item_ids"]))
+        space.users = Vocab.from_sorted(a(state["user_ids"]))
+        space.vocabs = {f: Vocab.from_sorted(a(v)) for f, v in state["vocabs"].items()}
+        space.item_features = a(state["item_features"]).astype(np.int32, copy=False)
+        space.user_features = a(state["user_features"]).astype(np.int32, copy=False)
+        missing = [f for f in (*ITEM_FEATURES, *space.user_fields) if f not in space.vocabs]
+        if missing or space.item_features.shape != (space.items.size, len(ITEM_FEATURES)) or \
+                space.user_features.shape != (space.users.size, len(space.user_fields)):
+            raise DataError(f"checkpoint's feature space is inconsistent (fields missing: {missing}, item features "
+                            f"{tuple(space.item_features.shape)}, user features {tuple(space.user_features.shape)})")
+        return space
 
 
 def _raw_columns(dataset: Any, user_fields: Any = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -315,10 +352,17 @@ def _as_tensor(vectors: np.ndarray) -> torch.Tensor:
 
 
 def _nonzero_rows(vectors: np.ndarray, rows: int = 1 << 16) -> np.ndarray:
-    """Whether each row has a non-zero value, read a block of rows at a time."""
+    """Whether each row has a non-zero value, read a block of rows at a time; a mapped table's pages
+    are dropped from this process as the pass goes (it reads every page of the table once)."""
+    from muse.ondisk import release
+
     out = np.zeros(len(vectors), dtype=bool)
+    per_release = max(rows, (64 << 20) // max(1, vectors[:1].nbytes))
     for lo in range(0, len(vectors), rows):
         out[lo:lo + rows] = np.any(np.asarray(vectors[lo:lo + rows]) != 0, axis=1)
+        if (lo + rows) % per_release < rows:
+            release(vectors)
+    release(vectors)
     return out
 
 

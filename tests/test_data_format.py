@@ -220,3 +220,19 @@ def test_cooccurrence_pairs(settings: Settings) -> None:
     assert list(iter_cooccurrence_pairs(ds, window=2, keep_users=lambda users: users < 0)) == []
     with pytest.raises(DataError, match="window must be >= 1"):
         list(iter_cooccurrence_pairs(ds, window=0))
+
+
+def test_registration_json_is_built_by_arrow_and_reads_back() -> None:
+    """The ``items.attributes`` / ``users.features`` JSON texts, built column-wise, decode to the
+    values of each row (nulls, the int64 extremes, strings that need escaping, floats)."""
+    import json
+
+    import pyarrow as pa
+
+    from muse.data.registry import _json_objects
+
+    table = pa.table({"a": pa.array([1, None, -(2**63), 2**63 - 1], pa.int64()),
+                      "b": ['say "hi"', "tab\there", None, "é"], "c": [0.5, 1e20, None, -2.0]})
+    got = [json.loads(t) for t in _json_objects(table, ["a", "b", "c"]).to_pylist()]
+    assert got == [{"a": a, "b": b, "c": c} for a, b, c in zip(*(table.column(k).to_pylist() for k in "abc"))]
+    assert _json_objects(table, []).to_pylist() == ["{}"] * 4

@@ -137,3 +137,39 @@ def test_history_windows_are_read_not_mapped(synth: Dataset) -> None:
     want_items, want_categories = in_ram.entries(pos)
     assert valid.sum() == n.sum() > 0 and (n == 0).any()
     assert np.array_equal(items, want_items) and np.array_equal(categories, want_categories)
+
+
+def test_checkpoint_space_is_the_held_arrays(synth: Dataset, tmp_path: Path) -> None:
+    """A checkpoint saves the feature space the process holds (tensors over its own arrays, no raw
+    columns read again or copied at the end of training) and gives back the same mapping; a checkpoint
+    of the older form (the raw columns) still loads to the same space."""
+    from ranker.data import FeatureSpace, _raw_columns
+
+    space = FeatureSpace.from_dataset(synth)
+    state = space.state()
+    assert "items" not in state and "users" not in state
+    assert state["item_features"].data_ptr() == space.item_features.ctypes.data  # no copy
+    assert state["item_ids"].data_ptr() == space.items.values.ctypes.data
+    torch.save({"space": state}, tmp_path / "ckpt.pt")
+    items, users = _raw_columns(synth, space.user_fields)
+    older = FeatureSpace.from_state({"items": items, "users": users, "user_fields": list(space.user_fields)})
+    for loaded in (FeatureSpace.from_state(torch.load(tmp_path / "ckpt.pt", weights_only=False)["space"]), older):
+        assert loaded.user_fields == space.user_fields and loaded.vocab_sizes() == space.vocab_sizes()
+        assert np.array_equal(loaded.item_features, space.item_features)
+        assert np.array_equal(loaded.user_features, space.user_features)
+        raw = np.concatenate([space.items.values[::7], [-5, 123456789]])
+        assert np.array_equal(loaded.items.lookup(raw), space.items.lookup(raw))
+        assert np.array_equal(loaded.users.lookup(space.users.values), np.arange(1, space.users.size))
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_vector_table_leaves_no_page_of_the_mapped_file_resident(synth: Dataset) -> None:
+    """Building the table reads every row once (which rows hold a vector): the mapped file's pages are
+    dropped as it goes, so the process does not hold the whole table after start-up (4.5 GB at 35M)."""
+    from ranker.data import VectorTable
+
+    shipped = _shipped(synth, in_ram=False)
+    space = open_builder(synth, "none", make_config("din", esu="ta"), None).space
+    table = VectorTable(space, shipped)
+    assert is_mapped(table._array) and _resident_kb(table._array) == 0
+    assert int(table.present.sum()) == int(np.any(np.asarray(shipped.vectors) != 0, axis=1).sum()) > 0
