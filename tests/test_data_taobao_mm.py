@@ -108,6 +108,12 @@ def test_decode_labels_rejects_non_one_hot() -> None:
         decode_labels(pa.array([[1, 0], [1, 1]], type=pa.list_(pa.int8())), "x")
     with pytest.raises(DataError, match="one-hot"):
         decode_labels(pa.array([[1, 0, 0]], type=pa.list_(pa.int8())), "x")
+    for bad in ([0, 0], [2, -1], [3, 0], [-1, 1], [0, 2]):  # integer pairs: every non-one-hot is refused
+        with pytest.raises(DataError, match="one-hot"):
+            decode_labels(pa.array([[0, 1], bad], type=pa.list_(pa.int64())), "x")
+    assert decode_labels(pa.array([[0.0, 1.0], [1.0, 0.0]], type=pa.list_(pa.float32())), "x").tolist() == [1, 0]
+    with pytest.raises(DataError, match="one-hot"):
+        decode_labels(pa.array([[0.5, 0.5]], type=pa.list_(pa.float32())), "x")
 
 
 def _copy_demo(dst: Path) -> Path:
@@ -335,3 +341,38 @@ def test_backfill_reads_the_shipped_int8_table(demo: Dataset) -> None:
     finally:
         bf.close_stores()
         db._engine_for.cache_clear()
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_prefix_comparison_matches_entry_by_entry(in_order: bool) -> None:
+    """The train-row vs stored-test-row prefix check (contiguous path for rows in the stored order,
+    gathered path otherwise) gives what comparing every entry one by one gives: equal prefixes, a
+    changed item, a changed category, empty lists."""
+    from muse.data.taobao_mm import prefix_equal
+
+    rng = np.random.default_rng(3 if in_order else 4)
+    n_rows = 60
+    stored_len = rng.integers(0, 30, n_rows)
+    stored_start = np.concatenate([[0], np.cumsum(stored_len)[:-1]])
+    n_entries = int(stored_len.sum())
+    item_table, cat_table = rng.permutation(10**6)[:500].astype(np.int64), rng.permutation(10**6)[:40].astype(np.int64)
+    stored_items, stored_cats = rng.integers(0, 500, n_entries), rng.integers(0, 40, n_entries)
+    test_rows = np.arange(n_rows) if in_order else rng.permutation(n_rows)
+    lengths = np.minimum(rng.integers(0, 30, n_rows), stored_len[test_rows])  # a prefix at most as long
+    row_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pieces = [stored_start[t] + np.arange(k) for t, k in zip(test_rows, lengths)]
+    flat = np.concatenate(pieces).astype(np.int64)
+    items, cats = item_table[stored_items[flat]].copy(), cat_table[stored_cats[flat]].copy()
+    for row in rng.choice(np.flatnonzero(lengths > 0), 12, replace=False):  # spoil some rows
+        at = row_start[row] + rng.integers(0, lengths[row])
+        if row % 2:
+            items[at] = -items[at] - 1
+        else:
+            cats[at] = -cats[at] - 1
+    ok = np.flatnonzero(rng.random(n_rows) < 0.8)
+    got = prefix_equal(lengths, row_start, items, cats, ok, stored_start[test_rows[ok]], stored_items, stored_cats,
+                       item_table, cat_table)
+    want = np.array([np.array_equal(items[row_start[r]:row_start[r] + lengths[r]], item_table[stored_items[p]])
+                     and np.array_equal(cats[row_start[r]:row_start[r] + lengths[r]], cat_table[stored_cats[p]])
+                     for r, p in ((r, pieces[r]) for r in ok)])
+    assert np.array_equal(got, want) and (~want).sum() >= 5 and want.sum() >= 5

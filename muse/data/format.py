@@ -36,6 +36,8 @@ KINDS = ("taobao-mm", "simworld")
 #: The splits of the impressions as the dataset stores them (one folder each under ``impressions/``).
 IMPRESSION_SPLITS = ("train", "test")
 META_FILE = "meta.json"
+#: History batches of at least this many entries map their items and categories in two threads.
+PARALLEL_LOOKUP_MIN = 1 << 16
 COMPRESSION = "zstd"
 
 ITEMS_SCHEMA = pa.schema(
@@ -134,6 +136,20 @@ def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
         raise DataError(f"{what}: columns do not match {schema}: {e}") from e
 
 
+_POOL: Any = None
+
+
+def _lookup_pool() -> Any:
+    """One worker thread for the item lookups of :meth:`DatasetWriter.append_histories` (pandas' hash
+    lookups release the GIL, so they run beside the category lookups of the calling thread)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="muse-lookup")
+    return _POOL
+
+
 class IdIndex:
     """Raw int64 ids -> int32 positions: a fixed base (``base_ids``, position = first row of the id)
     followed by ids met later, numbered in order of first appearance (``extra_ids``).
@@ -175,16 +191,22 @@ class IdIndex:
         """Positions of ``ids`` (int64), -1 where an id is not known."""
         ids = np.asarray(ids, np.int64)
         index, base_pos = self._base
-        out = index.get_indexer(ids).astype(np.int64, copy=False)
-        if base_pos is not None:
-            out = np.where(out >= 0, base_pos[out] if len(base_pos) else 0, -1)
+        out: np.ndarray | None = None
+        if self.n_base:
+            out = index.get_indexer(ids).astype(np.int64, copy=False)
+            if base_pos is not None:
+                out = np.where(out >= 0, base_pos[out] if len(base_pos) else 0, -1)
         for index, pos in self._segments:
+            if out is None:  # no base ids (the categories): the first segment answers for every id
+                hit = index.get_indexer(ids)
+                out = np.where(hit >= 0, pos[hit], -1)
+                continue
             miss = np.flatnonzero(out < 0)
             if len(miss) == 0:
                 break
             hit = index.get_indexer(ids[miss])
             out[miss[hit >= 0]] = pos[hit[hit >= 0]]
-        return out
+        return out if out is not None else np.full(len(ids), -1, np.int64)
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Positions of ``ids`` as int32; ids not known yet become extras (first appearance first)."""
@@ -415,8 +437,13 @@ class DatasetWriter:
     def append_histories(self, user_ids: np.ndarray, lengths: np.ndarray, item_ids: np.ndarray,
                          categories: np.ndarray, times: np.ndarray | None = None) -> None:
         """Append users' histories given as flat arrays (``lengths`` entries per user, oldest first)."""
-        entries = {"items": self.item_index().positions(item_ids),
-                   "categories": self.category_index().positions(categories)}
+        items, cats = self.item_index(), self.category_index()
+        if len(item_ids) >= PARALLEL_LOOKUP_MIN:  # two hash lookups that release the GIL: side by side
+            pending = _lookup_pool().submit(items.positions, item_ids)
+            cat_positions = cats.positions(categories)
+            entries = {"items": pending.result(), "categories": cat_positions}
+        else:
+            entries = {"items": items.positions(item_ids), "categories": cats.positions(categories)}
         if self.history_times:
             if times is None:
                 raise DataError("this dataset stores history times: give them")

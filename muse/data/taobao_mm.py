@@ -28,9 +28,11 @@ history times are the positions and an impression's ``time`` is its ``hist_len``
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,7 +111,11 @@ def decode_labels(labels: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
             f"{where}: label_0 row {bad} is {labels[bad].as_py()!r}, expected a one-hot pair [0,1]/[1,0]"
         )
     pairs = labels.flatten().to_numpy().reshape(-1, 2)
-    valid = ((pairs == 0) | (pairs == 1)).all(axis=1) & (pairs.sum(axis=1) == 1)
+    if pairs.dtype.kind in "iu":  # [0, 1] or [1, 0]: both bits in {0, 1}, exactly one set
+        a, b = pairs[:, 0], pairs[:, 1]
+        valid = ((a | b) == 1) & ((a & b) == 0)
+    else:
+        valid = ((pairs == 0) | (pairs == 1)).all(axis=1) & (pairs.sum(axis=1) == 1)
     if not valid.all():
         bad = int(np.flatnonzero(~valid)[0])
         raise DataError(f"{where}: label_0 row {bad} is {pairs[bad].tolist()}, expected a one-hot pair")
@@ -207,6 +213,46 @@ def _fresh_ids(taken: np.ndarray, n: int, seed: int) -> np.ndarray:
         cand = cand[(cand != 0) & ~lookup_sorted(taken, cand)[1]]
         out = np.unique(np.concatenate([out, cand]))
     return rng.permutation(out)[:n]
+
+
+def prefix_equal(lengths: np.ndarray, row_start: np.ndarray, items: np.ndarray, cats: np.ndarray, ok: np.ndarray,
+                 starts: np.ndarray, stored_items: np.ndarray, stored_cats: np.ndarray, item_table: np.ndarray,
+                 cat_table: np.ndarray) -> np.ndarray:
+    """Whether each batch row ``ok[j]`` (flat ``items``/``cats`` from ``row_start``, ``lengths`` entries)
+    equals, as raw ids, the first ``lengths[ok[j]]`` stored entries from ``starts[j]`` (positions
+    through ``item_table``/``cat_table``); bool ``[len(ok)]``.
+
+    The usual case, rows in the order of the stored rows (the same order in both user files), reads
+    one contiguous stretch of the stored entries and masks out the tails; otherwise every entry is
+    gathered by index (the reference).
+    """
+    n = lengths[ok]
+    good = np.ones(len(ok), bool)
+    nz = np.flatnonzero(n > 0)  # an empty list is everyone's prefix
+    if len(nz) == 0:
+        return good
+    s, m = starts[nz], n[nz]
+    if len(nz) == 1 or bool(np.all(s[1:] >= s[:-1] + m[:-1])):
+        lo, hi = int(s[0]), int(s[-1] + m[-1])
+        edges = np.zeros(hi - lo + 1, np.int8)
+        edges[s - lo] = 1
+        ends = np.zeros(hi - lo + 1, np.int8)
+        ends[s - lo + m] = 1  # distinct: the runs are in order and do not overlap
+        inside = np.cumsum(edges[:-1] - ends[:-1], dtype=np.int64) > 0
+        stored_i = np.asarray(stored_items[lo:hi])[inside]
+        stored_c = np.asarray(stored_cats[lo:hi])[inside]
+        take = np.zeros(len(lengths), bool)
+        take[ok[nz]] = True
+        flat = np.repeat(take, lengths)
+        equal = (item_table[stored_i] == items[flat]) & (cat_table[stored_c] == cats[flat])
+        good[nz] = np.logical_and.reduceat(equal, np.cumsum(m) - m)
+        return good
+    rel = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+    src = np.repeat(row_start[ok[nz]], m) + rel
+    dst = np.repeat(s, m) + rel
+    equal = (item_table[stored_items[dst]] == items[src]) & (cat_table[stored_cats[dst]] == cats[src])
+    good[nz[np.unique(np.repeat(np.arange(len(nz)), m)[~equal])]] = False
+    return good
 
 
 class _Rows:
@@ -414,17 +460,11 @@ class _Import:
             del users
             ok = cand[fits]
             if len(ok):  # compare the train lists with the test rows' prefixes, entry by entry, as raw ids
-                n = lengths[ok]
-                rel = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-                src = np.repeat(row_start[ok], n) + rel
-                dst = np.repeat(starts[fits], n) + rel
                 item_table, cat_table = self._id_tables()
                 stored_items, stored_cats = csr.entries["items"].view(), csr.entries["categories"].view()
-                equal = (item_table[stored_items[dst]] == items[src]) & (cat_table[stored_cats[dst]] == cats[src])
+                same[ok[prefix_equal(lengths, row_start, items, cats, ok, starts[fits], stored_items, stored_cats,
+                                     item_table, cat_table)]] = True
                 del stored_items, stored_cats
-                good = np.ones(len(ok), bool)
-                good[np.unique(np.repeat(np.arange(len(ok)), n)[~equal])] = False
-                same[ok[good]] = True
         # merged: the train row is the test row's prefix (or equal): no row of its own
         merged = np.flatnonzero(same)
         if len(merged):
@@ -484,11 +524,14 @@ class _Import:
         uid = batch.column(USER).to_numpy().astype(np.int64)
         iid = batch.column(ITEM).to_numpy().astype(np.int64)
         found, row, hist_len = own.lookup(uid)
-        found2, row2, hist_len2 = other.lookup(uid)
-        fallback = ~found & found2
-        row = np.where(found, row, row2)
-        hist_len = np.where(found, hist_len, np.where(fallback, hist_len2, 0))
-        absent = ~found & ~found2
+        fallback = np.zeros(len(uid), bool)
+        miss = np.flatnonzero(~found)
+        if len(miss):  # the other split's row, looked up only for those without one of their own
+            found2, row2, hist_len2 = other.lookup(uid[miss])
+            fallback[miss] = found2
+            row[miss] = np.where(found2, row2, 0)
+            hist_len[miss] = np.where(found2, hist_len2, 0)
+        absent = ~found & ~fallback
         user = np.where(absent, uid, self.row_user[np.where(absent, 0, row)])
         if absent.any():  # sample users without a feature row: an empty history of their own
             before = self.missing.n_extra
@@ -685,8 +728,14 @@ def import_taobao_mm(
     job = _Import(settings, raw_dir, name, files, progress)
     if fresh:
         job.journal = None
+    loading = None
+    if register:  # the metadata layer (SQLAlchemy, the models) loads while the files are read
+        loading = threading.Thread(target=importlib.import_module, args=("muse.data.registry",),
+                                   name="muse-import-registry", daemon=True)
+        loading.start()
     dataset = job.run()
     if register:
+        loading.join()
         from muse.data.registry import register_if_ready
 
         register_if_ready(settings, dataset)
