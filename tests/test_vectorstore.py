@@ -55,6 +55,11 @@ def test_items_read_your_writes_and_idempotent_upsert(store: VectorStore):
     found, got = store.get_item_vectors(REF, [11, 3, 12345])
     assert found.tolist() == [11, 3]
     np.testing.assert_allclose(got, l2_normalise(vecs[[3, 4]]), atol=1e-6)
+    found, got = store.get_item_vectors(REF, [12345, 2**62, 11, 2**62, -9])  # asked order, repeats kept
+    assert found.tolist() == [2**62, 11, 2**62, -9] and got.dtype == np.float32
+    np.testing.assert_allclose(got, l2_normalise(vecs[[2, 3, 2, 1]]), atol=1e-6)
+    found, got = store.get_item_vectors(REF, [])
+    assert found.shape == (0,) and got.shape == (0, DIM)
 
 
 def test_search_items_gives_each_vectors_nearest_items(store: VectorStore):
