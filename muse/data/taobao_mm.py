@@ -728,14 +728,15 @@ def import_taobao_mm(
     job = _Import(settings, raw_dir, name, files, progress)
     if fresh:
         job.journal = None
-    loading = None
-    if register:  # the metadata layer (SQLAlchemy, the models) loads while the files are read
-        loading = threading.Thread(target=importlib.import_module, args=("muse.data.registry",),
-                                   name="muse-import-registry", daemon=True)
-        loading.start()
+    # the libraries needed later (pandas for the id indexes, SQLAlchemy and the models to register)
+    # load while the item table is read and written
+    modules = ["pandas", *(["muse.data.registry"] if register else [])]
+    loading = threading.Thread(target=lambda: [importlib.import_module(m) for m in modules],
+                               name="muse-import-modules", daemon=True)
+    loading.start()
     dataset = job.run()
+    loading.join()
     if register:
-        loading.join()
         from muse.data.registry import register_if_ready
 
         register_if_ready(settings, dataset)
