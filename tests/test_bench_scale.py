@@ -169,3 +169,16 @@ def test_fits_and_goals():
     text = scale.render({"results": [vars(x) for x in results], "fits": fitted, "budget_gb": 16,
                          "fractions": [0.001, 0.01], "goals": scale.goals(results, fitted, 16), "total_s": 5})
     assert "EXCEEDS 16 GB" in text and "no growth measured" in text
+
+
+def test_train_stage_uses_the_full_sets_gradient_regime() -> None:
+    """The train stage gives a fraction's item table sparse gradients as the full set's 35M-row table
+    has them by default (below 1M rows the model would use dense Adam), and no more than that."""
+    from bench.scale import full_set_regime
+    from ranker.layers.embeddings import FeatureEmbeddings
+    from ranker.models.config import ModelConfig
+
+    assert full_set_regime(35_000) == 35_001 and full_set_regime(3_500_000) == ModelConfig.sparse_min_rows
+    tables = FeatureEmbeddings({"item": 35_001, "category": 7_001, "feat_a": 501, "feat_b": 36}, (),
+                               sparse_min_rows=full_set_regime(35_000)).tables
+    assert [n for n, t in tables.items() if t.sparse] == ["item"]
