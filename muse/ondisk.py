@@ -354,3 +354,27 @@ def release(array: np.ndarray) -> None:
             base.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):
             pass
+
+
+class PageBudget:
+    """Counts the bytes a long pass reads through memory-mapped ``arrays``; once ``budget`` bytes have
+    been read their pages are dropped from this process (:func:`release`), so the pass keeps a
+    bounded resident size whatever the files' size. A no-op for arrays in RAM."""
+
+    def __init__(self, *arrays: np.ndarray, budget: int) -> None:
+        self.arrays = arrays
+        self.budget = budget
+        self._read = 0
+
+    def read(self, n_bytes: int) -> None:
+        """Count ``n_bytes`` read; past the budget the pages are released."""
+        self._read += n_bytes
+        if self._read >= self.budget:
+            self.release()
+
+    def release(self) -> None:
+        """Release the pages now (and start counting again)."""
+        for array in self.arrays:
+            release(array)
+        self._read = 0
+

@@ -21,7 +21,7 @@ import torch
 from muse.ahead import ahead
 from muse.arrays import lookup_sorted
 from muse.errors import ConfigurationError, DataError, NotFoundError
-from muse.ondisk import read_runs
+from muse.ondisk import PageBudget, read_runs
 from ranker.layers.rows import chunked, row_chunks
 from retriever.kernels import TopK, gsu_topk, l2_normalise
 
@@ -87,22 +87,38 @@ class FeatureSpace:
     saves exactly these arrays (:meth:`state`), as tensors written from their own memory.
     """
 
-    def __init__(self, items: dict[str, np.ndarray], users: dict[str, np.ndarray], user_fields: tuple[str, ...]) -> None:
+    def __init__(self, user_fields: tuple[str, ...], items: Vocab, users: Vocab, vocabs: dict[str, Vocab],
+                 item_features: np.ndarray, user_features: np.ndarray) -> None:
         self.user_fields = tuple(user_fields)
-        self.items = Vocab(items["item_id"])
-        self.vocabs: dict[str, Vocab] = {f: Vocab(items[f]) for f in ITEM_FEATURES}
-        self.vocabs.update({f: Vocab(users[f]) for f in self.user_fields})
-        # item index -> feature indices [n_items + 1, 3] (row 0: padding)
-        order = np.searchsorted(self.items.values, np.asarray(items["item_id"], dtype=np.int64))
+        self.items = items
+        self.users = users
+        self.vocabs = vocabs
+        self.item_features = item_features  # int32 [n_items + 1, 3]: item index -> feature indices (row 0: padding)
+        self.user_features = user_features  # int32 [n_users + 1, n user fields]
+        missing = [f for f in (*ITEM_FEATURES, *self.user_fields) if f not in vocabs]
+        if missing or item_features.shape != (items.size, len(ITEM_FEATURES)) or \
+                user_features.shape != (users.size, len(self.user_fields)):
+            raise DataError(f"feature space is inconsistent (fields missing: {missing}, item features "
+                            f"{tuple(item_features.shape)}, user features {tuple(user_features.shape)})")
+
+    @classmethod
+    def from_columns(cls, items: dict[str, np.ndarray], users: dict[str, np.ndarray],
+                     user_fields: tuple[str, ...]) -> FeatureSpace:
+        """Build from raw columns: ``item_id`` and :data:`ITEM_FEATURES`; ``user_id`` and ``user_fields``."""
+        item_vocab = Vocab(items["item_id"])
+        vocabs: dict[str, Vocab] = {f: Vocab(items[f]) for f in ITEM_FEATURES}
+        vocabs.update({f: Vocab(users[f]) for f in user_fields})
+        order = np.searchsorted(item_vocab.values, np.asarray(items["item_id"], dtype=np.int64))
         # int32 indices (vocabularies stay far below 2**31): 12 bytes an item, 4 a user field
-        self.item_features = np.zeros((self.items.size, len(ITEM_FEATURES)), dtype=np.int32)
+        item_features = np.zeros((item_vocab.size, len(ITEM_FEATURES)), dtype=np.int32)
         for j, f in enumerate(ITEM_FEATURES):
-            self.item_features[order + 1, j] = self.vocabs[f].lookup(items[f])
-        self.users = Vocab(users["user_id"])
-        uorder = np.searchsorted(self.users.values, np.asarray(users["user_id"], dtype=np.int64))
-        self.user_features = np.zeros((self.users.size, len(self.user_fields)), dtype=np.int32)
-        for j, f in enumerate(self.user_fields):
-            self.user_features[uorder + 1, j] = self.vocabs[f].lookup(users[f])
+            item_features[order + 1, j] = vocabs[f].lookup(items[f])
+        user_vocab = Vocab(users["user_id"])
+        uorder = np.searchsorted(user_vocab.values, np.asarray(users["user_id"], dtype=np.int64))
+        user_features = np.zeros((user_vocab.size, len(user_fields)), dtype=np.int32)
+        for j, f in enumerate(user_fields):
+            user_features[uorder + 1, j] = vocabs[f].lookup(users[f])
+        return cls(user_fields, item_vocab, user_vocab, vocabs, item_features, user_features)
 
     @classmethod
     def from_dataset(cls, dataset: Any) -> FeatureSpace:
@@ -110,7 +126,7 @@ class FeatureSpace:
         import pyarrow as pa
 
         items, users = _raw_columns(dataset, dataset.meta.get("user_feature_names"))
-        space = cls(items, users, tuple(c for c in users if c != "user_id"))
+        space = cls.from_columns(items, users, tuple(c for c in users if c != "user_id"))
         del items, users
         pa.default_memory_pool().release_unused()  # the tables' buffers go back to the system
         return space
@@ -132,26 +148,22 @@ class FeatureSpace:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> FeatureSpace:
-        """The space :meth:`state` saved (or, from an older checkpoint, the raw columns it saved)."""
+        """The space :meth:`state` saved (or, from an older checkpoint, the raw columns it saved).
+
+        Raises:
+            DataError: the saved arrays do not fit together.
+        """
+        user_fields = tuple(state["user_fields"])
         if state.get("format") != SPACE_STATE_FORMAT:
-            return cls(state["items"], state["users"], tuple(state["user_fields"]))
+            return cls.from_columns(state["items"], state["users"], user_fields)
 
         def a(x: Any) -> np.ndarray:
             return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
-        space = cls.__new__(cls)
-        space.user_fields = tuple(state["user_fields"])
-        space.items = Vocab.from_sorted(a(state["item_ids"]))
-        space.users = Vocab.from_sorted(a(state["user_ids"]))
-        space.vocabs = {f: Vocab.from_sorted(a(v)) for f, v in state["vocabs"].items()}
-        space.item_features = a(state["item_features"]).astype(np.int32, copy=False)
-        space.user_features = a(state["user_features"]).astype(np.int32, copy=False)
-        missing = [f for f in (*ITEM_FEATURES, *space.user_fields) if f not in space.vocabs]
-        if missing or space.item_features.shape != (space.items.size, len(ITEM_FEATURES)) or \
-                space.user_features.shape != (space.users.size, len(space.user_fields)):
-            raise DataError(f"checkpoint's feature space is inconsistent (fields missing: {missing}, item features "
-                            f"{tuple(space.item_features.shape)}, user features {tuple(space.user_features.shape)})")
-        return space
+        return cls(user_fields, Vocab.from_sorted(a(state["item_ids"])), Vocab.from_sorted(a(state["user_ids"])),
+                   {f: Vocab.from_sorted(a(v)) for f, v in state["vocabs"].items()},
+                   a(state["item_features"]).astype(np.int32, copy=False),
+                   a(state["user_features"]).astype(np.int32, copy=False))
 
 
 def _raw_columns(dataset: Any, user_fields: Any = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -190,8 +202,7 @@ class HistoryStore:
         self.category_positions = csr.entries("categories")  # int32 [n_behaviours], memory-mapped
         self.item_map = item_map  # int32 [n item positions]: item position -> item index (0 unknown)
         self.category_map = category_map  # int64 [n category positions] -> category index
-        self.release_bytes = release_bytes
-        self._read = 0
+        self._pages = PageBudget(self.item_positions, self.category_positions, budget=release_bytes)
         # What padded window slots hold: the first entry's indices, as indexing position 0 always gave
         # (the mask hides them). Read once, by position: touching the mapping would map pages.
         self._pad = (0, 0)
@@ -243,13 +254,7 @@ class HistoryStore:
 
     def touch(self, n_bytes: int) -> None:
         """Count ``n_bytes`` read; past ``release_bytes`` the mapped pages are released."""
-        self._read += n_bytes
-        if self._read >= self.release_bytes:
-            from muse.ondisk import release
-
-            release(self.item_positions)
-            release(self.category_positions)
-            self._read = 0
+        self._pages.read(n_bytes)
 
 
 class VectorTable:
@@ -272,6 +277,7 @@ class VectorTable:
         self.scale = getattr(source, "scale", None)
         self.normalised = bool(getattr(source, "normalised", False)) and self.scale is None
         self._array = vectors  # kept: its mapped pages are released as the table is read
+        self._pages = PageBudget(vectors, budget=128 << 20)
         self.raw = _as_tensor(vectors)  # [n, d] storage dtype
         idx = space.items.lookup(source.item_ids)
         keep = idx > 0
@@ -281,7 +287,6 @@ class VectorTable:
         self.present = torch.zeros(space.items.size, dtype=torch.bool)  # [n_items + 1]
         self.present[torch.from_numpy(idx[keep])] = torch.from_numpy(present[keep])
         self._scratch = threading.local()
-        self._read = 0
         log.info("vector table: %d of %d items have a %d-d %s vector", int(self.present.sum()), len(idx), self.dim,
                  vectors.dtype)
 
@@ -294,7 +299,7 @@ class VectorTable:
         than the gather itself.
         """
         flat = self.rows.index_select(0, idx.reshape(-1))
-        self._touch(flat.numel() * self.raw.shape[1] * self.raw.element_size())
+        self._pages.read(flat.numel() * self.raw.shape[1] * self.raw.element_size())
         if self.normalised and self.raw.dtype == torch.float32:
             if not scratch:
                 return self.raw.index_select(0, flat).view(*idx.shape, self.dim)
@@ -314,14 +319,6 @@ class VectorTable:
         """``table.vectors[idx]``: the unit vectors of item indices ``idx`` (int, slice, array or tensor),
         read on demand (never the whole table)."""
         return _UnitRows(self)
-
-    def _touch(self, n_bytes: int) -> None:
-        self._read += n_bytes
-        if self._read >= 128 << 20:
-            from muse.ondisk import release
-
-            release(self._array)
-            self._read = 0
 
 
 class _UnitRows:
@@ -354,15 +351,13 @@ def _as_tensor(vectors: np.ndarray) -> torch.Tensor:
 def _nonzero_rows(vectors: np.ndarray, rows: int = 1 << 16) -> np.ndarray:
     """Whether each row has a non-zero value, read a block of rows at a time; a mapped table's pages
     are dropped from this process as the pass goes (it reads every page of the table once)."""
-    from muse.ondisk import release
-
     out = np.zeros(len(vectors), dtype=bool)
-    per_release = max(rows, (64 << 20) // max(1, vectors[:1].nbytes))
+    pages = PageBudget(vectors, budget=64 << 20)
     for lo in range(0, len(vectors), rows):
-        out[lo:lo + rows] = np.any(np.asarray(vectors[lo:lo + rows]) != 0, axis=1)
-        if (lo + rows) % per_release < rows:
-            release(vectors)
-    release(vectors)
+        block = np.asarray(vectors[lo:lo + rows])
+        out[lo:lo + rows] = np.any(block != 0, axis=1)
+        pages.read(block.nbytes)
+    pages.release()
     return out
 
 

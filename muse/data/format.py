@@ -139,10 +139,9 @@ def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
 _POOL: Any = None
 
 
-def side_thread() -> Any:
-    """One worker thread (a ``ThreadPoolExecutor``) for the half of an import's per-entry work that
-    runs beside the calling thread: pandas' hash lookups and numpy's gathers release the GIL (e.g.
-    the item lookups of :meth:`DatasetWriter.append_histories` beside its category lookups)."""
+def _lookup_pool() -> Any:
+    """One worker thread for the item lookups of :meth:`DatasetWriter.append_histories` (pandas' hash
+    lookups release the GIL, so they run beside the category lookups of the calling thread)."""
     global _POOL
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
@@ -440,7 +439,7 @@ class DatasetWriter:
         """Append users' histories given as flat arrays (``lengths`` entries per user, oldest first)."""
         items, cats = self.item_index(), self.category_index()
         if len(item_ids) >= PARALLEL_LOOKUP_MIN:  # two hash lookups that release the GIL: side by side
-            pending = side_thread().submit(items.positions, item_ids)
+            pending = _lookup_pool().submit(items.positions, item_ids)
             cat_positions = cats.positions(categories)
             entries = {"items": pending.result(), "categories": cat_positions}
         else:

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import delete, insert, inspect, select
+from sqlalchemy import JSON, delete, insert, inspect, select
 
 from muse import models
 from muse.data.format import Dataset, datasets_root
@@ -71,7 +71,7 @@ def _json_objects(table: pa.Table, keys: list[str]) -> pa.Array:
     return pc.binary_join_element_wise(*parts, "}", "")
 
 
-def _item_rows(dataset: Dataset, dataset_id: int) -> tuple[tuple[list[str], list[tuple[Any, ...]]], set[str]]:
+def _item_rows(dataset: Dataset, dataset_id: int) -> tuple[list[str], list[tuple[Any, ...]]]:
     items = dataset.items()
     locations = _image_locations(dataset) if dataset.meta.get("has_images") else {}
     ids = items.column("item_id").to_pylist()
@@ -79,19 +79,19 @@ def _item_rows(dataset: Dataset, dataset_id: int) -> tuple[tuple[list[str], list
         "item_id": ids,
         "category": items.column("category").to_pylist(),
         "attributes": _json_objects(items, ["feat_a", "feat_b"]).to_pylist(),
-        "title": items.column("title").to_pylist() if "title" in items.column_names else [None] * len(ids),
+        "title": items.column("title").to_pylist(),
         "image_location": [locations.get(i) for i in ids] if locations else [None] * len(ids),
     }
-    return _rows(dataset_id, columns), {"attributes"}
+    return _rows(dataset_id, columns)
 
 
-def _user_rows(dataset: Dataset, dataset_id: int) -> tuple[tuple[list[str], list[tuple[Any, ...]]], set[str]]:
+def _user_rows(dataset: Dataset, dataset_id: int) -> tuple[list[str], list[tuple[Any, ...]]]:
     users = dataset.users()
     columns = {
         "user_id": users.column("user_id").to_pylist(),
         "features": _json_objects(users, [c for c in users.column_names if c != "user_id"]).to_pylist(),
     }
-    return _rows(dataset_id, columns), {"features"}
+    return _rows(dataset_id, columns)
 
 
 def _rows(dataset_id: int, columns: dict[str, list[Any]]) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -99,8 +99,8 @@ def _rows(dataset_id: int, columns: dict[str, list[Any]]) -> tuple[list[str], li
     return ["dataset_id", *columns], list(zip([dataset_id] * n, *columns.values()))
 
 
-def _insert_rows(conn: Any, table: Any, names: list[str], rows: list[tuple[Any, ...]], json_columns: set[str]) -> None:
-    """Insert ``rows`` (tuples in the order of ``names``; the ``json_columns`` as JSON text) into
+def _insert_rows(conn: Any, table: Any, names: list[str], rows: list[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` (tuples in the order of ``names``; the table's JSON columns as JSON text) into
     ``table`` in chunks: the driver's bulk path on SQLite (executemany) and PostgreSQL with psycopg2
     (multi-row VALUES); elsewhere SQLAlchemy Core with the JSON decoded again."""
     dialect, driver = conn.dialect.name, conn.dialect.driver
@@ -115,7 +115,7 @@ def _insert_rows(conn: Any, table: Any, names: list[str], rows: list[tuple[Any, 
             with conn.connection.dbapi_connection.cursor() as cur:
                 execute_values(cur, f"INSERT INTO {table.name} ({cols}) VALUES %s", chunk, page_size=INSERT_CHUNK)
         else:
-            decode = [json.loads if n in json_columns else None for n in names]
+            decode = [json.loads if isinstance(table.c[n].type, JSON) else None for n in names]
             conn.execute(insert(table), [{n: (f(v) if f else v) for n, f, v in zip(names, decode, r)} for r in chunk])
 
 
@@ -160,8 +160,8 @@ def register_dataset(settings: Settings, dataset: Dataset, stats: dict[str, Any]
                 continue
             # the driver's bulk insert on the session's connection: the ORM's (or Core's) per-row
             # bookkeeping would cost more than the rows themselves (about 20 us a row)
-            (names, rows), json_columns = rows_fn(dataset, dataset_id)
-            _insert_rows(session.connection(), table.__table__, names, rows, json_columns)
+            names, rows = rows_fn(dataset, dataset_id)
+            _insert_rows(session.connection(), table.__table__, names, rows)
     log.info(
         "dataset %s registered with id %d (%d items, %d users)", dataset.name, dataset_id, n_items, n_users
     )

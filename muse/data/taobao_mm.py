@@ -28,11 +28,9 @@ history times are the positions and an impression's ``time`` is its ``hist_len``
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -239,19 +237,18 @@ def prefix_equal(lengths: np.ndarray, row_start: np.ndarray, items: np.ndarray, 
         ends = np.zeros(hi - lo + 1, np.int8)
         ends[s - lo + m] = 1  # distinct: the runs are in order and do not overlap
         inside = np.cumsum(edges[:-1] - ends[:-1], dtype=np.int64) > 0
-        stored_i = np.asarray(stored_items[lo:hi])[inside]
-        stored_c = np.asarray(stored_cats[lo:hi])[inside]
+        stored_i, stored_c = np.asarray(stored_items[lo:hi])[inside], np.asarray(stored_cats[lo:hi])[inside]
         take = np.zeros(len(lengths), bool)
         take[ok[nz]] = True
-        flat = np.repeat(take, lengths)
-        equal = (item_table[stored_i] == items[flat]) & (cat_table[stored_c] == cats[flat])
-        good[nz] = np.logical_and.reduceat(equal, np.cumsum(m) - m)
-        return good
-    rel = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
-    src = np.repeat(row_start[ok[nz]], m) + rel
-    dst = np.repeat(s, m) + rel
-    equal = (item_table[stored_items[dst]] == items[src]) & (cat_table[stored_cats[dst]] == cats[src])
-    good[nz[np.unique(np.repeat(np.arange(len(nz)), m)[~equal])]] = False
+        src: np.ndarray = np.repeat(take, lengths)  # a mask of the batch's entries, in the same order
+    else:
+        rel = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+        src = np.repeat(row_start[ok[nz]], m) + rel
+        dst = np.repeat(s, m) + rel
+        stored_i, stored_c = stored_items[dst], stored_cats[dst]
+    # entries come row after row (the rows of nz, m entries each) on both sides
+    equal = (item_table[stored_i] == items[src]) & (cat_table[stored_c] == cats[src])
+    good[nz] = np.logical_and.reduceat(equal, np.cumsum(m) - m)
     return good
 
 
@@ -728,14 +725,7 @@ def import_taobao_mm(
     job = _Import(settings, raw_dir, name, files, progress)
     if fresh:
         job.journal = None
-    # the libraries needed later (pandas for the id indexes, SQLAlchemy and the models to register)
-    # load while the item table is read and written
-    modules = ["pandas", *(["muse.data.registry"] if register else [])]
-    loading = threading.Thread(target=lambda: [importlib.import_module(m) for m in modules],
-                               name="muse-import-modules", daemon=True)
-    loading.start()
     dataset = job.run()
-    loading.join()
     if register:
         from muse.data.registry import register_if_ready
 
