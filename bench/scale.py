@@ -9,7 +9,10 @@ public command line with ``MUSE_DATA_DIR`` etc. set for that fraction:
 ======== ==================================================================================
 scan     a bare pyarrow scan of the raw files (``iter_batches`` over every file): the baseline
          the import is held against (goal: import <= 3x the scan)
-import   ``muse data taobao-mm RAW``
+import   ``muse data taobao-mm RAW``, registering the dataset as the full set does: with no row per
+         item or user in the database (``MUSE_REGISTER_MAX_ROWS=0``: the full set's 35M items and 9M
+         users are above the default 200,000; below it a fraction would insert up to 200,000 rows a
+         table, 0.25-0.8 s at the default fractions, a cost the full set does not have)
 train    ``muse rank train --model muse --source scl-taobao --max-train N``: the ranker's data
          set-up plus a fixed number of training steps (``--train-samples``, default 100 steps of
          256); throughput = the training loop's samples/s as the run reports it. It trains as the
@@ -75,7 +78,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.scale_raw import FULL_ITEMS, RawSpec, existing_raw, scan_raw
+from bench.scale_raw import FULL_ITEMS, FULL_USERS, RawSpec, existing_raw, scan_raw
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("scan", "import", "train", "eval", "backfill", "serve", "prefetch")
@@ -365,10 +368,21 @@ def muse_env(data_dir: Path, opts: Options, milvus_uri: str | None, prefix: str)
     settings (embedded metadata and broker under its data folder)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUSE_") or k == "MUSE_MILVUS_TOKEN"}
     env.update(MUSE_DATA_DIR=str(data_dir), MUSE_DEVICE=opts.device, MUSE_SEQUENCE_URL=opts.sequence_url,
-               MUSE_MILVUS_PREFIX=prefix, PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+               MUSE_MILVUS_PREFIX=prefix, MUSE_REGISTER_MAX_ROWS=str(full_set_rows_registered()), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     if milvus_uri:
         env["MUSE_MILVUS_URI"] = milvus_uri
     return env
+
+
+def full_set_rows_registered() -> int:
+    """The ``MUSE_REGISTER_MAX_ROWS`` under which a fraction's import registers metadata as the full
+    set's does: the full set's 35M items and 9M users are each above the default (200,000), so it
+    registers no row per item or user; a fraction below the default would insert up to 200,000 rows
+    a table, a cost on the line (0.25-0.8 s at f <= 0.01) that the full set does not have."""
+    from muse.settings import Settings
+
+    default = Settings.register_max_rows
+    return 0 if min(FULL_ITEMS, FULL_USERS) > default else default
 
 
 def full_set_regime(n_items: int) -> int:

@@ -54,6 +54,7 @@ ENV_VARS: dict[str, str] = {
     "MUSE_QUEUE_PREFIX": "queue_prefix",
     "MUSE_BULK_URL": "bulk_url",
     "MUSE_BULK_MIN_ROWS": "bulk_min_rows",
+    "MUSE_REGISTER_MAX_ROWS": "register_max_rows",
     "MUSE_BULK_S3_ENDPOINT": "bulk_s3_endpoint",
     "MUSE_BULK_S3_ACCESS_KEY": "bulk_s3_access_key",
     "MUSE_BULK_S3_SECRET_KEY": "bulk_s3_secret_key",
@@ -70,6 +71,7 @@ NUMERIC_FIELDS: dict[str, type] = {
     "backfill_backoff_s": float,
     "backfill_outage_s": float,
     "bulk_min_rows": int,
+    "register_max_rows": int,
 }
 
 
@@ -112,6 +114,9 @@ class Settings:
     # the MinIO/S3 bucket the Milvus server itself stores its data in.
     bulk_url: str = ""
     bulk_min_rows: int = 2_000_000  # `muse backfill` imports behaviours in bulk from this many on (server Milvus)
+    # a dataset's items (users) get one metadata row each up to this many; above, the dataset's
+    # files stay the only record of them (the open Taobao-MM: 35M items, 9M users)
+    register_max_rows: int = 200_000
     bulk_s3_endpoint: str = ""  # host:port of MinIO/S3 for s3:// (http://... or https://...; bare = http)
     bulk_s3_access_key: str = ""
     bulk_s3_secret_key: str = ""

@@ -53,22 +53,25 @@ def _summary(ds) -> str:  # noqa: ANN001
     )
 
 
+_REGISTERED = {True: "registered in the database", False: "not registered: run `muse db upgrade` first"}
+
+
 def _registered_note(settings) -> str:  # noqa: ANN001
     from muse.data.registry import database_ready
 
-    return (
-        "registered in the database"
-        if database_ready(settings)
-        else "not registered: run `muse db upgrade` first"
-    )
+    return _REGISTERED[database_ready(settings)]
 
 
 def _taobao_mm(args: argparse.Namespace) -> int:
+    from muse.data.registrar import BackgroundRegistration
     from muse.data.taobao_mm import import_taobao_mm
 
     settings = _settings()
     started = time.perf_counter()
-    ds = import_taobao_mm(settings, args.path, name=args.name, progress=True, fresh=args.fresh)
+    # the metadata layer loads and connects in a process of its own while the files are read
+    with BackgroundRegistration(settings) as registration:
+        ds = import_taobao_mm(settings, args.path, name=args.name, register=False, progress=True, fresh=args.fresh)
+        registered = registration.finish(ds) is not None
     print(_summary(ds) + f" in {time.perf_counter() - started:.1f}s")
     m = ds.meta
     print(
@@ -77,7 +80,7 @@ def _taobao_mm(args: argparse.Namespace) -> int:
         f"{m['n_impression_items_without_features']:,} impressions on items without item features, "
         f"{m.get('embeddings', {}).get('scl-taobao', {}).get('n_items', 0):,} scl-taobao vectors"
     )
-    print(f"  {_registered_note(settings)}")
+    print(f"  {_REGISTERED[registered]}")
     return 0
 
 

@@ -179,6 +179,26 @@ def test_register_postgres(settings: Settings, postgres_url: str) -> None:
     _check_registration(pg)
 
 
+def test_register_max_rows_bounds_the_per_row_metadata(settings: Settings) -> None:
+    """MUSE_REGISTER_MAX_ROWS: a dataset with more items (users) than it gets no row per item (user),
+    and its stats say so; the dataset row itself is registered either way."""
+    from muse import db
+
+    db.upgrade(settings)
+    ds = _write(settings)
+    few = load_settings(env={"MUSE_REGISTER_MAX_ROWS": "5"}, data_dir=settings.data_dir, device="cpu")
+    dataset_id = register_dataset(few, ds)  # 4 items <= 5 < 23 users
+    assert (_count(few, models.Item, dataset_id), _count(few, models.User, dataset_id)) == (4, 0)
+    none = load_settings(env={"MUSE_REGISTER_MAX_ROWS": "0"}, data_dir=settings.data_dir, device="cpu")
+    assert register_dataset(none, ds) == dataset_id
+    assert (_count(none, models.Item, dataset_id), _count(none, models.User, dataset_id)) == (0, 0)
+    from muse.db import session_scope
+
+    with session_scope(none) as s:
+        stats = s.get(models.Dataset, dataset_id).stats
+    assert (stats["n_items"], stats["items_registered"], stats["users_registered"]) == (4, False, False)
+
+
 def test_list_without_database(settings: Settings, tmp_path: Path) -> None:
     assert list_datasets(settings) == []
     _write(settings)

@@ -11,6 +11,7 @@ of item and category positions), ``impressions/<split>/`` (columns) and ``embedd
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -137,6 +138,46 @@ def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
 
 
 _POOL: Any = None
+#: Item ids per lookup task of :func:`_positions_side_by_side` (a few milliseconds of work).
+LOOKUP_CHUNK = 1 << 17
+
+
+def _positions_side_by_side(items: IdIndex, item_ids: np.ndarray, cats: IdIndex,
+                            categories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``items.positions(item_ids)`` and ``cats.positions(categories)`` in two threads: the lookup
+    thread takes chunks of the item ids while this one maps the categories, then both take the
+    chunks left (an item lookup costs about three category lookups: the item table is larger, so a
+    fixed split would leave one thread waiting). Ids new to the item index are numbered afterwards
+    by this thread, in order, as :meth:`IdIndex.positions` numbers them."""
+    item_ids = np.asarray(item_ids, np.int64)
+    items.build()
+    found = np.empty(len(item_ids), np.int64)
+    starts = range(0, len(item_ids), LOOKUP_CHUNK)
+    claim = itertools.count()  # next() on it is atomic: each chunk is taken by one thread
+
+    def take() -> None:
+        while (k := next(claim)) < len(starts):
+            lo = starts[k]
+            found[lo : lo + LOOKUP_CHUNK] = items.find(item_ids[lo : lo + LOOKUP_CHUNK])
+
+    pending = _lookup_pool().submit(take)
+    try:
+        cat_positions = cats.positions(categories)
+        take()
+    finally:
+        pending.result()
+    miss = found < 0
+    if miss.any():
+        found[miss] = items.positions(item_ids[miss])
+    elif items.n_base + items.n_extra > np.iinfo(np.int32).max:
+        raise DataError(f"more than {np.iinfo(np.int32).max} distinct ids: int32 positions overflow")
+    return found.astype(np.int32), cat_positions
+
+
+def in_lookup_thread(fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)`` in the writer's lookup thread (a future): a hash lookup that releases the
+    GIL beside one this thread does. ``fn`` must not change what this thread reads meanwhile."""
+    return _lookup_pool().submit(fn, *args)
 
 
 def _lookup_pool() -> Any:
@@ -172,23 +213,25 @@ class IdIndex:
         else:  # repeated ids: the first row of each
             uniq, first = np.unique(base, return_index=True)
             self._base = (pd.Index(uniq), first.astype(np.int64))
-        self._segments: list[tuple[Any, np.ndarray]] = []  # (index of ids, their positions)
+        self._segments: list[tuple[Any, int]] = []  # (index of ids, position of its first id): a run
         self._extra: list[np.ndarray] = []
         self.n_extra = 0
         if extra_ids is not None and len(extra_ids):
             self._add(np.asarray(extra_ids, np.int64))
 
     def _add(self, new: np.ndarray) -> None:
-        pos = self.n_base + self.n_extra + np.arange(len(new), dtype=np.int64)
+        first = self.n_base + self.n_extra
         self._extra.append(new)
         self.n_extra += len(new)
-        self._segments.append((self._pd.Index(new), pos))
-        while len(self._segments) > 1 and len(self._segments[-2][1]) <= 2 * len(self._segments[-1][1]):
-            (a, pa_), (b, pb) = self._segments[-2], self._segments[-1]
-            self._segments[-2:] = [(a.append(b), np.concatenate([pa_, pb]))]
+        self._segments.append((self._pd.Index(new), first))
+        # merged segments stay runs of consecutive positions: extras are numbered as they are added
+        while len(self._segments) > 1 and len(self._segments[-2][0]) <= 2 * len(self._segments[-1][0]):
+            (a, first_a), (b, _) = self._segments[-2], self._segments[-1]
+            self._segments[-2:] = [(a.append(b), first_a)]
 
     def find(self, ids: np.ndarray) -> np.ndarray:
-        """Positions of ``ids`` (int64), -1 where an id is not known."""
+        """Positions of ``ids`` (int64), -1 where an id is not known. Read-only: threads may call it
+        side by side (pandas' lookups release the GIL) once the index is built."""
         ids = np.asarray(ids, np.int64)
         index, base_pos = self._base
         out: np.ndarray | None = None
@@ -196,17 +239,23 @@ class IdIndex:
             out = index.get_indexer(ids).astype(np.int64, copy=False)
             if base_pos is not None:
                 out = np.where(out >= 0, base_pos[out] if len(base_pos) else 0, -1)
-        for index, pos in self._segments:
+        for index, first in self._segments:
             if out is None:  # no base ids (the categories): the first segment answers for every id
-                hit = index.get_indexer(ids)
-                out = np.where(hit >= 0, pos[hit], -1)
+                out = index.get_indexer(ids).astype(np.int64, copy=False)  # -1 or the position (first = 0)
                 continue
             miss = np.flatnonzero(out < 0)
             if len(miss) == 0:
                 break
             hit = index.get_indexer(ids[miss])
-            out[miss[hit >= 0]] = pos[hit[hit >= 0]]
+            out[miss[hit >= 0]] = first + hit[hit >= 0]
         return out if out is not None else np.full(len(ids), -1, np.int64)
+
+    def build(self) -> IdIndex:
+        """Build the hash tables now (pandas builds them on the first lookup), so that threads can
+        then look up side by side; returns the index."""
+        for index in [self._base[0], *(seg for seg, _ in self._segments)]:
+            index.get_indexer(np.zeros(1, np.int64))
+        return self
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Positions of ``ids`` as int32; ids not known yet become extras (first appearance first)."""
@@ -438,10 +487,9 @@ class DatasetWriter:
                          categories: np.ndarray, times: np.ndarray | None = None) -> None:
         """Append users' histories given as flat arrays (``lengths`` entries per user, oldest first)."""
         items, cats = self.item_index(), self.category_index()
-        if len(item_ids) >= PARALLEL_LOOKUP_MIN:  # two hash lookups that release the GIL: side by side
-            pending = _lookup_pool().submit(items.positions, item_ids)
-            cat_positions = cats.positions(categories)
-            entries = {"items": pending.result(), "categories": cat_positions}
+        if len(item_ids) >= PARALLEL_LOOKUP_MIN:  # hash lookups that release the GIL: in two threads
+            item_positions, cat_positions = _positions_side_by_side(items, item_ids, cats, categories)
+            entries = {"items": item_positions, "categories": cat_positions}
         else:
             entries = {"items": items.positions(item_ids), "categories": cats.positions(categories)}
         if self.history_times:

@@ -21,9 +21,6 @@ from muse.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Above this many items (or users) no per-row ``items`` (``users``) rows are inserted: the parquet
-#: files stay the source of truth and the stats say ``items_registered: false``.
-MAX_ROWS_REGISTERED = 200_000
 INSERT_CHUNK = 5_000
 
 
@@ -122,8 +119,9 @@ def _insert_rows(conn: Any, table: Any, names: list[str], rows: list[tuple[Any, 
 def register_dataset(settings: Settings, dataset: Dataset, stats: dict[str, Any] | None = None) -> int:
     """Insert or replace the ``datasets`` row of ``dataset`` and its ``items``/``users`` rows.
 
-    Per-row items/users are skipped when there are more than :data:`MAX_ROWS_REGISTERED`
-    (recorded as ``items_registered``/``users_registered`` in the stats). Returns the dataset id.
+    Per-row items/users are skipped when there are more than ``settings.register_max_rows``
+    (``MUSE_REGISTER_MAX_ROWS``; the dataset's files stay the source of truth, and the stats say
+    ``items_registered``/``users_registered`` false). Returns the dataset id.
     """
     base_stats: dict[str, Any] = {
         k: dataset.meta[k]
@@ -132,8 +130,8 @@ def register_dataset(settings: Settings, dataset: Dataset, stats: dict[str, Any]
     }
     base_stats.update(stats or {})
     n_items, n_users = int(dataset.meta["n_items"]), int(dataset.meta["n_users"])
-    base_stats["items_registered"] = n_items <= MAX_ROWS_REGISTERED
-    base_stats["users_registered"] = n_users <= MAX_ROWS_REGISTERED
+    base_stats["items_registered"] = n_items <= settings.register_max_rows
+    base_stats["users_registered"] = n_users <= settings.register_max_rows
     with session_scope(settings) as session:
         row = session.scalars(select(models.Dataset).where(models.Dataset.name == dataset.name)).first()
         if row is None:
@@ -152,11 +150,8 @@ def register_dataset(settings: Settings, dataset: Dataset, stats: dict[str, Any]
             (models.User, base_stats["users_registered"], _user_rows),
         ):
             if not enabled:
-                log.warning(
-                    "dataset %s: too many rows for per-row %s registration; skipped",
-                    dataset.name,
-                    table.__tablename__,
-                )
+                log.info("dataset %s: more %s than MUSE_REGISTER_MAX_ROWS (%d): no row each in the database",
+                         dataset.name, table.__tablename__, settings.register_max_rows)
                 continue
             # the driver's bulk insert on the session's connection: the ORM's (or Core's) per-row
             # bookkeeping would cost more than the rows themselves (about 20 us a row)

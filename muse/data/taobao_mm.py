@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from muse.ahead import ahead
 from muse.arrays import lookup_sorted
-from muse.data.format import Dataset, DatasetWriter, IdIndex, check_name, datasets_root
+from muse.data.format import Dataset, DatasetWriter, IdIndex, check_name, datasets_root, in_lookup_thread
 from muse.errors import DataError, NotFoundError
 from muse.ondisk import Columns, ColumnsWriter
 from muse.settings import Settings
@@ -232,11 +232,12 @@ def prefix_equal(lengths: np.ndarray, row_start: np.ndarray, items: np.ndarray, 
     s, m = starts[nz], n[nz]
     if len(nz) == 1 or bool(np.all(s[1:] >= s[:-1] + m[:-1])):
         lo, hi = int(s[0]), int(s[-1] + m[-1])
-        edges = np.zeros(hi - lo + 1, np.int8)
-        edges[s - lo] = 1
-        ends = np.zeros(hi - lo + 1, np.int8)
-        ends[s - lo + m] = 1  # distinct: the runs are in order and do not overlap
-        inside = np.cumsum(edges[:-1] - ends[:-1], dtype=np.int64) > 0
+        # the stretch is runs of m[j] compared entries, each followed by the gap to the next run
+        runs = np.empty(2 * len(s), np.int64)
+        runs[0::2] = m
+        runs[1:-1:2] = s[1:] - (s[:-1] + m[:-1])
+        runs[-1] = 0
+        inside = np.repeat(np.tile(np.array([True, False]), len(s)), runs)  # [hi - lo]
         stored_i, stored_c = np.asarray(stored_items[lo:hi])[inside], np.asarray(stored_cats[lo:hi])[inside]
         take = np.zeros(len(lengths), bool)
         take[ok[nz]] = True
@@ -520,6 +521,8 @@ class _Import:
         labels = decode_labels(batch.column(LABEL), str(path))
         uid = batch.column(USER).to_numpy().astype(np.int64)
         iid = batch.column(ITEM).to_numpy().astype(np.int64)
+        items = self.writer.item_index().build()
+        item_pos = in_lookup_thread(items.find, iid)  # beside the user lookups
         found, row, hist_len = own.lookup(uid)
         fallback = np.zeros(len(uid), bool)
         miss = np.flatnonzero(~found)
@@ -528,6 +531,7 @@ class _Import:
             fallback[miss] = found2
             row[miss] = np.where(found2, row2, 0)
             hist_len[miss] = np.where(found2, hist_len2, 0)
+        pos = item_pos.result()
         absent = ~found & ~fallback
         user = np.where(absent, uid, self.row_user[np.where(absent, 0, row)])
         if absent.any():  # sample users without a feature row: an empty history of their own
@@ -538,9 +542,7 @@ class _Import:
                 self.writer.append_histories(new, np.zeros(len(new), np.int64), np.zeros(0, np.int64),
                                              np.zeros(0, np.int64))
                 self.users.append({"user_id": new, "features": np.zeros((len(new), len(USER_FEATURES)), np.int64)})
-        pos = self.writer.item_index().find(iid)
-        self.counters["n_impression_items_without_features"] += int(
-            ((pos < 0) | (pos >= self.writer.item_index().n_base)).sum())
+        self.counters["n_impression_items_without_features"] += int(((pos < 0) | (pos >= items.n_base)).sum())
         self.counters["n_impressions_without_history"] += int(absent.sum())
         self.counters["n_impressions_from_other_split_features"] += int(fallback.sum())
         self.counters["n_clicks"] += int(labels.sum())
