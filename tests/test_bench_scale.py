@@ -182,3 +182,36 @@ def test_train_stage_uses_the_full_sets_gradient_regime() -> None:
     tables = FeatureEmbeddings({"item": 35_001, "category": 7_001, "feat_a": 501, "feat_b": 36}, (),
                                sparse_min_rows=full_set_regime(35_000)).tables
     assert [n for n, t in tables.items() if t.sparse] == ["item"]
+
+
+def test_scan_and_import_run_alternately_and_report_their_fastest(tmp_path):
+    """``--repeats 2``: two scans and two imports, each stage reporting its fastest run and the ratio
+    of the two; the import registers as the full set does (no row per item or user)."""
+    import json
+    import subprocess
+
+    from muse.data.registry import list_datasets
+    from muse.settings import load_settings
+
+    out = subprocess.run([sys.executable, "-m", "bench.scale", "--fractions", str(FRACTION), "--stages", "scan,import",
+                          "--repeats", "2", "--json", "--work", str(tmp_path), "--keep"],
+                         capture_output=True, text=True, timeout=600, cwd=scale.REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    got = {r["stage"]: r for r in report["results"] if r["stage"] in ("scan", "import")}
+    assert set(got) == {"scan", "import"} and all(r["ok"] for r in got.values())
+    for r in got.values():
+        assert len(r["extra"]["walls"]) == 2 and r["wall_s"] == min(r["extra"]["walls"])
+    assert got["import"]["extra"]["over_scan"] == pytest.approx(got["import"]["wall_s"] / got["scan"]["wall_s"])
+    assert f"import at f = {FRACTION:g} <= 3x the bare pyarrow scan" in {g["goal"] for g in report["goals"]}
+    data_dir = next(p.parent for p in tmp_path.rglob("datasets") if p.is_dir())
+    from muse import db, models
+    from muse.db import session_scope
+
+    settings = load_settings(env={}, data_dir=data_dir, device="cpu")
+    assert [d["registered"] for d in list_datasets(settings)] == [True]
+    with session_scope(settings) as s:
+        row = s.query(models.Dataset).one()
+        assert (row.stats["items_registered"], row.stats["users_registered"]) == (False, False)
+        assert s.query(models.Item).count() == 0 and s.query(models.User).count() == 0
+    db._engine_for.cache_clear()
