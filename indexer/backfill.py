@@ -8,8 +8,13 @@ Three kinds of chunk, each a row range in the dataset's canonical order:
 * ``import``: upsert precomputed vectors, rows ``[start, stop)`` of ``embeddings/<source>.parquet``.
 * ``behaviours``: for users ``[start, stop)`` copy each history entry's item vector into the
   behaviour collection (primary key = ``behaviour_pk(user, position)``); entries whose item has
-  no vector are skipped and counted in ``n_failed``. In a bulk job (``options["bulk"]``) the same
-  rows go through a Milvus bulk import instead (:mod:`indexer.bulk`).
+  no vector are skipped and counted in ``n_failed``, but only items the job's item stage did not
+  write (not in the dataset's item table or shipped vectors, or a failed item): an item the job
+  wrote that Milvus does not return (a server recovering from a restart) fails the run with
+  :class:`RowsMissing`, retried, never a silent skip. After writing, the chunk reads back how many
+  rows its users have and fails the same way when fewer than written are there
+  (:func:`check_behaviours_visible`). In a bulk job (``options["bulk"]``) the same rows go through
+  a Milvus bulk import instead (:mod:`indexer.bulk`).
 
 Every write is an upsert with a deterministic primary key, so re-running a chunk (a retry, a
 redelivery after a worker died, a ``resume``) never duplicates rows. Each function records its
@@ -36,13 +41,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 
 from indexer.worker_context import current
 from muse import models
-from muse.arrays import lookup
+from muse.arrays import lookup, lookup_sorted
 from muse.db import session_scope
-from muse.errors import DataError, NotFoundError
+from muse.errors import BackendUnavailable, DataError, NotFoundError
 from muse.models import utcnow
 from muse.settings import Settings
 
@@ -61,6 +66,13 @@ BEHAVIOUR_UPSERT_ROWS = 8192
 ENCODE_BATCH = 256
 #: Longest reason text kept per failed item.
 MAX_REASON_CHARS = 300
+
+
+class RowsMissing(BackendUnavailable):
+    """Milvus answered without rows this job wrote: item vectors a behaviour chunk needs, or the
+    chunk's own behaviour rows read back after writing them (e.g. a server that restarted and has
+    not recovered everything yet, or lost an acknowledged write). Retriable: the chunk runs again
+    (its writes are idempotent) instead of being recorded ``done`` short of rows."""
 
 
 @dataclass(frozen=True)
@@ -496,19 +508,23 @@ def categories_of(location: str, item_ids: np.ndarray) -> np.ndarray:
     return np.where(rows >= 0, cats_all[np.maximum(rows, 0)] if len(cats_all) else -1, -1).astype(np.int64)
 
 
-def _read_rows(path: Path, start: int, stop: int) -> pa.Table:
-    """Rows ``[start, stop)`` of a parquet file, reading only the row groups that overlap."""
+def _read_rows(path: Path, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows ``[start, stop)`` of a parquet file (``columns`` of it, or all), reading only the row
+    groups that overlap."""
     pf = pq.ParquetFile(path)
     parts, offset = [], 0
     for rg in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(rg).num_rows
         lo, hi = max(start, offset), min(stop, offset + n)
         if lo < hi:
-            parts.append(pf.read_row_group(rg).slice(lo - offset, hi - lo))
+            parts.append(pf.read_row_group(rg, columns=columns).slice(lo - offset, hi - lo))
         offset += n
         if offset >= stop:
             break
-    return pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table()
+    if parts:
+        return pa.concat_tables(parts)
+    schema = pf.schema_arrow
+    return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
 
 
 def history_entries(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -526,12 +542,18 @@ def history_entries(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
-    """Copy item vectors into the behaviour collection for users ``[spec.start, spec.stop)``."""
+    """Copy item vectors into the behaviour collection for users ``[spec.start, spec.stop)``.
+
+    Raises:
+        RowsMissing: Milvus did not return the vector of an item the job wrote, or fewer of the
+        chunk's rows are visible after writing than were written (the chunk is retried).
+    """
     dataset = current().dataset(spec.dataset_location)
     store = _ensure_collections(settings, spec.ref, spec.dim)
     result = ChunkResult()
     buffer: list[tuple[np.ndarray, ...]] = []
     buffered = 0
+    chunk_users: list[np.ndarray] = []
     batches = dataset.iter_histories(HISTORY_BATCH, spec.start, spec.stop, columns=["user_id", "item_ids"])
     for batch in batches:
         users, positions, items = history_entries(batch)
@@ -539,19 +561,111 @@ def copy_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
             continue
         unique = np.unique(items)
         found, vectors = store.get_item_vectors(spec.ref, unique)  # int64[k], float32[k, d]
-        if len(found) == 0:
-            result.n_failed += len(items)
-            continue
-        rows = lookup(found, items)  # [m] row of each entry's item vector, -1 = none
+        rows = lookup(found, items) if len(found) else np.full(len(items), -1, np.int64)  # [m] -1 = none
         has = rows >= 0  # [m] entry's item has a vector
+        if not has.all():
+            check_missing_items(settings, spec, np.unique(items[~has]))
         result.n_failed += int((~has).sum())
+        if not has.any():
+            continue
+        chunk_users.append(np.unique(users[has]))
         buffer.append((users[has], positions[has], items[has], vectors[rows[has]]))
         buffered += int(has.sum())
         if buffered >= BEHAVIOUR_UPSERT_ROWS:
             result.n_written += _flush_behaviours(store, spec.ref, buffer)
             buffer, buffered = [], 0
     result.n_written += _flush_behaviours(store, spec.ref, buffer)
+    if chunk_users:
+        check_behaviours_visible(store, spec, np.unique(np.concatenate(chunk_users)), result.n_written)
     return result
+
+
+def check_missing_items(settings: Settings, spec: ChunkSpec, missing: np.ndarray) -> None:
+    """Raise :class:`RowsMissing` when any of ``missing`` (items of the chunk's history entries that
+    the item collection did not return) was written by the job's item stage: an item in the
+    dataset's item table (``items`` chunks) that no item chunk reported as failed, or an item of
+    the shipped vectors (``import`` chunks). Entries of other items are rightly skipped."""
+    written = _written_among(settings, spec, np.asarray(missing, np.int64))
+    if len(written):
+        shown = ", ".join(str(int(i)) for i in written[:10])
+        raise RowsMissing(
+            f"Milvus at {settings.milvus_uri!r} returned no vector for {len(written)} item(s) that job "
+            f"{spec.job_id} wrote (e.g. {shown}); the item collection is not complete yet (a server "
+            "recovering from a restart?): the chunk runs again instead of skipping their behaviours"
+        )
+
+
+#: The items the last job asked about wrote, per process: ``(job_id, chunks fingerprint, sorted ids)``.
+_written_cache: dict[str, Any] = {}
+_written_lock = threading.Lock()
+
+
+def _written_among(settings: Settings, spec: ChunkSpec, ids: np.ndarray) -> np.ndarray:
+    """Those of ``ids`` the job's item stage wrote (see :func:`check_missing_items`)."""
+    with session_scope(settings) as session:
+        fingerprint = tuple(session.execute(
+            select(func.count(), func.coalesce(func.sum(models.BackfillChunk.n_failed), 0))
+            .where(models.BackfillChunk.job_id == spec.job_id, models.BackfillChunk.kind != BEHAVIOURS,
+                   models.BackfillChunk.status == DONE)
+        ).one())
+    with _written_lock:
+        cached = _written_cache.get("job")
+        if cached is None or cached[:2] != (spec.job_id, fingerprint):
+            cached = (spec.job_id, fingerprint, _written_items(settings, spec))
+            _written_cache["job"] = cached  # one job at a time: a worker runs one chunk at a time
+    written = cached[2]
+    _, found = lookup_sorted(written, ids)
+    return ids[found]
+
+
+def _written_items(settings: Settings, spec: ChunkSpec) -> np.ndarray:
+    """Sorted ids of the items the job's finished item chunks wrote: their rows of the item table
+    (``items``) or of the shipped vectors (``import``), less the items they reported as failed."""
+    with session_scope(settings) as session:
+        chunks = session.execute(
+            select(models.BackfillChunk.kind, models.BackfillChunk.start, models.BackfillChunk.stop,
+                   models.BackfillChunk.n_failed, models.BackfillChunk.failed_items)
+            .where(models.BackfillChunk.job_id == spec.job_id, models.BackfillChunk.kind != BEHAVIOURS,
+                   models.BackfillChunk.status == DONE)
+        ).all()
+    parts, failed = [], []
+    for kind, start, stop, n_failed, failed_items in chunks:
+        if kind == ITEMS:
+            parts.append(current().item_table(spec.dataset_location)[0][int(start) : int(stop)])
+        else:
+            parts.append(_shipped_ids(spec.dataset_location, spec.source, int(start), int(stop)))
+        if n_failed:
+            failed += [int(i) for i, *_ in (failed_items or [])]
+    ids = np.unique(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, np.int64)
+    if failed:
+        ids = ids[~np.isin(ids, np.asarray(failed, np.int64))]
+    return ids
+
+
+def _shipped_ids(location: str, source: str, start: int, stop: int) -> np.ndarray:
+    """Item ids of rows ``[start, stop)`` of the vectors shipped for ``source`` (empty when none)."""
+    dataset = current().dataset(location)
+    path = dataset.embeddings_path(source)
+    if path is None:
+        return np.zeros(0, np.int64)
+    if path.is_dir():
+        return np.asarray(dataset.embeddings(source).item_ids[start:stop], dtype=np.int64)
+    return _read_rows(path, start, stop, ["item_id"]).column("item_id").to_numpy().astype(np.int64)
+
+
+def check_behaviours_visible(store: Any, spec: ChunkSpec, users: np.ndarray, written: int) -> None:
+    """Read back how many behaviour rows ``users`` (the chunk's users that got rows) have, and raise
+    :class:`RowsMissing` when fewer than the ``written`` distinct rows this run wrote are there (a
+    write Milvus acknowledged but does not show: the chunk runs again rather than being recorded
+    ``done``). More rows are fine: an earlier job may have written other positions of these users."""
+    if written <= 0 or len(users) == 0:
+        return
+    found = store.count_behaviours_of(spec.ref, users)
+    if found < written:
+        raise RowsMissing(
+            f"chunk {spec.chunk_id} (users {spec.start}:{spec.stop}) wrote {written} behaviour rows but Milvus at "
+            f"{store.settings.milvus_uri!r} shows {found} for its {len(users)} users; writing the chunk again"
+        )
 
 
 def _flush_behaviours(store: Any, ref: Any, buffer: list[tuple[np.ndarray, ...]]) -> int:
@@ -559,3 +673,73 @@ def _flush_behaviours(store: Any, ref: Any, buffer: list[tuple[np.ndarray, ...]]
         return 0
     users, positions, items, vectors = (np.concatenate(parts) for parts in zip(*buffer, strict=True))
     return int(store.upsert_behaviours(ref, users, positions, items, vectors))
+
+
+# -- the job's closing check -----------------------------------------------------------------------
+#: Users per count query of :func:`short_behaviour_chunks` (chunks are counted together up to this).
+VERIFY_USERS = 2000
+
+
+def short_behaviour_chunks(settings: Settings, job_id: int) -> list[tuple[int, int, int]]:
+    """The job's ``done`` behaviour chunks whose users show fewer rows in Milvus than the chunk
+    wrote: ``[(chunk_id, written, found), ...]`` (empty when every chunk's rows are there).
+
+    Run when every chunk of a job is done, before the job is recorded ``done``: a write Milvus
+    acknowledged and lost later (a server killed soon after), or rows deleted by a run of the same
+    chunk that another worker finished meanwhile, would otherwise go unnoticed. Chunks are counted
+    together (``count(*)`` per :data:`VERIFY_USERS` users) and one by one only where a group is short.
+
+    Raises:
+        BackendUnavailable: Milvus does not answer (the caller checks again later).
+    """
+    from muse.versions import job_ref
+
+    with session_scope(settings) as session:
+        job = session.get(models.BackfillJob, int(job_id))
+        if job is None:
+            raise NotFoundError(f"backfill job {job_id} does not exist")
+        dataset = session.get(models.Dataset, job.dataset_id)
+        chunks = sorted(
+            ((c.id, int(c.start), int(c.stop), int(c.n_written)) for c in job.chunks
+             if c.kind == BEHAVIOURS and c.status == DONE and c.n_written),
+            key=lambda c: c[1],
+        )
+        location = dataset.location if dataset is not None else None
+    if not chunks or location is None:
+        return []
+    ref = job_ref(settings, job_id)
+    store = get_store(settings)
+    dataset = current().dataset(location)
+
+    def users_of(group: list[tuple[int, int, int, int]]) -> np.ndarray:
+        """Distinct user ids of the group's chunks, read from the dataset chunk by chunk (a group
+        holds at most about VERIFY_USERS users: nothing here grows with the data set)."""
+        parts = [b.column("user_id").to_numpy().astype(np.int64)
+                 for _, start, stop, _ in group
+                 for b in dataset.iter_histories(65_536, start, stop, columns=["user_id"])]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    short: list[tuple[int, int, int]] = []
+    group: list[tuple[int, int, int, int]] = []
+    n_users = 0
+
+    def check(group: list[tuple[int, int, int, int]]) -> None:
+        written = sum(c[3] for c in group)
+        found = store.count_behaviours_of(ref, users_of(group))
+        if found >= written:
+            return
+        if len(group) == 1:
+            short.append((group[0][0], written, found))
+            return
+        for c in group:
+            check([c])
+
+    for chunk in chunks:
+        if group and n_users + (chunk[2] - chunk[1]) > VERIFY_USERS:
+            check(group)
+            group, n_users = [], 0
+        group.append(chunk)
+        n_users += chunk[2] - chunk[1]
+    if group:
+        check(group)
+    return short

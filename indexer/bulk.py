@@ -36,6 +36,7 @@ Milvus Lite has no import: :func:`choose` says so in one sentence and the job up
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -54,6 +55,7 @@ from indexer.backfill import (
     ChunkResult,
     ChunkSpec,
     _ensure_collections,
+    check_missing_items,
     copy_behaviours_chunk,
     history_entries,
     renew_lease,
@@ -249,6 +251,8 @@ class ChunkRows:
     item_rows: np.ndarray  # int64 [n], row of each behaviour's item in ``vectors``
     vectors: np.ndarray  # float32 [k, d], L2-normalised
     skipped: int  # history entries whose item has no vector
+    # int64 [s] the distinct items of those entries
+    missing: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def pks(self) -> np.ndarray:
@@ -279,7 +283,8 @@ def read_chunk_rows(store: Any, spec: ChunkSpec) -> ChunkRows:
     found, vectors = store.get_item_vectors(spec.ref, np.unique(i))  # int64[k], float32[k, d]
     rows = lookup(found, i) if len(found) else np.full(len(i), -1, np.int64)  # [n], -1 = no vector
     has = rows >= 0
-    return ChunkRows(u[has], p[has], i[has], rows[has], l2_normalise(vectors), int((~has).sum()))
+    return ChunkRows(u[has], p[has], i[has], rows[has], l2_normalise(vectors), int((~has).sum()),
+                     np.unique(i[~has]))
 
 
 def write_files(directory: Path, rows: ChunkRows) -> list[str]:
@@ -357,6 +362,8 @@ def import_behaviours_chunk(settings: Settings, spec: ChunkSpec) -> ChunkResult:
     storage = BulkStorage(settings)
     key = chunk_key(store, spec)
     rows = read_chunk_rows(store, spec)
+    if rows.skipped:
+        check_missing_items(settings, spec, rows.missing)  # an item the job wrote, not returned: retried
     n = len(rows)
     result = ChunkResult(n_written=n, n_failed=rows.skipped)
     if n == 0:

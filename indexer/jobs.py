@@ -302,6 +302,8 @@ def enqueue_job(settings: Settings, job_id: int, app: Any = None) -> int:
         job.error = None
         job.finished_at = None
         job.started_at = job.started_at or utcnow()
+        if (job.options or {}).get("behaviours_recopied"):  # a resume gets the closing check's re-sends afresh
+            job.options = {**job.options, "behaviours_recopied": 0}
         item_chunks = [(c.id, c.kind) for c in job.chunks if c.kind != BEHAVIOURS and c.status != DONE]
         if item_chunks:
             # Behaviour chunks run again after the items: the vectors they copy may change.
@@ -355,6 +357,8 @@ def advance_job(settings: Settings, job_id: int, app: Any = None) -> None:
 
 
 def _update_job_status(settings: Settings, job_id: int) -> None:
+    """Close a running job whose chunks are all finished: ``failed`` when one failed, else ``done``
+    once its behaviour rows are checked to be in Milvus (:func:`_behaviours_complete`)."""
     with session_scope(settings) as session:
         job = _job(session, job_id)
         if job.status != "running":
@@ -363,8 +367,16 @@ def _update_job_status(settings: Settings, job_id: int) -> None:
         if not all(s in (DONE, FAILED) for s in statuses):
             return
         failed = [c for c in job.chunks if c.status == FAILED]
+        check = not failed and not (job.options or {}).get("bulk") and any(c.kind == BEHAVIOURS for c in job.chunks)
+    if check and not _behaviours_complete(settings, job_id):
+        return
+    with session_scope(settings) as session:
+        job = _job(session, job_id)
+        if job.status != "running" or not all(c.status in (DONE, FAILED) for c in job.chunks):
+            return  # closed, or a chunk re-sent, by another process meanwhile
+        failed = [c for c in job.chunks if c.status == FAILED]
         final = "failed" if failed else "done"
-        session.execute(
+        closed = session.execute(
             update(models.BackfillJob)
             .where(models.BackfillJob.id == job.id, models.BackfillJob.status == "running")
             .values(
@@ -372,7 +384,9 @@ def _update_job_status(settings: Settings, job_id: int) -> None:
                 finished_at=utcnow(),
                 error=f"{len(failed)} chunk(s) failed: {failed[0].error}" if failed else None,
             )
-        )
+        ).rowcount == 1
+    if not closed:
+        return
     log.info("job %d finished: %s", job_id, final)
     if final == "done":
         from indexer.backfill import get_store
@@ -384,6 +398,63 @@ def _update_job_status(settings: Settings, job_id: int) -> None:
             log.error("job %d is done but recording its version failed: %s; run `muse source list`, then "
                       "`muse source promote DATASET SOURCE VERSION`", job_id, e)
         publish_job_table(settings, job_id)
+
+
+#: Times a job sends behaviour chunks again because their rows went missing before it fails instead.
+MAX_RECOPIES = 3
+
+
+def _behaviours_complete(settings: Settings, job_id: int) -> bool:
+    """True when every done behaviour chunk's rows are in Milvus (:func:`indexer.backfill.short_behaviour_chunks`).
+
+    Otherwise the short chunks go back to ``pending`` and are sent again (the job stays running),
+    at most :data:`MAX_RECOPIES` times a job; past that the job fails with a sentence saying which
+    chunks lost rows. While Milvus does not answer, False: the job stays running and the next
+    pass (a worker's watchdog, the next finished chunk) checks again.
+    """
+    from indexer.backfill import short_behaviour_chunks
+
+    try:
+        short = short_behaviour_chunks(settings, job_id)
+    except Exception as e:  # Milvus (or the database) is down: the job is not closed on a guess
+        log.warning("job %d: cannot check its behaviour rows in Milvus (%s); the job stays running and is "
+                    "checked again", job_id, e)
+        return False
+    if not short:
+        return True
+    described = "; ".join(f"chunk {cid}: wrote {w}, found {f}" for cid, w, f in short[:5])
+    with session_scope(settings) as session:
+        job = _job(session, job_id)
+        recopies = int((job.options or {}).get("behaviours_recopied", 0))
+        if recopies >= MAX_RECOPIES:
+            job.status = "failed"
+            job.finished_at = utcnow()
+            job.error = (f"{len(short)} behaviour chunk(s) have fewer rows in Milvus than they wrote, after being "
+                         f"written again {recopies} times ({described}); Milvus loses acknowledged writes: check "
+                         f"its log, then `muse backfill resume {job_id}`")[:4000]
+            log.error("job %d failed: %s", job_id, job.error)
+            return False
+        resent = []
+        for cid, written, found in short:
+            res = session.execute(
+                update(models.BackfillChunk)
+                .where(models.BackfillChunk.id == cid, models.BackfillChunk.status == DONE)
+                .values(status=PENDING, worker=None, lease_expires_at=None,
+                        error=f"re-sent: wrote {written} behaviour rows, Milvus showed {found} when the job closed")
+            )
+            if res.rowcount == 1:
+                resent.append((cid, BEHAVIOURS))
+        if resent:
+            job.options = {**(job.options or {}), "behaviours_recopied": recopies + 1,
+                           "behaviours_recopied_why": described[:1000]}
+    if resent:
+        log.warning("job %d: %d behaviour chunk(s) have fewer rows in Milvus than they wrote (%s); sending them "
+                    "again (%d of %d)", job_id, len(resent), described, recopies + 1, MAX_RECOPIES)
+        try:
+            _claim_and_send(settings, get_app(settings), resent, (PENDING,))
+        except Exception as e:  # the broker is down: recovery sends the pending chunks later
+            log.warning("job %d: sending the short behaviour chunks failed (%s); recovery sends them", job_id, e)
+    return False
 
 
 def publish_job_table(settings: Settings, job_id: int) -> None:

@@ -10,7 +10,8 @@ run the chunks. The job: the ``tiny`` simworld (600 items, 60 users) with 60 ite
 behaviour chunks, so each fault lands mid-job. Leases are 3 s here (60 s by default).
 
 Outages: Milvus down for 150 s (past what retries alone once covered) during a backfill, which must
-end ``done`` with no ``resume``; an outage past ``MUSE_BACKFILL_OUTAGE_S`` failing the job with a
+end ``done`` with no ``resume``; Milvus killed while behaviour chunks run (none may skip an item the
+job wrote or be recorded done short of rows); an outage past ``MUSE_BACKFILL_OUTAGE_S`` failing the job with a
 sentence; a worker waiting out a retry of its own failure never reported dead; Milvus frozen for
 20 s while clients search on both retriever backends, every call within its deadline.
 
@@ -144,6 +145,7 @@ class Run:
         self.workers: list[WorkerProcess] = []
         self.job_id: int | None = None
         self.faults: list[str] = []
+        self.events: list[tuple[Any, str]] = []  # (UTC time, what happened): kills and restarts
 
     def worker(self, **overrides: Any) -> WorkerProcess:
         settings = _settings(self.servers, self.data_dir, self.prefix, **overrides)
@@ -152,9 +154,9 @@ class Run:
         self.workers.append(w)
         return w.start()
 
-    def start_job(self) -> int:
+    def start_job(self, user_chunk_size: int = USER_CHUNK) -> int:
         self.job_id = jobs.create_job(self.settings, SOURCE, self.dataset.name, chunk_size=CHUNK,
-                                      user_chunk_size=USER_CHUNK)
+                                      user_chunk_size=user_chunk_size)
         jobs.enqueue_job(self.settings, self.job_id)
         return self.job_id
 
@@ -241,10 +243,19 @@ class Run:
         FIGURES["expected"] += n_items + n_behaviours
         FIGURES["found"] += found_items + found_bhv
         FIGURES["duplicated"] += (found_items - unique_items) + (found_bhv - unique_bhv)
-        assert (found_items, unique_items) == (n_items, n_items), fault
-        assert (found_bhv, unique_bhv) == (n_behaviours, n_behaviours), fault
+        assert (found_items, unique_items) == (n_items, n_items), (
+            f"{fault}: items: found {found_items} (count(*)), unique {unique_items}, expected {n_items}; the job "
+            f"wrote {p.items_written}, failed {p.items_failed}")
+        if (found_bhv, unique_bhv) != (n_behaviours, n_behaviours) or p.behaviours_written != n_behaviours:
+            raise AssertionError(f"{fault}: " + behaviour_report(self.settings, self.dataset, self.ref, p, self.events))
         assert p.items_written == n_items and p.behaviours_written == n_behaviours
         return p
+
+    def event(self, what: str) -> None:
+        """Note a moment of the test (a kill, a restart) for the failure report (UTC, as the worker logs)."""
+        import datetime as dt
+
+        self.events.append((dt.datetime.now(dt.timezone.utc), what))
 
     def close(self) -> None:
         for w in self.workers:
@@ -272,6 +283,64 @@ def count_rows(settings: Settings, dataset: Any, ref: Any) -> tuple[int, int, in
             res = store.client.query(bhv_name, filter=f"user_id == {int(user)}", output_fields=["pk"], limit=16384)
             unique_bhv += len({r["pk"] for r in res})
         return found_items, unique_items, found_bhv, unique_bhv
+
+
+def behaviour_report(settings: Settings, dataset: Any, ref: Any, p: Any, events: list[tuple[Any, str]],
+                     recount_after_s: float = 30.0) -> str:
+    """Where behaviour rows went, for a failed count: count(*) against distinct keys against what the
+    job says it wrote and skipped, then per chunk (its users, rows expected from the dataset, rows
+    found per user, what the chunk recorded, when it finished against the test's kills and restarts);
+    the rows are counted again after ``recount_after_s`` (missing then too: lost, not late)."""
+    import pyarrow.compute as pc
+    from sqlalchemy import select
+
+    from muse import models
+    from muse.db import session_scope
+
+    table = dataset.histories_table()
+    users = table.column("user_id").to_pylist()
+    lengths = pc.list_value_length(table.column("item_ids")).to_pylist()
+    expected = sum(lengths)
+
+    def per_user(store: VectorStore) -> list[int]:
+        name = store.behaviour_collection(ref)
+        return [len({r["pk"] for r in store.client.query(name, filter=f"user_id == {int(u)}", output_fields=["pk"],
+                                                         limit=16384)}) for u in users]
+
+    with VectorStore(settings) as store:
+        found, found_users = store.count_behaviours(ref), per_user(store)
+    time.sleep(recount_after_s)
+    with VectorStore(settings) as store:
+        later, later_users = store.count_behaviours(ref), per_user(store)
+    lines = [
+        f"behaviours: expected {expected:,} (dataset), count(*) {found:,}, unique (per-user queries) "
+        f"{sum(found_users):,}; {recount_after_s:.0f} s later count(*) {later:,}, unique {sum(later_users):,}; "
+        f"the job: status {p.status}, behaviours_written {p.behaviours_written:,}, behaviours_skipped "
+        f"{p.behaviours_skipped:,}, items_written {p.items_written:,}",
+        "events: " + ", ".join(f"{what} at {t:%H:%M:%S.%f}"[:-3] for t, what in events),
+    ]
+    with session_scope(settings) as session:
+        chunks = session.execute(
+            select(models.BackfillChunk).where(models.BackfillChunk.job_id == p.job_id,
+                                               models.BackfillChunk.kind == "behaviours")
+            .order_by(models.BackfillChunk.index)).scalars().all()
+        for c in chunks:
+            rows = range(int(c.start), int(c.stop))
+            want = sum(lengths[i] for i in rows)
+            have, have_later = sum(found_users[i] for i in rows), sum(later_users[i] for i in rows)
+            short = [f"{users[i]} ({later_users[i]}/{lengths[i]})" for i in rows if later_users[i] != lengths[i]]
+            if have == have_later == want and c.n_written == want and not c.n_failed:
+                continue
+            lines.append(
+                f"  chunk behaviours#{c.index} (users {c.start}:{c.stop}, id {c.id}): expected {want}, found {have}, "
+                f"{recount_after_s:.0f} s later {have_later}; recorded {c.status}, n_written {c.n_written}, "
+                f"n_failed {c.n_failed}, attempts {c.attempts}, started {c.started_at:%H:%M:%S.%f}, finished "
+                f"{c.finished_at:%H:%M:%S.%f}, worker {c.worker}; users short (found/expected): {', '.join(short)}"
+                if c.started_at and c.finished_at else
+                f"  chunk behaviours#{c.index} (users {c.start}:{c.stop}): expected {want}, found {have}; "
+                f"recorded {c.status}, n_written {c.n_written}, n_failed {c.n_failed}"
+            )
+    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -348,8 +417,10 @@ def test_milvus_frozen_then_killed_and_restarted(run: Run) -> None:
     run.fault("Milvus frozen")
     run.more_progress()
     run.servers.milvus.kill()
+    run.event("Milvus killed")
     seen = _client_errors_during(run.settings, run.ref, 4.0)
     run.servers.milvus.start()
+    run.event("Milvus started again")
     seen += _client_errors_during(run.settings, run.ref, 3.0)
     assert all(isinstance(e, MuseError) for e in seen), [type(e) for e in seen]
     run.fault("Milvus killed and restarted")
@@ -481,9 +552,11 @@ def test_milvus_down_150_s_during_a_backfill(run: Run) -> None:
     run.start_job()
     run.mid_job()
     run.servers.milvus.kill()
+    run.event("Milvus killed")
     t0 = time.monotonic()
     seen = _watch(run, 150.0)
     run.servers.milvus.start()
+    run.event("Milvus started again")
     back = time.monotonic()
     p = run.finish("Milvus down 150 s")
     done_after = time.monotonic() - back
@@ -500,6 +573,29 @@ def test_milvus_down_150_s_during_a_backfill(run: Run) -> None:
            f"job `done` with exact counts, no resume; chunks waited without spending attempts (max {max(attempts)}); "
            "`status`: waiting for Milvus, workers alive",
            f"outage {back - t0:.0f} s (restart incl.); job done {done_after:.0f} s after Milvus was back")
+
+
+def test_milvus_killed_while_behaviour_chunks_run(run: Run) -> None:
+    """Milvus SIGKILLed while behaviour chunks run (some recorded done, writes in flight) and
+    started again 10 s later. Right after a restart the 2.3 server may answer before it shows every
+    row it acknowledged: a behaviour chunk must never skip an item the job wrote ("item has no
+    vector") nor be recorded done short of its rows, and the job checks every chunk's rows before
+    it is done. Exact counts, no resume."""
+    run.worker(), run.worker()
+    run.start_job(user_chunk_size=1)  # 60 behaviour chunks: the kill lands among them
+    run.wait(lambda p: p.users_processed >= 3 and not p.finished, 120, "behaviour chunks running")
+    run.servers.milvus.kill()
+    run.event("Milvus killed")
+    t0 = time.monotonic()
+    time.sleep(10)
+    run.servers.milvus.start()
+    run.event("Milvus started again")
+    back = time.monotonic()
+    p = run.finish("Milvus killed during the behaviour chunks")
+    assert p.behaviours_skipped == 0, p
+    timing("Milvus killed while behaviour chunks run (2 workers)",
+           "job `done` with exact counts, no behaviour skipped, no resume",
+           f"outage {back - t0:.0f} s (restart incl.); job done {time.monotonic() - back:.0f} s after Milvus was back")
 
 
 def test_outage_past_its_budget_fails_the_job_with_a_sentence(run: Run) -> None:
