@@ -25,7 +25,8 @@ train    ``muse rank train --model muse --source scl-taobao --max-train N``: the
 eval     the whole test split with a fast model (``--eval-model``, default ``din --esu ta``):
          ``muse rank train --max-train 1024`` without ``--max-eval``, i.e. the data set-up, four
          steps and the evaluation ``muse rank eval`` runs, in one process (MUSE itself evaluates
-         at about a quarter of DIN's speed on 2 CPUs: 2M test impressions at f = 0.01)
+         at about a quarter of DIN's speed on 2 CPUs: 2M test impressions at f = 0.01); its item
+         table trains in the full set's gradient regime, as in the train stage
 backfill ``muse backfill --source scl-taobao --users N``: every item vector and the behaviours of
          the first ``--backfill-users`` users (default 1,000) into a Milvus server (one the bench
          starts on free ports, or ``--milvus-uri``), through the queue and its worker process
@@ -397,6 +398,24 @@ def full_set_regime(n_items: int) -> int:
     return min(default, n_items + 1) if FULL_ITEMS + 1 >= default else default
 
 
+def train_argv(opts: Options, name: str, n_items: int) -> list[str]:
+    """The train stage's command: the ranker's set-up and ``train_samples`` samples of the MUSE model,
+    the item table in the full set's gradient regime (:func:`full_set_regime`)."""
+    return _muse("rank", "train", "--model", opts.train_model, "--source", SOURCE, "--dataset", name,
+                 "--max-train", str(opts.train_samples), "--max-eval", str(opts.batch_size),
+                 "--batch-size", str(opts.batch_size), "--seed", str(opts.seed), "--json",
+                 "--set", f"sparse_min_rows={full_set_regime(n_items)}")
+
+
+def eval_argv(opts: Options, name: str, n_items: int) -> list[str]:
+    """The eval stage's command: the set-up, a few steps of the fast model (in the full set's gradient
+    regime, as the train stage) and the whole test split (no ``--max-eval``)."""
+    return _muse("rank", "train", "--model", opts.eval_model, "--dataset", name, "--source", SOURCE,
+                 "--max-train", str(opts.eval_train_samples), "--batch-size", str(opts.batch_size),
+                 "--seed", str(opts.seed), "--json", *(["--esu", opts.eval_esu] if opts.eval_esu else []),
+                 "--set", f"sparse_min_rows={full_set_regime(n_items)}")
+
+
 def _muse(*args: str) -> list[str]:
     return [sys.executable, "-m", "muse_cli", *args]
 
@@ -517,11 +536,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
 
     train_run = None
     if ready("train"):
-        argv = _muse("rank", "train", "--model", opts.train_model, "--source", SOURCE, "--dataset", name,
-                     "--max-train", str(opts.train_samples), "--max-eval", str(opts.batch_size),
-                     "--batch-size", str(opts.batch_size), "--seed", str(opts.seed), "--json",
-                     "--set", f"sparse_min_rows={full_set_regime(spec.n_items)}")
-        child, wall = run_child(argv, env, logs, "train", timeout)
+        child, wall = run_child(train_argv(opts, name, spec.n_items), env, logs, "train", timeout)
         if child.code != 0:
             record(_failed("train", f, child, wall))
         else:
@@ -535,10 +550,7 @@ def run_fraction(f: float, opts: Options, work: Path, milvus: Any, prefix: str,
     if ready("eval"):
         # One process: the data set-up, a few training steps of the fast model and the whole test
         # split (no --max-eval), the same evaluate() as ``muse rank eval`` without a second set-up.
-        argv = _muse("rank", "train", "--model", opts.eval_model, "--dataset", name, "--source", SOURCE,
-                     "--max-train", str(opts.eval_train_samples), "--batch-size", str(opts.batch_size),
-                     "--seed", str(opts.seed), "--json", *(["--esu", opts.eval_esu] if opts.eval_esu else []))
-        child, wall = run_child(argv, env, logs, "eval", timeout)
+        child, wall = run_child(eval_argv(opts, name, spec.n_items), env, logs, "eval", timeout)
         if child.code != 0:
             record(_failed("eval", f, child, wall))
         else:

@@ -182,6 +182,9 @@ def test_train_stage_uses_the_full_sets_gradient_regime() -> None:
     tables = FeatureEmbeddings({"item": 35_001, "category": 7_001, "feat_a": 501, "feat_b": 36}, (),
                                sparse_min_rows=full_set_regime(35_000)).tables
     assert [n for n, t in tables.items() if t.sparse] == ["item"]
+    opts = scale.Options()
+    for argv in (scale.train_argv(opts, "scale-0.001", 35_000), scale.eval_argv(opts, "scale-0.001", 35_000)):
+        assert argv[argv.index("--set") + 1] == "sparse_min_rows=35001", argv
 
 
 def test_scan_and_import_run_alternately_and_report_their_fastest(tmp_path):
