@@ -714,8 +714,11 @@ def short_behaviour_chunks(settings: Settings, job_id: int) -> list[tuple[int, i
     def users_of(group: list[tuple[int, int, int, int]]) -> np.ndarray:
         """Distinct user ids of the group's chunks, read from the dataset chunk by chunk (a group
         holds at most about VERIFY_USERS users: nothing here grows with the data set)."""
+        lo, hi = group[0][1], max(c[2] for c in group)
+        contiguous = sum(c[2] - c[1] for c in group) == hi - lo  # chunks cover lo..hi: one read
+        ranges = [(lo, hi)] if contiguous else [(start, stop) for _, start, stop, _ in group]
         parts = [b.column("user_id").to_numpy().astype(np.int64)
-                 for _, start, stop, _ in group
+                 for start, stop in ranges
                  for b in dataset.iter_histories(65_536, start, stop, columns=["user_id"])]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
